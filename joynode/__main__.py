@@ -1,0 +1,3 @@
+from joynode.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""The ``joynode`` command line: init, run, ctl, keys, version.
+
+Exit codes: 0 success, 1 runtime failure (an actor failed, a control call
+returned an error), 2 usage or configuration error (with one clear message,
+never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError
+
+from joynode import __version__
+from joynode.config import (
+    Config,
+    ConfigError,
+    load_config,
+    render_default_config,
+    split_host_port,
+    url,
+)
+from joynode.control.client import ControlClient
+from joynode.control.jsonrpc import RpcError
+from joynode.endpoints import Endpoints
+from joynode.keys import ControlToken, NodeKey, SecretFileError, read_secret_file
+from joynode.logs import SecretRedactor, configure_logging
+from joynode.node import Node
+from joynode.supervisor import ActorFailed
+
+log = logging.getLogger("joynode")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+CONFIG_NAME = "joynode.toml"
+
+
+class UsageError(Exception):
+    """A problem the operator must fix before running again (exit 2)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="joynode", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("init", help="create a node home: config, node key, control token")
+    p.add_argument("dir", type=Path, help="directory for the new node home")
+    p.add_argument("--force", action="store_true", help="overwrite an existing home")
+    p.add_argument(
+        "--password-file",
+        type=Path,
+        help="encrypt the node key as an eth keystore with this password",
+    )
+
+    p = commands.add_parser("run", help="run the node until SIGINT/SIGTERM")
+    _config_arg(p)
+    p.add_argument("--log-format", choices=["text", "json"], help="override log.format")
+    p.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="override log.level"
+    )
+
+    p = commands.add_parser("ctl", help="call a control method and print its JSON result")
+    _config_arg(p)
+    p.add_argument("method", help="e.g. node.status")
+    p.add_argument("params", nargs="?", default=None, help="JSON object of named params")
+
+    p = commands.add_parser("keys", help="inspect or create the node key and control token")
+    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = keys.add_parser("show", help="print the node's address and peer id (never the secret)")
+    _config_arg(k)
+    k = keys.add_parser(
+        "generate", help="create the key and token files the config names, if missing"
+    )
+    _config_arg(k)
+    k.add_argument("--force", action="store_true", help="replace existing files")
+    k.add_argument("--password-file", type=Path, help="encrypt the key as an eth keystore")
+
+    commands.add_parser("version", help="print the joynode version")
+    return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=Path(CONFIG_NAME),
+        help=f"config file (default: ./{CONFIG_NAME})",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        handler = _COMMANDS[args.command]
+        return handler(args)
+    except (ConfigError, SecretFileError, UsageError) as exc:
+        print(f"joynode: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_version(_: argparse.Namespace) -> int:
+    print(f"joynode {__version__}")
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    home: Path = args.dir
+    config_path = home / CONFIG_NAME
+    if config_path.exists() and not args.force:
+        raise UsageError(f"{config_path} already exists (use --force to overwrite)")
+    home.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(render_default_config(), encoding="utf-8")
+    config = load_config(config_path)
+    _generate_secrets(config, force=args.force, password_file=args.password_file)
+    print(f"created node home {home}")
+    print(f"run it with: joynode run --config {config_path}")
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.keys_command == "generate":
+        _generate_secrets(config, force=args.force, password_file=args.password_file)
+        return EXIT_OK
+    key = NodeKey.load(config.node.key_file, password_file=config.node.key_password_file)
+    print(json.dumps({"address": key.address, "peer_id": key.peer_id}, indent=2))
+    return EXIT_OK
+
+
+def _generate_secrets(config: Config, *, force: bool, password_file: Path | None) -> None:
+    key_file, token_file = config.node.key_file, config.control.token_file
+    if force or not key_file.exists():
+        password = read_secret_file(password_file, "password file") if password_file else None
+        key = NodeKey.generate()
+        key.save(key_file, password=password, force=force)
+        print(f"node key: {key_file} (address {key.address}, peer id {key.peer_id})")
+    else:
+        print(f"node key: {key_file} exists, kept")
+    if force or not token_file.exists():
+        ControlToken.generate().save(token_file, force=force)
+        print(f"control token: {token_file}")
+    else:
+        print(f"control token: {token_file} exists, kept")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    redactor = SecretRedactor()
+    configure_logging(
+        args.log_level or config.log.level, args.log_format or config.log.format, redactor
+    )
+    key = NodeKey.load(config.node.key_file, password_file=config.node.key_password_file)
+    token = ControlToken.load(config.control.token_file)
+    redactor.add(key.secret.hex())
+    redactor.add(token.value)
+    try:
+        trio.run(_serve_until_signal, Node(config, key, token))
+    except BaseExceptionGroup as group:
+        failures, rest = group.split(ActorFailed)
+        if failures is None or rest is not None:
+            raise
+        names = sorted({e.actor for e in _leaves(failures) if isinstance(e, ActorFailed)})
+        log.error("node stopped because actor %s failed", ", ".join(names))
+        return EXIT_FAILURE
+    log.info("node stopped")
+    return EXIT_OK
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+async def _serve_until_signal(node: Node) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def forward_signals() -> None:
+                async for signum in signals:
+                    await node.request_shutdown(f"received {signal.Signals(signum).name}")
+
+            nursery.start_soon(forward_signals)
+            await node.run()
+            nursery.cancel_scope.cancel()
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    token = ControlToken.load(config.control.token_file)
+    params: dict[str, Any] | None = None
+    if args.params is not None:
+        try:
+            params = json.loads(args.params)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"params are not valid JSON: {exc}") from None
+        if not isinstance(params, dict):
+            raise UsageError("params must be a JSON object of named params")
+    url = _control_url(config)
+    try:
+        result = trio.run(_call, url, token.value, args.method, params)
+    except RpcError as exc:
+        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (OSError, HandshakeError, ConnectionClosed) as exc:
+        print(f"joynode: cannot reach the node's control socket at {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+def _control_url(config: Config) -> str:
+    if config.control.listen.endswith(":0"):
+        endpoints = Endpoints.read(config.node.data_dir)
+        if endpoints is None:
+            raise UsageError(
+                "control.listen uses port 0 and the node has not published its endpoints "
+                f"({config.node.data_dir}/endpoints.json): is it running?"
+            )
+        return endpoints.control_url
+    return url("ws", *split_host_port(config.control.listen))
+
+
+async def _call(url: str, token: str, method: str, params: dict[str, Any] | None) -> Any:
+    async with ControlClient.connect(url, token) as client:
+        return await client.call(method, params)
+
+
+_COMMANDS = {
+    "init": cmd_init,
+    "run": cmd_run,
+    "ctl": cmd_ctl,
+    "keys": cmd_keys,
+    "version": cmd_version,
+}

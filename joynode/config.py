@@ -1,0 +1,224 @@
+"""The node's configuration: one typed TOML schema with embedded-mode defaults.
+
+Every section is a strict pydantic model, so a typo in a key is an error rather
+than a silently ignored setting. Relative paths are resolved against the
+directory of the config file, so a node home can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names each bad key path."""
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not host:port (got {value!r})")
+    ip = host.strip("[]")
+    if ip != "localhost":
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise ValueError(f"not an IP address or 'localhost' (got {host!r})") from None
+    return value
+
+
+HostPort = Annotated[StrictStr, AfterValidator(_host_port)]
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """Split a validated ``host:port`` into its parts (IPv6 brackets removed)."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def url(scheme: str, host: str, port: int) -> str:
+    """``scheme://host:port`` with IPv6 hosts bracketed."""
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSection(_Section):
+    data_dir: Path = Field(Path("data"), description="SQLite state, runtime files, caches.")
+    key_file: Path = Field(
+        Path("node.key"),
+        description="secp256k1 node key: a 0600 hex file or an encrypted eth keystore (JSON). "
+        "The same key is the libp2p identity and the Ethereum account.",
+    )
+    key_password_file: Path | None = Field(
+        None,
+        description="Password for an encrypted keystore (0600). "
+        "Alternatively set JOYNODE_KEY_PASSWORD.",
+    )
+
+
+class ControlSection(_Section):
+    listen: HostPort = Field("127.0.0.1:7760", description="Websocket JSON-RPC control socket.")
+    token_file: Path = Field(
+        Path("control.token"), description="Bearer token for the control socket (0600)."
+    )
+    allow_remote: StrictBool = Field(
+        False, description="Must be true to listen on a non-loopback address."
+    )
+    max_frame_bytes: StrictInt = Field(
+        1 << 20, ge=1024, le=64 << 20, description="Largest accepted request frame."
+    )
+    max_connections: StrictInt = Field(64, ge=1, le=10_000)
+    max_inflight_per_connection: StrictInt = Field(32, ge=1, le=10_000)
+
+
+class HttpSection(_Section):
+    enabled: StrictBool = Field(True, description="Serve /metrics and /healthz.")
+    listen: HostPort = Field("127.0.0.1:7761", description="HTTP listen address.")
+    max_connections: StrictInt = Field(64, ge=1, le=10_000)
+
+
+class LogSection(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Section):
+    node: NodeSection = NodeSection()
+    control: ControlSection = ControlSection()
+    http: HttpSection = HttpSection()
+    log: LogSection = LogSection()
+    path: Path | None = Field(None, exclude=True, description="Where this config was read from.")
+
+    @pydantic.model_validator(mode="after")
+    def _remote_control_is_explicit(self) -> Config:
+        host, _ = split_host_port(self.control.listen)
+        if not is_loopback(host) and not self.control.allow_remote:
+            raise _KeyedError(
+                ("control", "listen"),
+                f"{host} is not a loopback address (set control.allow_remote = true to allow)",
+            )
+        return self
+
+
+class _KeyedError(ValueError):
+    """A cross-field error that still names one key path."""
+
+    def __init__(self, loc: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _format_errors(error: pydantic.ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors():
+        ctx_error = (item.get("ctx") or {}).get("error")
+        loc = tuple(item["loc"])
+        if isinstance(ctx_error, _KeyedError):
+            loc = ctx_error.loc
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif ctx_error is not None:
+            message = str(ctx_error)
+        else:
+            message = item["msg"]
+        lines.append(f"{_format_loc(loc)}: {message}")
+    return lines
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def resolve(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    node = config.node.model_copy(
+        update={
+            "data_dir": resolve(config.node.data_dir),
+            "key_file": resolve(config.node.key_file),
+            "key_password_file": (
+                resolve(config.node.key_password_file)
+                if config.node.key_password_file is not None
+                else None
+            ),
+        }
+    )
+    control = config.control.model_copy(update={"token_file": resolve(config.control.token_file)})
+    return config.model_copy(update={"node": node, "control": control})
+
+
+def parse_config(data: dict[str, Any], base: Path, source: str = "<config>") -> Config:
+    """Validate a decoded TOML document; raise ConfigError listing every bad key."""
+    try:
+        config = Config.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(
+            f"invalid config {source}:\n  " + "\n  ".join(_format_errors(exc))
+        ) from None
+    return _resolve_paths(config, base)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a TOML config file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid config {path}: TOML syntax error: {exc}") from None
+    config = parse_config(data, path.resolve().parent, source=str(path))
+    return config.model_copy(update={"path": path.resolve()})
+
+
+def render_default_config() -> str:
+    """The config that ``joynode init`` writes: every key with its default and purpose."""
+    lines = [
+        "# joynode configuration. Relative paths are resolved against this file's directory.",
+        "# Reference: README.md, section 'Configuration'.",
+    ]
+    defaults = Config()
+    for section_name in Config.model_fields:
+        section = getattr(defaults, section_name)
+        if not isinstance(section, _Section):
+            continue
+        lines.append("")
+        lines.append(f"[{section_name}]")
+        for key, field in type(section).model_fields.items():
+            value = getattr(section, key)
+            if field.description:
+                lines.append(f"# {field.description}")
+            if value is None:
+                lines.append(f'# {key} = ""')
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

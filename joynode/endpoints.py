@@ -1,0 +1,39 @@
+"""The running node's actual addresses, for clients when the config says port 0.
+
+Written by the node once every actor is ready, removed on clean exit. ``joynode
+ctl`` reads it so that tests and devnets can let the kernel pick ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+FILENAME = "endpoints.json"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    pid: int
+    control_url: str
+    http_url: str | None
+
+    def write(self, data_dir: Path) -> None:
+        path = data_dir / FILENAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self)), encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def read(cls, data_dir: Path) -> Endpoints | None:
+        try:
+            data = json.loads((data_dir / FILENAME).read_text(encoding="utf-8"))
+            return cls(int(data["pid"]), str(data["control_url"]), data.get("http_url"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @staticmethod
+    def remove(data_dir: Path) -> None:
+        (data_dir / FILENAME).unlink(missing_ok=True)

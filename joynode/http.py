@@ -1,0 +1,151 @@
+"""The ``http`` actor: Prometheus ``/metrics`` and ``/healthz`` over HTTP/1.1.
+
+A small h11 server on trio: GET only, keep-alive, bounded connections and
+timeouts, so a slow or hostile scraper cannot pin the node. It serves what
+monitoring needs and nothing that changes state (that is the control socket's
+job, behind its token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import h11
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+
+from joynode.config import HttpSection, split_host_port, url
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 10.0
+MAX_REQUEST_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str
+
+
+class HttpServer:
+    name = "http"
+
+    def __init__(
+        self,
+        settings: HttpSection,
+        registry: CollectorRegistry,
+        health: Callable[[], tuple[bool, dict[str, object]]],
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._health = health
+        self._connections = trio.Semaphore(settings.max_connections)
+        self._requests = Counter(
+            "joynode_http_requests_total",
+            "HTTP requests by path and status",
+            ["path", "code"],
+            registry=registry,
+        )
+        self.url: str | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = split_host_port(self._settings.listen)
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                partial(trio.serve_tcp, self._serve_connection, port, host=host)
+            )
+            bound = listeners[0].socket.getsockname()
+            self.url = url("http", host, bound[1])
+            log.info("http listening on %s", self.url)
+            task_status.started()
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        if self._connections.value == 0:
+            await stream.aclose()
+            return
+        async with self._connections, stream:
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+            try:
+                while True:
+                    request = await self._next_request(conn, stream)
+                    if request is None:
+                        return
+                    response = self._route(request)
+                    await self._send(conn, stream, response)
+                    if conn.our_state is h11.MUST_CLOSE:
+                        return
+                    conn.start_next_cycle()
+            except h11.RemoteProtocolError as exc:
+                await self._send_bad_request(conn, stream, exc.error_status_hint)
+            except (
+                h11.LocalProtocolError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                trio.TooSlowError,
+            ):
+                return
+
+    async def _next_request(
+        self, conn: h11.Connection, stream: trio.SocketStream
+    ) -> h11.Request | None:
+        request: h11.Request | None = None
+        with trio.fail_after(READ_TIMEOUT_S):
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(4096)
+                    conn.receive_data(data)
+                    if not data and conn.their_state is h11.IDLE:
+                        return None
+                elif isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.EndOfMessage):
+                    return request
+                elif isinstance(event, h11.ConnectionClosed):
+                    return None
+
+    def _route(self, request: h11.Request) -> Response:
+        path = request.target.decode("ascii", "replace").split("?", 1)[0]
+        if request.method not in (b"GET", b"HEAD"):
+            response = Response(405, b"method not allowed\n", "text/plain")
+        elif path == "/metrics":
+            response = Response(200, generate_latest(self._registry), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            healthy, detail = self._health()
+            body = json.dumps({"status": "ok" if healthy else "unavailable", **detail}).encode()
+            response = Response(200 if healthy else 503, body, "application/json")
+        else:
+            response = Response(404, b"not found\n", "text/plain")
+        known = path if path in ("/metrics", "/healthz") else "other"
+        self._requests.labels(known, str(response.status)).inc()
+        if request.method == b"HEAD":
+            return Response(response.status, b"", response.content_type)
+        return response
+
+    async def _send_bad_request(
+        self, conn: h11.Connection, stream: trio.SocketStream, status: int
+    ) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        with trio.move_on_after(READ_TIMEOUT_S):
+            with contextlib.suppress(
+                h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError
+            ):
+                await self._send(conn, stream, Response(status, b"bad request\n", "text/plain"))
+
+    async def _send(self, conn: h11.Connection, stream: trio.SocketStream, r: Response) -> None:
+        headers = [
+            ("content-type", r.content_type),
+            ("content-length", str(len(r.body))),
+            ("cache-control", "no-store"),
+        ]
+        await stream.send_all(conn.send(h11.Response(status_code=r.status, headers=headers)) or b"")
+        await stream.send_all(conn.send(h11.Data(data=r.body)) or b"")
+        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")

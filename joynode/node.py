@@ -1,0 +1,127 @@
+"""The node: every actor, and every channel between them, wired in one place.
+
+Reading this module shows the whole process. Actors are started in dependency
+order inside one nursery (``Supervisor``); each reports ready before the next
+starts. The node stops when asked (signal, ``node.shutdown``) by cancelling
+the nursery, or when an actor fails, which cancels the rest (fail-fast).
+
+Actor graph (arrows are memory channels, named by direction and payload)::
+
+    state    StateStore   (SQLite; others call it, it sends nothing)
+    http     HttpServer   (reads the metrics registry and the supervisor's health)
+    control  ControlServer --ShutdownRequest--> Node
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry, Info
+
+from joynode import __version__
+from joynode.config import Config
+from joynode.control.methods import ControlMethod, ControlSession, MethodTable, NoParams, Reply
+from joynode.control.server import ControlServer
+from joynode.endpoints import Endpoints
+from joynode.http import HttpServer
+from joynode.keys import ControlToken, NodeKey
+from joynode.messages import ShutdownRequest
+from joynode.state import StateStore
+from joynode.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    address: str
+    peer_id: str
+
+
+class Node:
+    def __init__(self, config: Config, key: NodeKey, token: ControlToken) -> None:
+        self.config = config
+        self.identity = NodeIdentity(key.address, key.peer_id)
+        self.supervisor = Supervisor()
+        self.registry = CollectorRegistry()
+        self.registry.register(self.supervisor)
+        Info("joynode", "Node version and identity", registry=self.registry).info(
+            {"version": __version__, **vars(self.identity)}
+        )
+
+        self._shutdown_send, self._shutdown_receive = trio.open_memory_channel[ShutdownRequest](1)
+
+        self.state = StateStore(config.node.data_dir / "state.db", __version__)
+        self.http = HttpServer(config.http, self.registry, self._health)
+        self.control = ControlServer(
+            config.control, token, MethodTable(self._control_methods()), self.registry
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        data_dir = self.config.node.data_dir
+        began = time.monotonic()
+        try:
+            async with trio.open_nursery() as nursery:
+                await self.supervisor.start(nursery, self.state)
+                if self.config.http.enabled:
+                    await self.supervisor.start(nursery, self.http)
+                await self.supervisor.start(nursery, self.control)
+                assert self.control.url is not None
+                Endpoints(os.getpid(), self.control.url, self.http.url).write(data_dir)
+                log.info(
+                    "node ready in %.2f s: address %s peer %s control %s",
+                    time.monotonic() - began,
+                    self.identity.address,
+                    self.identity.peer_id,
+                    self.control.url,
+                )
+                task_status.started()
+                request = await self._shutdown_receive.receive()
+                log.info("shutting down: %s", request.reason)
+                nursery.cancel_scope.cancel()
+        finally:
+            Endpoints.remove(data_dir)
+
+    async def request_shutdown(self, reason: str) -> None:
+        """Ask the node to stop; later requests while it is stopping are no-ops."""
+        with contextlib.suppress(trio.WouldBlock):
+            self._shutdown_send.send_nowait(ShutdownRequest(reason))
+        await trio.lowlevel.checkpoint()
+
+    def _health(self) -> tuple[bool, dict[str, object]]:
+        return self.supervisor.all_ready(), {"actors": self.supervisor.snapshot()}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "address": self.identity.address,
+            "peer_id": self.identity.peer_id,
+            "uptime_s": round(time.time() - self.supervisor.started_at, 3),
+            "boot": self.state.boot,
+            "actors": self.supervisor.snapshot(),
+        }
+
+    def _control_methods(self) -> list[ControlMethod]:
+        async def node_status(_: NoParams, __: ControlSession) -> dict[str, Any]:
+            return self.status()
+
+        async def node_shutdown(_: NoParams, __: ControlSession) -> Reply:
+            return Reply({"stopping": True}, lambda: self.request_shutdown("node.shutdown"))
+
+        return [
+            ControlMethod(
+                "node.status",
+                NoParams,
+                node_status,
+                "Version, identity, uptime and per-actor state.",
+            ),
+            ControlMethod(
+                "node.shutdown", NoParams, node_shutdown, "Stop the node cleanly after answering."
+            ),
+        ]

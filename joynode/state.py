@@ -1,0 +1,132 @@
+"""Durable node state: one SQLite database with versioned migrations.
+
+The database runs in WAL mode so readers never block the writer, and every
+call runs in a worker thread (serialised by a limiter of one) so the trio loop
+never waits on disk. Migrations are append-only: a node opening an older
+database brings it forward; one opening a newer database refuses to run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Append only: migration N brings the schema from user_version N-1 to N.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE node_meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE boots (
+        boot        INTEGER PRIMARY KEY AUTOINCREMENT,
+        started_at  REAL NOT NULL,
+        version     TEXT NOT NULL
+    ) STRICT;
+    """,
+)
+
+
+class StateError(Exception):
+    """The database cannot be opened or is from a newer joynode."""
+
+
+@dataclass(frozen=True)
+class StateStatistics:
+    schema_version: int
+    boot: int
+    calls: int
+
+
+class StateStore:
+    """The ``state`` actor: owns the SQLite connection for the node's lifetime."""
+
+    name = "state"
+
+    def __init__(self, path: Path, version: str) -> None:
+        self.path = path
+        self._version = version
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = trio.CapacityLimiter(1)
+        self._calls = 0
+        self._schema_version = 0
+        self.boot = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await trio.to_thread.run_sync(self._open, limiter=self._limiter)
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._schema_version = self._migrate(conn)
+            with conn:
+                conn.execute("BEGIN")
+                cursor = conn.execute(
+                    "INSERT INTO boots (started_at, version) VALUES (?, ?)",
+                    (time.time(), self._version),
+                )
+                self.boot = int(cursor.lastrowid or 0)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot open state database {self.path}: {exc}") from exc
+        self._conn = conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> int:
+        current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if current > len(MIGRATIONS):
+            raise StateError(
+                f"state database {self.path} has schema {current}, newer than this "
+                f"joynode understands ({len(MIGRATIONS)}); upgrade joynode"
+            )
+        for number in range(current + 1, len(MIGRATIONS) + 1):
+            # executescript commits first, so the DDL and the version bump run
+            # in one explicit transaction of their own.
+            conn.executescript(
+                f"BEGIN;\n{MIGRATIONS[number - 1]}\nPRAGMA user_version = {number};\nCOMMIT;"
+            )
+            log.info("state database migrated to schema %d", number)
+        return len(MIGRATIONS)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` in the database thread and return its result."""
+        return await trio.to_thread.run_sync(self._call, fn, False, limiter=self._limiter)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` in one transaction (rolled back if it raises)."""
+        return await trio.to_thread.run_sync(self._call, fn, True, limiter=self._limiter)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T], transaction: bool) -> T:
+        conn = self._conn
+        if conn is None:
+            raise StateError("state database is not open")
+        self._calls += 1
+        if not transaction:
+            return fn(conn)
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            return fn(conn)
+
+    def statistics(self) -> StateStatistics:
+        return StateStatistics(self._schema_version, self.boot, self._calls)

@@ -1,0 +1,103 @@
+"""Starting actors in order, recording their state, and failing fast.
+
+The supervisor is what turns "a set of actors" into a node: each actor is
+started in the node's nursery and must report readiness before the next one
+starts; its state is visible to ``node.status``, ``/healthz`` and ``/metrics``;
+an actor that raises is logged with its name and takes the whole node down.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import trio
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from joynode.abc import Actor
+
+log = logging.getLogger(__name__)
+
+
+class ActorState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class ActorFailed(Exception):
+    """An actor raised; the node stops. ``__cause__`` is the actor's exception."""
+
+    def __init__(self, actor: str) -> None:
+        super().__init__(f"actor {actor} failed")
+        self.actor = actor
+
+
+@dataclass
+class ActorRecord:
+    state: ActorState
+    since: float
+    error: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {"state": self.state.value, "since": self.since, "error": self.error}
+
+
+class Supervisor(Collector):
+    def __init__(self) -> None:
+        self._records: dict[str, ActorRecord] = {}
+        self.started_at = time.time()
+
+    def _set(self, name: str, state: ActorState, error: str | None = None) -> None:
+        self._records[name] = ActorRecord(state, time.time(), error)
+
+    async def start(self, nursery: trio.Nursery, actor: Actor) -> None:
+        """Start ``actor`` in ``nursery`` and return once it reports ready."""
+        self._set(actor.name, ActorState.STARTING)
+        began = trio.current_time()
+        await nursery.start(self._supervise, actor)
+        self._set(actor.name, ActorState.READY)
+        log.info("actor %s ready in %.0f ms", actor.name, (trio.current_time() - began) * 1000)
+
+    async def _supervise(
+        self, actor: Actor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await actor.run(task_status=task_status)
+        except trio.Cancelled:
+            self._set(actor.name, ActorState.STOPPED)
+            raise
+        except Exception as exc:
+            self._set(actor.name, ActorState.FAILED, f"{type(exc).__name__}: {exc}")
+            log.error("actor %s failed", actor.name, exc_info=exc)
+            raise ActorFailed(actor.name) from exc
+        else:
+            # Actors run until cancelled; returning early is a bug we must not hide.
+            self._set(actor.name, ActorState.FAILED, "returned unexpectedly")
+            raise ActorFailed(actor.name) from RuntimeError("actor returned unexpectedly")
+
+    def all_ready(self) -> bool:
+        return bool(self._records) and all(
+            r.state is ActorState.READY for r in self._records.values()
+        )
+
+    def snapshot(self) -> dict[str, dict[str, object]]:
+        return {name: record.to_json() for name, record in self._records.items()}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ready = GaugeMetricFamily(
+            "joynode_actor_ready", "1 if the actor is ready, else 0", labels=["actor"]
+        )
+        for name, record in self._records.items():
+            ready.add_metric([name], 1.0 if record.state is ActorState.READY else 0.0)
+        yield ready
+        yield GaugeMetricFamily(
+            "joynode_uptime_seconds",
+            "Seconds since the node started",
+            value=time.time() - self.started_at,
+        )

@@ -1,0 +1,111 @@
+"""The wire format: typed messages in a versioned msgpack envelope.
+
+Everything a peer sends is decoded here and nowhere else. Decoding is strict:
+wrong types, missing fields, values past their caps and frames past the size
+cap all raise ``WireError`` with a reason, and nothing else is ever raised, so
+a hostile peer can cost us a rejected frame but never a crashed actor.
+Unknown fields are ignored, so newer peers may add fields without a version
+bump; removing or retyping a field needs a new ``WIRE_VERSION``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, TypeAlias
+
+import msgspec
+
+WIRE_VERSION: Final = 1
+MAX_FRAME_BYTES: Final = 1 << 20
+
+# Field caps shared by the message types.
+PeerIdStr = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+ShortStr = Annotated[str, msgspec.Meta(max_length=256)]
+ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+UInt = Annotated[int, msgspec.Meta(ge=0)]  # msgpack ints stop at 2**64 - 1
+
+
+class WireError(Exception):
+    """A frame that is not a valid message; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Message(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=False):
+    """Base of every message type; the ``type`` tag is the class's ``tag``."""
+
+
+class Ping(Message, tag="ping", frozen=True):
+    """Liveness probe over the request/response protocol."""
+
+    nonce: UInt
+
+
+class Pong(Message, tag="pong", frozen=True):
+    """Answer to ``Ping`` with the same nonce."""
+
+    nonce: UInt
+
+
+class Heartbeat(Message, tag="heartbeat", frozen=True):
+    """A node's periodic status, gossiped so peers can pick healthy committees."""
+
+    peer_id: PeerIdStr
+    seq: UInt
+    version: ShortStr
+    models: Annotated[list[ModelId], msgspec.Meta(max_length=64)]
+    queue_depth: U32
+    capacity: U32
+
+
+class ErrorReply(Message, tag="error", frozen=True):
+    """A request that the responder refused, with a machine code and a reason."""
+
+    code: U32
+    reason: Annotated[str, msgspec.Meta(max_length=1024)]
+
+
+AnyMessage: TypeAlias = Ping | Pong | Heartbeat | ErrorReply
+MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (Ping, Pong, Heartbeat, ErrorReply)
+
+
+class _Envelope(msgspec.Struct, frozen=True):
+    v: int
+    msg: msgspec.Raw
+
+
+class _Outgoing(msgspec.Struct, frozen=True):
+    v: int
+    msg: Message
+
+
+_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+_message_decoder = msgspec.msgpack.Decoder(AnyMessage)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: Message) -> bytes:
+    """Encode ``message`` in the current envelope; refuse frames past the cap."""
+    frame = _encoder.encode(_Outgoing(WIRE_VERSION, message))
+    if len(frame) > MAX_FRAME_BYTES:
+        raise WireError(f"frame of {len(frame)} bytes exceeds cap of {MAX_FRAME_BYTES}")
+    return frame
+
+
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> AnyMessage:
+    """Decode one frame; raise ``WireError`` (only) for anything invalid."""
+    if len(frame) > max_bytes:
+        raise WireError(f"frame of {len(frame)} bytes exceeds cap of {max_bytes}")
+    try:
+        envelope = _envelope_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise WireError(f"bad envelope: {exc}") from None
+    if envelope.v != WIRE_VERSION:
+        raise WireError(f"unsupported wire version {envelope.v} (speaking {WIRE_VERSION})")
+    try:
+        message: AnyMessage = _message_decoder.decode(envelope.msg)
+    except msgspec.DecodeError as exc:
+        raise WireError(f"bad message: {exc}") from None
+    return message
