@@ -75,6 +75,7 @@ class StateStore:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = None
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -89,7 +90,11 @@ class StateStore:
                     (time.time(), self._version),
                 )
                 self.boot = int(cursor.lastrowid or 0)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StateError) as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, StateError):
+                raise
             raise StateError(f"cannot open state database {self.path}: {exc}") from exc
         self._conn = conn
 

@@ -84,6 +84,8 @@ class _Outgoing(msgspec.Struct, frozen=True):
 _envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
 _message_decoder = msgspec.msgpack.Decoder(AnyMessage)
 _encoder = msgspec.msgpack.Encoder()
+# msgspec reports invalid UTF-8 in a str field as UnicodeDecodeError, not DecodeError.
+_DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError)
 
 
 def encode(message: Message) -> bytes:
@@ -100,12 +102,12 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> AnyMessage:
         raise WireError(f"frame of {len(frame)} bytes exceeds cap of {max_bytes}")
     try:
         envelope = _envelope_decoder.decode(frame)
-    except msgspec.DecodeError as exc:
+    except _DECODE_ERRORS as exc:
         raise WireError(f"bad envelope: {exc}") from None
     if envelope.v != WIRE_VERSION:
         raise WireError(f"unsupported wire version {envelope.v} (speaking {WIRE_VERSION})")
     try:
         message: AnyMessage = _message_decoder.decode(envelope.msg)
-    except msgspec.DecodeError as exc:
+    except _DECODE_ERRORS as exc:
         raise WireError(f"bad message: {exc}") from None
     return message

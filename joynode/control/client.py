@@ -7,12 +7,56 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from joynode.control import jsonrpc
 from joynode.control.jsonrpc import RpcError
+
+MAX_RESPONSE_BYTES = 64 << 20
+
+
+@asynccontextmanager
+async def open_control_websocket(
+    url: str, token: str | None = None
+) -> AsyncIterator[WebSocketConnection]:
+    """A websocket to a control socket, authenticated by header when a token is given.
+
+    We open and close the TCP stream ourselves: trio-websocket 0.12.2's
+    ``open_websocket_url`` never closes the client's socket when the server
+    closes first (it waits for a TCP close it then ignores), which leaks it.
+    A single exception from inside is re-raised as itself, not as a group.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "ws" or parts.hostname is None or parts.port is None:
+        raise ValueError(f"not a ws://host:port control URL: {url!r}")
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(
+                nursery,
+                stream,
+                parts.hostname,
+                "/",
+                extra_headers=headers,
+                max_message_size=MAX_RESPONSE_BYTES,
+            )
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(2, shield=True):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        leaf = _only_leaf(group)
+        if leaf is None:
+            raise
+        raise leaf from None
+    finally:
+        await stream.aclose()
 
 
 class ControlClient:
@@ -31,23 +75,13 @@ class ControlClient:
     @classmethod
     @asynccontextmanager
     async def connect(cls, url: str, token: str | None = None) -> AsyncIterator[ControlClient]:
-        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
-        try:
-            async with open_websocket_url(url, extra_headers=headers) as ws:
-                client = cls(ws)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(client._read_loop)
-                    try:
-                        yield client
-                    finally:
-                        nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The reader task's nursery wraps the caller's own exception (an
-            # RpcError, say); hand it back unwrapped when it is the only one.
-            leaf = _only_leaf(group)
-            if leaf is None:
-                raise
-            raise leaf from None
+        async with open_control_websocket(url, token) as ws, trio.open_nursery() as nursery:
+            client = cls(ws)
+            nursery.start_soon(client._read_loop)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
         try:

@@ -62,13 +62,47 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+MAX_NESTING = 64
+
+
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether JSON ``text`` nests arrays/objects deeper than ``limit``.
+
+    The C JSON parser recurses per level; a frame of a million ``[`` can
+    overflow the C stack before Python's recursion limit trips, so depth is
+    checked first. Counting brackets (C speed) skips the scan for normal frames.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
 def parse_frame(text: str) -> tuple[list[Parsed], bool]:
     """Parse one text frame into its requests; the flag says whether it was a batch."""
+    if _nesting_exceeds(text, MAX_NESTING):
+        error = RpcError(PARSE_ERROR, f"parse error: nested deeper than {MAX_NESTING} levels")
+        return [Invalid(None, error)], False
     try:
         document = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
-        # ValueError covers JSONDecodeError and over-long integer literals;
-        # RecursionError covers absurdly deep nesting.
+        # ValueError covers JSONDecodeError and over-long integer literals.
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
         return [Invalid(None, RpcError(PARSE_ERROR, f"parse error: {reason}"))], False
     if isinstance(document, list):

@@ -1,0 +1,148 @@
+"""Factories for node homes, configs and running nodes, shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from joynode.cli import main as joynode_main
+from joynode.config import Config, load_config
+from joynode.endpoints import Endpoints
+from joynode.keys import ControlToken, NodeKey
+from joynode.node import Node
+
+LOOPBACK_PORT_ZERO = "127.0.0.1:0"
+
+
+@dataclass(frozen=True)
+class NodeHome:
+    """A node home made by ``joynode init``, listening on kernel-chosen ports."""
+
+    dir: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "joynode.toml"
+
+    @property
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+    @property
+    def key(self) -> NodeKey:
+        return NodeKey.load(self.config.node.key_file)
+
+    @property
+    def token(self) -> ControlToken:
+        return ControlToken.load(self.config.control.token_file)
+
+    def endpoints(self) -> Endpoints | None:
+        return Endpoints.read(self.config.node.data_dir)
+
+    def set(self, section: str, key: str, toml_value: str) -> None:
+        """Replace ``key`` in ``[section]`` of the config file (a raw TOML value)."""
+        lines = self.config_path.read_text().splitlines()
+        current, out, done = "", [], False
+        for line in lines:
+            if line.startswith("["):
+                current = line.strip("[]")
+            if current == section and line.split("=")[0].strip() == key:
+                line, done = f"{key} = {toml_value}", True
+            out.append(line)
+        assert done, f"{section}.{key} not in config"
+        self.config_path.write_text("\n".join(out) + "\n")
+
+
+def make_home(path: Path) -> NodeHome:
+    assert joynode_main(["init", str(path)]) == 0
+    home = NodeHome(path)
+    home.set("control", "listen", f'"{LOOPBACK_PORT_ZERO}"')
+    home.set("http", "listen", f'"{LOOPBACK_PORT_ZERO}"')
+    return home
+
+
+@asynccontextmanager
+async def running_node(home: NodeHome) -> AsyncIterator[Node]:
+    """A node in this trio run, started and ready; stopped on exit."""
+    node = Node(home.config, home.key, home.token)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        yield node
+        await node.request_shutdown("test finished")
+
+
+class NodeProcess:
+    """A real ``joynode run`` subprocess with its output captured to a file."""
+
+    def __init__(self, home: NodeHome, *extra_args: str) -> None:
+        self.home = home
+        self.log_path = home.dir / "node.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "joynode",
+                    "run",
+                    "--config",
+                    str(home.config_path),
+                    *extra_args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    def wait_ready(self, timeout: float = 30.0) -> Endpoints:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            endpoints = self.home.endpoints()
+            if endpoints is not None and endpoints.pid == self.proc.pid:
+                return endpoints
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"node not ready in {timeout} s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def node_process(home: NodeHome, *extra_args: str) -> Iterator[NodeProcess]:
+    process = NodeProcess(home, *extra_args)
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.kill()
+
+
+def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run the ``joynode`` command line in a subprocess, as an operator would."""
+    return subprocess.run(
+        [sys.executable, "-m", "joynode", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

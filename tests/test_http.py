@@ -1,0 +1,73 @@
+"""The http actor over real TCP, against a node running in this trio run."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlsplit
+
+import trio
+
+from joynode.node import Node
+from tests.factories import NodeHome, running_node
+
+
+async def http_exchange(node: Node, raw_request: bytes) -> tuple[int, dict[str, str], bytes]:
+    assert node.http.url is not None
+    parts = urlsplit(node.http.url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    async with stream:
+        await stream.send_all(raw_request)
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+
+
+async def test_metrics_expose_node_and_actor_state(home: NodeHome) -> None:
+    async with running_node(home) as node:
+        status, headers, body = await http_exchange(node, get("/metrics"))
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain")
+    text = body.decode()
+    assert 'joynode_actor_ready{actor="control"} 1.0' in text
+    assert f'address="{home.key.address}"' in text
+    assert "joynode_uptime_seconds" in text
+
+
+async def test_healthz_reports_actors(home: NodeHome) -> None:
+    async with running_node(home) as node:
+        status, _, body = await http_exchange(node, get("/healthz"))
+    assert status == 200
+    health = json.loads(body)
+    assert health["status"] == "ok"
+    assert set(health["actors"]) == {"state", "http", "control"}
+
+
+async def test_unknown_path_wrong_method_and_garbage(home: NodeHome) -> None:
+    async with running_node(home) as node:
+        assert (await http_exchange(node, get("/nope")))[0] == 404
+        post = (
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        assert (await http_exchange(node, post))[0] == 405
+        assert (await http_exchange(node, b"\x00\x01garbage\r\n\r\n"))[0] == 400
+        status, _, body = await http_exchange(node, get("/metrics"))
+    assert status == 200
+    assert 'joynode_http_requests_total{code="404",path="other"} 1.0' in body.decode()
+
+
+async def test_keep_alive_serves_several_requests(home: NodeHome) -> None:
+    two = get("/healthz").replace(b"Connection: close\r\n", b"") + get("/healthz")
+    async with running_node(home) as node:
+        status, _, body = await http_exchange(node, two)
+    assert status == 200
+    assert body.count(b'"status": "ok"') == 2
