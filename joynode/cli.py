@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -104,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, SecretFileError, UsageError) as exc:
         print(f"joynode: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # Output piped into e.g. `head`, which exited: not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
 
 
 def cmd_version(_: argparse.Namespace) -> int:

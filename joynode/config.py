@@ -70,7 +70,9 @@ class NodeSection(_Section):
 
 
 class ControlSection(_Section):
-    listen: HostPort = Field("127.0.0.1:7760", description="Websocket JSON-RPC control socket.")
+    listen: HostPort = Field(
+        "127.0.0.1:7760", description="Websocket JSON-RPC control socket (port 0: any free port)."
+    )
     token_file: Path = Field(
         Path("control.token"), description="Bearer token for the control socket (0600)."
     )
@@ -78,21 +80,35 @@ class ControlSection(_Section):
         False, description="Must be true to listen on a non-loopback address."
     )
     max_frame_bytes: StrictInt = Field(
-        1 << 20, ge=1024, le=64 << 20, description="Largest accepted request frame."
+        1 << 20,
+        ge=1024,
+        le=64 << 20,
+        description="Larger request frames get a JSON-RPC error; over 4x this, the "
+        "connection is closed (1009).",
     )
-    max_connections: StrictInt = Field(64, ge=1, le=10_000)
-    max_inflight_per_connection: StrictInt = Field(32, ge=1, le=10_000)
+    max_connections: StrictInt = Field(
+        64, ge=1, le=10_000, description="Further clients are refused (HTTP 503)."
+    )
+    max_inflight_per_connection: StrictInt = Field(
+        32, ge=1, le=10_000, description="Concurrent calls per client before 'busy' errors."
+    )
 
 
 class HttpSection(_Section):
     enabled: StrictBool = Field(True, description="Serve /metrics and /healthz.")
     listen: HostPort = Field("127.0.0.1:7761", description="HTTP listen address.")
-    max_connections: StrictInt = Field(64, ge=1, le=10_000)
+    max_connections: StrictInt = Field(
+        64, ge=1, le=10_000, description="Further connections are closed at once."
+    )
 
 
 class LogSection(_Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug, info, warning or error (--log-level overrides)."
+    )
+    format: Literal["text", "json"] = Field(
+        "text", description="text for people, json for log collectors (--log-format overrides)."
+    )
 
 
 class Config(_Section):
