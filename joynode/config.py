@@ -36,6 +36,29 @@ def _host_port(value: str) -> str:
 HostPort = Annotated[StrictStr, AfterValidator(_host_port)]
 
 
+def _multiaddr(value: str) -> str:
+    from multiaddr import Multiaddr
+
+    try:
+        Multiaddr(value)
+    except Exception:  # multiaddr raises several unrelated types for bad input
+        raise ValueError(f"not a multiaddr (got {value!r})") from None
+    return value
+
+
+def _peer_multiaddr(value: str) -> str:
+    _multiaddr(value)
+    if "/p2p/" not in value:
+        raise ValueError(f"missing /p2p/<peer id> (got {value!r})")
+    return value
+
+
+MultiaddrStr = Annotated[StrictStr, AfterValidator(_multiaddr)]
+PeerMultiaddrStr = Annotated[StrictStr, AfterValidator(_peer_multiaddr)]
+Seconds = Annotated[float, Field(gt=0, le=86_400)]
+PerSecond = Annotated[float, Field(gt=0, le=1_000_000)]
+
+
 def split_host_port(value: str) -> tuple[str, int]:
     """Split a validated ``host:port`` into its parts (IPv6 brackets removed)."""
     host, _, port = value.rpartition(":")
@@ -102,6 +125,59 @@ class HttpSection(_Section):
     )
 
 
+class P2PSection(_Section):
+    listen: list[MultiaddrStr] = Field(
+        ["/ip4/127.0.0.1/tcp/7762"], description="TCP multiaddrs the libp2p host listens on."
+    )
+    announce: list[MultiaddrStr] = Field(
+        [], description="Addresses advertised to peers instead of the listen addresses."
+    )
+    bootstrap: list[PeerMultiaddrStr] = Field(
+        [], description="Peers to join through, each /ip4/.../tcp/.../p2p/<peer id>."
+    )
+    heartbeat_interval_s: Seconds = Field(
+        3.0, description="How often this node gossips its status."
+    )
+    peer_timeout_s: Seconds = Field(
+        15.0, description="A peer not heard from for this long is marked down."
+    )
+    discovery_interval_s: Seconds = Field(
+        30.0, description="DHT lookups for new peers (more often while the node has few)."
+    )
+    max_peers: StrictInt = Field(
+        64, ge=1, le=10_000, description="Discovery stops dialing new peers at this many."
+    )
+    reconnect_backoff_max_s: Seconds = Field(
+        60.0, description="Longest wait between reconnection attempts to a lost peer."
+    )
+    gossip_rate: PerSecond = Field(
+        100.0, description="Gossip messages per second accepted from one peer (sustained)."
+    )
+    gossip_burst: StrictInt = Field(
+        400, ge=1, le=1_000_000, description="Gossip messages one peer may send in a burst."
+    )
+    rpc_rate: PerSecond = Field(
+        50.0, description="Requests per second served to one peer (sustained)."
+    )
+    rpc_burst: StrictInt = Field(
+        100, ge=1, le=1_000_000, description="Requests one peer may send in a burst."
+    )
+    rpc_timeout_s: Seconds = Field(10.0, description="Deadline of one request.")
+    max_message_bytes: StrictInt = Field(
+        256 * 1024,
+        ge=1024,
+        le=1 << 20,
+        description="Largest gossip payload or request/response frame accepted.",
+    )
+    replay_window_s: Seconds = Field(
+        120.0, description="Gossip older than this, or seen before within it, is rejected."
+    )
+    ban_score: float = Field(
+        -100.0, lt=0, description="A peer whose score falls to this is disconnected and banned."
+    )
+    ban_s: Seconds = Field(300.0, description="How long a banned peer is refused.")
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="debug, info, warning or error (--log-level overrides)."
@@ -115,6 +191,7 @@ class Config(_Section):
     node: NodeSection = NodeSection()
     control: ControlSection = ControlSection()
     http: HttpSection = HttpSection()
+    p2p: P2PSection = P2PSection()
     log: LogSection = LogSection()
     path: Path | None = Field(None, exclude=True, description="Where this config was read from.")
 
@@ -233,8 +310,10 @@ def render_default_config() -> str:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, int | float):
+        return repr(value)
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -19,6 +19,7 @@ class Endpoints:
     pid: int
     control_url: str
     http_url: str | None
+    p2p_addrs: list[str]
 
     def write(self, data_dir: Path) -> None:
         path = data_dir / FILENAME
@@ -30,7 +31,12 @@ class Endpoints:
     def read(cls, data_dir: Path) -> Endpoints | None:
         try:
             data = json.loads((data_dir / FILENAME).read_text(encoding="utf-8"))
-            return cls(int(data["pid"]), str(data["control_url"]), data.get("http_url"))
+            return cls(
+                int(data["pid"]),
+                str(data["control_url"]),
+                data.get("http_url"),
+                [str(a) for a in data.get("p2p_addrs", [])],
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return None
 

@@ -15,9 +15,13 @@ import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eth_account import Account
 from eth_keys.datatypes import PrivateKey
+
+if TYPE_CHECKING:
+    from libp2p.crypto.keys import KeyPair
 
 PASSWORD_ENV = "JOYNODE_KEY_PASSWORD"  # noqa: S105 (the variable name, not a secret)
 
@@ -90,10 +94,15 @@ class NodeKey:
     @property
     def peer_id(self) -> str:
         """libp2p peer id (base58) of the same key."""
-        from libp2p.crypto.secp256k1 import create_new_key_pair
         from libp2p.peer.id import ID
 
-        return str(ID.from_pubkey(create_new_key_pair(self._secret).public_key).to_base58())
+        return str(ID.from_pubkey(self.libp2p_key_pair().public_key).to_base58())
+
+    def libp2p_key_pair(self) -> KeyPair:
+        """The same key as a libp2p identity."""
+        from libp2p.crypto.secp256k1 import create_new_key_pair
+
+        return create_new_key_pair(self._secret)
 
     def save(self, path: Path, *, password: str | None = None, force: bool = False) -> None:
         """Write a 0600 hex file, or an encrypted eth keystore when a password is given."""

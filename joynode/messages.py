@@ -14,3 +14,12 @@ class ShutdownRequest:
     """Ask the node to stop cleanly (sent by the control socket's ``node.shutdown``)."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class ServingStatus:
+    """What this node serves and how busy it is, as its heartbeat tells peers."""
+
+    models: tuple[str, ...]
+    queue_depth: int
+    capacity: int

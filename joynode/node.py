@@ -2,12 +2,14 @@
 
 Reading this module shows the whole process. Actors are started in dependency
 order inside one nursery (``Supervisor``); each reports ready before the next
-starts. The node stops when asked (signal, ``node.shutdown``) by cancelling
-the nursery, or when an actor fails, which cancels the rest (fail-fast).
+starts. The node stops when asked (signal, ``node.shutdown``) by stopping the
+actors in reverse order, so none outlives what it uses; an actor that fails
+cancels the rest at once (fail-fast).
 
 Actor graph (arrows are memory channels, named by direction and payload)::
 
     state    StateStore   (SQLite; others call it, it sends nothing)
+    p2p      P2PService   (libp2p host, gossip, DHT, /joynet/rpc; peer table in state)
     http     HttpServer   (reads the metrics registry and the supervisor's health)
     control  ControlServer --ShutdownRequest--> Node
 """
@@ -31,11 +33,15 @@ from joynode.control.server import ControlServer
 from joynode.endpoints import Endpoints
 from joynode.http import HttpServer
 from joynode.keys import ControlToken, NodeKey
-from joynode.messages import ShutdownRequest
+from joynode.messages import ServingStatus, ShutdownRequest
+from joynode.p2p.service import P2PService
 from joynode.state import StateStore
 from joynode.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+
+# Operators expect a stop within 5 s; actors get most of it to finish cleanly.
+STOP_TIMEOUT_S = 4.0
 
 
 @dataclass(frozen=True)
@@ -58,9 +64,13 @@ class Node:
         self._shutdown_send, self._shutdown_receive = trio.open_memory_channel[ShutdownRequest](1)
 
         self.state = StateStore(config.node.data_dir / "state.db", __version__)
+        self.p2p = P2PService(config.p2p, key, self.state, self.registry, self._serving_status)
         self.http = HttpServer(config.http, self.registry, self._health)
         self.control = ControlServer(
-            config.control, token, MethodTable(self._control_methods()), self.registry
+            config.control,
+            token,
+            MethodTable([*self._control_methods(), *self.p2p.control_methods()]),
+            self.registry,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -69,11 +79,14 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 await self.supervisor.start(nursery, self.state)
+                await self.supervisor.start(nursery, self.p2p)
                 if self.config.http.enabled:
                     await self.supervisor.start(nursery, self.http)
                 await self.supervisor.start(nursery, self.control)
                 assert self.control.url is not None
-                Endpoints(os.getpid(), self.control.url, self.http.url).write(data_dir)
+                Endpoints(
+                    os.getpid(), self.control.url, self.http.url, self.p2p.listen_addrs()
+                ).write(data_dir)
                 log.info(
                     "node ready in %.2f s: address %s peer %s control %s",
                     time.monotonic() - began,
@@ -84,6 +97,7 @@ class Node:
                 task_status.started()
                 request = await self._shutdown_receive.receive()
                 log.info("shutting down: %s", request.reason)
+                await self.supervisor.stop_all(STOP_TIMEOUT_S)
                 nursery.cancel_scope.cancel()
         finally:
             Endpoints.remove(data_dir)
@@ -93,6 +107,10 @@ class Node:
         with contextlib.suppress(trio.WouldBlock):
             self._shutdown_send.send_nowait(ShutdownRequest(reason))
         await trio.lowlevel.checkpoint()
+
+    def _serving_status(self) -> ServingStatus:
+        # Nothing is served until the inference actor exists.
+        return ServingStatus(models=(), queue_depth=0, capacity=0)
 
     def _health(self) -> tuple[bool, dict[str, object]]:
         return self.supervisor.all_ready(), {"actors": self.supervisor.snapshot()}

@@ -35,6 +35,15 @@ MIGRATIONS: tuple[str, ...] = (
         version     TEXT NOT NULL
     ) STRICT;
     """,
+    """
+    CREATE TABLE peers (
+        peer_id     TEXT PRIMARY KEY,
+        address     TEXT NOT NULL,
+        addrs       TEXT NOT NULL,
+        first_seen  REAL NOT NULL,
+        last_seen   REAL
+    ) STRICT;
+    """,
 )
 
 

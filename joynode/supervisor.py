@@ -48,9 +48,17 @@ class ActorRecord:
         return {"state": self.state.value, "since": self.since, "error": self.error}
 
 
+@dataclass
+class _Running:
+    name: str
+    scope: trio.CancelScope
+    done: trio.Event
+
+
 class Supervisor(Collector):
     def __init__(self) -> None:
         self._records: dict[str, ActorRecord] = {}
+        self._running: list[_Running] = []
         self.started_at = time.time()
 
     def _set(self, name: str, state: ActorState, error: str | None = None) -> None:
@@ -60,26 +68,47 @@ class Supervisor(Collector):
         """Start ``actor`` in ``nursery`` and return once it reports ready."""
         self._set(actor.name, ActorState.STARTING)
         began = trio.current_time()
-        await nursery.start(self._supervise, actor)
+        running = _Running(actor.name, trio.CancelScope(), trio.Event())
+        self._running.append(running)
+        await nursery.start(self._supervise, actor, running)
         self._set(actor.name, ActorState.READY)
         log.info("actor %s ready in %.0f ms", actor.name, (trio.current_time() - began) * 1000)
 
+    async def stop_all(self, grace_s: float) -> None:
+        """Stop actors one by one, last started first, so none outlives what it uses."""
+        with trio.move_on_after(grace_s) as deadline:
+            for running in reversed(self._running):
+                running.scope.cancel()
+                await running.done.wait()
+        if deadline.cancelled_caught:
+            log.warning("actors did not stop within %.1f s; cancelling the rest", grace_s)
+
     async def _supervise(
-        self, actor: Actor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        actor: Actor,
+        running: _Running,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         try:
-            await actor.run(task_status=task_status)
+            with running.scope:
+                await actor.run(task_status=task_status)
+            if not running.scope.cancelled_caught:
+                # Actors run until cancelled; returning early is a bug we must not hide.
+                self._set(actor.name, ActorState.FAILED, "returned unexpectedly")
+                raise ActorFailed(actor.name) from RuntimeError("actor returned unexpectedly")
+            self._set(actor.name, ActorState.STOPPED)
         except trio.Cancelled:
             self._set(actor.name, ActorState.STOPPED)
+            raise
+        except ActorFailed:
             raise
         except Exception as exc:
             self._set(actor.name, ActorState.FAILED, f"{type(exc).__name__}: {exc}")
             log.error("actor %s failed", actor.name, exc_info=exc)
             raise ActorFailed(actor.name) from exc
-        else:
-            # Actors run until cancelled; returning early is a bug we must not hide.
-            self._set(actor.name, ActorState.FAILED, "returned unexpectedly")
-            raise ActorFailed(actor.name) from RuntimeError("actor returned unexpectedly")
+        finally:
+            running.done.set()
 
     def all_ready(self) -> bool:
         return bool(self._records) and all(

@@ -18,7 +18,6 @@ WIRE_VERSION: Final = 1
 MAX_FRAME_BYTES: Final = 1 << 20
 
 # Field caps shared by the message types.
-PeerIdStr = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 ShortStr = Annotated[str, msgspec.Meta(max_length=256)]
 ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 U32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
@@ -52,12 +51,27 @@ class Pong(Message, tag="pong", frozen=True):
 class Heartbeat(Message, tag="heartbeat", frozen=True):
     """A node's periodic status, gossiped so peers can pick healthy committees."""
 
-    peer_id: PeerIdStr
     seq: UInt
     version: ShortStr
+    protocol: UInt
+    addrs: Annotated[list[ShortStr], msgspec.Meta(max_length=16)]
     models: Annotated[list[ModelId], msgspec.Meta(max_length=64)]
-    queue_depth: U32
-    capacity: U32
+    queue_depth: UInt
+    capacity: UInt
+
+
+class Gossip(Message, tag="gossip", frozen=True):
+    """A signed gossip payload: ``body`` is an encoded frame of another message.
+
+    The signature (by the origin's node key) covers the topic, the send time
+    and the exact body bytes, so a message cannot move to another topic, be
+    re-dated, or be re-signed by a forwarder.
+    """
+
+    topic: ShortStr
+    sent_ms: UInt
+    body: Annotated[bytes, msgspec.Meta(max_length=MAX_FRAME_BYTES)]
+    signature: Annotated[bytes, msgspec.Meta(min_length=65, max_length=65)]
 
 
 class ErrorReply(Message, tag="error", frozen=True):
@@ -67,8 +81,8 @@ class ErrorReply(Message, tag="error", frozen=True):
     reason: Annotated[str, msgspec.Meta(max_length=1024)]
 
 
-AnyMessage: TypeAlias = Ping | Pong | Heartbeat | ErrorReply
-MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (Ping, Pong, Heartbeat, ErrorReply)
+AnyMessage: TypeAlias = Ping | Pong | Heartbeat | Gossip | ErrorReply
+MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (Ping, Pong, Heartbeat, Gossip, ErrorReply)
 
 
 class _Envelope(msgspec.Struct, frozen=True):

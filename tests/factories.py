@@ -7,11 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import trio
 
 from joynode.cli import main as joynode_main
@@ -21,6 +22,18 @@ from joynode.keys import ControlToken, NodeKey
 from joynode.node import Node
 
 LOOPBACK_PORT_ZERO = "127.0.0.1:0"
+
+# py-libp2p 0.8.1 leaves a dialed TCP socket open when a node with live
+# connections is torn down (traced to the swarm's dial path; the socket is
+# closed when collected). Tests that run libp2p hosts in-process tolerate that
+# one warning; every other test keeps failing on any unclosed resource. See
+# joynode/p2p/libp2p_compat.py, item 8.
+LIBP2P_TEARDOWN_LEAK = [
+    pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"),
+    pytest.mark.filterwarnings(
+        "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,7 @@ def make_home(path: Path) -> NodeHome:
     home = NodeHome(path)
     home.set("control", "listen", f'"{LOOPBACK_PORT_ZERO}"')
     home.set("http", "listen", f'"{LOOPBACK_PORT_ZERO}"')
+    home.set("p2p", "listen", '["/ip4/127.0.0.1/tcp/0"]')
     return home
 
 
@@ -146,3 +160,24 @@ def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[st
         timeout=timeout,
         check=False,
     )
+
+
+def fast_p2p(home: NodeHome, *, bootstrap: list[str] | None = None) -> NodeHome:
+    """Short intervals so multi-node tests settle in seconds."""
+    home.set("p2p", "heartbeat_interval_s", "0.5")
+    home.set("p2p", "peer_timeout_s", "3.0")
+    home.set("p2p", "discovery_interval_s", "2.0")
+    home.set("p2p", "reconnect_backoff_max_s", "2.0")
+    if bootstrap is not None:
+        home.set("p2p", "bootstrap", "[" + ", ".join(f'"{a}"' for a in bootstrap) + "]")
+    return home
+
+
+async def wait_for(predicate: Callable[[], bool], within_s: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail the test with ``what`` after ``within_s``."""
+    with trio.move_on_after(within_s):
+        # Polling, not an Event: the state watched belongs to libp2p and the actors.
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"not within {within_s} s: {what}")

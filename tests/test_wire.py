@@ -19,9 +19,11 @@ def strategy_for(info: mi.Type) -> st.SearchStrategy[Any]:
         hi = info.le if info.le is not None else 2**64 - 1
         return st.integers(lo, hi)
     if isinstance(info, mi.StrType):
-        return st.text(min_size=info.min_length or 0, max_size=min(info.max_length or 64, 64))
+        low = info.min_length or 0
+        return st.text(min_size=low, max_size=max(low, min(info.max_length or 64, 64)))
     if isinstance(info, mi.BytesType):
-        return st.binary(min_size=info.min_length or 0, max_size=min(info.max_length or 64, 64))
+        low = info.min_length or 0
+        return st.binary(min_size=low, max_size=max(low, min(info.max_length or 96, 96)))
     if isinstance(info, mi.BoolType):
         return st.booleans()
     if isinstance(info, mi.ListType):
@@ -108,7 +110,7 @@ def test_size_cap_applies_before_decoding() -> None:
 
 
 def test_encoding_refuses_oversize_frames() -> None:
-    huge = wire.Heartbeat("p", 0, "v" * 200, ["m" * 128] * 64, 0, 0)
+    huge = wire.Heartbeat(0, "v" * 200, 1, ["a" * 256] * 16, ["m" * 128] * 64, 0, 0)
     assert len(wire.encode(huge)) < wire.MAX_FRAME_BYTES
     with pytest.raises(wire.WireError, match="exceeds cap"):
         wire.encode(wire.ErrorReply(1, "x" * (wire.MAX_FRAME_BYTES + 1)))

@@ -1,0 +1,1 @@
+"""The node as a libp2p peer: host, discovery, gossip, request streams, peer scoring."""

@@ -1,0 +1,132 @@
+"""Every workaround joynode needs for py-libp2p 0.8.1, in one place.
+
+Each item says why it is here and when it can go. The version is pinned in
+setup.cfg because item 1 touches a private name.
+
+1. ``swarm.dial_peer`` sleeps 250 ms on every dial ("happy eyeballs") and has
+   no setting for it: we zero the private module constant. Remove when the
+   delay becomes configurable or skips single-address dials.
+2. GossipSub defaults: heartbeat every 120 s (the mesh would take minutes to
+   form); spam protection that silently drops more than 10 msg/s per topic,
+   our own publishes included; eclipse protection that wants mesh peers on 3
+   distinct IPs (a devnet on one machine has one). joynode rate-limits and
+   scores peers itself (``joynode.p2p.scoring``), so the library's limits are
+   set out of the way. Keep until py-libp2p's defaults follow go-libp2p's.
+3. KadDHT caps peers per /24 subnet in its routing table; every devnet peer is
+   on 127.0.0.1, so the cap is disabled. Revisit for public deployments once
+   nodes run on distinct hosts (subnet diversity then protects the table).
+4. Start order: Pubsub, GossipSub and KadDHT must be running before the host
+   starts listening and dialing, or incoming streams hit services without a
+   manager and the mesh and routing table stay empty.
+5. The swarm's auto-connector dials peers from the peerstore until it has
+   100 connections, banned peers included. joynode decides whom to dial
+   (``p2p.max_peers``, bans, backoff), so the watermarks are set to 0 and
+   the pruner's high watermark to twice ``max_peers``. Keep: it is policy.
+6. Noise: the library logs routine peer errors ("Failed to read DHT message
+   from stream") at warning/error level; ``quiet_library_logs`` keeps them at
+   debug unless the operator asks for debug logs.
+7. Teardown under cancellation: ``host.close()`` runs in a shielded scope
+   (with a deadline), or its awaits are cancelled at once and connections are
+   left open. Keep: it is how trio cancellation works.
+8. Known and not worked around: when a node with live connections stops, one
+   dialed TCP socket per connection can stay open until garbage collection
+   (py-libp2p's swarm dial path; harmless for a process that is exiting). The
+   in-process p2p tests tolerate that ResourceWarning (tests/factories.py,
+   LIBP2P_TEARDOWN_LEAK). Drop the tolerance when py-libp2p closes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import libp2p.network.swarm as _swarm
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+# 1.
+_swarm._HAPPY_EYEBALLS_DELAY = 0.0
+
+CLOSE_TIMEOUT_S = 3.0
+GOSSIPSUB_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
+
+
+@dataclass(frozen=True)
+class Libp2pStack:
+    host: IHost
+    pubsub: Pubsub
+    router: GossipSub
+    dht: KadDHT
+
+
+def _make_router(heartbeat_interval_s: float) -> GossipSub:
+    # 2.
+    return GossipSub(
+        protocols=GOSSIPSUB_PROTOCOLS,
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_initial_delay=0.1,
+        heartbeat_interval=max(1, round(heartbeat_interval_s)),
+        spam_protection_enabled=False,
+        eclipse_protection_enabled=False,
+    )
+
+
+@asynccontextmanager
+async def running_stack(
+    key_pair: KeyPair,
+    listen: Sequence[str],
+    announce: Sequence[str],
+    *,
+    heartbeat_interval_s: float,
+    max_rpc_bytes: int,
+    max_peers: int,
+) -> AsyncIterator[Libp2pStack]:
+    """A started host with GossipSub and a server-mode Kademlia DHT."""
+    host = new_host(
+        key_pair=key_pair,
+        enable_mDNS=False,
+        enable_upnp=False,
+        announce_addrs=[multiaddr.Multiaddr(a) for a in announce] or None,
+        connection_config=ConnectionConfig(  # 5.
+            min_connections=0,
+            low_watermark=0,
+            high_watermark=2 * max_peers,
+            max_connections=2 * max_peers + 16,
+        ),
+    )
+    router = _make_router(heartbeat_interval_s)
+    pubsub = Pubsub(host, router, strict_signing=True, max_inbound_rpc_size=max_rpc_bytes)
+    dht = KadDHT(host, DHTMode.SERVER, max_peers_per_subnet=0)  # 3.
+    async with AsyncExitStack() as stack:
+        # 4.
+        await stack.enter_async_context(background_trio_service(pubsub))
+        await stack.enter_async_context(background_trio_service(router))
+        await stack.enter_async_context(background_trio_service(dht))
+        await stack.enter_async_context(
+            host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in listen])
+        )
+        await pubsub.wait_until_ready()
+        try:
+            yield Libp2pStack(host, pubsub, router, dht)
+        finally:
+            # 7.
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                await host.close()
+
+
+def quiet_library_logs(debug: bool) -> None:
+    # 6.
+    logging.getLogger("libp2p").setLevel(logging.DEBUG if debug else logging.CRITICAL)

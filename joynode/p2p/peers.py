@@ -1,0 +1,167 @@
+"""The peer table: who is out there, how to reach them, and whether they are alive.
+
+Fed by discovery (DHT lookups, the peerstore), by connections and by verified
+heartbeats. A peer is ``up`` while it has been heard from within the timeout
+and ``down`` after that; peers only discovered and never heard from are
+``discovered``. Records survive restarts in the state database, so a node that
+comes back knows whom to reconnect to.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from joynode import wire
+
+
+class PeerState(enum.Enum):
+    DISCOVERED = "discovered"
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass
+class PeerRecord:
+    peer_id: str
+    address: str
+    addrs: list[str] = field(default_factory=list)
+    first_seen: float = 0.0
+    last_seen: float | None = None
+    state: PeerState = PeerState.DISCOVERED
+    version: str | None = None
+    protocol: int | None = None
+    models: list[str] = field(default_factory=list)
+    queue_depth: int = 0
+    capacity: int = 0
+    heartbeat_seq: int = -1
+
+    def to_json(self, now: float) -> dict[str, object]:
+        return {
+            "peer_id": self.peer_id,
+            "address": self.address,
+            "addrs": self.addrs,
+            "state": self.state.value,
+            "last_seen_s_ago": None if self.last_seen is None else round(now - self.last_seen, 2),
+            "version": self.version,
+            "protocol": self.protocol,
+            "models": self.models,
+            "queue_depth": self.queue_depth,
+            "capacity": self.capacity,
+        }
+
+
+@dataclass(frozen=True)
+class Transition:
+    peer_id: str
+    state: PeerState
+
+
+class PeerTable:
+    def __init__(self, timeout_s: float, clock: Callable[[], float] = time.time) -> None:
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._records: dict[str, PeerRecord] = {}
+        self._dirty: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, peer_id: str) -> PeerRecord | None:
+        return self._records.get(peer_id)
+
+    def records(self) -> list[PeerRecord]:
+        return list(self._records.values())
+
+    def _record(self, peer_id: str, address: str) -> PeerRecord:
+        record = self._records.get(peer_id)
+        if record is None:
+            record = self._records[peer_id] = PeerRecord(peer_id, address, first_seen=self._clock())
+        self._dirty.add(peer_id)
+        return record
+
+    def discovered(self, peer_id: str, address: str, addrs: Iterable[str]) -> None:
+        record = self._record(peer_id, address)
+        for addr in addrs:
+            if addr not in record.addrs:
+                record.addrs.append(addr)
+        del record.addrs[:-16]  # keep the newest few
+
+    def heard(self, peer_id: str, address: str) -> Transition | None:
+        """A sign of life (a connection, a request); returns the transition to up, if any."""
+        record = self._record(peer_id, address)
+        record.last_seen = self._clock()
+        if record.state is PeerState.UP:
+            return None
+        record.state = PeerState.UP
+        return Transition(peer_id, PeerState.UP)
+
+    def heartbeat(self, peer_id: str, address: str, beat: wire.Heartbeat) -> Transition | None:
+        record = self._record(peer_id, address)
+        if beat.seq <= record.heartbeat_seq and record.version == beat.version:
+            return None  # an old heartbeat delivered late; the newer one already counted
+        record.heartbeat_seq = beat.seq
+        record.version = beat.version
+        record.protocol = beat.protocol
+        record.models = list(beat.models)
+        record.queue_depth = beat.queue_depth
+        record.capacity = beat.capacity
+        if beat.addrs:
+            record.addrs = list(beat.addrs)
+        return self.heard(peer_id, address)
+
+    def sweep(self) -> list[Transition]:
+        """Mark peers not heard from within the timeout as down."""
+        now = self._clock()
+        changes = []
+        for record in self._records.values():
+            silent = record.last_seen is not None and now - record.last_seen > self._timeout_s
+            if record.state is PeerState.UP and silent:
+                record.state = PeerState.DOWN
+                record.heartbeat_seq = -1  # a restarted peer counts from 0 again
+                self._dirty.add(record.peer_id)
+                changes.append(Transition(record.peer_id, PeerState.DOWN))
+        return changes
+
+    def counts(self) -> dict[PeerState, int]:
+        counts = dict.fromkeys(PeerState, 0)
+        for record in self._records.values():
+            counts[record.state] += 1
+        return counts
+
+    # Persistence (called through the state store, in its thread).
+
+    def take_dirty(self) -> list[PeerRecord]:
+        dirty = [self._records[p] for p in self._dirty if p in self._records]
+        self._dirty.clear()
+        return dirty
+
+    @staticmethod
+    def save(conn: sqlite3.Connection, records: list[PeerRecord]) -> None:
+        conn.executemany(
+            "INSERT INTO peers (peer_id, address, addrs, first_seen, last_seen) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (peer_id) DO UPDATE SET "
+            "address = excluded.address, addrs = excluded.addrs, last_seen = excluded.last_seen",
+            [
+                (r.peer_id, r.address, json.dumps(r.addrs), r.first_seen, r.last_seen)
+                for r in records
+            ],
+        )
+
+    @staticmethod
+    def load(conn: sqlite3.Connection) -> list[PeerRecord]:
+        rows = conn.execute(
+            "SELECT peer_id, address, addrs, first_seen, last_seen FROM peers"
+        ).fetchall()
+        return [
+            PeerRecord(peer_id, address, json.loads(addrs), first_seen, last_seen, PeerState.DOWN)
+            for peer_id, address, addrs, first_seen, last_seen in rows
+        ]
+
+    def restore(self, records: list[PeerRecord]) -> None:
+        for record in records:
+            self._records.setdefault(record.peer_id, record)
