@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,11 +174,20 @@ def fast_p2p(home: NodeHome, *, bootstrap: list[str] | None = None) -> NodeHome:
     return home
 
 
-async def wait_for(predicate: Callable[[], bool], within_s: float, what: str) -> None:
-    """Poll ``predicate`` until it holds; fail the test with ``what`` after ``within_s``."""
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]], within_s: float, what: str
+) -> None:
+    """Poll ``predicate`` (plain or async) until it holds; fail with ``what`` after ``within_s``.
+
+    Polling, not an Event: what is watched belongs to libp2p, the actors or
+    another process.
+    """
     with trio.move_on_after(within_s):
-        # Polling, not an Event: the state watched belongs to libp2p and the actors.
-        while not predicate():  # noqa: ASYNC110
+        while True:
+            result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
             await trio.sleep(0.05)
-        return
     raise AssertionError(f"not within {within_s} s: {what}")
