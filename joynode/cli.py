@@ -32,6 +32,7 @@ from joynode.config import (
 from joynode.control.client import ControlClient
 from joynode.control.jsonrpc import RpcError
 from joynode.endpoints import Endpoints
+from joynode.inference.models import PREPARABLE, ModelError, model_id, prepare
 from joynode.keys import ControlToken, NodeKey, SecretFileError, read_secret_file
 from joynode.logs import SecretRedactor, configure_logging
 from joynode.node import Node
@@ -83,6 +84,15 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="replace existing files")
     k.add_argument("--password-file", type=Path, help="encrypt the key as an eth keystore")
 
+    p = commands.add_parser("models", help="prepare model folders")
+    models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    m = models.add_parser("prepare", help=f"build a model folder ({', '.join(PREPARABLE)})")
+    m.add_argument("name", choices=PREPARABLE)
+    m.add_argument("--out", type=Path, help="target folder (default: models/NAME)")
+    m.add_argument("--force", action="store_true", help="rebuild even if the folder exists")
+    m = models.add_parser("id", help="print the content hash that identifies a model folder")
+    m.add_argument("path", type=Path)
+
     commands.add_parser("version", help="print the joynode version")
     return parser
 
@@ -109,6 +119,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into e.g. `head`, which exited: not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    try:
+        if args.models_command == "id":
+            print(model_id(args.path))
+            return EXIT_OK
+        out: Path = args.out or Path("models") / args.name
+        if (out / "config.json").is_file() and not args.force:
+            print(f"{args.name}: {out} exists ({model_id(out)}); --force rebuilds it")
+            return EXIT_OK
+        prepare(args.name, out)
+    except ModelError as exc:
+        raise UsageError(str(exc)) from None
+    return EXIT_OK
 
 
 def cmd_version(_: argparse.Namespace) -> int:
@@ -236,8 +261,24 @@ def _control_url(config: Config) -> str:
 
 
 async def _call(url: str, token: str, method: str, params: dict[str, Any] | None) -> Any:
-    async with ControlClient.connect(url, token) as client:
-        return await client.call(method, params)
+    streamed = False
+
+    def show(notification: dict[str, Any]) -> None:
+        # Streamed text (infer.delta) is shown as it arrives; other notifications as JSON.
+        nonlocal streamed
+        params = notification.get("params")
+        if isinstance(params, dict) and isinstance(params.get("text"), str):
+            sys.stderr.write(params["text"])
+            streamed = True
+        else:
+            sys.stderr.write(json.dumps(notification) + "\n")
+        sys.stderr.flush()
+
+    async with ControlClient.connect(url, token, on_notification=show) as client:
+        result = await client.call(method, params)
+    if streamed:
+        sys.stderr.write("\n")
+    return result
 
 
 _COMMANDS = {
@@ -245,5 +286,6 @@ _COMMANDS = {
     "run": cmd_run,
     "ctl": cmd_ctl,
     "keys": cmd_keys,
+    "models": cmd_models,
     "version": cmd_version,
 }

@@ -178,6 +178,36 @@ class P2PSection(_Section):
     ban_s: Seconds = Field(300.0, description="How long a banned peer is refused.")
 
 
+class ModelEntry(_Section):
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+    path: Path = Field(description="A prepared model folder (see `joynode models prepare`).")
+
+
+class InferenceSection(_Section):
+    models: list[ModelEntry] = Field(
+        [], description="Models to serve: [[inference.models]] name = ..., path = ..."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: whatever the installed vLLM build targets."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="float32 keeps greedy outputs identical across batches."
+    )
+    max_num_seqs: StrictInt = Field(
+        32, ge=1, le=4096, description="Sequences vLLM batches together per model."
+    )
+    max_model_len: StrictInt = Field(
+        2048, ge=16, le=1 << 20, description="Prompt plus output tokens, at most."
+    )
+    kv_cache_gib: float = Field(1.0, gt=0, le=4096, description="KV cache size per model.")
+    max_queue: StrictInt = Field(
+        256, ge=1, le=100_000, description="Requests per model (running + waiting) before 'busy'."
+    )
+    max_tokens_limit: StrictInt = Field(
+        1024, ge=1, le=1 << 20, description="Largest max_tokens a request may ask for."
+    )
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="debug, info, warning or error (--log-level overrides)."
@@ -192,6 +222,7 @@ class Config(_Section):
     control: ControlSection = ControlSection()
     http: HttpSection = HttpSection()
     p2p: P2PSection = P2PSection()
+    inference: InferenceSection = InferenceSection()
     log: LogSection = LogSection()
     path: Path | None = Field(None, exclude=True, description="Where this config was read from.")
 
@@ -255,7 +286,14 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         }
     )
     control = config.control.model_copy(update={"token_file": resolve(config.control.token_file)})
-    return config.model_copy(update={"node": node, "control": control})
+    inference = config.inference.model_copy(
+        update={
+            "models": [
+                m.model_copy(update={"path": resolve(m.path)}) for m in config.inference.models
+            ]
+        }
+    )
+    return config.model_copy(update={"node": node, "control": control, "inference": inference})
 
 
 def parse_config(data: dict[str, Any], base: Path, source: str = "<config>") -> Config:

@@ -1,12 +1,19 @@
 """Typed messages that actors exchange over in-process memory channels.
 
 Messages that cross the network live in ``joynode.wire``; these never leave the
-process, so they may carry trio objects.
+process, so they may carry trio objects (a request carries its reply channel).
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+import pydantic
+import trio
+from eth_utils.crypto import keccak
 
 
 @dataclass(frozen=True)
@@ -23,3 +30,88 @@ class ServingStatus:
     models: tuple[str, ...]
     queue_depth: int
     capacity: int
+
+
+class SamplingSpec(pydantic.BaseModel):
+    """How to decode. Greedy (temperature 0) or seeded sampling is deterministic."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = pydantic.Field(64, ge=1)
+    temperature: float = pydantic.Field(0.0, ge=0.0, le=2.0)
+    top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
+    top_k: int = pydantic.Field(-1, ge=-1, le=100_000, description="-1: no top-k cut")
+    seed: int | None = pydantic.Field(None, ge=0, le=2**63 - 1)
+    ignore_eos: bool = False
+
+    @pydantic.model_validator(mode="after")
+    def _sampling_is_seeded(self) -> SamplingSpec:
+        if self.temperature > 0 and self.seed is None:
+            raise ValueError("sampling (temperature > 0) needs a seed, so that peers can agree")
+        return self
+
+
+class ChatMessage(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    role: Literal["system", "user", "assistant"]
+    content: str = pydantic.Field(max_length=1 << 20)
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """Run ``prompt`` (plain text) or ``messages`` (through the chat template) on ``model``.
+
+    Events go to ``reply``: ``TokenDelta``s, then one ``InferenceResult`` or one
+    ``InferenceFailure``. Closing the receiving end cancels the request.
+    """
+
+    model: str
+    prompt: str | None
+    messages: tuple[ChatMessage, ...] | None
+    sampling: SamplingSpec
+    reply: trio.MemorySendChannel[InferenceEvent]
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    model: str
+    model_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    queued_s: float
+    first_token_s: float
+    total_s: float
+
+    @property
+    def output_hash(self) -> bytes:
+        """What consensus votes on: keccak256 of the token ids, each a 4-byte big-endian word."""
+        return output_hash(self.token_ids)
+
+
+class FailureCode(enum.Enum):
+    UNKNOWN_MODEL = "unknown_model"
+    INVALID_REQUEST = "invalid_request"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    BUSY = "busy"
+    ENGINE_ERROR = "engine_error"
+
+
+@dataclass(frozen=True)
+class InferenceFailure:
+    code: FailureCode
+    message: str
+
+
+InferenceEvent: TypeAlias = TokenDelta | InferenceResult | InferenceFailure
+
+
+def output_hash(token_ids: Sequence[int]) -> bytes:
+    return keccak(b"".join(token.to_bytes(4, "big") for token in token_ids))

@@ -8,10 +8,13 @@ cancels the rest at once (fail-fast).
 
 Actor graph (arrows are memory channels, named by direction and payload)::
 
-    state    StateStore   (SQLite; others call it, it sends nothing)
-    p2p      P2PService   (libp2p host, gossip, DHT, /joynet/rpc; peer table in state)
-    http     HttpServer   (reads the metrics registry and the supervisor's health)
-    control  ControlServer --ShutdownRequest--> Node
+    state      StateStore        (SQLite; others call it, it sends nothing)
+    inference  InferenceService  <--InferenceRequest-- control (infer.local)
+                                 --TokenDelta/InferenceResult/InferenceFailure--> requester
+    p2p        P2PService        (libp2p host, gossip, DHT, /joynet/rpc; peer table in
+                                  state; heartbeats carry inference.serving_status())
+    http       HttpServer        (reads the metrics registry and the supervisor's health)
+    control    ControlServer     --ShutdownRequest--> Node
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +36,10 @@ from joynode.control.methods import ControlMethod, ControlSession, MethodTable, 
 from joynode.control.server import ControlServer
 from joynode.endpoints import Endpoints
 from joynode.http import HttpServer
+from joynode.inference.engine import VllmEngine
+from joynode.inference.service import InferenceClient, InferenceService
 from joynode.keys import ControlToken, NodeKey
-from joynode.messages import ServingStatus, ShutdownRequest
+from joynode.messages import InferenceRequest, ShutdownRequest
 from joynode.p2p.service import P2PService
 from joynode.state import StateStore
 from joynode.supervisor import Supervisor
@@ -51,7 +57,15 @@ class NodeIdentity:
 
 
 class Node:
-    def __init__(self, config: Config, key: NodeKey, token: ControlToken) -> None:
+    def __init__(
+        self,
+        config: Config,
+        key: NodeKey,
+        token: ControlToken,
+        *,
+        engines: Mapping[str, VllmEngine] | None = None,
+    ) -> None:
+        """``engines``: already running engines to use by model name (tests share one)."""
         self.config = config
         self.identity = NodeIdentity(key.address, key.peer_id)
         self.supervisor = Supervisor()
@@ -63,13 +77,27 @@ class Node:
 
         self._shutdown_send, self._shutdown_receive = trio.open_memory_channel[ShutdownRequest](1)
 
+        inference_send, inference_receive = trio.open_memory_channel[InferenceRequest](64)
+
         self.state = StateStore(config.node.data_dir / "state.db", __version__)
-        self.p2p = P2PService(config.p2p, key, self.state, self.registry, self._serving_status)
+        self.inference = InferenceService(
+            config.inference, self.registry, inference_receive, engines=engines
+        )
+        self.inference_client = InferenceClient(inference_send)
+        self.p2p = P2PService(
+            config.p2p, key, self.state, self.registry, self.inference.serving_status
+        )
         self.http = HttpServer(config.http, self.registry, self._health)
         self.control = ControlServer(
             config.control,
             token,
-            MethodTable([*self._control_methods(), *self.p2p.control_methods()]),
+            MethodTable(
+                [
+                    *self._control_methods(),
+                    *self.p2p.control_methods(),
+                    *self.inference.control_methods(self.inference_client),
+                ]
+            ),
             self.registry,
         )
 
@@ -79,6 +107,7 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 await self.supervisor.start(nursery, self.state)
+                await self.supervisor.start(nursery, self.inference)
                 await self.supervisor.start(nursery, self.p2p)
                 if self.config.http.enabled:
                     await self.supervisor.start(nursery, self.http)
@@ -107,10 +136,6 @@ class Node:
         with contextlib.suppress(trio.WouldBlock):
             self._shutdown_send.send_nowait(ShutdownRequest(reason))
         await trio.lowlevel.checkpoint()
-
-    def _serving_status(self) -> ServingStatus:
-        # Nothing is served until the inference actor exists.
-        return ServingStatus(models=(), queue_depth=0, capacity=0)
 
     def _health(self) -> tuple[bool, dict[str, object]]:
         return self.supervisor.all_ready(), {"actors": self.supervisor.snapshot()}

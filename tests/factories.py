@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ import trio
 from joynode.cli import main as joynode_main
 from joynode.config import Config, load_config
 from joynode.endpoints import Endpoints
+from joynode.inference.engine import VllmEngine
 from joynode.keys import ControlToken, NodeKey
 from joynode.node import Node
 
@@ -86,9 +87,11 @@ def make_home(path: Path) -> NodeHome:
 
 
 @asynccontextmanager
-async def running_node(home: NodeHome) -> AsyncIterator[Node]:
+async def running_node(
+    home: NodeHome, engines: Mapping[str, VllmEngine] | None = None
+) -> AsyncIterator[Node]:
     """A node in this trio run, started and ready; stopped on exit."""
-    node = Node(home.config, home.key, home.token)
+    node = Node(home.config, home.key, home.token, engines=engines)
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         yield node
@@ -117,8 +120,8 @@ class NodeProcess:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
 
-    def wait_ready(self, timeout: float = 30.0) -> Endpoints:
-        deadline = time.monotonic() + timeout
+    def wait_ready(self, within_s: float = 30.0) -> Endpoints:
+        deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
             endpoints = self.home.endpoints()
             if endpoints is not None and endpoints.pid == self.proc.pid:
@@ -126,7 +129,7 @@ class NodeProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")
             time.sleep(0.05)
-        raise AssertionError(f"node not ready in {timeout} s:\n{self.log()}")
+        raise AssertionError(f"node not ready in {within_s} s:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:
@@ -143,10 +146,12 @@ class NodeProcess:
 
 
 @contextmanager
-def node_process(home: NodeHome, *extra_args: str) -> Iterator[NodeProcess]:
+def node_process(
+    home: NodeHome, *extra_args: str, ready_within_s: float = 30.0
+) -> Iterator[NodeProcess]:
     process = NodeProcess(home, *extra_args)
     try:
-        process.wait_ready()
+        process.wait_ready(ready_within_s)
         yield process
     finally:
         process.kill()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -63,20 +64,32 @@ class ControlClient:
     """Calls methods and receives notifications over one connection.
 
     Responses are matched to calls by id, so several calls may be in flight at
-    once; notifications (e.g. streamed tokens) arrive on ``notifications``.
+    once. Notifications (e.g. streamed tokens) go to ``on_notification`` if
+    given, else to the ``notifications`` channel (past 256 unread, newer ones
+    are dropped rather than stall the connection).
     """
 
-    def __init__(self, ws: WebSocketConnection) -> None:
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        on_notification: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self._ws = ws
+        self._on_notification = on_notification
         self._ids = itertools.count(1)
         self._waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._notify_send, self.notifications = trio.open_memory_channel[dict[str, Any]](256)
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, url: str, token: str | None = None) -> AsyncIterator[ControlClient]:
+    async def connect(
+        cls,
+        url: str,
+        token: str | None = None,
+        on_notification: Callable[[dict[str, Any]], None] | None = None,
+    ) -> AsyncIterator[ControlClient]:
         async with open_control_websocket(url, token) as ws, trio.open_nursery() as nursery:
-            client = cls(ws)
+            client = cls(ws, on_notification)
             nursery.start_soon(client._read_loop)
             try:
                 yield client
@@ -92,13 +105,20 @@ class ControlClient:
                     if waiter is not None:
                         waiter.send_nowait(item)
                     elif "method" in item:
-                        self._notify_send.send_nowait(item)
+                        self._notify(item)
         except ConnectionClosed:
             pass
         finally:
             for waiter in self._waiting.values():
                 waiter.close()
             self._notify_send.close()
+
+    def _notify(self, item: dict[str, Any]) -> None:
+        if self._on_notification is not None:
+            self._on_notification(item)
+            return
+        with contextlib.suppress(trio.WouldBlock):
+            self._notify_send.send_nowait(item)
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """Call ``method``; return its result or raise ``RpcError``."""

@@ -19,9 +19,10 @@ setup.cfg because item 1 touches a private name.
    starts listening and dialing, or incoming streams hit services without a
    manager and the mesh and routing table stay empty.
 5. The swarm's auto-connector dials peers from the peerstore until it has
-   100 connections, banned peers included. joynode decides whom to dial
-   (``p2p.max_peers``, bans, backoff), so the watermarks are set to 0 and
-   the pruner's high watermark to twice ``max_peers``. Keep: it is policy.
+   the midpoint of its watermarks, banned peers included. joynode decides whom
+   to dial (``p2p.max_peers``, bans, backoff), so the auto-connector is turned
+   into a no-op and the pruner's high watermark is twice ``max_peers``. Keep
+   until py-libp2p has a switch for it.
 6. Noise: the library logs routine peer errors ("Failed to read DHT message
    from stream") at warning/error level; ``quiet_library_logs`` keeps them at
    debug unless the operator asks for debug logs.
@@ -70,6 +71,10 @@ class Libp2pStack:
     dht: KadDHT
 
 
+async def _dial_nothing() -> None:
+    return None
+
+
 def _make_router(heartbeat_interval_s: float) -> GossipSub:
     # 2.
     return GossipSub(
@@ -107,6 +112,7 @@ async def running_stack(
             max_connections=2 * max_peers + 16,
         ),
     )
+    host.get_network().auto_connector.maybe_connect = _dial_nothing  # type: ignore[attr-defined]  # 5.
     router = _make_router(heartbeat_interval_s)
     pubsub = Pubsub(host, router, strict_signing=True, max_inbound_rpc_size=max_rpc_bytes)
     dht = KadDHT(host, DHTMode.SERVER, max_peers_per_subnet=0)  # 3.

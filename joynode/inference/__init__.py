@@ -1,0 +1,1 @@
+"""Serving models: vLLM engines driven from trio, model folders and their preparation."""

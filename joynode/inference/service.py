@@ -1,0 +1,409 @@
+"""The ``inference`` actor: serves the configured models with one vLLM engine each.
+
+Requests arrive on a channel (``InferenceRequest``) and are admitted or refused
+at once: unknown model, bad parameters, a prompt too long for the model, or a
+full queue (``busy``) are answered with an ``InferenceFailure`` and nothing is
+queued. Admitted requests run concurrently; vLLM batches them (continuous
+batching). Each streams ``TokenDelta``s back and ends with an
+``InferenceResult`` (all token ids, text, finish reason, timings). A requester
+that closes its reply channel cancels its request inside vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from joynode.config import InferenceSection, ModelEntry
+from joynode.control import jsonrpc
+from joynode.control.jsonrpc import RpcError
+from joynode.control.methods import ControlMethod, ControlSession, NoParams
+from joynode.inference.engine import EngineError, EngineSpec, VllmEngine
+from joynode.inference.models import model_id
+from joynode.messages import (
+    ChatMessage,
+    FailureCode,
+    InferenceEvent,
+    InferenceFailure,
+    InferenceRequest,
+    InferenceResult,
+    SamplingSpec,
+    ServingStatus,
+    TokenDelta,
+)
+
+log = logging.getLogger(__name__)
+
+REPLY_BUFFER = 64
+EngineStarter = Callable[[EngineSpec], Awaitable[VllmEngine]]
+
+
+async def start_engine(spec: EngineSpec) -> VllmEngine:
+    engine = VllmEngine(spec)
+    await engine.start()
+    return engine
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model_id: str
+    engine: VllmEngine
+    owned: bool
+    inflight: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        spec = self.engine.spec
+        return {
+            "name": self.name,
+            "id": self.model_id,
+            "path": str(spec.path),
+            "dtype": spec.dtype,
+            "max_model_len": spec.max_model_len,
+            "max_num_seqs": spec.max_num_seqs,
+            "inflight": self.inflight,
+        }
+
+
+class InferenceFailed(Exception):
+    def __init__(self, failure: InferenceFailure) -> None:
+        super().__init__(f"{failure.code.value}: {failure.message}")
+        self.failure = failure
+
+
+class InferenceService:
+    name = "inference"
+
+    def __init__(
+        self,
+        settings: InferenceSection,
+        registry: CollectorRegistry,
+        requests_receive: trio.MemoryReceiveChannel[InferenceRequest],
+        *,
+        engines: Mapping[str, VllmEngine] | None = None,
+        start: EngineStarter = start_engine,
+    ) -> None:
+        self._settings = settings
+        self._requests = requests_receive
+        self._borrowed = dict(engines or {})
+        self._start = start
+        self.models: dict[str, LoadedModel] = {}
+        self._metrics = _InferenceMetrics(registry)
+
+    def spec(self, entry: ModelEntry) -> EngineSpec:
+        s = self._settings
+        return EngineSpec(
+            entry.path, s.dtype, s.device, s.max_num_seqs, s.max_model_len, s.kv_cache_gib
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            for entry in self._settings.models:
+                await self._load(entry)
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                async for request in self._requests:
+                    self._admit(request, nursery)
+        finally:
+            with trio.CancelScope(shield=True):
+                for model in self.models.values():
+                    if model.owned:
+                        await model.engine.stop()
+
+    async def _load(self, entry: ModelEntry) -> None:
+        began = trio.current_time()
+        identity = await trio.to_thread.run_sync(model_id, entry.path)
+        borrowed = self._borrowed.get(entry.name)
+        engine = borrowed or await self._start(self.spec(entry))
+        self.models[entry.name] = LoadedModel(entry.name, identity, engine, borrowed is None)
+        log.info("model %s ready in %.1f s: %s", entry.name, trio.current_time() - began, identity)
+
+    def serving_status(self) -> ServingStatus:
+        return ServingStatus(
+            models=tuple(m.model_id for m in self.models.values()),
+            queue_depth=sum(m.inflight for m in self.models.values()),
+            capacity=self._settings.max_num_seqs * len(self.models),
+        )
+
+    def _find(self, name_or_id: str) -> LoadedModel | None:
+        found = self.models.get(name_or_id)
+        if found is None:
+            found = next((m for m in self.models.values() if m.model_id == name_or_id), None)
+        return found
+
+    def _admit(self, request: InferenceRequest, nursery: trio.Nursery) -> None:
+        model = self._find(request.model)
+        if model is None:
+            served = ", ".join(self.models) or "none"
+            self._refuse(
+                request,
+                FailureCode.UNKNOWN_MODEL,
+                f"unknown model {request.model!r} (serving: {served})",
+            )
+        elif (request.prompt is None) == (request.messages is None):
+            self._refuse(request, FailureCode.INVALID_REQUEST, "give either prompt or messages")
+        elif request.sampling.max_tokens > self._settings.max_tokens_limit:
+            self._refuse(
+                request,
+                FailureCode.INVALID_REQUEST,
+                f"max_tokens {request.sampling.max_tokens} is over the limit of "
+                f"{self._settings.max_tokens_limit}",
+            )
+        elif model.inflight >= self._settings.max_queue:
+            self._refuse(
+                request,
+                FailureCode.BUSY,
+                f"{model.name} has {model.inflight} requests queued (limit "
+                f"{self._settings.max_queue}); try again later",
+            )
+        else:
+            model.inflight += 1
+            self._metrics.inflight.labels(model.name).inc()
+            nursery.start_soon(self._serve, request, model, trio.current_time())
+
+    def _refuse(self, request: InferenceRequest, code: FailureCode, message: str) -> None:
+        self._metrics.requests.labels(
+            request.model if self._find(request.model) else "unknown", code.value
+        ).inc()
+        with contextlib.suppress(
+            trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+        ):
+            request.reply.send_nowait(InferenceFailure(code, message))
+        request.reply.close()
+
+    async def _serve(self, request: InferenceRequest, model: LoadedModel, admitted: float) -> None:
+        outcome = "ok"
+        try:
+            async with request.reply:
+                outcome = await self._generate(request, model, admitted)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            outcome = "cancelled"  # the requester stopped listening
+        except EngineError as exc:
+            outcome = FailureCode.ENGINE_ERROR.value
+            log.error("model %s failed a request: %s", model.name, exc)
+        finally:
+            model.inflight -= 1
+            self._metrics.inflight.labels(model.name).dec()
+            self._metrics.requests.labels(model.name, outcome).inc()
+
+    async def _generate(
+        self, request: InferenceRequest, model: LoadedModel, admitted: float
+    ) -> str:
+        try:
+            token_ids = await trio.to_thread.run_sync(_tokenize, model.engine.tokenizer, request)
+        except ValueError as exc:
+            reason = (
+                f"{model.name} has no chat template; send a plain prompt"
+                if "chat_template" in str(exc)
+                else f"cannot tokenize the request: {exc}"
+            )
+            await request.reply.send(InferenceFailure(FailureCode.INVALID_REQUEST, reason))
+            return FailureCode.INVALID_REQUEST.value
+        limit = self._settings.max_model_len
+        if not token_ids:
+            await request.reply.send(InferenceFailure(FailureCode.INVALID_REQUEST, "empty prompt"))
+            return FailureCode.INVALID_REQUEST.value
+        if len(token_ids) + request.sampling.max_tokens > limit:
+            await request.reply.send(
+                InferenceFailure(
+                    FailureCode.PROMPT_TOO_LONG,
+                    f"prompt of {len(token_ids)} tokens plus max_tokens "
+                    f"{request.sampling.max_tokens} exceeds {model.name}'s {limit}",
+                )
+            )
+            return FailureCode.PROMPT_TOO_LONG.value
+        output_ids: list[int] = []
+        text: list[str] = []
+        first: float | None = None
+        finish_reason = "unknown"
+        async with model.engine.stream(token_ids, _sampling_params(request.sampling)) as outputs:
+            async for output in outputs:
+                completion = output.outputs[0]
+                if first is None:
+                    first = trio.current_time()
+                delta = TokenDelta(completion.text, tuple(completion.token_ids))
+                output_ids.extend(delta.token_ids)
+                text.append(delta.text)
+                await request.reply.send(delta)
+                if output.finished:
+                    finish_reason = str(completion.finish_reason)
+                    break
+        done = trio.current_time()
+        self._metrics.tokens.labels(model.name).inc(len(output_ids))
+        self._metrics.first_token.observe((first or done) - admitted)
+        self._metrics.duration.observe(done - admitted)
+        await request.reply.send(
+            InferenceResult(
+                model=model.name,
+                model_id=model.model_id,
+                token_ids=tuple(output_ids),
+                text="".join(text),
+                finish_reason=finish_reason,
+                prompt_tokens=len(token_ids),
+                queued_s=0.0,
+                first_token_s=round((first or done) - admitted, 6),
+                total_s=round(done - admitted, 6),
+            )
+        )
+        return "ok"
+
+    def control_methods(self, client: InferenceClient) -> list[ControlMethod]:
+        async def models_list(_: NoParams, __: ControlSession) -> list[dict[str, object]]:
+            return [m.to_json() for m in self.models.values()]
+
+        async def infer_local(params: InferLocalParams, session: ControlSession) -> dict[str, Any]:
+            messages = tuple(params.messages) if params.messages is not None else None
+            sampling = SamplingSpec(**params.model_dump(include=set(SamplingSpec.model_fields)))
+            async with client.stream(params.model, params.prompt, messages, sampling) as events:
+                async for event in events:
+                    if isinstance(event, TokenDelta):
+                        if params.stream:
+                            await session.notify(
+                                "infer.delta", {"text": event.text, "token_ids": event.token_ids}
+                            )
+                    elif isinstance(event, InferenceFailure):
+                        raise _rpc_error(event)
+                    else:
+                        return result_json(event)
+            raise RpcError(jsonrpc.INTERNAL_ERROR, "inference ended without a result")
+
+        return [
+            ControlMethod("models.list", NoParams, models_list, "Models this node serves."),
+            ControlMethod(
+                "infer.local",
+                InferLocalParams,
+                infer_local,
+                "Run a prompt on this node only (no consensus); stream: true "
+                "sends infer.delta notifications.",
+            ),
+        ]
+
+
+def _tokenize(tokenizer: Any, request: InferenceRequest) -> list[int]:
+    if request.messages is not None:
+        ids = tokenizer.apply_chat_template(
+            [m.model_dump() for m in request.messages], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, Mapping):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer.encode(request.prompt)]
+
+
+def _sampling_params(spec: SamplingSpec) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=spec.max_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k,
+        seed=spec.seed,
+        ignore_eos=spec.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def result_json(result: InferenceResult) -> dict[str, Any]:
+    generated = len(result.token_ids)
+    return {
+        "model": result.model,
+        "model_id": result.model_id,
+        "text": result.text,
+        "token_ids": list(result.token_ids),
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "output_hash": "0x" + result.output_hash.hex(),
+        "first_token_s": result.first_token_s,
+        "total_s": result.total_s,
+        "tokens_per_s": round(generated / result.total_s, 2) if result.total_s else None,
+    }
+
+
+def _rpc_error(failure: InferenceFailure) -> RpcError:
+    code = {
+        FailureCode.BUSY: jsonrpc.BUSY,
+        FailureCode.ENGINE_ERROR: jsonrpc.INTERNAL_ERROR,
+    }.get(failure.code, jsonrpc.INVALID_PARAMS)
+    return RpcError(code, failure.message, {"reason": failure.code.value})
+
+
+class InferLocalParams(SamplingSpec):
+    model: str = pydantic.Field(min_length=1, max_length=128)
+    prompt: str | None = pydantic.Field(None, max_length=1 << 20)
+    messages: list[ChatMessage] | None = pydantic.Field(None, max_length=256)
+    stream: bool = False
+
+
+class InferenceClient:
+    """How other actors and the control socket ask the inference actor for work."""
+
+    def __init__(self, requests_send: trio.MemorySendChannel[InferenceRequest]) -> None:
+        self._requests = requests_send
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        model: str,
+        prompt: str | None,
+        messages: Sequence[ChatMessage] | None,
+        sampling: SamplingSpec,
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[InferenceEvent]]:
+        """Submit a request; yield its event channel. Leaving early cancels the request."""
+        send, receive = trio.open_memory_channel[InferenceEvent](REPLY_BUFFER)
+        request = InferenceRequest(
+            model, prompt, tuple(messages) if messages is not None else None, sampling, send
+        )
+        async with receive:
+            await self._requests.send(request)
+            yield receive
+
+    async def complete(
+        self,
+        model: str,
+        prompt: str | None = None,
+        messages: Sequence[ChatMessage] | None = None,
+        sampling: SamplingSpec | None = None,
+    ) -> InferenceResult:
+        """Run a request to the end; raise ``InferenceFailed`` if it is refused or fails."""
+        async with self.stream(model, prompt, messages, sampling or SamplingSpec()) as events:
+            async for event in events:
+                if isinstance(event, InferenceResult):
+                    return event
+                if isinstance(event, InferenceFailure):
+                    raise InferenceFailed(event)
+        raise InferenceFailed(InferenceFailure(FailureCode.ENGINE_ERROR, "no result"))
+
+
+class _InferenceMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "joynode_inference_requests_total",
+            "Inference requests",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "joynode_inference_tokens_total", "Tokens generated", ["model"], registry=registry
+        )
+        self.inflight = Gauge(
+            "joynode_inference_inflight",
+            "Requests running or waiting",
+            ["model"],
+            registry=registry,
+        )
+        self.first_token = Histogram(
+            "joynode_inference_first_token_seconds", "Admission to first token", registry=registry
+        )
+        self.duration = Histogram(
+            "joynode_inference_request_seconds", "Admission to last token", registry=registry
+        )
