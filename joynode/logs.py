@@ -84,5 +84,5 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(level.upper())
     # Third-party libraries are chatty at debug; keep them at warning unless asked.
-    for name in ("libp2p", "multiaddr", "trio-websocket", "hpack", "urllib3", "web3"):
+    for name in ("libp2p", "multiaddr", "trio-websocket", "hpack", "urllib3", "web3", "vllm"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

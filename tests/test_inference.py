@@ -13,6 +13,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from joynode.inference.engine import VllmEngine
+from joynode.inference.models import model_id, prepare
 from joynode.inference.service import InferenceClient, InferenceFailed, InferenceService
 from joynode.messages import (
     ChatMessage,
@@ -262,3 +263,9 @@ async def test_chat_messages_go_through_the_chat_template(
             )
     assert info.value.failure.code is FailureCode.INVALID_REQUEST
     assert "chat template" in info.value.failure.message
+
+
+def test_tiny_model_is_byte_identical_when_prepared_again(tmp_path: Path, tiny_model: Path) -> None:
+    again = tmp_path / "tiny"
+    assert prepare("tiny", again, report=lambda _: None) == model_id(tiny_model)
+    assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in tiny_model.iterdir())
