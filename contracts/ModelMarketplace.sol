@@ -1,0 +1,308 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity 0.8.37;
+
+import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
+import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
+import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+
+import {NodeCoordinator} from "./NodeCoordinator.sol";
+import {ProofOfUse} from "./ProofOfUse.sol";
+
+/// @title Models by IPFS CID, and pay-per-inference with escrow.
+/// @notice A model is registered by its CID (id = keccak256 of the CID string)
+/// with its owner, price per request, royalty recipients, committee size and
+/// kind. `requestInference` escrows the price, selects the committee and emits
+/// `InferenceRequested`. The proof-of-inference contract (SETTLER_ROLE) settles a
+/// verified request: the platform fee (`feeBps` of the price) is split between
+/// the certificate's signers, the stakers and the treasury; the rest goes to the
+/// royalty recipients and the owner. After the deadline an unsettled request is
+/// refunded to its requester.
+contract ModelMarketplace is AccessControl, ReentrancyGuard {
+    using SafeERC20 for IERC20;
+
+    bytes32 public constant PARAMS_ROLE = keccak256("PARAMS_ROLE");
+    bytes32 public constant SETTLER_ROLE = keccak256("SETTLER_ROLE");
+
+    uint16 public constant MAX_FEE_BPS = 1000;
+    uint256 public constant MAX_ROYALTY_RECIPIENTS = 8;
+
+    enum Kind {
+        Llm,
+        Zk
+    }
+
+    enum Status {
+        None,
+        Pending,
+        Settled,
+        Refunded
+    }
+
+    struct Model {
+        address owner;
+        uint256 price;
+        uint8 committeeSize;
+        Kind kind;
+        bool active;
+        string cid;
+        bytes32 weightsCommitment; // zk models: commitment their verifier checks
+        address verifier; // zk models: the Groth16 verifier contract
+        address[] royaltyRecipients;
+        uint16[] royaltyBps; // of the owner's portion
+    }
+
+    struct Request {
+        bytes32 model;
+        address requester;
+        bytes32 inputHash;
+        uint256 price;
+        uint64 deadline;
+        Status status;
+        address[] committee;
+    }
+
+    IERC20 public immutable token;
+    NodeCoordinator public immutable coordinator;
+    ProofOfUse public immutable proofOfUse;
+    address public treasury;
+
+    uint16 public feeBps = 250; // 2.5 % of the price
+    uint16 public signersBps = 4000; // of the fee
+    uint16 public stakersBps = 3000; // of the fee; the treasury gets the rest
+
+    mapping(bytes32 => Model) private _models;
+    mapping(bytes32 => Request) private _requests;
+    mapping(address => uint256) public requestNonces;
+
+    event ModelRegistered(bytes32 indexed model, string cid, address indexed owner, uint256 price, uint8 committeeSize, Kind kind);
+    event ModelUpdated(bytes32 indexed model, uint256 price, bool active);
+    event InferenceRequested(
+        bytes32 indexed requestId,
+        bytes32 indexed model,
+        address indexed requester,
+        bytes32 inputHash,
+        uint256 price,
+        uint64 deadline,
+        address[] committee
+    );
+    event InferenceSettled(bytes32 indexed requestId, uint256 fee, uint256 toOwner);
+    event InferenceRefunded(bytes32 indexed requestId, uint256 amount);
+    event ParametersChanged(uint16 feeBps, uint16 signersBps, uint16 stakersBps, address treasury);
+
+    error ModelExists(bytes32 model);
+    error UnknownModel(bytes32 model);
+    error NotModelOwner(bytes32 model);
+    error BadRoyalties();
+    error PriceAboveMax(uint256 price, uint256 maxPrice);
+    error DeadlinePassed();
+    error NoCommittee(bytes32 model);
+    error NotPending(bytes32 requestId);
+    error DeadlineNotReached(uint64 deadline);
+    error OutOfBounds(string parameter);
+
+    constructor(IERC20 token_, NodeCoordinator coordinator_, ProofOfUse proofOfUse_, address admin, address treasury_) {
+        token = token_;
+        coordinator = coordinator_;
+        proofOfUse = proofOfUse_;
+        treasury = treasury_;
+        _grantRole(DEFAULT_ADMIN_ROLE, admin);
+        _grantRole(PARAMS_ROLE, admin);
+    }
+
+    // ---- models
+
+    function modelIdOf(string calldata cid) public pure returns (bytes32) {
+        return keccak256(bytes(cid));
+    }
+
+    function registerModel(
+        string calldata cid,
+        uint256 price,
+        uint8 committeeSize,
+        Kind kind,
+        address[] calldata royaltyRecipients,
+        uint16[] calldata royaltyBps,
+        bytes32 weightsCommitment,
+        address verifier
+    ) external returns (bytes32 model) {
+        model = modelIdOf(cid);
+        if (_models[model].owner != address(0)) revert ModelExists(model);
+        if (kind == Kind.Llm && (committeeSize == 0 || committeeSize > coordinator.MAX_COMMITTEE())) {
+            revert OutOfBounds("committeeSize");
+        }
+        if (kind == Kind.Zk && verifier == address(0)) revert OutOfBounds("verifier");
+        _checkRoyalties(royaltyRecipients, royaltyBps);
+        Model storage m = _models[model];
+        m.owner = msg.sender;
+        m.price = price;
+        m.committeeSize = committeeSize;
+        m.kind = kind;
+        m.active = true;
+        m.cid = cid;
+        m.weightsCommitment = weightsCommitment;
+        m.verifier = verifier;
+        m.royaltyRecipients = royaltyRecipients;
+        m.royaltyBps = royaltyBps;
+        emit ModelRegistered(model, cid, msg.sender, price, committeeSize, kind);
+    }
+
+    function updateModel(bytes32 model, uint256 price, bool active) external {
+        Model storage m = _models[model];
+        if (m.owner != msg.sender) revert NotModelOwner(model);
+        m.price = price;
+        m.active = active;
+        emit ModelUpdated(model, price, active);
+    }
+
+    function _checkRoyalties(address[] calldata recipients, uint16[] calldata bps) private pure {
+        if (recipients.length != bps.length || recipients.length > MAX_ROYALTY_RECIPIENTS) revert BadRoyalties();
+        uint256 total = 0;
+        for (uint256 i = 0; i < bps.length; i++) {
+            if (recipients[i] == address(0)) revert BadRoyalties();
+            total += bps[i];
+        }
+        if (total > 10_000) revert BadRoyalties();
+    }
+
+    // ---- requests
+
+    function requestInference(bytes32 model, bytes32 inputHash, uint256 maxPrice, uint64 deadline)
+        public
+        nonReentrant
+        returns (bytes32 requestId)
+    {
+        Model storage m = _models[model];
+        if (m.owner == address(0) || !m.active) revert UnknownModel(model);
+        if (m.price > maxPrice) revert PriceAboveMax(m.price, maxPrice);
+        if (deadline <= block.timestamp) revert DeadlinePassed();
+        requestId = keccak256(
+            abi.encode(block.chainid, address(this), msg.sender, requestNonces[msg.sender]++, model, inputHash)
+        );
+        address[] memory committee;
+        if (m.kind == Kind.Llm) {
+            committee = coordinator.selectCommittee(model, requestId, m.committeeSize);
+            if (committee.length == 0) revert NoCommittee(model);
+        }
+        token.safeTransferFrom(msg.sender, address(this), m.price);
+        Request storage r = _requests[requestId];
+        r.model = model;
+        r.requester = msg.sender;
+        r.inputHash = inputHash;
+        r.price = m.price;
+        r.deadline = deadline;
+        r.status = Status.Pending;
+        r.committee = committee;
+        emit InferenceRequested(requestId, model, msg.sender, inputHash, m.price, deadline, committee);
+    }
+
+    /// The same as `requestInference`, approving the escrow with an EIP-2612 permit.
+    function requestInferenceWithPermit(
+        bytes32 model,
+        bytes32 inputHash,
+        uint256 maxPrice,
+        uint64 deadline,
+        uint256 permitDeadline,
+        uint8 v,
+        bytes32 r,
+        bytes32 s
+    ) external returns (bytes32) {
+        IERC20Permit(address(token)).permit(msg.sender, address(this), maxPrice, permitDeadline, v, r, s);
+        return requestInference(model, inputHash, maxPrice, deadline);
+    }
+
+    /// Pay out a verified request (called by the proof-of-inference contract).
+    function settle(bytes32 requestId, address[] calldata signers, uint256 units)
+        external
+        onlyRole(SETTLER_ROLE)
+        nonReentrant
+    {
+        Request storage r = _requests[requestId];
+        if (r.status != Status.Pending) revert NotPending(requestId);
+        r.status = Status.Settled;
+        Model storage m = _models[r.model];
+        uint256 fee = (r.price * feeBps) / 10_000;
+        uint256 toSigners = (fee * signersBps) / 10_000;
+        uint256 toStakers = (fee * stakersBps) / 10_000;
+        uint256 toTreasury = fee - toSigners - toStakers;
+        uint256 ownerPortion = r.price - fee;
+        uint256 paidRoyalties = 0;
+        for (uint256 i = 0; i < m.royaltyRecipients.length; i++) {
+            uint256 royalty = (ownerPortion * m.royaltyBps[i]) / 10_000;
+            paidRoyalties += royalty;
+            if (royalty > 0) token.safeTransfer(m.royaltyRecipients[i], royalty);
+        }
+        uint256 toOwner = ownerPortion - paidRoyalties;
+        if (toOwner > 0) token.safeTransfer(m.owner, toOwner);
+        if (toTreasury > 0) token.safeTransfer(treasury, toTreasury);
+        if (toSigners + toStakers > 0) {
+            token.safeTransfer(address(coordinator), toSigners + toStakers);
+        }
+        coordinator.distribute(signers, toSigners, toStakers);
+        proofOfUse.record(r.model, r.requester, units, requestId);
+        emit InferenceSettled(requestId, fee, toOwner);
+    }
+
+    function refund(bytes32 requestId) external nonReentrant {
+        Request storage r = _requests[requestId];
+        if (r.status != Status.Pending) revert NotPending(requestId);
+        if (block.timestamp <= r.deadline) revert DeadlineNotReached(r.deadline);
+        r.status = Status.Refunded;
+        token.safeTransfer(r.requester, r.price);
+        emit InferenceRefunded(requestId, r.price);
+    }
+
+    // ---- views
+
+    function modelInfo(bytes32 model)
+        external
+        view
+        returns (
+            address owner,
+            uint256 price,
+            uint8 committeeSize,
+            Kind kind,
+            bool active,
+            string memory cid,
+            bytes32 weightsCommitment,
+            address verifier
+        )
+    {
+        Model storage m = _models[model];
+        return (m.owner, m.price, m.committeeSize, m.kind, m.active, m.cid, m.weightsCommitment, m.verifier);
+    }
+
+    function requestInfo(bytes32 requestId)
+        external
+        view
+        returns (
+            bytes32 model,
+            address requester,
+            bytes32 inputHash,
+            uint256 price,
+            uint64 deadline,
+            Status status,
+            address[] memory committee
+        )
+    {
+        Request storage r = _requests[requestId];
+        return (r.model, r.requester, r.inputHash, r.price, r.deadline, r.status, r.committee);
+    }
+
+    // ---- parameters (admin; a timelock later)
+
+    function setParameters(uint16 feeBps_, uint16 signersBps_, uint16 stakersBps_, address treasury_)
+        external
+        onlyRole(PARAMS_ROLE)
+    {
+        if (feeBps_ > MAX_FEE_BPS) revert OutOfBounds("feeBps");
+        if (uint256(signersBps_) + stakersBps_ > 10_000) revert OutOfBounds("split");
+        if (treasury_ == address(0)) revert OutOfBounds("treasury");
+        feeBps = feeBps_;
+        signersBps = signersBps_;
+        stakersBps = stakersBps_;
+        treasury = treasury_;
+        emit ParametersChanged(feeBps_, signersBps_, stakersBps_, treasury_);
+    }
+}

@@ -1,0 +1,132 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity 0.8.37;
+
+import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+
+import {ModelMarketplace} from "./ModelMarketplace.sol";
+import {NodeCoordinator} from "./NodeCoordinator.sol";
+
+/// @title Verifies committee certificates and equivocation evidence.
+/// @notice A certificate is a strict majority of a request's committee signing,
+/// with EIP-712 (domain bound to this contract and the chain id), the same
+/// `Result(requestId, outputHash)`. An accepted certificate raises the signers'
+/// reputation, lowers that of committee members who did not sign, settles the
+/// payment and logs usage. Two different signed `Commit(requestId, commitment)`
+/// messages from one node for one request are equivocation: anyone may submit
+/// them and the node's stake is slashed.
+contract ProofOfInference is EIP712, AccessControl {
+    bytes32 public constant PARAMS_ROLE = keccak256("PARAMS_ROLE");
+    bytes32 public constant RESULT_TYPEHASH = keccak256("Result(bytes32 requestId,bytes32 outputHash)");
+    bytes32 public constant COMMIT_TYPEHASH = keccak256("Commit(bytes32 requestId,bytes32 commitment)");
+    int256 public constant MAX_REPUTATION_STEP = 1000;
+
+    NodeCoordinator public immutable coordinator;
+    ModelMarketplace public immutable marketplace;
+
+    int256 public agreeReward = 10;
+    int256 public missPenalty = 20;
+
+    mapping(bytes32 => bytes32) public verifiedOutput; // request id => output hash
+    mapping(address => mapping(bytes32 => bool)) public equivocationReported;
+
+    event InferenceVerified(bytes32 indexed requestId, bytes32 outputHash, address[] signers);
+    event EquivocationReported(address indexed node, bytes32 indexed requestId, address indexed reporter);
+    event ParametersChanged(int256 agreeReward, int256 missPenalty);
+
+    error NotPending(bytes32 requestId);
+    error Expired(uint64 deadline);
+    error LengthMismatch();
+    error NoMajority(uint256 signers, uint256 committee);
+    error NotInCommittee(address signer);
+    error DuplicateSigner(address signer);
+    error BadSignature(address signer);
+    error SameCommitment();
+    error AlreadyReported(address node, bytes32 requestId);
+    error OutOfBounds(string parameter);
+
+    constructor(NodeCoordinator coordinator_, ModelMarketplace marketplace_, address admin)
+        EIP712("JoyNet", "1")
+    {
+        coordinator = coordinator_;
+        marketplace = marketplace_;
+        _grantRole(DEFAULT_ADMIN_ROLE, admin);
+        _grantRole(PARAMS_ROLE, admin);
+    }
+
+    function resultDigest(bytes32 requestId, bytes32 outputHash) public view returns (bytes32) {
+        return _hashTypedDataV4(keccak256(abi.encode(RESULT_TYPEHASH, requestId, outputHash)));
+    }
+
+    function commitDigest(bytes32 requestId, bytes32 commitment) public view returns (bytes32) {
+        return _hashTypedDataV4(keccak256(abi.encode(COMMIT_TYPEHASH, requestId, commitment)));
+    }
+
+    function submitCertificate(
+        bytes32 requestId,
+        bytes32 outputHash,
+        address[] calldata signers,
+        bytes[] calldata signatures
+    ) external {
+        (,,,, uint64 deadline, ModelMarketplace.Status status, address[] memory committee) =
+            marketplace.requestInfo(requestId);
+        if (status != ModelMarketplace.Status.Pending) revert NotPending(requestId);
+        if (block.timestamp > deadline) revert Expired(deadline);
+        if (signers.length != signatures.length) revert LengthMismatch();
+        if (signers.length * 2 <= committee.length) revert NoMajority(signers.length, committee.length);
+
+        bytes32 digest = resultDigest(requestId, outputHash);
+        uint256 signed = 0; // bit i set: committee[i] signed
+        for (uint256 i = 0; i < signers.length; i++) {
+            uint256 index = _indexIn(committee, signers[i]);
+            if (signed & (1 << index) != 0) revert DuplicateSigner(signers[i]);
+            signed |= 1 << index;
+            (address recovered, ECDSA.RecoverError recoverError,) = ECDSA.tryRecover(digest, signatures[i]);
+            if (recoverError != ECDSA.RecoverError.NoError || recovered != signers[i]) revert BadSignature(signers[i]);
+        }
+        verifiedOutput[requestId] = outputHash;
+        for (uint256 i = 0; i < committee.length; i++) {
+            coordinator.adjustReputation(committee[i], signed & (1 << i) != 0 ? agreeReward : -missPenalty);
+        }
+        marketplace.settle(requestId, signers, 1);
+        emit InferenceVerified(requestId, outputHash, signers);
+    }
+
+    function reportEquivocation(
+        address node,
+        bytes32 requestId,
+        bytes32 commitmentA,
+        bytes calldata signatureA,
+        bytes32 commitmentB,
+        bytes calldata signatureB
+    ) external {
+        if (commitmentA == commitmentB) revert SameCommitment();
+        if (equivocationReported[node][requestId]) revert AlreadyReported(node, requestId);
+        _requireSigned(node, commitDigest(requestId, commitmentA), signatureA);
+        _requireSigned(node, commitDigest(requestId, commitmentB), signatureB);
+        equivocationReported[node][requestId] = true;
+        coordinator.slash(node, msg.sender);
+        emit EquivocationReported(node, requestId, msg.sender);
+    }
+
+    function setParameters(int256 agreeReward_, int256 missPenalty_) external onlyRole(PARAMS_ROLE) {
+        if (agreeReward_ < 0 || agreeReward_ > MAX_REPUTATION_STEP) revert OutOfBounds("agreeReward");
+        if (missPenalty_ < 0 || missPenalty_ > MAX_REPUTATION_STEP) revert OutOfBounds("missPenalty");
+        agreeReward = agreeReward_;
+        missPenalty = missPenalty_;
+        emit ParametersChanged(agreeReward_, missPenalty_);
+    }
+
+    function _indexIn(address[] memory committee, address signer) private pure returns (uint256) {
+        for (uint256 i = 0; i < committee.length; i++) {
+            if (committee[i] == signer) return i;
+        }
+        revert NotInCommittee(signer);
+    }
+
+    function _requireSigned(address node, bytes32 digest, bytes calldata signature) private pure {
+        (address recovered, ECDSA.RecoverError recoverError,) = ECDSA.tryRecover(digest, signature);
+        if (recoverError != ECDSA.RecoverError.NoError || recovered != node) revert BadSignature(node);
+    }
+}

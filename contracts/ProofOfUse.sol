@@ -1,0 +1,44 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity 0.8.37;
+
+import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+
+/// @title Append-only log of settled usage: who used which model, how much.
+/// @notice Written by the marketplace (RECORDER_ROLE) when a request settles;
+/// one record per request id.
+contract ProofOfUse is AccessControl {
+    bytes32 public constant RECORDER_ROLE = keccak256("RECORDER_ROLE");
+
+    struct Usage {
+        bytes32 model;
+        address user;
+        uint256 units;
+        uint64 timestamp;
+    }
+
+    mapping(bytes32 => Usage) public usageOf; // by request id
+    mapping(bytes32 => uint256) public unitsByModel;
+    mapping(address => uint256) public unitsByUser;
+    mapping(bytes32 => uint256) public requestsByModel;
+    mapping(address => uint256) public requestsByUser;
+    uint256 public totalRecords;
+
+    event UsageRecorded(bytes32 indexed requestId, bytes32 indexed model, address indexed user, uint256 units);
+
+    error AlreadyRecorded(bytes32 requestId);
+
+    constructor(address admin) {
+        _grantRole(DEFAULT_ADMIN_ROLE, admin);
+    }
+
+    function record(bytes32 model, address user, uint256 units, bytes32 requestId) external onlyRole(RECORDER_ROLE) {
+        if (usageOf[requestId].timestamp != 0) revert AlreadyRecorded(requestId);
+        usageOf[requestId] = Usage(model, user, units, uint64(block.timestamp));
+        unitsByModel[model] += units;
+        unitsByUser[user] += units;
+        requestsByModel[model] += 1;
+        requestsByUser[user] += 1;
+        totalRecords += 1;
+        emit UsageRecorded(requestId, model, user, units);
+    }
+}

@@ -1,0 +1,212 @@
+"""Sending transactions: nonces, fees, retries, receipts, and readable reverts.
+
+``TransactionSender`` is synchronous (web3's HTTP provider is) and thread-safe;
+the chain actor calls it through ``trio.to_thread`` with a limiter of one, so
+the trio loop never waits on the chain and our nonces go out in order. It keeps
+its own nonce (re-read from the chain when a send fails), prices EIP-1559 fees
+from the latest base fee, replaces a transaction that is not mined in time with
+the same nonce and 25 % higher fees, and turns a revert into a
+``TransactionFailed`` naming the contract error and its arguments, e.g.
+``NodeCoordinator.StakeTooLow(stake=0, minimum=100000000000000000000)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from eth_abi.abi import decode as abi_decode
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from eth_utils.crypto import keccak
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted
+from web3.types import TxReceipt
+
+from joynode.chain.artifacts import Compiled
+
+log = logging.getLogger(__name__)
+
+RECEIPT_TIMEOUT_S = 30.0
+MAX_REPLACEMENTS = 3
+FEE_BUMP = 1.25
+GAS_MARGIN = 1.2
+PRIORITY_FEE_WEI = 1_000_000_000  # 1 gwei
+
+
+class TransactionFailed(Exception):
+    """A transaction that reverted (or could not be sent); the message says why."""
+
+
+@dataclass(frozen=True)
+class ErrorSignature:
+    contract: str
+    name: str
+    types: tuple[str, ...]
+    names: tuple[str, ...]
+
+
+class RevertDecoder:
+    """Maps custom-error selectors of our contracts to readable messages."""
+
+    def __init__(self, contracts: Iterable[Compiled]) -> None:
+        self._errors: dict[bytes, ErrorSignature] = {}
+        for compiled in contracts:
+            for entry in compiled.abi:
+                if entry.get("type") != "error":
+                    continue
+                types = tuple(_abi_type(i) for i in entry["inputs"])
+                selector = keccak(text=f"{entry['name']}({','.join(types)})")[:4]
+                names = tuple(i["name"] for i in entry["inputs"])
+                known = self._errors.get(selector)
+                # An error declared alike in several contracts is named without one.
+                owner = compiled.name if known is None or known.contract == compiled.name else ""
+                self._errors[selector] = ErrorSignature(owner, entry["name"], types, names)
+
+    def describe(self, data: bytes) -> str:
+        if data[:4] == b"\x08\xc3\x79\xa0":  # Error(string)
+            return str(abi_decode(["string"], data[4:])[0])
+        signature = self._errors.get(data[:4])
+        if signature is None:
+            return f"reverted with unknown data 0x{data.hex()}"
+        try:
+            values = abi_decode(list(signature.types), data[4:])
+        except Exception:  # malformed error data: show what we know
+            return f"{signature.name}(?)"
+        args = ", ".join(
+            f"{n}={_show(v)}" if n else _show(v)
+            for n, v in zip(signature.names, values, strict=True)
+        )
+        prefix = f"{signature.contract}." if signature.contract else ""
+        return f"{prefix}{signature.name}({args})"
+
+
+def _abi_type(item: dict[str, Any]) -> str:
+    if item["type"].startswith("tuple"):
+        inner = ",".join(_abi_type(c) for c in item["components"])
+        return f"({inner}){item['type'][5:]}"
+    return str(item["type"])
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    return str(value)
+
+
+class TransactionSender:
+    def __init__(self, w3: Web3, account: LocalAccount, decoder: RevertDecoder) -> None:
+        self.w3 = w3
+        self.account = account
+        self._decoder = decoder
+        self._lock = threading.Lock()
+        self._nonce: int | None = None
+        self.sent = 0
+        self.replaced = 0
+
+    @property
+    def address(self) -> ChecksumAddress:
+        return self.account.address
+
+    def transact(self, call: Any, *, value: int = 0) -> TxReceipt:
+        """Send a contract function call (``contract.functions.f(...)``); wait for its receipt."""
+        tx = self._prepare(lambda params: call.build_transaction(params), value)
+        return self._send(tx)
+
+    def deploy(self, compiled: Compiled, *args: Any) -> tuple[str, TxReceipt]:
+        factory = self.w3.eth.contract(abi=compiled.abi, bytecode=compiled.bytecode)
+        tx = self._prepare(lambda params: factory.constructor(*args).build_transaction(params), 0)
+        receipt = self._send(tx)
+        address = receipt["contractAddress"]
+        if address is None:
+            raise TransactionFailed(f"deploying {compiled.name} created no contract")
+        return str(address), receipt
+
+    def _prepare(self, build: Any, value: int) -> dict[str, Any]:
+        base = {"from": self.address, "value": value, "chainId": self.w3.eth.chain_id}
+        try:
+            tx: dict[str, Any] = dict(build(base))
+        except ContractLogicError as exc:
+            raise TransactionFailed(self._reason(exc)) from None
+        tx["gas"] = int(tx.get("gas") or self.w3.eth.estimate_gas(tx))  # type: ignore[arg-type]
+        tx["gas"] = int(tx["gas"] * GAS_MARGIN)
+        return tx
+
+    def _fees(self, bump: float) -> dict[str, int]:
+        latest = self.w3.eth.get_block("latest")
+        base_fee = int(latest.get("baseFeePerGas", 0) or 0)
+        priority = int(PRIORITY_FEE_WEI * bump)
+        return {
+            "maxPriorityFeePerGas": priority,
+            "maxFeePerGas": int(2 * base_fee * bump) + priority,
+        }
+
+    def _send(self, tx: dict[str, Any]) -> TxReceipt:
+        with self._lock:
+            if self._nonce is None:
+                self._nonce = self.w3.eth.get_transaction_count(self.address, "pending")
+            tx["nonce"] = self._nonce
+            bump = 1.0
+            for attempt in range(MAX_REPLACEMENTS + 1):
+                tx.update(self._fees(bump))
+                signed = self.account.sign_transaction(tx)
+                try:
+                    tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+                except ValueError as exc:  # node refused it (nonce, fees...)
+                    self._nonce = None
+                    raise TransactionFailed(f"transaction refused: {exc}") from None
+                self.sent += 1
+                try:
+                    receipt = self.w3.eth.wait_for_transaction_receipt(
+                        tx_hash, timeout=RECEIPT_TIMEOUT_S
+                    )
+                except TimeExhausted:
+                    log.warning(
+                        "transaction %s not mined in %.0f s; replacing it (attempt %d)",
+                        HexBytes(tx_hash).to_0x_hex(),
+                        RECEIPT_TIMEOUT_S,
+                        attempt + 1,
+                    )
+                    self.replaced += 1
+                    bump *= FEE_BUMP
+                    continue
+                self._nonce += 1
+                if receipt["status"] != 1:
+                    raise TransactionFailed(self._replay_failure(tx, receipt))
+                return receipt
+            self._nonce = None
+            raise TransactionFailed(f"transaction not mined after {MAX_REPLACEMENTS} replacements")
+
+    def _replay_failure(self, tx: dict[str, Any], receipt: TxReceipt) -> str:
+        """Re-run a reverted transaction as a call at its block to learn why."""
+        call = {k: tx[k] for k in ("from", "to", "data", "value") if k in tx}
+        try:
+            self.w3.eth.call(call, receipt["blockNumber"] - 1)  # type: ignore[arg-type]
+        except ContractLogicError as exc:
+            return self._reason(exc)
+        return f"transaction {receipt['transactionHash'].to_0x_hex()} reverted"
+
+    def _reason(self, exc: ContractLogicError) -> str:
+        data = exc.data
+        if isinstance(exc, ContractCustomError) or isinstance(data, str):
+            raw = data if isinstance(data, str) else ""
+            if raw.startswith("0x") and len(raw) >= 10:
+                return self._decoder.describe(bytes.fromhex(raw[2:]))
+        return str(exc.message or exc)
+
+
+def wait_for_chain(w3: Web3, timeout_s: float = 20.0) -> int:
+    """Block until the RPC answers; return the chain id."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return int(w3.eth.chain_id)
+        except Exception:  # connection refused while the node starts: any transport error
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
