@@ -20,7 +20,7 @@ from web3.contract import Contract
 
 from joynode.chain.anvil import DEV_MNEMONIC, anvil_command, listening_url
 from joynode.chain.artifacts import load_artifacts
-from joynode.chain.deploy import JOY, DeployParams, Deployment, deploy_all
+from joynode.chain.deploy import JOY, Deployment, DeployParams, deploy_all
 from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.keys import NodeKey
 
