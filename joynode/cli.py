@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="replace existing files")
     k.add_argument("--password-file", type=Path, help="encrypt the key as an eth keystore")
 
+    p = commands.add_parser(
+        "deploy", help="deploy the contracts to chain.rpc_url and write chain.deployment_file"
+    )
+    _config_arg(p)
+    p.add_argument("--treasury", help="treasury address (default: the node's own account)")
+    p.add_argument("--force", action="store_true", help="deploy again even if the file is live")
+
     p = commands.add_parser("models", help="prepare model folders")
     models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     m = models.add_parser("prepare", help=f"build a model folder ({', '.join(PREPARABLE)})")
@@ -119,6 +126,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into e.g. `head`, which exited: not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from web3 import Web3
+
+    from joynode.chain.artifacts import load_artifacts
+    from joynode.chain.deploy import Deployment, DeployParams, deploy_all
+    from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender
+
+    config = load_config(args.config)
+    key = NodeKey.load(config.node.key_file, password_file=config.node.key_password_file)
+    path = config.chain.deployment_file
+    w3 = Web3(Web3.HTTPProvider(config.chain.rpc_url))
+    try:
+        if path.is_file() and not args.force and Deployment.read(path).is_live_on(w3):
+            print(f"{path}: already deployed on chain {w3.eth.chain_id}; --force redeploys")
+            return EXIT_OK
+        from eth_account import Account
+
+        sender = TransactionSender(
+            w3, Account.from_key(key.secret), RevertDecoder(load_artifacts().contracts.values())
+        )
+        deployment = deploy_all(sender, DeployParams(treasury=args.treasury or key.address))
+    except (OSError, TransactionFailed, ValueError) as exc:
+        print(f"joynode: deploy to {config.chain.rpc_url} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    deployment.write(path)
+    print(json.dumps({"deployment_file": str(path), **vars(deployment)}, indent=2))
+    return EXIT_OK
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -286,6 +322,7 @@ _COMMANDS = {
     "run": cmd_run,
     "ctl": cmd_ctl,
     "keys": cmd_keys,
+    "deploy": cmd_deploy,
     "models": cmd_models,
     "version": cmd_version,
 }

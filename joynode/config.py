@@ -208,6 +208,30 @@ class InferenceSection(_Section):
     )
 
 
+class ChainSection(_Section):
+    mode: Literal["off", "local", "rpc"] = Field(
+        "off",
+        description="off: no chain; local: the node runs anvil in its data dir and deploys "
+        "the contracts there; rpc: an existing chain at rpc_url with a deployment file.",
+    )
+    rpc_url: StrictStr = Field("http://127.0.0.1:8545", description="JSON-RPC endpoint (mode rpc).")
+    deployment_file: Path = Field(
+        Path("deployment.json"),
+        description="Contract addresses (written by `joynode deploy`; mode local keeps its own "
+        "in the data dir).",
+    )
+    confirmations: StrictInt = Field(
+        0, ge=0, le=1000, description="Blocks behind the head the watcher stays (reorg safety)."
+    )
+    poll_interval_s: Seconds = Field(1.0, description="How often the watcher looks for new blocks.")
+    block_range: StrictInt = Field(
+        2000, ge=1, le=100_000, description="Most blocks read per log query."
+    )
+    local_stake_joy: StrictInt = Field(
+        1000, ge=0, description="Mode local: JOY the node stakes for itself at start."
+    )
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="debug, info, warning or error (--log-level overrides)."
@@ -223,6 +247,7 @@ class Config(_Section):
     http: HttpSection = HttpSection()
     p2p: P2PSection = P2PSection()
     inference: InferenceSection = InferenceSection()
+    chain: ChainSection = ChainSection()
     log: LogSection = LogSection()
     path: Path | None = Field(None, exclude=True, description="Where this config was read from.")
 
@@ -293,7 +318,12 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             ]
         }
     )
-    return config.model_copy(update={"node": node, "control": control, "inference": inference})
+    chain = config.chain.model_copy(
+        update={"deployment_file": resolve(config.chain.deployment_file)}
+    )
+    return config.model_copy(
+        update={"node": node, "control": control, "inference": inference, "chain": chain}
+    )
 
 
 def parse_config(data: dict[str, Any], base: Path, source: str = "<config>") -> Config:

@@ -115,3 +115,17 @@ InferenceEvent: TypeAlias = TokenDelta | InferenceResult | InferenceFailure
 
 def output_hash(token_ids: Sequence[int]) -> bytes:
     return keccak(b"".join(token.to_bytes(4, "big") for token in token_ids))
+
+
+@dataclass(frozen=True)
+class ChainEvent:
+    """A contract event the watcher applied (or retracted, when a reorg removed its block)."""
+
+    contract: str
+    name: str
+    block: int
+    block_hash: str
+    tx_hash: str
+    log_index: int
+    args: dict[str, object]
+    removed: bool = False

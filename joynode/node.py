@@ -13,6 +13,8 @@ Actor graph (arrows are memory channels, named by direction and payload)::
                                  --TokenDelta/InferenceResult/InferenceFailure--> requester
     p2p        P2PService        (libp2p host, gossip, DHT, /joynet/rpc; peer table in
                                   state; heartbeats carry inference.serving_status())
+    chain      ChainService      (chain.mode local/rpc: anvil or RPC, deployment, watcher ->
+                                  registry mirror in state, transaction sender)
     http       HttpServer        (reads the metrics registry and the supervisor's health)
     control    ControlServer     --ShutdownRequest--> Node
 """
@@ -31,6 +33,7 @@ import trio
 from prometheus_client import CollectorRegistry, Info
 
 from joynode import __version__
+from joynode.chain.service import ChainService
 from joynode.config import Config
 from joynode.control.methods import ControlMethod, ControlSession, MethodTable, NoParams, Reply
 from joynode.control.server import ControlServer
@@ -87,6 +90,19 @@ class Node:
         self.p2p = P2PService(
             config.p2p, key, self.state, self.registry, self.inference.serving_status
         )
+        self.chain = (
+            ChainService(
+                config.chain,
+                key,
+                self.state,
+                self.registry,
+                config.node.data_dir,
+                self.inference.serving_status,
+                self.p2p.listen_addrs,
+            )
+            if config.chain.mode != "off"
+            else None
+        )
         self.http = HttpServer(config.http, self.registry, self._health)
         self.control = ControlServer(
             config.control,
@@ -96,6 +112,7 @@ class Node:
                     *self._control_methods(),
                     *self.p2p.control_methods(),
                     *self.inference.control_methods(self.inference_client),
+                    *(self.chain.control_methods() if self.chain is not None else []),
                 ]
             ),
             self.registry,
@@ -109,6 +126,8 @@ class Node:
                 await self.supervisor.start(nursery, self.state)
                 await self.supervisor.start(nursery, self.inference)
                 await self.supervisor.start(nursery, self.p2p)
+                if self.chain is not None:
+                    await self.supervisor.start(nursery, self.chain)
                 if self.config.http.enabled:
                     await self.supervisor.start(nursery, self.http)
                 await self.supervisor.start(nursery, self.control)

@@ -44,6 +44,58 @@ MIGRATIONS: tuple[str, ...] = (
         last_seen   REAL
     ) STRICT;
     """,
+    """
+    CREATE TABLE chain_cursor (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        chain_id    INTEGER NOT NULL,
+        block       INTEGER NOT NULL,
+        block_hash  TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE chain_blocks (
+        number      INTEGER PRIMARY KEY,
+        hash        TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE chain_events (
+        block_hash  TEXT NOT NULL,
+        log_index   INTEGER NOT NULL,
+        block       INTEGER NOT NULL,
+        tx_hash     TEXT NOT NULL,
+        contract    TEXT NOT NULL,
+        name        TEXT NOT NULL,
+        args        TEXT NOT NULL,
+        PRIMARY KEY (block_hash, log_index)
+    ) STRICT;
+    CREATE INDEX chain_events_block ON chain_events (block);
+    CREATE TABLE registry_nodes (
+        address     TEXT PRIMARY KEY,
+        stake       TEXT NOT NULL,
+        reputation  INTEGER NOT NULL,
+        registered  INTEGER NOT NULL,
+        peer_id     TEXT NOT NULL,
+        multiaddrs  TEXT NOT NULL,
+        models      TEXT NOT NULL,
+        capacity    INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE registry_models (
+        model           TEXT PRIMARY KEY,
+        cid             TEXT NOT NULL,
+        owner           TEXT NOT NULL,
+        price           TEXT NOT NULL,
+        committee_size  INTEGER NOT NULL,
+        kind            INTEGER NOT NULL,
+        active          INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE chain_requests (
+        request_id  TEXT PRIMARY KEY,
+        model       TEXT NOT NULL,
+        requester   TEXT NOT NULL,
+        input_hash  TEXT NOT NULL,
+        price       TEXT NOT NULL,
+        deadline    INTEGER NOT NULL,
+        status      INTEGER NOT NULL,
+        committee   TEXT NOT NULL
+    ) STRICT;
+    """,
 )
 
 

@@ -13,22 +13,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.contract import Contract
 
-from joynode.chain.anvil import DEV_MNEMONIC, anvil_command, listening_url
+from joynode.chain.anvil import anvil_command, dev_account, listening_url
 from joynode.chain.artifacts import load_artifacts
 from joynode.chain.deploy import JOY, Deployment, DeployParams, deploy_all
 from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.keys import NodeKey
-
-Account.enable_unaudited_hdwallet_features()
-
-
-def dev_account(index: int) -> LocalAccount:
-    return Account.from_mnemonic(DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{index}")
 
 
 def node_key_of(account: LocalAccount) -> NodeKey:

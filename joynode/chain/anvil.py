@@ -18,6 +18,8 @@ from functools import partial
 from pathlib import Path
 
 import trio
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
 
 ROOT = Path(__file__).resolve().parents[2]
 ANVIL_BINARY = ROOT / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil"
@@ -26,6 +28,15 @@ START_TIMEOUT_S = 20.0
 # anvil's default dev accounts come from this well-known mnemonic; they are
 # public test keys, never to be used on a real network.
 DEV_MNEMONIC = "test test test test test test test test test test test junk"
+
+
+def dev_account(index: int) -> LocalAccount:
+    """anvil's public test account ``index`` (deployer and faucet of local chains only)."""
+    Account.enable_unaudited_hdwallet_features()
+    account: LocalAccount = Account.from_mnemonic(
+        DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{index}"
+    )
+    return account
 
 
 class AnvilError(Exception):

@@ -1,0 +1,344 @@
+"""The ``chain`` actor: this node's link to JoyNet's contracts.
+
+In ``local`` mode it runs anvil with its state in the data dir, deploys the
+contracts once (the deployment file in the data dir says where), funds the
+node's own account and stakes and registers it, so the embedded default has a
+working chain with no setup. In ``rpc`` mode it uses ``chain.rpc_url`` and the
+deployment file that ``joynode deploy`` wrote. Either way it runs the watcher
+(events out on ``events_send``, the registry mirrored in SQLite) and the
+transaction sender behind the control methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydantic
+import trio
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils.crypto import keccak
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from web3 import Web3
+
+from joynode.chain.anvil import dev_account, running_anvil
+from joynode.chain.artifacts import load_artifacts
+from joynode.chain.deploy import JOY, Deployment, DeployParams, deploy_all
+from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender, wait_for_chain
+from joynode.chain.watcher import ChainWatcher, RegistryMirror
+from joynode.config import ChainSection
+from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
+from joynode.control.methods import ControlMethod, ControlSession, NoParams
+from joynode.keys import NodeKey
+from joynode.messages import ChainEvent, ServingStatus
+from joynode.state import StateStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+LOCAL_FUNDING_ETH = 100
+LOCAL_FUNDING_JOY = 100_000
+
+
+class ChainError(Exception):
+    """The chain cannot be used as configured (no deployment, wrong chain id...)."""
+
+
+def model_key(model_id: str) -> bytes:
+    """The bytes32 a model id (CID) has on-chain: keccak256 of the id string."""
+    return bytes(keccak(text=model_id))
+
+
+class AmountParams(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    amount_joy: int = pydantic.Field(gt=0)
+
+
+class ModelRegistration(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    model: str = pydantic.Field(min_length=1, max_length=256, description="model id (CID)")
+    price_joy: int = pydantic.Field(ge=0)
+    committee_size: int = pydantic.Field(3, ge=1, le=16)
+    royalty_recipients: list[str] = pydantic.Field(default_factory=list, max_length=8)
+    royalty_bps: list[int] = pydantic.Field(default_factory=list, max_length=8)
+
+
+class ChainService:
+    name = "chain"
+
+    def __init__(
+        self,
+        settings: ChainSection,
+        key: NodeKey,
+        state: StateStore,
+        registry: CollectorRegistry,
+        data_dir: Path,
+        serving_status: Callable[[], ServingStatus],
+        listen_addrs: Callable[[], list[str]],
+        events_send: trio.MemorySendChannel[ChainEvent] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._key = key
+        self._account: LocalAccount = Account.from_key(key.secret)
+        self._state = state
+        self._data_dir = data_dir
+        self._serving_status = serving_status
+        self._listen_addrs = listen_addrs
+        self._events_send = events_send
+        self._limiter = trio.CapacityLimiter(1)  # one transaction at a time: ordered nonces
+        self.w3: Web3 | None = None
+        self.deployment: Deployment | None = None
+        self._sender: TransactionSender | None = None
+        self._watcher: ChainWatcher | None = None
+        self._m_events = Counter(
+            "joynode_chain_events_total",
+            "Contract events applied",
+            ["contract", "event", "removed"],
+            registry=registry,
+        )
+        self._m_block = Gauge(
+            "joynode_chain_processed_block", "Last block the watcher finished", registry=registry
+        )
+        self._m_tx = Counter(
+            "joynode_chain_transactions_total", "Transactions sent", ["outcome"], registry=registry
+        )
+
+    @property
+    def deployment_path(self) -> Path:
+        if self._settings.mode == "local":
+            return self._data_dir / "deployment.json"
+        return self._settings.deployment_file
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self._chain() as url:
+            self.w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
+            chain_id = await trio.to_thread.run_sync(wait_for_chain, self.w3)
+            decoder = RevertDecoder(load_artifacts().contracts.values())
+            self._sender = TransactionSender(self.w3, self._account, decoder)
+            self.deployment = await self._deployment(chain_id, decoder)
+            self._watcher = ChainWatcher(
+                self.w3,
+                self.deployment,
+                self._state,
+                confirmations=self._settings.confirmations,
+                block_range=self._settings.block_range,
+                mirror=RegistryMirror(self.w3, self.deployment, self._state),
+            )
+            if self._settings.mode == "local":
+                await self._join_local_network()
+            log.info("chain %d at %s: contracts of %s", chain_id, url, self.deployment_path)
+            task_status.started()
+            await self._watch()
+
+    @asynccontextmanager
+    async def _chain(self) -> AsyncIterator[str]:
+        if self._settings.mode == "local":
+            async with running_anvil(state_file=self._data_dir / "anvil-state.json") as anvil:
+                yield anvil.url
+        else:
+            yield self._settings.rpc_url
+
+    async def _deployment(self, chain_id: int, decoder: RevertDecoder) -> Deployment:
+        path = self.deployment_path
+        assert self.w3 is not None
+        if path.is_file():
+            deployment = Deployment.read(path)
+            if await trio.to_thread.run_sync(deployment.is_live_on, self.w3):
+                return deployment
+            if self._settings.mode != "local":
+                raise ChainError(
+                    f"{path} does not match chain {chain_id} at {self._settings.rpc_url}"
+                )
+        if self._settings.mode != "local":
+            raise ChainError(f"no deployment file at {path}: run `joynode deploy --config ...`")
+        log.info("deploying JoyNet contracts to the local chain")
+        deployer = TransactionSender(self.w3, dev_account(0), decoder)
+        params = DeployParams(treasury=dev_account(1).address)
+        deployment = await trio.to_thread.run_sync(deploy_all, deployer, params)
+        deployment.write(path)
+        return deployment
+
+    async def _join_local_network(self) -> None:
+        """Local mode: fund this node's account, stake, and register what it serves."""
+        w3, deployment = self._connected()
+        me = self._account.address
+        if await self._call(w3.eth.get_balance, me) < JOY:
+            await self._call(
+                w3.provider.make_request,
+                "anvil_setBalance",
+                [me, hex(LOCAL_FUNDING_ETH * JOY)],
+            )
+        token = deployment.contract(w3, "JoyToken")
+        coordinator = deployment.contract(w3, "NodeCoordinator")
+        stake = self._settings.local_stake_joy * JOY
+        if await self._call(token.functions.balanceOf(me).call) < stake:
+            faucet = TransactionSender(w3, dev_account(0), RevertDecoder([]))
+            await self._call(faucet.transact, token.functions.transfer(me, LOCAL_FUNDING_JOY * JOY))
+        current = (await self._call(coordinator.functions.nodeInfo(me).call))[0]
+        if current < stake:
+            await self.transact(token.functions.approve(coordinator.address, stake - current))
+            await self.transact(coordinator.functions.stake(stake - current))
+        await self.register()
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args)
+
+    async def transact(self, call: Any) -> Any:
+        assert self._sender is not None
+        try:
+            receipt = await trio.to_thread.run_sync(
+                self._sender.transact, call, limiter=self._limiter
+            )
+        except TransactionFailed:
+            self._m_tx.labels("failed").inc()
+            raise
+        self._m_tx.labels("ok").inc()
+        return receipt
+
+    async def register(self) -> dict[str, Any]:
+        """Register (or update) this node: peer id, addresses, served models, capacity."""
+        w3, deployment = self._connected()
+        coordinator = deployment.contract(w3, "NodeCoordinator")
+        status = self._serving_status()
+        models = [model_key(m) for m in status.models]
+        receipt = await self.transact(
+            coordinator.functions.register(
+                self._key.peer_id, self._listen_addrs()[:8], models, status.capacity
+            )
+        )
+        return {"tx": receipt["transactionHash"].to_0x_hex(), "models": list(status.models)}
+
+    async def _watch(self) -> None:
+        assert self._watcher is not None
+        while True:
+            try:
+                events = await self._watcher.poll()
+            except (OSError, ValueError) as exc:  # RPC unreachable or answering errors
+                log.warning("chain watcher: %s; retrying", exc)
+                await trio.sleep(self._settings.poll_interval_s)
+                continue
+            for event in events:
+                self._m_events.labels(event.contract, event.name, str(event.removed).lower()).inc()
+                if self._events_send is not None:
+                    await self._events_send.send(event)
+            self._m_block.set((await self._watcher.cursor()).block)
+            if not events:
+                await trio.sleep(self._settings.poll_interval_s)
+
+    # ---- control
+
+    async def status(self) -> dict[str, Any]:
+        w3, deployment = self._connected()
+        assert self._watcher is not None
+        me = self._account.address
+        token = deployment.contract(w3, "JoyToken")
+        coordinator = deployment.contract(w3, "NodeCoordinator")
+
+        def read() -> dict[str, Any]:
+            info = coordinator.functions.nodeInfo(me).call()
+            return {
+                "chain_id": deployment.chain_id,
+                "head": int(w3.eth.block_number),
+                "address": me,
+                "eth_balance": str(w3.eth.get_balance(me)),
+                "joy_balance": str(token.functions.balanceOf(me).call()),
+                "stake": str(info[0]),
+                "unbonding": str(info[1]),
+                "unbonding_release_at": int(info[2]),
+                "reputation": int(info[3]),
+                "registered": bool(info[5]),
+                "rewards": str(coordinator.functions.earned(me).call()),
+                "contracts": deployment.addresses,
+            }
+
+        status = await self._call(read)
+        status["last_processed_block"] = (await self._watcher.cursor()).block
+        status["events_applied"] = self._watcher.applied
+        return status
+
+    def control_methods(self) -> list[ControlMethod]:
+        async def chain_status(_: NoParams, __: ControlSession) -> dict[str, Any]:
+            return await self.status()
+
+        async def node_register(_: NoParams, __: ControlSession) -> Any:
+            return await self._guarded(self.register())
+
+        async def node_unstake(params: AmountParams, _: ControlSession) -> dict[str, Any]:
+            coordinator = self._contract("NodeCoordinator")
+            receipt = await self._guarded(
+                self.transact(coordinator.functions.unstake(params.amount_joy * JOY))
+            )
+            return {"tx": receipt["transactionHash"].to_0x_hex()}
+
+        async def models_register(params: ModelRegistration, _: ControlSession) -> dict[str, Any]:
+            market = self._contract("ModelMarketplace")
+            recipients = [Web3.to_checksum_address(r) for r in params.royalty_recipients]
+            receipt = await self._guarded(
+                self.transact(
+                    market.functions.registerModel(
+                        params.model,
+                        params.price_joy * JOY,
+                        params.committee_size,
+                        0,
+                        recipients,
+                        params.royalty_bps,
+                        b"\0" * 32,
+                        "0x" + "00" * 20,
+                    )
+                )
+            )
+            return {
+                "tx": receipt["transactionHash"].to_0x_hex(),
+                "model": "0x" + model_key(params.model).hex(),
+            }
+
+        async def rewards_claim(_: NoParams, __: ControlSession) -> dict[str, Any]:
+            coordinator = self._contract("NodeCoordinator")
+            before = await self._call(coordinator.functions.earned(self._account.address).call)
+            receipt = await self._guarded(self.transact(coordinator.functions.claimRewards()))
+            return {"tx": receipt["transactionHash"].to_0x_hex(), "claimed": str(before)}
+
+        return [
+            ControlMethod(
+                "chain.status",
+                NoParams,
+                chain_status,
+                "Chain id, head, last processed block, balances, stake, reputation.",
+            ),
+            ControlMethod(
+                "node.register", NoParams, node_register, "Register or update this node on-chain."
+            ),
+            ControlMethod(
+                "node.unstake", AmountParams, node_unstake, "Start unbonding amount_joy of stake."
+            ),
+            ControlMethod(
+                "models.register",
+                ModelRegistration,
+                models_register,
+                "Register a model (by id) in the marketplace, owned by this node.",
+            ),
+            ControlMethod(
+                "rewards.claim", NoParams, rewards_claim, "Claim signer and staking rewards."
+            ),
+        ]
+
+    def _connected(self) -> tuple[Web3, Deployment]:
+        if self.w3 is None or self.deployment is None:
+            raise ChainError("the chain is not connected yet")
+        return self.w3, self.deployment
+
+    def _contract(self, name: str) -> Any:
+        w3, deployment = self._connected()
+        return deployment.contract(w3, name)
+
+    async def _guarded(self, action: Any) -> Any:
+        try:
+            return await action
+        except TransactionFailed as exc:
+            raise RpcError(INVALID_PARAMS, f"transaction failed: {exc}") from None
+        except ChainError as exc:
+            raise RpcError(INVALID_PARAMS, str(exc)) from None

@@ -1,0 +1,339 @@
+"""The chain watcher: contract events in order, exactly once, safe across reorgs.
+
+Each poll reads logs of our contracts from the block after the cursor up to
+``head - confirmations`` (at most ``block_range`` blocks at a time), and in one
+SQLite transaction records each log (keyed by block hash and log index, so a
+log is never applied twice), the hashes of the blocks it saw, and the new
+cursor. A restarted node resumes from the cursor. Before reading, the watcher
+checks that the cursor block's hash is still the chain's: if not, a reorg
+happened; it walks back through the recorded blocks to the last one the chain
+still has, retracts every event above it (reported with ``removed=True``) and
+continues from there.
+
+Every event also refreshes the registry mirror (``RegistryMirror``): the
+nodes, models and requests it touched are re-read from the contracts' views
+and stored in SQLite, where the consensus actor finds them without a chain
+round trip. Web3 calls run in worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+from eth_utils.abi import event_abi_to_log_topic
+from hexbytes import HexBytes
+from web3 import Web3
+from web3._utils.events import get_event_data
+from web3.exceptions import BlockNotFound
+
+from joynode.chain.artifacts import load_artifacts
+from joynode.chain.deploy import Deployment
+from joynode.messages import ChainEvent
+from joynode.state import StateStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Cursor:
+    block: int
+    block_hash: str
+
+
+class EventDecoder:
+    """Decodes raw logs of our deployed contracts by address and topic."""
+
+    def __init__(self, w3: Web3, deployment: Deployment) -> None:
+        artifacts = load_artifacts()
+        self._by_address: dict[str, tuple[str, dict[bytes, dict[str, Any]]]] = {}
+        for name, address in deployment.addresses.items():
+            events = {
+                bytes(event_abi_to_log_topic(entry)): entry  # type: ignore[arg-type]
+                for entry in artifacts[name].abi
+                if entry.get("type") == "event"
+            }
+            self._by_address[address.lower()] = (name, events)
+        self._codec = w3.codec
+        self.addresses = [Web3.to_checksum_address(a) for a in deployment.addresses.values()]
+
+    def decode(self, raw: Any) -> ChainEvent | None:
+        entry = self._by_address.get(str(raw["address"]).lower())
+        if entry is None or not raw["topics"]:
+            return None
+        contract, events = entry
+        abi = events.get(bytes(raw["topics"][0]))
+        if abi is None:
+            return None
+        data = get_event_data(self._codec, abi, raw)
+        return ChainEvent(
+            contract=contract,
+            name=str(data["event"]),
+            block=int(raw["blockNumber"]),
+            block_hash=HexBytes(raw["blockHash"]).to_0x_hex(),
+            tx_hash=HexBytes(raw["transactionHash"]).to_0x_hex(),
+            log_index=int(raw["logIndex"]),
+            args={k: _jsonable(v) for k, v in data["args"].items()},
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return "0x" + bytes(value).hex()
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**53:
+        return str(value)  # JSON-safe for consumers that parse numbers as floats
+    return value
+
+
+class ChainWatcher:
+    def __init__(
+        self,
+        w3: Web3,
+        deployment: Deployment,
+        state: StateStore,
+        *,
+        confirmations: int,
+        block_range: int,
+        mirror: RegistryMirror | None = None,
+    ) -> None:
+        self._w3 = w3
+        self._deployment = deployment
+        self._state = state
+        self._confirmations = confirmations
+        self._range = block_range
+        self._decoder = EventDecoder(w3, deployment)
+        self._mirror = mirror
+        self.applied = 0
+        self.retracted = 0
+
+    async def _rpc(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args)
+
+    def _block_hash(self, number: int) -> str:
+        return HexBytes(self._w3.eth.get_block(number)["hash"]).to_0x_hex()
+
+    async def cursor(self) -> Cursor:
+        row = await self._state.read(
+            lambda c: c.execute(
+                "SELECT block, block_hash FROM chain_cursor WHERE id = 1"
+            ).fetchone()
+        )
+        if row is None:
+            return Cursor(self._deployment.start_block - 1, "")
+        return Cursor(int(row[0]), str(row[1]))
+
+    async def poll(self) -> list[ChainEvent]:
+        """One step: handle a reorg if there was one, then apply the next range of logs."""
+        cursor = await self.cursor()
+        retracted: list[ChainEvent] = []
+        if (
+            cursor.block_hash
+            and await self._rpc(self._block_hash, cursor.block) != cursor.block_hash
+        ):
+            fork = await self._find_fork()
+            log.warning(
+                "chain reorganised below block %d; back to block %d", cursor.block, fork.block
+            )
+            retracted = await self._state.write(lambda c: _retract_after(c, fork))
+            cursor = fork
+            self.retracted += len(retracted)
+        head = await self._rpc(lambda: int(self._w3.eth.block_number))
+        target = head - self._confirmations
+        applied: list[ChainEvent] = []
+        if target > cursor.block:
+            end = min(target, cursor.block + self._range)
+            raw_logs, end_hash = await self._rpc(self._fetch, cursor.block + 1, end)
+            events = [e for e in (self._decoder.decode(r) for r in raw_logs) if e is not None]
+            chain_id = self._deployment.chain_id
+            applied = await self._state.write(
+                lambda c: _apply(c, chain_id, events, Cursor(end, end_hash))
+            )
+            self.applied += len(applied)
+        if self._mirror is not None and (applied or retracted):
+            await self._mirror.refresh(retracted + applied)
+        return retracted + applied
+
+    def _hash_or_none(self, number: int) -> str | None:
+        """The chain's hash at ``number``; None if the chain is now shorter than that."""
+        try:
+            return self._block_hash(number)
+        except BlockNotFound:
+            return None
+
+    def _fetch(self, start: int, end: int) -> tuple[list[Any], str]:
+        logs = self._w3.eth.get_logs(
+            {"fromBlock": start, "toBlock": end, "address": self._decoder.addresses}
+        )
+        return list(logs), self._block_hash(end)
+
+    async def _find_fork(self) -> Cursor:
+        known = await self._state.read(
+            lambda c: c.execute(
+                "SELECT number, hash FROM chain_blocks ORDER BY number DESC"
+            ).fetchall()
+        )
+        for number, block_hash in known:
+            if await self._rpc(self._hash_or_none, int(number)) == block_hash:
+                return Cursor(int(number), str(block_hash))
+        return Cursor(self._deployment.start_block - 1, "")
+
+
+def _apply(
+    conn: sqlite3.Connection, chain_id: int, events: list[ChainEvent], cursor: Cursor
+) -> list[ChainEvent]:
+    applied = []
+    for event in events:
+        inserted = conn.execute(
+            "INSERT OR IGNORE INTO chain_events (block_hash, log_index, block, tx_hash, "
+            "contract, name, args) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.block_hash,
+                event.log_index,
+                event.block,
+                event.tx_hash,
+                event.contract,
+                event.name,
+                json.dumps(event.args),
+            ),
+        ).rowcount
+        if inserted:
+            applied.append(event)
+        conn.execute(
+            "INSERT OR REPLACE INTO chain_blocks (number, hash) VALUES (?, ?)",
+            (event.block, event.block_hash),
+        )
+    conn.execute(
+        "INSERT OR REPLACE INTO chain_blocks (number, hash) VALUES (?, ?)",
+        (cursor.block, cursor.block_hash),
+    )
+    conn.execute(
+        "INSERT INTO chain_cursor (id, chain_id, block, block_hash) VALUES (1, ?, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET block = excluded.block, block_hash = excluded.block_hash",
+        (chain_id, cursor.block, cursor.block_hash),
+    )
+    # Keep the recent block hashes reorg detection needs, not the whole history.
+    conn.execute("DELETE FROM chain_blocks WHERE number < ?", (cursor.block - 10_000,))
+    return applied
+
+
+def _retract_after(conn: sqlite3.Connection, fork: Cursor) -> list[ChainEvent]:
+    rows = conn.execute(
+        "SELECT contract, name, block, block_hash, tx_hash, log_index, args FROM chain_events "
+        "WHERE block > ? ORDER BY block DESC, log_index DESC",
+        (fork.block,),
+    ).fetchall()
+    conn.execute("DELETE FROM chain_events WHERE block > ?", (fork.block,))
+    conn.execute("DELETE FROM chain_blocks WHERE number > ?", (fork.block,))
+    conn.execute(
+        "UPDATE chain_cursor SET block = ?, block_hash = ? WHERE id = 1",
+        (fork.block, fork.block_hash),
+    )
+    return [
+        ChainEvent(c, n, int(b), h, t, int(i), json.loads(a), removed=True)
+        for c, n, b, h, t, i, a in rows
+    ]
+
+
+class RegistryMirror:
+    """Keeps SQLite copies of the nodes, models and requests that events touched."""
+
+    NODE_EVENTS = frozenset(
+        {
+            "Staked",
+            "Registered",
+            "Deregistered",
+            "UnbondingStarted",
+            "Withdrawn",
+            "ReputationChanged",
+            "Slashed",
+        }
+    )
+    MODEL_EVENTS = frozenset({"ModelRegistered", "ModelUpdated"})
+    REQUEST_EVENTS = frozenset({"InferenceRequested", "InferenceSettled", "InferenceRefunded"})
+
+    def __init__(self, w3: Web3, deployment: Deployment, state: StateStore) -> None:
+        self._state = state
+        self._coordinator = deployment.contract(w3, "NodeCoordinator")
+        self._marketplace = deployment.contract(w3, "ModelMarketplace")
+
+    async def refresh(self, events: list[ChainEvent]) -> None:
+        nodes = {str(e.args["node"]) for e in events if e.name in self.NODE_EVENTS}
+        nodes |= {
+            str(e.args["account"])
+            for e in events
+            if e.name == "ReputationChanged" and "account" in e.args
+        }
+        models = {str(e.args["model"]) for e in events if e.name in self.MODEL_EVENTS}
+        requests = {str(e.args["requestId"]) for e in events if e.name in self.REQUEST_EVENTS}
+        rows = await trio.to_thread.run_sync(self._read, nodes, models, requests)
+        await self._state.write(lambda c: self._store(c, *rows))
+
+    def _read(
+        self, nodes: set[str], models: set[str], requests: set[str]
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        node_rows = []
+        for address in nodes:
+            info = self._coordinator.functions.nodeInfo(address).call()
+            stake, _, _, reputation, capacity, registered, peer_id, multiaddrs, served = info
+            node_rows.append(
+                (
+                    address,
+                    str(stake),
+                    int(reputation),
+                    int(registered),
+                    peer_id,
+                    json.dumps(multiaddrs),
+                    json.dumps(["0x" + m.hex() for m in served]),
+                    int(capacity),
+                )
+            )
+        model_rows = []
+        for model in models:
+            owner, price, size, kind, active, cid, _, _ = self._marketplace.functions.modelInfo(
+                bytes.fromhex(model[2:])
+            ).call()
+            model_rows.append((model, cid, owner, str(price), int(size), int(kind), int(active)))
+        request_rows = []
+        for request in requests:
+            model_id, requester, input_hash, price, deadline, status, committee = (
+                self._marketplace.functions.requestInfo(bytes.fromhex(request[2:])).call()
+            )
+            request_rows.append(
+                (
+                    request,
+                    "0x" + model_id.hex(),
+                    requester,
+                    "0x" + input_hash.hex(),
+                    str(price),
+                    int(deadline),
+                    int(status),
+                    json.dumps(committee),
+                )
+            )
+        return node_rows, model_rows, request_rows
+
+    @staticmethod
+    def _store(
+        conn: sqlite3.Connection,
+        nodes: list[tuple[Any, ...]],
+        models: list[tuple[Any, ...]],
+        requests: list[tuple[Any, ...]],
+    ) -> None:
+        conn.executemany(
+            "INSERT OR REPLACE INTO registry_nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", nodes
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO registry_models VALUES (?, ?, ?, ?, ?, ?, ?)", models
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO chain_requests VALUES (?, ?, ?, ?, ?, ?, ?, ?)", requests
+        )
