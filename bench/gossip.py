@@ -426,7 +426,6 @@ async def baseline_cluster(
                     NodeKey.generate().libp2p_key_pair(),
                     [LISTEN],
                     [],
-                    heartbeat_interval_s=heartbeat_interval_s,
                     max_rpc_bytes=MAX_MESSAGE_BYTES + 4096,  # as P2PService.run
                     max_peers=size - 1,
                 )

@@ -17,7 +17,8 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.contract import Contract
 
-from joynode.chain.anvil import anvil_command, dev_account, listening_url
+from joynode.chain.anvil import anvil_command, listening_url
+from joynode.chain.anvil import dev_account as dev_account  # re-exported for the tests
 from joynode.chain.artifacts import load_artifacts
 from joynode.chain.deploy import JOY, Deployment, DeployParams, deploy_all
 from joynode.chain.sender import RevertDecoder, TransactionSender

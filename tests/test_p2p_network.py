@@ -78,7 +78,6 @@ async def raw_peer() -> AsyncIterator[libp2p_compat.Libp2pStack]:
         NodeKey.generate().libp2p_key_pair(),
         ["/ip4/127.0.0.1/tcp/0"],
         [],
-        heartbeat_interval_s=1,
         max_rpc_bytes=1 << 20,
         max_peers=8,
     ) as stack:

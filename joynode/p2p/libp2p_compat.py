@@ -75,15 +75,15 @@ async def _dial_nothing() -> None:
     return None
 
 
-def _make_router(heartbeat_interval_s: float) -> GossipSub:
-    # 2.
+def _make_router() -> GossipSub:
+    # 2. The mesh heartbeat (1 s, as go-libp2p) is not the node's status heartbeat.
     return GossipSub(
         protocols=GOSSIPSUB_PROTOCOLS,
         degree=6,
         degree_low=4,
         degree_high=12,
         heartbeat_initial_delay=0.1,
-        heartbeat_interval=max(1, round(heartbeat_interval_s)),
+        heartbeat_interval=1,
         spam_protection_enabled=False,
         eclipse_protection_enabled=False,
     )
@@ -95,7 +95,6 @@ async def running_stack(
     listen: Sequence[str],
     announce: Sequence[str],
     *,
-    heartbeat_interval_s: float,
     max_rpc_bytes: int,
     max_peers: int,
 ) -> AsyncIterator[Libp2pStack]:
@@ -113,7 +112,7 @@ async def running_stack(
         ),
     )
     host.get_network().auto_connector.maybe_connect = _dial_nothing  # type: ignore[attr-defined]  # 5.
-    router = _make_router(heartbeat_interval_s)
+    router = _make_router()
     pubsub = Pubsub(host, router, strict_signing=True, max_inbound_rpc_size=max_rpc_bytes)
     dht = KadDHT(host, DHTMode.SERVER, max_peers_per_subnet=0)  # 3.
     async with AsyncExitStack() as stack:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -177,7 +178,6 @@ class P2PService:
             self._key.libp2p_key_pair(),
             self._settings.listen,
             self._settings.announce,
-            heartbeat_interval_s=self._settings.heartbeat_interval_s,
             max_rpc_bytes=self._settings.max_message_bytes + 4096,
             max_peers=self._settings.max_peers,
         ) as stack:
@@ -226,15 +226,15 @@ class P2PService:
         """Topic validator (sync; runs before a message is delivered or forwarded)."""
         topic = msg.topicIDs[0] if msg.topicIDs else ""
         sender = forwarder.to_base58()
-        local = sender == self.peer_id
-        if not local:
-            if self.scorer.is_banned(sender):
-                self._metrics.rejected.labels(topic, "banned_peer").inc()
-                return False
-            if not self.scorer.allow_gossip(sender):
-                self._metrics.rate_limited.labels("gossip").inc()
-                self._penalize(sender, Offence.RATE_LIMITED)
-                return False
+        if sender == self.peer_id:
+            return True  # our own publish, sealed by us a moment ago
+        if self.scorer.is_banned(sender):
+            self._metrics.rejected.labels(topic, "banned_peer").inc()
+            return False
+        if not self.scorer.allow_gossip(sender):
+            self._metrics.rate_limited.labels("gossip").inc()
+            self._penalize(sender, Offence.RATE_LIMITED)
+            return False
         try:
             verified = self._verifier.verify(topic, msg.data, msg.from_id)
         except GossipRejected as rejected:
@@ -242,13 +242,8 @@ class P2PService:
                 topic if topic in TOPICS else "other", rejected.reason
             ).inc()
             log.debug("rejected gossip from %s: %s", sender, rejected)
-            if not local:
-                offence = (
-                    Offence.DUPLICATE
-                    if rejected.reason == "duplicate"
-                    else (Offence.INVALID_GOSSIP)
-                )
-                self._penalize(sender, offence)
+            duplicate = rejected.reason == "duplicate"
+            self._penalize(sender, Offence.DUPLICATE if duplicate else Offence.INVALID_GOSSIP)
             return False
         self._verified[(msg.from_id, msg.seqno)] = verified
         while len(self._verified) > VERIFIED_CACHE:
@@ -288,7 +283,9 @@ class P2PService:
                 await self.publish(HEARTBEAT, beat)
             except BaseLibp2pError as exc:
                 log.warning("heartbeat not published: %s", exc)
-            await trio.sleep(self._settings.heartbeat_interval_s)
+            # +-10 % jitter: nodes started together do not beat in step.
+            jitter = random.uniform(0.9, 1.1)  # noqa: S311 (spreading load, not secrecy)
+            await trio.sleep(self._settings.heartbeat_interval_s * jitter)
 
     def _announced_addrs(self) -> list[str]:
         suffix = f"/p2p/{self.peer_id}"
