@@ -78,7 +78,8 @@ class HttpServer:
                     if request is None:
                         return
                     response = self._route(request)
-                    await self._send(conn, stream, response)
+                    with trio.fail_after(READ_TIMEOUT_S):  # a client that never reads
+                        await self._send(conn, stream, response)
                     if conn.our_state is h11.MUST_CLOSE:
                         return
                     conn.start_next_cycle()

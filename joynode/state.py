@@ -130,9 +130,9 @@ class StateStore:
             task_status.started()
             await trio.sleep_forever()
         finally:
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
+            # Through the limiter: a worker thread may still be using the connection.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._close, limiter=self._limiter)
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +158,11 @@ class StateStore:
                 raise
             raise StateError(f"cannot open state database {self.path}: {exc}") from exc
         self._conn = conn
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def _migrate(self, conn: sqlite3.Connection) -> int:
         current = int(conn.execute("PRAGMA user_version").fetchone()[0])

@@ -5,7 +5,8 @@ the chain actor calls it through ``trio.to_thread`` with a limiter of one, so
 the trio loop never waits on the chain and our nonces go out in order. It keeps
 its own nonce (re-read from the chain when a send fails), prices EIP-1559 fees
 from the latest base fee, replaces a transaction that is not mined in time with
-the same nonce and 25 % higher fees, and turns a revert into a
+the same nonce and at least 25 % higher fees (taking the receipt of whichever
+version got mined), and turns a revert into a
 ``TransactionFailed`` naming the contract error and its arguments, e.g.
 ``NodeCoordinator.StakeTooLow(stake=0, minimum=100000000000000000000)``.
 """
@@ -25,7 +26,13 @@ from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
 from hexbytes import HexBytes
 from web3 import Web3
-from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted
+from web3.exceptions import (
+    ContractCustomError,
+    ContractLogicError,
+    TimeExhausted,
+    TransactionNotFound,
+    Web3Exception,
+)
 from web3.types import TxReceipt
 
 from joynode.chain.artifacts import Compiled
@@ -137,13 +144,13 @@ class TransactionSender:
         tx["gas"] = int(tx["gas"] * GAS_MARGIN)
         return tx
 
-    def _fees(self, bump: float) -> dict[str, int]:
+    def _fees(self) -> dict[str, int]:
+        """EIP-1559 fees from the latest base fee (room for it to double)."""
         latest = self.w3.eth.get_block("latest")
         base_fee = int(latest.get("baseFeePerGas", 0) or 0)
-        priority = int(PRIORITY_FEE_WEI * bump)
         return {
-            "maxPriorityFeePerGas": priority,
-            "maxFeePerGas": int(2 * base_fee * bump) + priority,
+            "maxPriorityFeePerGas": PRIORITY_FEE_WEI,
+            "maxFeePerGas": 2 * base_fee + PRIORITY_FEE_WEI,
         }
 
     def _send(self, tx: dict[str, Any]) -> TxReceipt:
@@ -151,29 +158,32 @@ class TransactionSender:
             if self._nonce is None:
                 self._nonce = self.w3.eth.get_transaction_count(self.address, "pending")
             tx["nonce"] = self._nonce
-            bump = 1.0
+            fees = self._fees()
+            hashes: list[HexBytes] = []
             for attempt in range(MAX_REPLACEMENTS + 1):
-                tx.update(self._fees(bump))
+                if hashes:  # a replacement must outbid the transaction it replaces
+                    fees = {
+                        k: max(int(v * FEE_BUMP), new)
+                        for (k, v), new in zip(fees.items(), self._fees().values(), strict=True)
+                    }
+                tx.update(fees)
                 signed = self.account.sign_transaction(tx)
                 try:
-                    tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
-                except ValueError as exc:  # node refused it (nonce, fees...)
-                    self._nonce = None
+                    hashes.append(
+                        HexBytes(self.w3.eth.send_raw_transaction(signed.raw_transaction))
+                    )
+                except (ValueError, Web3Exception) as exc:  # refused: nonce, fees, balance
+                    self._nonce = None  # re-read from the chain next time
                     raise TransactionFailed(f"transaction refused: {exc}") from None
                 self.sent += 1
-                try:
-                    receipt = self.w3.eth.wait_for_transaction_receipt(
-                        tx_hash, timeout=RECEIPT_TIMEOUT_S
-                    )
-                except TimeExhausted:
+                receipt = self._wait_any(hashes)
+                if receipt is None:
                     log.warning(
-                        "transaction %s not mined in %.0f s; replacing it (attempt %d)",
-                        HexBytes(tx_hash).to_0x_hex(),
+                        "transaction not mined in %.0f s; replacing it (attempt %d)",
                         RECEIPT_TIMEOUT_S,
                         attempt + 1,
                     )
                     self.replaced += 1
-                    bump *= FEE_BUMP
                     continue
                 self._nonce += 1
                 if receipt["status"] != 1:
@@ -181,6 +191,19 @@ class TransactionSender:
                 return receipt
             self._nonce = None
             raise TransactionFailed(f"transaction not mined after {MAX_REPLACEMENTS} replacements")
+
+    def _wait_any(self, hashes: list[HexBytes]) -> TxReceipt | None:
+        """The receipt of whichever of ``hashes`` (one nonce) got mined, if any in time."""
+        try:
+            return self.w3.eth.wait_for_transaction_receipt(hashes[-1], timeout=RECEIPT_TIMEOUT_S)
+        except TimeExhausted:
+            pass
+        for earlier in hashes[:-1]:  # an earlier version may have been mined meanwhile
+            try:
+                return self.w3.eth.get_transaction_receipt(earlier)
+            except TransactionNotFound:
+                continue
+        return None
 
     def _replay_failure(self, tx: dict[str, Any], receipt: TxReceipt) -> str:
         """Re-run a reverted transaction as a call at its block to learn why."""

@@ -24,6 +24,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from web3 import Web3
+from web3.exceptions import Web3Exception
 
 from joynode.chain.anvil import dev_account, running_anvil
 from joynode.chain.artifacts import load_artifacts
@@ -217,7 +218,7 @@ class ChainService:
         while True:
             try:
                 events = await self._watcher.poll()
-            except (OSError, ValueError) as exc:  # RPC unreachable or answering errors
+            except (OSError, ValueError, Web3Exception) as exc:  # RPC down or answering errors
                 log.warning("chain watcher: %s; retrying", exc)
                 await trio.sleep(self._settings.poll_interval_s)
                 continue

@@ -13,6 +13,7 @@ and neither affects other clients or the node.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,8 @@ MAX_AUTH_FAILURES = 3
 # with code 1009 (message too big) without buffering them.
 HARD_CAP_FACTOR = 4
 POLICY_VIOLATION = 1008
+# Before authentication only a small auth call makes sense; big frames are refused unread.
+UNAUTHENTICATED_FRAME_BYTES = 4096
 UNAUTHORIZED_MESSAGE = "unauthorized: send 'Authorization: Bearer <token>' or call auth first"
 
 
@@ -105,6 +108,12 @@ class ControlServer:
         return ControlStatistics(self._connections, self._requests_served)
 
     async def _accept(self, request: WebSocketRequest) -> None:
+        # A client may vanish at any point of the handshake or the session; that
+        # ends its connection and nothing else.
+        with contextlib.suppress(ConnectionClosed):
+            await self._handshake(request)
+
+    async def _handshake(self, request: WebSocketRequest) -> None:
         if self._connections >= self.settings.max_connections:
             await request.reject(503, body=b"too many control connections")
             return
@@ -117,16 +126,14 @@ class ControlServer:
                 await request.reject(401, body=b"bad bearer token")
                 return
             authenticated = True
-        try:
-            ws = await request.accept()
-        except ConnectionClosed:
-            return
+        ws = await request.accept()
         self._connections += 1
         self._m_connections.inc()
         try:
-            await _Connection(self, ws, authenticated).serve()
-        except ConnectionClosed:
-            pass
+            try:
+                await _Connection(self, ws, authenticated).serve()
+            except* ConnectionClosed:
+                pass
         except Exception:
             # A bug in serving one client must not take down the node.
             log.exception("control connection failed; closing it")
@@ -181,6 +188,14 @@ class _Connection:
                     nursery.cancel_scope.cancel()
                     return
                 size = len(frame) if isinstance(frame, bytes) else len(frame.encode())
+                if not self._authenticated and size > UNAUTHENTICATED_FRAME_BYTES:
+                    await self._send_error(
+                        None,
+                        jsonrpc.INVALID_REQUEST,
+                        "authenticate first (frames before auth are capped "
+                        f"at {UNAUTHENTICATED_FRAME_BYTES} bytes)",
+                    )
+                    continue
                 if size > cap:
                     await self._send_error(
                         None,
@@ -229,18 +244,13 @@ class _Connection:
                     responses.append(jsonrpc.result_response(item.id, {"authenticated": True}))
             else:
                 self._server.count(item.method, "unauthorized")
+                if not item.is_notification:
+                    error = RpcError(jsonrpc.UNAUTHORIZED, UNAUTHORIZED_MESSAGE)
+                    responses.append(jsonrpc.error_response(item.id, error))
                 if item.method == "auth":
                     self._auth_failures += 1
-                if not item.is_notification:
-                    responses.append(
-                        jsonrpc.error_response(
-                            item.id,
-                            RpcError(
-                                jsonrpc.UNAUTHORIZED,
-                                UNAUTHORIZED_MESSAGE,
-                            ),
-                        )
-                    )
+                    if self._auth_failures >= MAX_AUTH_FAILURES:
+                        break  # the rest of a batch gets no more guesses
         if responses:
             await self._send(responses if is_batch else responses[0])
         if self._auth_failures >= MAX_AUTH_FAILURES:

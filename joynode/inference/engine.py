@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import threading
 import uuid
@@ -130,7 +131,9 @@ class VllmEngine:
         engine = self._engine
         if engine is None:
             raise EngineError("engine is not running")
-        send, receive = trio.open_memory_channel[Any](256)
+        # Unbounded on purpose: the pump runs on another thread and must never
+        # block or drop; a request's outputs are bounded by its max_tokens.
+        send, receive = trio.open_memory_channel[Any](math.inf)
         token = trio.lowlevel.current_trio_token()
         request_id = uuid.uuid4().hex
 

@@ -180,15 +180,27 @@ class InferenceService:
         request.reply.close()
 
     async def _serve(self, request: InferenceRequest, model: LoadedModel, admitted: float) -> None:
-        outcome = "ok"
+        outcome = "cancelled"
         try:
             async with request.reply:
-                outcome = await self._generate(request, model, admitted)
+                try:
+                    outcome = await self._generate(request, model, admitted)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise  # the requester stopped listening
+                except Exception as exc:
+                    # An engine failure or a bug: the requester hears of it, the node goes on.
+                    outcome = FailureCode.ENGINE_ERROR.value
+                    if not isinstance(exc, EngineError):
+                        log.exception("request on model %s failed", model.name)
+                    else:
+                        log.error("model %s failed a request: %s", model.name, exc)
+                    failure = InferenceFailure(
+                        FailureCode.ENGINE_ERROR, str(exc) or type(exc).__name__
+                    )
+                    with contextlib.suppress(trio.WouldBlock):
+                        request.reply.send_nowait(failure)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            outcome = "cancelled"  # the requester stopped listening
-        except EngineError as exc:
-            outcome = FailureCode.ENGINE_ERROR.value
-            log.error("model %s failed a request: %s", model.name, exc)
+            outcome = "cancelled"
         finally:
             model.inflight -= 1
             self._metrics.inflight.labels(model.name).dec()
@@ -199,7 +211,7 @@ class InferenceService:
     ) -> str:
         try:
             token_ids = await trio.to_thread.run_sync(_tokenize, model.engine.tokenizer, request)
-        except ValueError as exc:
+        except Exception as exc:  # tokenizers and jinja chat templates raise many types
             reason = (
                 f"{model.name} has no chat template; send a plain prompt"
                 if "chat_template" in str(exc)
@@ -236,6 +248,8 @@ class InferenceService:
                 if output.finished:
                     finish_reason = str(completion.finish_reason)
                     break
+            else:
+                raise EngineError("vLLM ended the stream before the request finished")
         done = trio.current_time()
         self._metrics.tokens.labels(model.name).inc(len(output_ids))
         self._metrics.first_token.observe((first or done) - admitted)

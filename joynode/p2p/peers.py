@@ -67,6 +67,7 @@ class PeerTable:
         self._clock = clock
         self._records: dict[str, PeerRecord] = {}
         self._dirty: set[str] = set()
+        self._forgotten: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -127,6 +128,19 @@ class PeerTable:
                 changes.append(Transition(record.peer_id, PeerState.DOWN))
         return changes
 
+    def forget_silent(self, after_s: float) -> list[str]:
+        """Drop peers not up and not heard from for ``after_s`` (or never heard from)."""
+        now = self._clock()
+        gone = [
+            r.peer_id
+            for r in self._records.values()
+            if r.state is not PeerState.UP and now - (r.last_seen or r.first_seen) > after_s
+        ]
+        for peer_id in gone:
+            del self._records[peer_id]
+            self._forgotten.add(peer_id)
+        return gone
+
     def counts(self) -> dict[PeerState, int]:
         counts = dict.fromkeys(PeerState, 0)
         for record in self._records.values():
@@ -135,13 +149,17 @@ class PeerTable:
 
     # Persistence (called through the state store, in its thread).
 
-    def take_dirty(self) -> list[PeerRecord]:
+    def take_changes(self) -> tuple[list[PeerRecord], list[str]]:
+        """Records changed and peer ids forgotten since the last call (to persist)."""
         dirty = [self._records[p] for p in self._dirty if p in self._records]
+        forgotten = list(self._forgotten)
         self._dirty.clear()
-        return dirty
+        self._forgotten.clear()
+        return dirty, forgotten
 
     @staticmethod
-    def save(conn: sqlite3.Connection, records: list[PeerRecord]) -> None:
+    def save(conn: sqlite3.Connection, records: list[PeerRecord], forgotten: list[str]) -> None:
+        conn.executemany("DELETE FROM peers WHERE peer_id = ?", [(p,) for p in forgotten])
         conn.executemany(
             "INSERT INTO peers (peer_id, address, addrs, first_seen, last_seen) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (peer_id) DO UPDATE SET "

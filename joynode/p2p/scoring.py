@@ -23,7 +23,6 @@ class Offence(enum.Enum):
     INVALID_GOSSIP = 20.0
     INVALID_REQUEST = 20.0
     RATE_LIMITED = 2.0
-    DUPLICATE = 5.0
 
 
 class TokenBucket:
@@ -91,10 +90,6 @@ class PeerScorer:
     def is_banned(self, peer: str) -> bool:
         standing = self._standing.get(peer)
         return standing is not None and standing.banned_until > self._clock()
-
-    def banned_until(self, peer: str) -> float | None:
-        """Monotonic time the ban ends, or None if the peer is not banned."""
-        return self._standing[peer].banned_until if self.is_banned(peer) else None
 
     def penalize(self, peer: str, offence: Offence) -> bool:
         """Record ``offence``; return True if this pushed the peer into a ban."""

@@ -66,6 +66,7 @@ PERSIST_INTERVAL_S = 10.0
 DIAL_TIMEOUT_S = 10.0
 RECONNECT_BACKOFF_MIN_S = 1.0
 VERIFIED_CACHE = 4096
+FORGET_AFTER_S = 24 * 3600  # peers silent this long leave the table
 
 RpcHandler = Callable[[str, Any], Awaitable[wire.Message]]
 
@@ -242,8 +243,10 @@ class P2PService:
                 topic if topic in TOPICS else "other", rejected.reason
             ).inc()
             log.debug("rejected gossip from %s: %s", sender, rejected)
-            duplicate = rejected.reason == "duplicate"
-            self._penalize(sender, Offence.DUPLICATE if duplicate else Offence.INVALID_GOSSIP)
+            # Staleness depends on clocks and duplicates can be made by the origin:
+            # an honest forwarder could hand us either, so neither costs it score.
+            if rejected.reason not in ("stale", "duplicate"):
+                self._penalize(sender, Offence.INVALID_GOSSIP)
             return False
         self._verified[(msg.from_id, msg.seqno)] = verified
         while len(self._verified) > VERIFIED_CACHE:
@@ -304,7 +307,12 @@ class P2PService:
                     await rpc.write_frame(stream, message)
                     response = await rpc.read_frame(stream, self._settings.max_message_bytes)
                 finally:
-                    await stream.close()
+                    with (
+                        trio.CancelScope(shield=True),
+                        trio.move_on_after(1),
+                        contextlib.suppress(BaseLibp2pError),
+                    ):
+                        await stream.close()
             if isinstance(response, wire.ErrorReply):
                 outcome = "refused"
                 raise rpc.RpcFailure(f"refused by {peer_id}: {response.code} {response.reason}")
@@ -379,7 +387,9 @@ class P2PService:
     def _penalize(self, peer: str, offence: Offence) -> None:
         self._metrics.penalties.labels(offence.name.lower()).inc()
         if self.scorer.penalize(peer, offence):
-            self._bans_send.send_nowait(peer)
+            # Called from libp2p's validator and stream handlers: never block or raise there.
+            with contextlib.suppress(trio.WouldBlock):
+                self._bans_send.send_nowait(peer)
 
     async def _process_bans(self) -> None:
         async for peer in self._bans_receive:
@@ -502,6 +512,8 @@ class P2PService:
                 await trio.sleep(UPKEEP_INTERVAL_S)
                 for transition in self.peers.sweep():
                     self._note(transition)
+                self.peers.forget_silent(FORGET_AFTER_S)
+                self.scorer.forget_idle({r.peer_id for r in self.peers.records()})
                 self._reconnect_due(dials)
                 self._lift_expired_bans()
                 self._update_gauges()
@@ -517,9 +529,17 @@ class P2PService:
         candidates: dict[str, list[str]] = {
             peer: [addr.removesuffix(f"/p2p/{peer}")] for peer, addr in self._bootstrap.items()
         }
-        for record in self.peers.records():
-            if record.state is not PeerState.DISCOVERED and record.addrs:
-                candidates.setdefault(record.peer_id, record.addrs)
+        # Beyond the bootstrap peers, only the most recently seen lost peers, up to
+        # max_peers: a flood of one-time identities cannot make us dial forever.
+        lost = sorted(
+            (r for r in self.peers.records() if r.state is PeerState.DOWN and r.addrs),
+            key=lambda r: r.last_seen or 0.0,
+            reverse=True,
+        )
+        for record in lost[: self._settings.max_peers]:
+            candidates.setdefault(record.peer_id, record.addrs)
+        for peer in set(self._backoff) - set(candidates):
+            del self._backoff[peer]
         for peer, addrs in candidates.items():
             if peer in connected or peer == self.peer_id or self.scorer.is_banned(peer):
                 continue
@@ -545,9 +565,9 @@ class P2PService:
                 log.info("ban on %s lifted", peer_id.to_base58())
 
     async def _persist_peers(self) -> None:
-        dirty = self.peers.take_dirty()
-        if dirty:
-            await self._state.write(lambda conn: PeerTable.save(conn, dirty))
+        dirty, forgotten = self.peers.take_changes()
+        if dirty or forgotten:
+            await self._state.write(lambda conn: PeerTable.save(conn, dirty, forgotten))
 
     def _update_gauges(self) -> None:
         for state, count in self.peers.counts().items():
