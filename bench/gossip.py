@@ -55,7 +55,7 @@ from joynode import __version__, wire
 from joynode.config import P2PSection
 from joynode.keys import NodeKey
 from joynode.messages import ServingStatus
-from joynode.p2p import libp2p_compat
+from joynode.p2p import libp2p_compat, rpc
 from joynode.p2p.gossip import HEARTBEAT, GossipSigner, VerifiedGossip
 from joynode.p2p.service import PROTOCOL_VERSION, P2PService
 from joynode.state import StateStore
@@ -367,7 +367,7 @@ class BaselineCluster:
         stream = await self.stacks[1].host.new_stream(server, [ECHO_PROTOCOL])
         try:
             await stream.write(frame)
-            echoed = await _read_exactly(stream, len(frame))
+            echoed = await rpc.read_exactly(stream, len(frame))
         finally:
             await stream.close()
         if echoed != frame:
@@ -380,22 +380,11 @@ def _frame(message: wire.Message) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-async def _read_exactly(stream: INetStream, n: int) -> bytes:
-    chunks, remaining = [], n
-    while remaining:
-        chunk = await stream.read(remaining)
-        if not chunk:
-            raise RuntimeError(f"stream ended {n - remaining} bytes into a {n}-byte read")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
 async def _echo(stream: INetStream) -> None:
     """The baseline's request handler: read one frame, write it back, close."""
     try:
-        header = await _read_exactly(stream, 4)
-        body = await _read_exactly(stream, int.from_bytes(header, "big"))
+        header = await rpc.read_exactly(stream, 4)
+        body = await rpc.read_exactly(stream, int.from_bytes(header, "big"))
         await stream.write(header + body)
     finally:
         await stream.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,29 @@ async def catch_up(watcher: ChainWatcher, chain: Chain) -> list[ChainEvent]:
     return delivered
 
 
+@asynccontextmanager
+async def watching(
+    chain: Chain, db: Path, block_range: int
+) -> AsyncIterator[tuple[StateStore, ChainWatcher]]:
+    """A watcher (with the registry mirror) on its own state store at ``db``."""
+    async with trio.open_nursery() as nursery:
+        state = StateStore(db, "test")
+        await nursery.start(state.run)
+        mirror = RegistryMirror(chain.w3, chain.deployment, state)
+        yield (
+            state,
+            ChainWatcher(
+                chain.w3,
+                chain.deployment,
+                state,
+                confirmations=0,
+                block_range=block_range,
+                mirror=mirror,
+            ),
+        )
+        nursery.cancel_scope.cancel()
+
+
 async def test_watcher_applies_each_event_once_across_restarts_and_mirrors_the_registry(
     chain: Chain, tmp_path: Path
 ) -> None:
@@ -71,39 +96,17 @@ async def test_watcher_applies_each_event_once_across_restarts_and_mirrors_the_r
     stake_and_register(chain, 2)
     delivered: list[ChainEvent] = []
     for index in (3, 4):
-        async with trio.open_nursery() as nursery:
-            state = StateStore(db, "test")
-            await nursery.start(state.run)
-            watcher = ChainWatcher(
-                chain.w3,
-                chain.deployment,
-                state,
-                confirmations=0,
-                block_range=3,
-                mirror=RegistryMirror(chain.w3, chain.deployment, state),
-            )
+        async with watching(chain, db, block_range=3) as (_, watcher):
             delivered += await catch_up(watcher, chain)
-            # More happens while this watcher is gone; the next one resumes from its cursor.
-            stake_and_register(chain, index)
-            nursery.cancel_scope.cancel()
-    async with trio.open_nursery() as nursery:
-        state = StateStore(db, "test")
-        await nursery.start(state.run)
-        watcher = ChainWatcher(
-            chain.w3,
-            chain.deployment,
-            state,
-            confirmations=0,
-            block_range=3,
-            mirror=RegistryMirror(chain.w3, chain.deployment, state),
-        )
+        # More happens while no watcher runs; the next one resumes from the cursor.
+        stake_and_register(chain, index)
+    async with watching(chain, db, block_range=3) as (state, watcher):
         delivered += await catch_up(watcher, chain)
         mirrored = await state.read(
             lambda c: c.execute(
                 "SELECT address, stake, registered, peer_id FROM registry_nodes ORDER BY peer_id"
             ).fetchall()
         )
-        nursery.cancel_scope.cancel()
     keys = [(e.block_hash, e.log_index) for e in delivered]
     assert len(keys) == len(set(keys))  # nothing delivered twice
     assert set(keys) == canonical_logs(chain)  # nothing missed
@@ -114,17 +117,7 @@ async def test_watcher_applies_each_event_once_across_restarts_and_mirrors_the_r
 
 
 async def test_watcher_follows_a_reorg(chain: Chain, tmp_path: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        state = StateStore(tmp_path / "state.db", "test")
-        await nursery.start(state.run)
-        watcher = ChainWatcher(
-            chain.w3,
-            chain.deployment,
-            state,
-            confirmations=0,
-            block_range=100,
-            mirror=RegistryMirror(chain.w3, chain.deployment, state),
-        )
+    async with watching(chain, tmp_path / "state.db", block_range=100) as (state, watcher):
         await catch_up(watcher, chain)
         fork = chain.w3.provider.make_request("evm_snapshot", [])  # type: ignore[arg-type]
         stake_and_register(chain, 5)
@@ -146,7 +139,6 @@ async def test_watcher_follows_a_reorg(chain: Chain, tmp_path: Path) -> None:
         )
         assert peers.get("peer-6") == 1
         assert peers.get("peer-5") in (None, 0)  # node 5 never registered on this branch
-        nursery.cancel_scope.cancel()
 
 
 def rpc_home(tmp_path: Path, chain: Chain) -> NodeHome:

@@ -33,7 +33,7 @@ async def write_frame(stream: ByteStream, message: wire.Message) -> None:
     await stream.write(len(frame).to_bytes(HEADER_BYTES, "big") + frame)
 
 
-async def _read_exactly(stream: ByteStream, n: int) -> bytes:
+async def read_exactly(stream: ByteStream, n: int) -> bytes:
     # libp2p streams may return fewer bytes than asked for.
     chunks, remaining = [], n
     while remaining:
@@ -47,7 +47,7 @@ async def _read_exactly(stream: ByteStream, n: int) -> bytes:
 
 async def read_frame(stream: ByteStream, max_bytes: int) -> wire.AnyMessage:
     """Read one frame; raise ``RpcFailure`` for oversize, and ``WireError`` for bad content."""
-    length = int.from_bytes(await _read_exactly(stream, HEADER_BYTES), "big")
+    length = int.from_bytes(await read_exactly(stream, HEADER_BYTES), "big")
     if length > max_bytes:
         raise RpcFailure(f"frame of {length} bytes exceeds the cap of {max_bytes}")
-    return wire.decode(await _read_exactly(stream, length), max_bytes)
+    return wire.decode(await read_exactly(stream, length), max_bytes)
