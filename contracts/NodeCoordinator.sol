@@ -40,6 +40,7 @@ contract NodeCoordinator is AccessControl, ReentrancyGuard {
         uint256 reputation;
         uint32 capacity;
         bool registered;
+        bool joined; // has registered before: only a first registration sets INITIAL_REPUTATION
         string peerId;
         string[] multiaddrs;
         bytes32[] models;
@@ -109,7 +110,12 @@ contract NodeCoordinator is AccessControl, ReentrancyGuard {
         if (models.length > MAX_MODELS_PER_NODE) revert TooMany("models", MAX_MODELS_PER_NODE);
         if (!node.registered) {
             node.registered = true;
-            if (node.reputation == 0) node.reputation = INITIAL_REPUTATION;
+            // A node that comes back (after unbonding, or a slash) keeps the reputation it
+            // left with; zero stays zero, so it is never selected again.
+            if (!node.joined) {
+                node.joined = true;
+                node.reputation = INITIAL_REPUTATION;
+            }
         }
         _leaveModels(msg.sender, node);
         node.peerId = peerId;
@@ -165,14 +171,17 @@ contract NodeCoordinator is AccessControl, ReentrancyGuard {
         Node storage node = _nodes[account];
         _settleRewards(account);
         uint256 amount = node.stake + node.unbonding;
+        uint256 forfeited = _rewards[account]; // unclaimed rewards go with the stake
+        _rewards[account] = 0;
         totalStaked -= node.stake;
         node.stake = 0;
         node.unbonding = 0;
         node.reputation = 0;
         if (node.registered) _deregister(account, node);
-        uint256 toReporter = (amount * reporterShareBps) / 10_000;
+        // A node reporting itself gets no reporter share.
+        uint256 toReporter = reporter == account ? 0 : (amount * reporterShareBps) / 10_000;
         if (toReporter > 0) token.safeTransfer(reporter, toReporter);
-        if (amount > toReporter) token.safeTransfer(treasury, amount - toReporter);
+        if (amount + forfeited > toReporter) token.safeTransfer(treasury, amount + forfeited - toReporter);
         emit Slashed(account, reporter, amount, toReporter);
     }
 
@@ -196,7 +205,11 @@ contract NodeCoordinator is AccessControl, ReentrancyGuard {
         if (totalStaked == 0) {
             if (toStakers > 0) token.safeTransfer(treasury, toStakers);
         } else {
-            rewardPerToken += (toStakers * PRECISION) / totalStaked;
+            uint256 increment = (toStakers * PRECISION) / totalStaked;
+            rewardPerToken += increment;
+            // What the per-token rounding cannot pay out goes to the treasury, not limbo.
+            uint256 dust = toStakers - (increment * totalStaked) / PRECISION;
+            if (dust > 0) token.safeTransfer(treasury, dust);
         }
         emit RewardsDistributed(toSigners, toStakers);
     }

@@ -8,9 +8,11 @@ accounts come from anvil's public test mnemonic.
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -52,6 +54,11 @@ class Chain:
         self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
 
 
+def _drain(stream: IO[bytes]) -> None:
+    while stream.read(65536):
+        pass
+
+
 @pytest.fixture(scope="session")
 def anvil_url() -> Iterator[str]:
     process = subprocess.Popen(
@@ -65,11 +72,15 @@ def anvil_url() -> Iterator[str]:
         seen += process.stdout.read1(4096)  # type: ignore[attr-defined]
         url = listening_url(seen)
     assert url is not None, seen.decode(errors="replace")
+    # anvil logs every call; keep reading so it never blocks on a full pipe.
+    drain = threading.Thread(target=_drain, args=(process.stdout,), daemon=True)
+    drain.start()
     try:
         yield url
     finally:
         process.terminate()
         process.wait(10)
+        drain.join(5)
         process.stdout.close()
 
 
