@@ -86,7 +86,6 @@ class InferenceResult:
     text: str
     finish_reason: str
     prompt_tokens: int
-    queued_s: float
     first_token_s: float
     total_s: float
 

@@ -11,10 +11,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pydantic
+import pytest
 import trio
 
 from joynode.chain.anvil import dev_account
 from joynode.chain.deploy import JOY
+from joynode.chain.service import AmountParams, ModelRegistration
 from joynode.chain.watcher import ChainWatcher, RegistryMirror
 from joynode.control.client import ControlClient
 from joynode.messages import ChainEvent
@@ -200,3 +203,28 @@ async def test_local_mode_runs_anvil_deploys_once_and_registers_the_node(tmp_pat
     assert int(second["stake"]) == 1000 * JOY  # not staked twice
     deployment = json.loads((home.config.node.data_dir / "deployment.json").read_text())
     assert deployment["addresses"] == first["contracts"]
+
+
+def test_chain_control_params_are_validated() -> None:
+    ok = ModelRegistration(
+        model="m",
+        price_joy=1,
+        royalty_recipients=[dev_account(3).address.lower()],
+        royalty_bps=[500],
+    )
+    assert ok.royalty_recipients == [dev_account(3).address]
+    for bad in (
+        {"model": "m", "price_joy": 10**13},
+        {"model": "m", "price_joy": 1, "royalty_recipients": ["0x12"], "royalty_bps": [1]},
+        {"model": "m", "price_joy": 1, "royalty_recipients": [], "royalty_bps": [1]},
+        {
+            "model": "m",
+            "price_joy": 1,
+            "royalty_recipients": [dev_account(3).address] * 2,
+            "royalty_bps": [6000, 6000],
+        },
+    ):
+        with pytest.raises(pydantic.ValidationError):
+            ModelRegistration(**bad)
+    with pytest.raises(pydantic.ValidationError):
+        AmountParams(amount_joy=0)

@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import pydantic
 import trio
@@ -54,18 +54,39 @@ def model_key(model_id: str) -> bytes:
     return bytes(keccak(text=model_id))
 
 
+MAX_JOY = 10**12  # more than the whole supply: anything above is a typo
+
+
+def _address(value: str) -> str:
+    if not Web3.is_address(value):
+        raise ValueError(f"not an Ethereum address: {value!r}")
+    return str(Web3.to_checksum_address(value))
+
+
 class AmountParams(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
-    amount_joy: int = pydantic.Field(gt=0)
+    amount_joy: int = pydantic.Field(gt=0, le=MAX_JOY)
 
 
 class ModelRegistration(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
     model: str = pydantic.Field(min_length=1, max_length=256, description="model id (CID)")
-    price_joy: int = pydantic.Field(ge=0)
+    price_joy: int = pydantic.Field(ge=0, le=MAX_JOY)
     committee_size: int = pydantic.Field(3, ge=1, le=16)
-    royalty_recipients: list[str] = pydantic.Field(default_factory=list, max_length=8)
-    royalty_bps: list[int] = pydantic.Field(default_factory=list, max_length=8)
+    royalty_recipients: list[Annotated[str, pydantic.AfterValidator(_address)]] = pydantic.Field(
+        default_factory=list, max_length=8
+    )
+    royalty_bps: list[Annotated[int, pydantic.Field(ge=0, le=10_000)]] = pydantic.Field(
+        default_factory=list, max_length=8
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _royalties_pair_up(self) -> ModelRegistration:
+        if len(self.royalty_recipients) != len(self.royalty_bps):
+            raise ValueError("royalty_recipients and royalty_bps must have the same length")
+        if sum(self.royalty_bps) > 10_000:
+            raise ValueError("royalty_bps add up to more than 10000 (100 %)")
+        return self
 
 
 class ChainService:
@@ -277,7 +298,7 @@ class ChainService:
 
         async def models_register(params: ModelRegistration, _: ControlSession) -> dict[str, Any]:
             market = self._contract("ModelMarketplace")
-            recipients = [Web3.to_checksum_address(r) for r in params.royalty_recipients]
+            recipients = params.royalty_recipients
             receipt = await self._guarded(
                 self.transact(
                     market.functions.registerModel(

@@ -262,7 +262,6 @@ class InferenceService:
                 text="".join(text),
                 finish_reason=finish_reason,
                 prompt_tokens=len(token_ids),
-                queued_s=0.0,
                 first_token_s=round((first or done) - admitted, 6),
                 total_s=round(done - admitted, 6),
             )
