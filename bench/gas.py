@@ -43,7 +43,7 @@ from joynode.chain.artifacts import CONTRACTS, load_artifacts
 from joynode.chain.deploy import JOY, Deployment, DeployParams, deploy_all
 from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.keys import NodeKey
-from joynode.signatures import Eip712Domain, sign
+from joynode.signatures import Eip712Domain, Permit, sign, sign_permit
 
 NODES = 128  # NodeCoordinator.MAX_NODES_PER_MODEL
 ACCOUNTS = NODES + 12
@@ -317,29 +317,18 @@ class Bench:
     def request_with_permit(self, user: LocalAccount, cid: str) -> None:
         token, market = self.contract("JoyToken"), self.contract("ModelMarketplace")
         deadline = self.now() + 3600
-        signed = user.sign_typed_data(
-            domain_data={
-                "name": "JoyNet",
-                "version": "1",
-                "chainId": self.w3.eth.chain_id,
-                "verifyingContract": token.address,
-            },
-            message_types={
-                "Permit": [
-                    {"name": "owner", "type": "address"},
-                    {"name": "spender", "type": "address"},
-                    {"name": "value", "type": "uint256"},
-                    {"name": "nonce", "type": "uint256"},
-                    {"name": "deadline", "type": "uint256"},
-                ]
-            },
-            message_data={
-                "owner": user.address,
-                "spender": market.address,
-                "value": PRICE,
-                "nonce": token.functions.nonces(user.address).call(),
-                "deadline": deadline,
-            },
+        nonce = int(token.functions.nonces(user.address).call())
+        v, r, s_ = sign_permit(
+            user,
+            Permit(
+                self.w3.eth.chain_id,
+                token.address,
+                user.address,
+                market.address,
+                PRICE,
+                nonce,
+                deadline,
+            ),
         )
         model = model_id(cid)
         call = market.functions.requestInferenceWithPermit(
@@ -348,9 +337,9 @@ class Bench:
             PRICE,
             deadline,
             deadline,
-            signed.v,
-            signed.r.to_bytes(32, "big"),
-            signed.s.to_bytes(32, "big"),
+            v,
+            r,
+            s_,
         )
         label = "ModelMarketplace.requestInferenceWithPermit (10 nodes, committee 3, first request)"
         self.tx(user, call, label)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from eth_abi.abi import encode as abi_encode
+from eth_account.signers.local import LocalAccount
 from eth_keys.datatypes import PrivateKey, PublicKey, Signature
 from eth_keys.exceptions import BadSignature
 from eth_utils.crypto import keccak
@@ -119,3 +120,48 @@ class Eip712Domain:
                 )
             )
         )
+
+
+@dataclass(frozen=True)
+class Permit:
+    """An EIP-2612 permit: ``owner`` lets ``spender`` move ``value`` until ``deadline``."""
+
+    chain_id: int
+    token: str
+    owner: str
+    spender: str
+    value: int
+    nonce: int
+    deadline: int
+
+
+PERMIT_DOMAIN_NAME = "JoyNet"  # JoyToken's EIP-712 name (ERC20Permit("JoyNet"))
+
+
+def sign_permit(signer: LocalAccount, permit: Permit) -> tuple[int, bytes, bytes]:
+    """(v, r, s) for ``JoyToken.permit`` / ``requestInferenceWithPermit``."""
+    signed = signer.sign_typed_data(
+        domain_data={
+            "name": PERMIT_DOMAIN_NAME,
+            "version": "1",
+            "chainId": permit.chain_id,
+            "verifyingContract": permit.token,
+        },
+        message_types={
+            "Permit": [
+                {"name": "owner", "type": "address"},
+                {"name": "spender", "type": "address"},
+                {"name": "value", "type": "uint256"},
+                {"name": "nonce", "type": "uint256"},
+                {"name": "deadline", "type": "uint256"},
+            ]
+        },
+        message_data={
+            "owner": permit.owner,
+            "spender": permit.spender,
+            "value": permit.value,
+            "nonce": permit.nonce,
+            "deadline": permit.deadline,
+        },
+    )
+    return int(signed.v), int(signed.r).to_bytes(32, "big"), int(signed.s).to_bytes(32, "big")

@@ -29,7 +29,7 @@ from web3.types import TxReceipt
 from joynode.chain.committee import Candidate, select_committee
 from joynode.chain.deploy import JOY
 from joynode.chain.sender import TransactionFailed
-from joynode.signatures import Eip712Domain, sign
+from joynode.signatures import Eip712Domain, Permit, sign, sign_permit
 from tests.chain_fixtures import Chain, anvil_url, chain, deployed, dev_account, node_key_of
 
 __all__ = ["anvil_url", "chain", "deployed"]  # fixtures used by name below
@@ -957,31 +957,16 @@ def permit_signature(
 ) -> tuple[int, bytes, bytes]:
     """An EIP-2612 permit for the marketplace to spend ``value`` of ``owner``'s JOY."""
     nonce = int(w.token.functions.nonces(owner.address).call())
-    signed = (signer or owner).sign_typed_data(
-        domain_data={
-            "name": "JoyNet",
-            "version": "1",
-            "chainId": w.chain.w3.eth.chain_id,
-            "verifyingContract": w.token.address,
-        },
-        message_types={
-            "Permit": [
-                {"name": "owner", "type": "address"},
-                {"name": "spender", "type": "address"},
-                {"name": "value", "type": "uint256"},
-                {"name": "nonce", "type": "uint256"},
-                {"name": "deadline", "type": "uint256"},
-            ]
-        },
-        message_data={
-            "owner": owner.address,
-            "spender": w.marketplace.address,
-            "value": value,
-            "nonce": nonce,
-            "deadline": deadline,
-        },
+    permit = Permit(
+        w.chain.w3.eth.chain_id,
+        w.token.address,
+        owner.address,
+        w.marketplace.address,
+        value,
+        nonce,
+        deadline,
     )
-    return signed.v, signed.r.to_bytes(32, "big"), signed.s.to_bytes(32, "big")
+    return sign_permit(signer or owner, permit)
 
 
 def test_request_with_permit(chain: Chain) -> None:
