@@ -22,6 +22,7 @@ from eth_utils.exceptions import ValidationError
 from joynode.keys import NodeKey
 
 SIGNATURE_BYTES = 65
+_HALF_ORDER = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
 
 
 class SignatureError(Exception):
@@ -42,6 +43,10 @@ def recover_address(message_digest: bytes, signature: bytes) -> str:
     """The checksummed address that produced ``signature`` over ``message_digest``."""
     if len(signature) != SIGNATURE_BYTES or signature[64] not in (27, 28):
         raise SignatureError("not a 65-byte signature with v in {27, 28}")
+    if int.from_bytes(signature[32:64], "big") > _HALF_ORDER:
+        # As OpenZeppelin's ECDSA: the high-s twin of a signature is refused, so a
+        # signature has one form (our replay cache keys on its bytes).
+        raise SignatureError("signature s is in the upper half of the curve order")
     try:
         recovered = Signature(
             signature[:64] + bytes([signature[64] - 27])

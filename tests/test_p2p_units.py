@@ -15,7 +15,7 @@ from joynode.p2p import gossip, rpc
 from joynode.p2p.gossip import HEARTBEAT, TOPICS, GossipRejected, GossipSigner, GossipVerifier
 from joynode.p2p.peers import PeerState, PeerTable
 from joynode.p2p.scoring import Offence, PeerScorer, TokenBucket
-from joynode.signatures import sign
+from joynode.signatures import SignatureError, digest, recover_address, sign
 
 BEAT = wire.Heartbeat(1, "0.1.0", 1, ["/ip4/127.0.0.1/tcp/1"], ["tiny"], 0, 4)
 
@@ -178,15 +178,21 @@ def test_peer_table_lifecycle(clock: Clock) -> None:
     table.discovered("p", "0xA", ["/ip4/127.0.0.1/tcp/1"])
     assert table.get("p") is not None
     assert table.counts()[PeerState.DISCOVERED] == 1
-    up = table.heartbeat("p", "0xA", BEAT)
+    up = table.heartbeat("p", "0xA", BEAT, sent_ms=1_000)
     assert up is not None
     assert up.state is PeerState.UP
-    assert table.heartbeat("p", "0xA", BEAT) is None  # same seq: a late duplicate
+    assert table.heartbeat("p", "0xA", BEAT, sent_ms=1_000) is None  # a late duplicate
+    assert table.heartbeat("p", "0xA", BEAT, sent_ms=999) is None  # an older one
     clock.now += 11
     down = table.sweep()
     assert [t.state for t in down] == [PeerState.DOWN]
-    restarted = wire.Heartbeat(0, "0.1.0", 1, [], [], 0, 0)  # seq restarts at 0
-    assert table.heartbeat("p", "0xA", restarted) is not None
+    restarted = wire.Heartbeat(0, "0.1.0", 1, [], [], 0, 0)  # seq starts at 0 again
+    assert table.heartbeat("p", "0xA", restarted, sent_ms=12_000) is not None
+    # Even while it still counts as up, a restarted peer's beats are taken.
+    assert table.heartbeat("p", "0xA", restarted, sent_ms=13_000) is None  # no transition
+    record = table.get("p")
+    assert record is not None
+    assert record.heartbeat_sent_ms == 13_000
 
 
 async def test_rpc_framing_over_a_memory_stream() -> None:
@@ -212,3 +218,15 @@ async def test_rpc_framing_over_a_memory_stream() -> None:
     await short_left.aclose()
     with pytest.raises(rpc.RpcFailure, match="stream ended 3 bytes into a 256-byte read"):
         await rpc.read_frame(Stream(short_right), 1024)
+
+
+def test_high_s_twin_of_a_signature_is_refused() -> None:
+    key = NodeKey.generate()
+    message = digest(b"test", b"hello")
+    signature = sign(key, message)
+    assert recover_address(message, signature) == key.address
+    order = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+    s = int.from_bytes(signature[32:64], "big")
+    twin = signature[:32] + (order - s).to_bytes(32, "big") + bytes([55 - signature[64]])
+    with pytest.raises(SignatureError, match="upper half"):
+        recover_address(message, twin)

@@ -151,7 +151,10 @@ class ChainWatcher:
         applied: list[ChainEvent] = []
         if target > cursor.block:
             end = min(target, cursor.block + self._range)
-            raw_logs, end_hash = await self._rpc(self._fetch, cursor.block + 1, end)
+            fetched = await self._rpc(self._fetch, cursor.block + 1, end, cursor.block_hash)
+            if fetched is None:  # the chain moved under us: the next poll sorts it out
+                return retracted
+            raw_logs, end_hash = fetched
             events = [e for e in (self._decoder.decode(r) for r in raw_logs) if e is not None]
             chain_id = self._deployment.chain_id
             applied = await self._state.write(
@@ -169,11 +172,29 @@ class ChainWatcher:
         except BlockNotFound:
             return None
 
-    def _fetch(self, start: int, end: int) -> tuple[list[Any], str]:
+    def _fetch(self, start: int, end: int, parent_hash: str) -> tuple[list[Any], str] | None:
+        """Logs of blocks ``start..end`` and the hash of ``end``; None if a reorg interfered.
+
+        The range must continue the cursor's branch (``start``'s parent is the
+        cursor block) and ``end`` must be the same block before and after the
+        log query, so the logs all come from one branch.
+        """
+        if parent_hash:
+            first = self._w3.eth.get_block(start)
+            if HexBytes(first["parentHash"]).to_0x_hex() != parent_hash:
+                return None
+        end_hash = self._block_hash(end)
         logs = self._w3.eth.get_logs(
             {"fromBlock": start, "toBlock": end, "address": self._decoder.addresses}
         )
-        return list(logs), self._block_hash(end)
+        if self._hash_or_none(end) != end_hash:
+            return None
+        wrong_branch = [
+            log
+            for log in logs
+            if int(log["blockNumber"]) == end and HexBytes(log["blockHash"]).to_0x_hex() != end_hash
+        ]
+        return None if wrong_branch else (list(logs), end_hash)
 
     async def _find_fork(self) -> Cursor:
         known = await self._state.read(

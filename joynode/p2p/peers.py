@@ -39,6 +39,7 @@ class PeerRecord:
     queue_depth: int = 0
     capacity: int = 0
     heartbeat_seq: int = -1
+    heartbeat_sent_ms: int = -1
 
     def to_json(self, now: float) -> dict[str, object]:
         return {
@@ -101,10 +102,18 @@ class PeerTable:
         record.state = PeerState.UP
         return Transition(peer_id, PeerState.UP)
 
-    def heartbeat(self, peer_id: str, address: str, beat: wire.Heartbeat) -> Transition | None:
+    def heartbeat(
+        self, peer_id: str, address: str, beat: wire.Heartbeat, sent_ms: int
+    ) -> Transition | None:
+        """A verified heartbeat signed at ``sent_ms``; older ones than the last are ignored.
+
+        Ordered by the signed send time, not the sequence number, which a
+        restarted peer begins again at 0.
+        """
         record = self._record(peer_id, address)
-        if beat.seq <= record.heartbeat_seq and record.version == beat.version:
-            return None  # an old heartbeat delivered late; the newer one already counted
+        if sent_ms <= record.heartbeat_sent_ms:
+            return None  # an old heartbeat delivered late; a newer one already counted
+        record.heartbeat_sent_ms = sent_ms
         record.heartbeat_seq = beat.seq
         record.version = beat.version
         record.protocol = beat.protocol
@@ -123,7 +132,6 @@ class PeerTable:
             silent = record.last_seen is not None and now - record.last_seen > self._timeout_s
             if record.state is PeerState.UP and silent:
                 record.state = PeerState.DOWN
-                record.heartbeat_seq = -1  # a restarted peer counts from 0 again
                 self._dirty.add(record.peer_id)
                 changes.append(Transition(record.peer_id, PeerState.DOWN))
         return changes

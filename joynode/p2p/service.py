@@ -264,7 +264,11 @@ class P2PService:
             if origin == self.peer_id:
                 continue
             if isinstance(verified.message, wire.Heartbeat):
-                self._note(self.peers.heartbeat(origin, verified.signer, verified.message))
+                self._note(
+                    self.peers.heartbeat(
+                        origin, verified.signer, verified.message, verified.sent_ms
+                    )
+                )
             channel = self._gossip_send.get(topic.name)
             if channel is not None:
                 await channel.send(verified)
