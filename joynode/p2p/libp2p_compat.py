@@ -34,6 +34,13 @@ setup.cfg because item 1 touches a private name.
    (py-libp2p's swarm dial path; harmless for a process that is exiting). The
    in-process p2p tests tolerate that ResourceWarning (tests/factories.py,
    LIBP2P_TEARDOWN_LEAK). Drop the tolerance when py-libp2p closes it.
+9. Pubsub caches a validator's verdict per message id for 300 s. joynode's
+   validator also refuses copies for reasons of the forwarder (rate limit),
+   and a cached refusal would then drop the same message from honest
+   forwarders too. The cache is turned off (ttl 0): valid messages are still
+   deduplicated by pubsub's seen cache before validation, invalid copies are
+   checked again (one ecrecover) and cost each forwarder that sends one.
+   Keep while the validator judges forwarders.
 """
 
 from __future__ import annotations
@@ -113,7 +120,13 @@ async def running_stack(
     )
     host.get_network().auto_connector.maybe_connect = _dial_nothing  # type: ignore[attr-defined]  # 5.
     router = _make_router()
-    pubsub = Pubsub(host, router, strict_signing=True, max_inbound_rpc_size=max_rpc_bytes)
+    pubsub = Pubsub(
+        host,
+        router,
+        strict_signing=True,
+        max_inbound_rpc_size=max_rpc_bytes,
+        validation_cache_ttl=0,  # 9.
+    )
     dht = KadDHT(host, DHTMode.SERVER, max_peers_per_subnet=0)  # 3.
     async with AsyncExitStack() as stack:
         # 4.
