@@ -198,7 +198,9 @@ class P2PService:
                     nursery.start_soon(self._discovery_loop)
                     for peer_id, addr in self._bootstrap.items():
                         if peer_id != self.peer_id:
-                            nursery.start_soon(self._dial_quietly, Multiaddr(addr))
+                            nursery.start_soon(
+                                self._dial_quietly, info_from_p2p_addr(Multiaddr(addr))
+                            )
                     log.info("p2p listening on %s", ", ".join(self.listen_addrs()))
                     task_status.started()
             finally:
@@ -466,9 +468,10 @@ class P2PService:
         self._metrics.dials.labels("out", "ok").inc()
         return peer
 
-    async def _dial_quietly(self, addr: Multiaddr) -> None:
+    async def _dial_quietly(self, info: PeerInfo) -> None:
+        """Background dials (bootstrap, discovery, reconnection): failures are routine."""
         try:
-            await self._dial(info_from_p2p_addr(addr))
+            await self._dial(info)
         except P2PError as exc:
             log.debug("%s", exc)
 
@@ -501,13 +504,7 @@ class P2PService:
                     room = self._settings.max_peers - len(connected)
                     if peer_id not in connected and room > 0:
                         connected.add(peer_id)
-                        dials.start_soon(self._dial_info_quietly, PeerInfo(peer_id, addrs))
-
-    async def _dial_info_quietly(self, info: PeerInfo) -> None:
-        try:
-            await self._dial(info)
-        except P2PError as exc:
-            log.debug("%s", exc)
+                        dials.start_soon(self._dial_quietly, PeerInfo(peer_id, addrs))
 
     async def _upkeep_loop(self) -> None:
         persisted = time.monotonic()
@@ -559,7 +556,7 @@ class P2PService:
             except Exception as exc:  # multiaddr raises several unrelated types
                 log.debug("not redialing %s: bad stored address (%s)", peer, exc)
                 continue
-            dials.start_soon(self._dial_info_quietly, info)
+            dials.start_soon(self._dial_quietly, info)
 
     def _lift_expired_bans(self) -> None:
         stack = self._require_stack()
