@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
+
+if TYPE_CHECKING:
+    from joynode.p2p.scoring import Offence
 
 
 class Actor(Protocol):
@@ -21,3 +25,40 @@ class Actor(Protocol):
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None: ...
+
+
+class NetStream(Protocol):
+    """The part of a libp2p stream the node's protocols use."""
+
+    async def read(self, n: int | None = None) -> bytes: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def get_protocol(self) -> str: ...
+
+
+StreamHandler = Callable[[Any], Awaitable[None]]
+
+
+class ContentNetwork(Protocol):
+    """What the storage actor needs of the p2p actor (``P2PService`` provides it)."""
+
+    peer_id: str
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None: ...
+
+    async def open_stream(self, peer_id: str, protocols: Sequence[str]) -> NetStream: ...
+
+    def connected_peers(self) -> list[str]: ...
+
+    async def provide(self, key: bytes) -> bool: ...
+
+    async def find_providers(self, key: bytes, count: int) -> list[tuple[str, list[str]]]: ...
+
+    async def connect(self, addr: str) -> str: ...
+
+    def penalize(self, peer: str, offence: Offence) -> None: ...
+
+    def is_banned(self, peer: str) -> bool: ...

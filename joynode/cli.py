@@ -91,14 +91,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--treasury", help="treasury address (default: the node's own account)")
     p.add_argument("--force", action="store_true", help="deploy again even if the file is live")
 
-    p = commands.add_parser("models", help="prepare model folders")
+    p = commands.add_parser("models", help="prepare, identify, publish and fetch models")
     models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     m = models.add_parser("prepare", help=f"build a model folder ({', '.join(PREPARABLE)})")
     m.add_argument("name", choices=PREPARABLE)
     m.add_argument("--out", type=Path, help="target folder (default: models/NAME)")
     m.add_argument("--force", action="store_true", help="rebuild even if the folder exists")
-    m = models.add_parser("id", help="print the content hash that identifies a model folder")
+    m = models.add_parser("id", help="print a model folder's CID (its id), without a node")
     m.add_argument("path", type=Path)
+    m = models.add_parser(
+        "publish", help="add a model folder to the running node's store; print its CID"
+    )
+    _config_arg(m)
+    m.add_argument("path", type=Path)
+    m = models.add_parser(
+        "fetch", help="fetch a model by CID from peers into the running node's model cache"
+    )
+    _config_arg(m)
+    m.add_argument("cid")
 
     commands.add_parser("version", help="print the joynode version")
     return parser
@@ -158,6 +168,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.models_command == "publish":
+        return _control_call(args.config, "models.publish", {"path": str(args.path.resolve())})
+    if args.models_command == "fetch":
+        return _control_call(args.config, "models.fetch", {"cid": args.cid})
     try:
         if args.models_command == "id":
             print(model_id(args.path))
@@ -261,8 +275,6 @@ async def _serve_until_signal(node: Node) -> None:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    token = ControlToken.load(config.control.token_file)
     params: dict[str, Any] | None = None
     if args.params is not None:
         try:
@@ -271,9 +283,16 @@ def cmd_ctl(args: argparse.Namespace) -> int:
             raise UsageError(f"params are not valid JSON: {exc}") from None
         if not isinstance(params, dict):
             raise UsageError("params must be a JSON object of named params")
+    return _control_call(args.config, args.method, params)
+
+
+def _control_call(config_path: Path, method: str, params: dict[str, Any] | None) -> int:
+    """Call one control method on the running node; print the JSON result (exit 0) or error."""
+    config = load_config(config_path)
+    token = ControlToken.load(config.control.token_file)
     url = _control_url(config)
     try:
-        result = trio.run(_call, url, token.value, args.method, params)
+        result = trio.run(_call, url, token.value, method, params)
     except RpcError as exc:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_FAILURE
@@ -306,6 +325,9 @@ async def _call(url: str, token: str, method: str, params: dict[str, Any] | None
         if isinstance(params, dict) and isinstance(params.get("text"), str):
             sys.stderr.write(params["text"])
             streamed = True
+        elif notification.get("method") == "storage.progress" and isinstance(params, dict):
+            sys.stderr.write("\r" + _describe_progress(params))
+            streamed = True
         else:
             sys.stderr.write(json.dumps(notification) + "\n")
         sys.stderr.flush()
@@ -315,6 +337,17 @@ async def _call(url: str, token: str, method: str, params: dict[str, Any] | None
     if streamed:
         sys.stderr.write("\n")
     return result
+
+
+def _describe_progress(progress: dict[str, Any]) -> str:
+    """One status line for add/fetch progress, rewritten in place."""
+    done = progress.get("bytes", 0) / 1e6
+    total = progress.get("total_bytes")
+    of_total = f" of {total / 1e6:.1f}" if isinstance(total, int) else ""
+    peers = progress.get("peers")
+    from_peers = f" from {peers} peer{'s' * (peers != 1)}" if isinstance(peers, int) else ""
+    blocks = f", {progress['blocks']} blocks" if "blocks" in progress else ""
+    return f"{progress.get('op', 'storage')}: {done:.1f}{of_total} MB{blocks}{from_peers}   "
 
 
 _COMMANDS = {

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import pydantic
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from joynode.storage.cid import Cid, CidError
+
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names each bad key path."""
@@ -178,9 +180,56 @@ class P2PSection(_Section):
     ban_s: Seconds = Field(300.0, description="How long a banned peer is refused.")
 
 
+def _cid(value: str) -> str:
+    try:
+        Cid.parse(value)
+    except CidError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+CidStr = Annotated[StrictStr, AfterValidator(_cid)]
+
+
 class ModelEntry(_Section):
     name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
-    path: Path = Field(description="A prepared model folder (see `joynode models prepare`).")
+    path: Path | None = Field(
+        None, description="A prepared model folder (see `joynode models prepare`)."
+    )
+    cid: CidStr | None = Field(
+        None,
+        description="The model's CID (`joynode models publish`): fetched from peers into the "
+        "model cache on first start.",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _path_or_cid(self) -> ModelEntry:
+        if (self.path is None) == (self.cid is None):
+            raise ValueError("give either path or cid")
+        return self
+
+
+class StorageSection(_Section):
+    quota_gib: float = Field(
+        50.0,
+        gt=0,
+        le=1 << 20,
+        description="Most the block store may hold; adds and fetches "
+        "beyond it fail until `storage.gc` frees space.",
+    )
+    cid_version: Literal[0, 1] = Field(
+        0, description="CID version of added content: 0 as kubo's default, 1 with raw leaves."
+    )
+    provide: StrictBool = Field(True, description="Announce pinned content on the DHT.")
+    fetch_window: StrictInt = Field(
+        32, ge=1, le=1024, description="Blocks asked for at once during a fetch."
+    )
+    block_timeout_s: Seconds = Field(
+        10.0, description="A block a peer has not sent in this time is asked of another."
+    )
+    stall_timeout_s: Seconds = Field(
+        60.0, description="A fetch fails when no block arrives for this long."
+    )
 
 
 class InferenceSection(_Section):
@@ -246,6 +295,7 @@ class Config(_Section):
     control: ControlSection = ControlSection()
     http: HttpSection = HttpSection()
     p2p: P2PSection = P2PSection()
+    storage: StorageSection = StorageSection()
     inference: InferenceSection = InferenceSection()
     chain: ChainSection = ChainSection()
     log: LogSection = LogSection()
@@ -314,7 +364,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     inference = config.inference.model_copy(
         update={
             "models": [
-                m.model_copy(update={"path": resolve(m.path)}) for m in config.inference.models
+                m.model_copy(update={"path": resolve(m.path)}) if m.path else m
+                for m in config.inference.models
             ]
         }
     )

@@ -9,10 +9,13 @@ cancels the rest at once (fail-fast).
 Actor graph (arrows are memory channels, named by direction and payload)::
 
     state      StateStore        (SQLite; others call it, it sends nothing)
-    inference  InferenceService  <--InferenceRequest-- control (infer.local)
-                                 --TokenDelta/InferenceResult/InferenceFailure--> requester
     p2p        P2PService        (libp2p host, gossip, DHT, /joynet/rpc; peer table in
                                   state; heartbeats carry inference.serving_status())
+    storage    StorageService    (block store on disk, Bitswap on the p2p host, DHT
+                                  provider records, pins in state; serves models by CID)
+    inference  InferenceService  <--InferenceRequest-- control (infer.local)
+                                 --TokenDelta/InferenceResult/InferenceFailure--> requester
+                                 (models given by CID come from storage.materialize_model)
     chain      ChainService      (chain.mode local/rpc: anvil or RPC, deployment, watcher ->
                                   registry mirror in state, transaction sender)
     http       HttpServer        (reads the metrics registry and the supervisor's health)
@@ -45,6 +48,7 @@ from joynode.keys import ControlToken, NodeKey
 from joynode.messages import InferenceRequest, ShutdownRequest
 from joynode.p2p.service import P2PService
 from joynode.state import StateStore
+from joynode.storage.service import StorageService
 from joynode.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -83,13 +87,20 @@ class Node:
         inference_send, inference_receive = trio.open_memory_channel[InferenceRequest](64)
 
         self.state = StateStore(config.node.data_dir / "state.db", __version__)
+        self.p2p = P2PService(
+            config.p2p, key, self.state, self.registry, lambda: self.inference.serving_status()
+        )
+        self.storage = StorageService(
+            config.storage, config.node.data_dir, self.state, self.p2p, self.registry
+        )
         self.inference = InferenceService(
-            config.inference, self.registry, inference_receive, engines=engines
+            config.inference,
+            self.registry,
+            inference_receive,
+            engines=engines,
+            materialize=self.storage.materialize_model,
         )
         self.inference_client = InferenceClient(inference_send)
-        self.p2p = P2PService(
-            config.p2p, key, self.state, self.registry, self.inference.serving_status
-        )
         self.chain = (
             ChainService(
                 config.chain,
@@ -111,6 +122,7 @@ class Node:
                 [
                     *self._control_methods(),
                     *self.p2p.control_methods(),
+                    *self.storage.control_methods(),
                     *self.inference.control_methods(self.inference_client),
                     *(self.chain.control_methods() if self.chain is not None else []),
                 ]
@@ -124,8 +136,9 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 await self.supervisor.start(nursery, self.state)
-                await self.supervisor.start(nursery, self.inference)
                 await self.supervisor.start(nursery, self.p2p)
+                await self.supervisor.start(nursery, self.storage)
+                await self.supervisor.start(nursery, self.inference)
                 if self.chain is not None:
                     await self.supervisor.start(nursery, self.chain)
                 if self.config.http.enabled:

@@ -96,6 +96,15 @@ MIGRATIONS: tuple[str, ...] = (
         committee   TEXT NOT NULL
     ) STRICT;
     """,
+    """
+    CREATE TABLE pins (
+        cid         TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        complete    INTEGER NOT NULL,
+        size        INTEGER NOT NULL,
+        created_at  REAL NOT NULL
+    ) STRICT;
+    """,
 )
 
 

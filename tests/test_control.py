@@ -50,8 +50,9 @@ async def test_status_with_bearer_header(home: NodeHome) -> None:
     assert status["boot"] == 1
     assert {name: a["state"] for name, a in status["actors"].items()} == {
         "state": "ready",
-        "inference": "ready",
         "p2p": "ready",
+        "storage": "ready",
+        "inference": "ready",
         "http": "ready",
         "control": "ready",
     }

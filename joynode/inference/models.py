@@ -1,8 +1,9 @@
 """Model folders: their content hash, and preparing the models joynode ships with.
 
 A model is a Hugging Face folder (config, weights, tokenizer) that vLLM loads.
-It is identified by a content hash of the folder, so two nodes that say they
-serve the same model id hold the same bytes. Nothing is downloaded from a hub:
+It is identified by the folder's CID (UnixFS, as kubo would add it), so two
+nodes that say they serve the same model id hold the same bytes, and a node can
+fetch the model from peers by that id. Nothing is downloaded from a hub:
 
 - ``tiny``: a seeded 2-layer Llama (head size 32, the least vLLM's CPU
   attention takes) with a byte-level BPE tokenizer trained on a fixed text; the
@@ -18,13 +19,14 @@ CLI command, never on the node's event loop.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from joynode.storage.unixfs import Importer
 
 CHUNK = 1 << 20
 PREPARABLE = ("tiny", "smollm2")
@@ -37,17 +39,10 @@ class ModelError(Exception):
 
 
 def model_id(folder: Path) -> str:
-    """``sha256:<hex>`` over every file's relative path and contents, in path order."""
+    """The folder's CID as ``ipfs add -r`` (kubo defaults) computes it: what peers fetch it by."""
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder} is not a model folder (no config.json)")
-    outer = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        inner = hashlib.sha256()
-        with path.open("rb") as handle:
-            while chunk := handle.read(CHUNK):
-                inner.update(chunk)
-        outer.update(path.relative_to(folder).as_posix().encode() + b"\0" + inner.digest())
-    return "sha256:" + outer.hexdigest()
+    return str(Importer(lambda cid, block: None).import_path(folder).cid)
 
 
 def prepare(name: str, out: Path, report: Report = print) -> str:

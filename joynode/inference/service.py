@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -27,7 +28,7 @@ from joynode.control import jsonrpc
 from joynode.control.jsonrpc import RpcError
 from joynode.control.methods import ControlMethod, ControlSession, NoParams
 from joynode.inference.engine import EngineError, EngineSpec, VllmEngine
-from joynode.inference.models import model_id
+from joynode.inference.models import ModelError, model_id
 from joynode.messages import (
     ChatMessage,
     FailureCode,
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 REPLY_BUFFER = 64
 EngineStarter = Callable[[EngineSpec], Awaitable[VllmEngine]]
+ModelFetcher = Callable[[str], Awaitable[Path]]
 
 
 async def start_engine(spec: EngineSpec) -> VllmEngine:
@@ -90,19 +92,20 @@ class InferenceService:
         *,
         engines: Mapping[str, VllmEngine] | None = None,
         start: EngineStarter = start_engine,
+        materialize: ModelFetcher | None = None,
     ) -> None:
+        """``materialize(cid)``: the local folder of a model given by CID (the storage actor)."""
         self._settings = settings
         self._requests = requests_receive
         self._borrowed = dict(engines or {})
         self._start = start
+        self._materialize = materialize
         self.models: dict[str, LoadedModel] = {}
         self._metrics = _InferenceMetrics(registry)
 
-    def spec(self, entry: ModelEntry) -> EngineSpec:
+    def spec(self, path: Path) -> EngineSpec:
         s = self._settings
-        return EngineSpec(
-            entry.path, s.dtype, s.device, s.max_num_seqs, s.max_model_len, s.kv_cache_gib
-        )
+        return EngineSpec(path, s.dtype, s.device, s.max_num_seqs, s.max_model_len, s.kv_cache_gib)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -120,9 +123,17 @@ class InferenceService:
 
     async def _load(self, entry: ModelEntry) -> None:
         began = trio.current_time()
-        identity = await trio.to_thread.run_sync(model_id, entry.path)
+        if entry.cid is not None:
+            if self._materialize is None:
+                raise ModelError(f"model {entry.name} is given by CID but there is no store")
+            path = await self._materialize(entry.cid)
+            identity = entry.cid  # the store verified every block against it
+        else:
+            assert entry.path is not None  # the config allows exactly one of the two
+            path = entry.path
+            identity = await trio.to_thread.run_sync(model_id, path)
         borrowed = self._borrowed.get(entry.name)
-        engine = borrowed or await self._start(self.spec(entry))
+        engine = borrowed or await self._start(self.spec(path))
         self.models[entry.name] = LoadedModel(entry.name, identity, engine, borrowed is None)
         log.info("model %s ready in %.1f s: %s", entry.name, trio.current_time() - began, identity)
 

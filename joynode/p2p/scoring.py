@@ -18,11 +18,24 @@ from dataclasses import dataclass, field
 
 
 class Offence(enum.Enum):
-    """What a peer did wrong, and what it costs (its ``value``)."""
+    """What a peer did wrong; ``cost`` is what it takes off the peer's score."""
 
-    INVALID_GOSSIP = 20.0
-    INVALID_REQUEST = 20.0
-    RATE_LIMITED = 2.0
+    INVALID_GOSSIP = "invalid_gossip"
+    INVALID_REQUEST = "invalid_request"
+    RATE_LIMITED = "rate_limited"
+    BAD_BLOCK = "bad_block"  # served bytes that do not hash to the CID asked for
+
+    @property
+    def cost(self) -> float:
+        return _OFFENCE_COST[self]
+
+
+_OFFENCE_COST = {
+    Offence.INVALID_GOSSIP: 20.0,
+    Offence.INVALID_REQUEST: 20.0,
+    Offence.RATE_LIMITED: 2.0,
+    Offence.BAD_BLOCK: 50.0,
+}
 
 
 class TokenBucket:
@@ -97,7 +110,7 @@ class PeerScorer:
         standing.offences[offence.name.lower()] = standing.offences.get(offence.name.lower(), 0) + 1
         if self.is_banned(peer):
             return False
-        standing.score -= offence.value
+        standing.score -= offence.cost
         if standing.score > self.ban_score:
             return False
         standing.banned_until = self._clock() + self.ban_s

@@ -23,13 +23,14 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pydantic
 import trio
 from libp2p.abc import INotifee
+from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -38,6 +39,7 @@ from multiaddr import Multiaddr
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from joynode import __version__, wire
+from joynode.abc import NetStream, StreamHandler
 from joynode.config import P2PSection
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession, NoParams
@@ -236,7 +238,7 @@ class P2PService:
             return False
         if not self.scorer.allow_gossip(sender):
             self._metrics.rate_limited.labels("gossip").inc()
-            self._penalize(sender, Offence.RATE_LIMITED)
+            self.penalize(sender, Offence.RATE_LIMITED)
             return False
         try:
             verified = self._verifier.verify(topic, msg.data, msg.from_id)
@@ -248,7 +250,7 @@ class P2PService:
             # Staleness depends on clocks and duplicates can be made by the origin:
             # an honest forwarder could hand us either, so neither costs it score.
             if rejected.reason not in ("stale", "duplicate"):
-                self._penalize(sender, Offence.INVALID_GOSSIP)
+                self.penalize(sender, Offence.INVALID_GOSSIP)
             return False
         self._verified[(msg.from_id, msg.seqno)] = verified
         while len(self._verified) > VERIFIED_CACHE:
@@ -360,13 +362,13 @@ class P2PService:
             return "banned"
         if not self.scorer.allow_request(peer):
             self._metrics.rate_limited.labels("rpc").inc()
-            self._penalize(peer, Offence.RATE_LIMITED)
+            self.penalize(peer, Offence.RATE_LIMITED)
             await rpc.write_frame(stream, wire.ErrorReply(429, "rate limited"))
             return "rate_limited"
         try:
             request = await rpc.read_frame(stream, self._settings.max_message_bytes)
         except (wire.WireError, rpc.RpcFailure) as exc:
-            self._penalize(peer, Offence.INVALID_REQUEST)
+            self.penalize(peer, Offence.INVALID_REQUEST)
             await rpc.write_frame(stream, wire.ErrorReply(400, str(exc)[:1024]))
             return "invalid"
         handler = self._rpc_handlers.get(type(request))
@@ -384,13 +386,52 @@ class P2PService:
     async def _on_ping(self, peer: str, ping: wire.Ping) -> wire.Message:
         return wire.Pong(ping.nonce)
 
+    # ---- streams and content routing (for the storage actor)
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        self._require_stack().host.set_stream_handler(TProtocol(protocol), handler)
+
+    async def open_stream(self, peer_id: str, protocols: Sequence[str]) -> NetStream:
+        """A new stream to ``peer_id`` (dialing it from the peerstore if needed)."""
+        stack = self._require_stack()
+        stream = await stack.host.new_stream(
+            ID.from_base58(peer_id), [TProtocol(p) for p in protocols]
+        )
+        return cast(NetStream, stream)
+
+    def connected_peers(self) -> list[str]:
+        """Peers with a live connection, JoyNet nodes and IPFS peers alike."""
+        network = self._require_stack().host.get_network()
+        return [
+            peer.to_base58()
+            for peer, conns in network.get_connections_map().items()
+            if conns and not self.scorer.is_banned(peer.to_base58())
+        ]
+
+    async def provide(self, key: bytes) -> bool:
+        """Announce on the DHT that this node provides ``key`` (a multihash)."""
+        return await self._require_stack().dht.provider_store.provide(key)
+
+    async def find_providers(self, key: bytes, count: int) -> list[tuple[str, list[str]]]:
+        """Peers the DHT says provide ``key``, with their addresses (this node excluded)."""
+        found = await self._require_stack().dht.provider_store.find_providers(key, count)
+        return [
+            (info.peer_id.to_base58(), [str(a) for a in info.addrs])
+            for info in found
+            if info.peer_id.to_base58() != self.peer_id
+        ]
+
+    def is_banned(self, peer: str) -> bool:
+        return self.scorer.is_banned(peer)
+
     # ---- peers, connections, bans
 
     def _note(self, transition: Transition | None) -> None:
         if transition is not None:
             log.info("peer %s is %s", transition.peer_id, transition.state.value)
 
-    def _penalize(self, peer: str, offence: Offence) -> None:
+    def penalize(self, peer: str, offence: Offence) -> None:
+        """Lower ``peer``'s score; ban it when the score falls through the floor (never blocks)."""
         self._metrics.penalties.labels(offence.name.lower()).inc()
         if self.scorer.penalize(peer, offence):
             # Called from libp2p's validator and stream handlers: never block or raise there.
@@ -428,8 +469,9 @@ class P2PService:
                 continue
             address = address_of_peer(peer_id.to_bytes())
             if address is None:
-                log.info("disconnecting %s: not a secp256k1 peer, so not a JoyNet node", peer)
-                await self._disconnect(peer)
+                # Not a JoyNet node (their keys are secp256k1): an IPFS peer such as
+                # kubo, welcome for Bitswap but not in the peer table.
+                log.debug("connected to %s, an IPFS peer (not a JoyNet node)", peer)
                 continue
             self.peers.discovered(peer, address, [str(a) for a in self._known_addrs(peer_id)])
             self._note(self.peers.heard(peer, address))
