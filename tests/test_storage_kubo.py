@@ -45,7 +45,8 @@ def pseudo_random(size: int, seed: str) -> bytes:
 
 
 def hashed(path: Path, *, include_hidden: bool = False) -> str:
-    return str(Importer(lambda cid, block: None, include_hidden=include_hidden).import_path(path).cid)
+    importer = Importer(lambda cid, block: None, include_hidden=include_hidden)
+    return str(importer.import_path(path).cid)
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -119,7 +120,8 @@ async def test_joynode_fetches_files_published_by_kubo(tmp_path: Path) -> None:
         await connected(node, kubo)
         for path, cid in cids.items():
             progress = await node.storage.fetch(Cid.parse(cid))
-            assert progress.done and progress.peers == 1
+            assert progress.done
+            assert progress.peers == 1
             out = tmp_path / f"out-{path.name}"
             await node.storage.export(Cid.parse(cid), out)
             if path.is_dir():
@@ -128,5 +130,5 @@ async def test_joynode_fetches_files_published_by_kubo(tmp_path: Path) -> None:
                 assert out.read_bytes() == path.read_bytes()
         assert node.storage.bitswap.stats.bad_blocks == 0
         stat = await node.storage.stat(Cid.parse(cids[big]))
-        assert stat["complete"] and stat["blocks"] == MAX_LINKS + 4 + 2 + 1
-
+        assert stat["complete"]
+        assert stat["blocks"] == MAX_LINKS + 4 + 2 + 1

@@ -55,7 +55,10 @@ class Cid:
             raise CidError("a CID is a non-empty string")
         try:
             if len(text) == 46 and text.startswith("Qm"):
-                return cls.from_bytes(base58.b58decode(text))
+                raw = base58.b58decode(text)
+                if len(raw) != 34 or raw[:2] != _MULTIHASH_PREFIX:
+                    raise CidError(f"{text!r} is not a valid CIDv0")
+                return cls(0, DAG_PB, raw[2:])
             if text[0] == "b":
                 body = text[1:].upper()
                 return cls.from_bytes(base64.b32decode(body + "=" * (-len(body) % 8)))

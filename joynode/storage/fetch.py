@@ -27,7 +27,7 @@ import trio
 from joynode.abc import ContentNetwork
 from joynode.storage.bitswap import Bitswap
 from joynode.storage.bitswap_messages import BitswapMessage, WantEntry, WantType
-from joynode.storage.blockstore import BlockNotFound, Blockstore
+from joynode.storage.blockstore import BlockNotFound, Blockstore, StoreFull
 from joynode.storage.cid import Cid
 from joynode.storage.unixfs import UnixfsError, links_of
 
@@ -136,15 +136,20 @@ class FetchSession:
 
     async def run(self) -> FetchProgress:
         self._last_block_at = trio.current_time()
-        async with trio.open_nursery() as nursery:
+        failure: FetchFailed | StoreFull | None = None
+        async with trio.open_nursery() as nursery:  # dials and provider searches
             try:
                 for addr in self._hinted:
                     nursery.start_soon(self._connect, addr)
                 await self._walk(nursery)
+            except (FetchFailed, StoreFull) as exc:
+                failure = exc  # raised below, outside the nursery's exception group
             finally:
                 for want in self._wants.values():
                     self._bitswap.unlisten(self, want.cid)
                 nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         progress = self._progress(done=True)
         if self._on_progress is not None:
             await self._on_progress(progress)
