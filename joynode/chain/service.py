@@ -31,7 +31,7 @@ from joynode.chain.artifacts import load_artifacts
 from joynode.chain.deploy import JOY, Deployment, DeployParams, deploy_all
 from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender, wait_for_chain
 from joynode.chain.watcher import ChainWatcher, RegistryMirror
-from joynode.config import ChainSection
+from joynode.config import ChainSection, CidStr
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession, NoParams
 from joynode.keys import NodeKey
@@ -70,7 +70,7 @@ class AmountParams(pydantic.BaseModel):
 
 class ModelRegistration(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
-    model: str = pydantic.Field(min_length=1, max_length=256, description="model id (CID)")
+    model: CidStr = pydantic.Field(max_length=256, description="model id (its CID)")
     price_joy: int = pydantic.Field(ge=0, le=MAX_JOY)
     committee_size: int = pydantic.Field(3, ge=1, le=16)
     royalty_recipients: list[Annotated[str, pydantic.AfterValidator(_address)]] = pydantic.Field(
