@@ -205,24 +205,28 @@ async def test_local_mode_runs_anvil_deploys_once_and_registers_the_node(tmp_pat
     assert deployment["addresses"] == first["contracts"]
 
 
+MODEL_CID = "QmbFMke1KXqnYyBBWxB74N4c5SBnJMVAiMNRcGu6x1AwQH"
+
+
 def test_chain_control_params_are_validated() -> None:
     ok = ModelRegistration(
-        model="m",
+        model=MODEL_CID,
         price_joy=1,
         royalty_recipients=[dev_account(3).address.lower()],
         royalty_bps=[500],
     )
     assert ok.royalty_recipients == [dev_account(3).address]
     for bad in (
-        {"model": "m", "price_joy": 10**13},
-        {"model": "m", "price_joy": 1, "royalty_recipients": ["0x12"], "royalty_bps": [1]},
-        {"model": "m", "price_joy": 1, "royalty_recipients": [], "royalty_bps": [1]},
+        {"model": MODEL_CID, "price_joy": 10**13},
+        {"model": MODEL_CID, "price_joy": 1, "royalty_recipients": ["0x12"], "royalty_bps": [1]},
+        {"model": MODEL_CID, "price_joy": 1, "royalty_recipients": [], "royalty_bps": [1]},
         {
-            "model": "m",
+            "model": MODEL_CID,
             "price_joy": 1,
             "royalty_recipients": [dev_account(3).address] * 2,
             "royalty_bps": [6000, 6000],
         },
+        {"model": "not-a-cid", "price_joy": 1},
     ):
         with pytest.raises(pydantic.ValidationError):
             ModelRegistration(**bad)

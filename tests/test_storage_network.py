@@ -334,3 +334,28 @@ async def test_garbage_and_unsolicited_blocks_from_a_raw_peer_cost_it(tmp_path: 
         done = await b.storage.fetch(cid)
         assert done.done
         assert done.fetched_blocks == 3
+
+
+async def test_a_provider_announced_on_the_dht_is_found_and_fetched_from(tmp_path: Path) -> None:
+    """C knows only the hub B; A, which has the file, is found through the DHT."""
+    (tmp_path / "data.bin").write_bytes(pseudo_random(4 * CHUNK_SIZE, "dht"))
+    async with AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(running_node(storage_home(tmp_path / "hub")))
+        provider, fetcher = [
+            await stack.enter_async_context(
+                running_node(storage_home(tmp_path / name, bootstrap=hub.p2p.listen_addrs()))
+            )
+            for name in ("provider", "fetcher")
+        ]
+        cid = (await provider.storage.add(tmp_path / "data.bin")).cid
+
+        async def announced() -> bool:
+            found = await fetcher.p2p.find_providers(cid.multihash, 5)
+            return provider.p2p.peer_id in [peer for peer, _ in found]
+
+        await wait_for(announced, 15, "the provider record reaches the DHT")
+        done = await fetcher.storage.fetch(cid)
+        assert done.done
+        assert done.fetched_blocks == 5
+        assert provider.storage.bitswap.stats.blocks_sent == 5
+        assert hub.storage.bitswap.stats.blocks_sent == 0

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 BATCH_BYTES = 1024 * 1024
 MAX_WANTS_PER_PEER = 4096
-OUTBOX_MESSAGES = 64
+OUTBOX_MESSAGES = 8  # up to about 8 MiB of replies queued per peer
 RECENT_BLOCKS = 8192
 SEND_TIMEOUT_S = 30.0
 SENDER_IDLE_S = 60.0

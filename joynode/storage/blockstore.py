@@ -2,8 +2,8 @@
 
 A block lives at ``blocks/XY/<base32 multihash>.data`` (``XY`` = the key's
 next-to-last two characters), keyed by multihash so a CIDv0 and a CIDv1 of
-the same bytes share one file. Writes go to a temporary file and are renamed
-into place, so a crash never leaves a partial block under a real name; every
+the same bytes share one file. Writes go to a temporary file that is then
+linked into place, so a crash never leaves a partial block under a real name; every
 read is checked against its hash (as kubo's ``HashOnRead``), so a block
 damaged on disk is dropped and fetched again rather than served.
 
@@ -27,6 +27,7 @@ from joynode.storage.cid import Cid
 log = logging.getLogger(__name__)
 
 SUFFIX = ".data"
+TEMPORARY = ".tmp-"
 
 
 class BlockNotFound(KeyError):
@@ -66,12 +67,12 @@ class Blockstore:
             if not shard.is_dir():
                 continue
             for entry in os.scandir(shard.path):
-                if entry.name.endswith(SUFFIX):
-                    blocks += 1
-                    total += entry.stat().st_size
-                elif entry.name.startswith(".tmp-"):
+                if entry.name.startswith(TEMPORARY):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
+                elif entry.name.endswith(SUFFIX):
+                    blocks += 1
+                    total += entry.stat().st_size
         with self._lock:
             self._blocks, self._bytes = blocks, total
 
@@ -94,10 +95,17 @@ class Blockstore:
                     "used); unpin and run storage.gc, or raise storage.quota_gib"
                 )
         path.parent.mkdir(exist_ok=True)
-        temporary = path.parent / f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}"
+        temporary = path.parent / f"{TEMPORARY}{os.getpid()}-{threading.get_ident()}"
         with temporary.open("wb") as handle:
             handle.write(data)
-        os.replace(temporary, path)
+        try:
+            # link, unlike rename, never replaces: of two threads putting the
+            # same block, exactly one creates it (and counts it).
+            os.link(temporary, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(temporary)
         with self._lock:
             self._blocks += 1
             self._bytes += len(data)
@@ -142,7 +150,7 @@ class Blockstore:
             if not shard.is_dir():
                 continue
             for entry in os.scandir(shard.path):
-                if not entry.name.endswith(SUFFIX):
+                if entry.name.startswith(TEMPORARY) or not entry.name.endswith(SUFFIX):
                     continue
                 key = entry.name[: -len(SUFFIX)]
                 try:

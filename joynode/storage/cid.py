@@ -53,17 +53,25 @@ class Cid:
         """A CID from its text form (``Qm...``, ``b...`` or ``z...``)."""
         if not isinstance(text, str) or not text:
             raise CidError("a CID is a non-empty string")
+        if not text.isascii():
+            raise CidError(f"{text[:80]!r} is not a CID (non-ASCII characters)")
         try:
             if len(text) == 46 and text.startswith("Qm"):
                 raw = base58.b58decode(text)
                 if len(raw) != 34 or raw[:2] != _MULTIHASH_PREFIX:
                     raise CidError(f"{text!r} is not a valid CIDv0")
                 return cls(0, DAG_PB, raw[2:])
-            if text[0] == "b":
-                body = text[1:].upper()
-                return cls.from_bytes(base64.b32decode(body + "=" * (-len(body) % 8)))
-            if text[0] == "z":
-                return cls.from_bytes(base58.b58decode(text[1:]))
+            if text[0] in "bz":
+                body = text[1:]
+                raw = (
+                    base64.b32decode(body.upper() + "=" * (-len(body) % 8))
+                    if text[0] == "b"
+                    else base58.b58decode(body)
+                )
+                cid = cls.from_bytes(raw)
+                if cid.version == 0:
+                    raise CidError(f"{text[:80]!r}: a CIDv0 has no multibase prefix")
+                return cid
         except (ValueError, TypeError) as exc:
             if isinstance(exc, CidError):
                 raise

@@ -266,10 +266,19 @@ class Importer:
         return _Built(cid, len(block) + sum(c.tsize for c in children), sum(sizes))
 
     def _directory(self, folder: Path) -> _Built:
-        entries = sorted(
-            (e for e in os.scandir(folder) if self._include_hidden or not e.name.startswith(".")),
-            key=lambda e: e.name.encode(),
-        )
+        entries = [
+            e for e in os.scandir(folder) if self._include_hidden or not e.name.startswith(".")
+        ]
+        for entry in entries:
+            try:
+                check_entry_name(entry.name)
+            except (UnixfsError, UnicodeEncodeError):
+                # Refused here because every reader (this node's too) would refuse it.
+                raise UnixfsError(
+                    f"{folder}: cannot add the entry {entry.name!r} (names must be valid "
+                    "UTF-8 without '/', '\\' or NUL)"
+                ) from None
+        entries.sort(key=lambda e: e.name.encode())
         links = [self.import_path(Path(entry.path)) for entry in entries]
         if (
             sum(len(link.name.encode()) + len(link.cid.to_bytes()) for link in links)
