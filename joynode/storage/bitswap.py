@@ -200,7 +200,7 @@ class Bitswap:
                 message = await read_message(stream)
                 if message is None:
                     break
-                await self._receive(peer, message)
+                self._receive(peer, message)
         except BitswapError as exc:
             self.stats.invalid_messages += 1
             log.info("bitswap: invalid message from %s: %s", peer, exc)
@@ -210,7 +210,7 @@ class Bitswap:
         finally:
             await _close(stream)
 
-    async def _receive(self, peer: str, message: BitswapMessage) -> None:
+    def _receive(self, peer: str, message: BitswapMessage) -> None:
         for cid, data in message.blocks:
             self._receive_block(peer, cid, data)
         for cid in message.haves:

@@ -67,6 +67,28 @@ class FetchProgress:
 ProgressCallback = Callable[[FetchProgress], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class _BlockArrived:
+    peer: str
+    cid: Cid
+    data: bytes
+
+
+@dataclass(frozen=True)
+class _PresenceHeard:
+    peer: str
+    cid: Cid
+    have: bool
+
+
+@dataclass(frozen=True)
+class _PeerLied:
+    peer: str
+
+
+_SessionEvent = _BlockArrived | _PresenceHeard | _PeerLied
+
+
 @dataclass
 class _Want:
     cid: Cid
@@ -106,9 +128,10 @@ class FetchSession:
         self._stall_timeout_s = stall_timeout_s
         self._hinted = list(peers)
         self._on_progress = on_progress
-        self._events_send, self._events_receive = trio.open_memory_channel[
-            tuple[str, str, Cid, bytes | bool | None]
-        ](float("inf"))
+        # Unbounded, but only events about this session's own wants arrive.
+        self._events_send, self._events_receive = trio.open_memory_channel[_SessionEvent](
+            float("inf")
+        )
         self._queue: collections.deque[Cid] = collections.deque([root])
         self._wants: dict[bytes, _Want] = {}  # asked of a peer, or waiting for one
         self._peers: dict[str, _SessionPeer] = {}
@@ -124,13 +147,13 @@ class FetchSession:
     # ---- Bitswap callbacks (sync, from the receiving task)
 
     def on_block(self, peer: str, cid: Cid, data: bytes) -> None:
-        self._events_send.send_nowait(("block", peer, cid, data))
+        self._events_send.send_nowait(_BlockArrived(peer, cid, data))
 
     def on_presence(self, peer: str, cid: Cid, have: bool) -> None:
-        self._events_send.send_nowait(("presence", peer, cid, have))
+        self._events_send.send_nowait(_PresenceHeard(peer, cid, have))
 
     def on_bad_peer(self, peer: str) -> None:
-        self._events_send.send_nowait(("bad", peer, self.root, None))
+        self._events_send.send_nowait(_PeerLied(peer))
 
     # ---- the walk
 
@@ -175,13 +198,13 @@ class FetchSession:
             )
             with trio.move_on_at(next_deadline):
                 event = await self._events_receive.receive()
-                await self._handle(*event)
+                await self._handle(event)
                 while True:  # drain what else arrived, without waiting
                     try:
                         event = self._events_receive.receive_nowait()
                     except trio.WouldBlock:
                         break
-                    await self._handle(*event)
+                    await self._handle(event)
             self._expire(trio.current_time())
             await self._report()
 
@@ -286,20 +309,20 @@ class FetchSession:
             log.debug("fetch %s: cannot reach %s: %s", self.root, addr, exc)
         return False
 
-    async def _handle(self, kind: str, peer: str, cid: Cid, value: bytes | bool | None) -> None:
-        if kind == "bad":
-            self._drop_peer(peer)
-        elif kind == "presence":
-            session_peer = self._peers.setdefault(peer, _SessionPeer())
-            if cid == self.root and value is True:
+    async def _handle(self, event: _SessionEvent) -> None:
+        if isinstance(event, _PeerLied):
+            self._drop_peer(event.peer)
+        elif isinstance(event, _PresenceHeard):
+            session_peer = self._peers.setdefault(event.peer, _SessionPeer())
+            if event.cid == self.root and event.have:
                 session_peer.has_root = True
-            want = self._wants.get(cid.multihash)
-            if value is False and want is not None:
-                want.tried.add(peer)
-                if want.peer == peer:
+            want = self._wants.get(event.cid.multihash)
+            if not event.have and want is not None:
+                want.tried.add(event.peer)
+                if want.peer == event.peer:
                     self._release(want)
-        elif kind == "block" and isinstance(value, bytes):
-            await self._store_block(peer, cid, value)
+        else:
+            await self._store_block(event.peer, event.cid, event.data)
 
     async def _store_block(self, peer: str, cid: Cid, data: bytes) -> None:
         want = self._wants.pop(cid.multihash, None)
