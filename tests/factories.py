@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import signal
@@ -22,6 +23,7 @@ from joynode.endpoints import Endpoints
 from joynode.inference.engine import VllmEngine
 from joynode.keys import ControlToken, NodeKey
 from joynode.node import Node
+from joynode.p2p import libp2p_compat
 
 LOOPBACK_PORT_ZERO = "127.0.0.1:0"
 
@@ -196,3 +198,26 @@ async def wait_for(
                 return
             await trio.sleep(0.05)
     raise AssertionError(f"not within {within_s} s: {what}")
+
+
+def pseudo_random(size: int, seed: str) -> bytes:
+    """Deterministic bytes that neither compress nor repeat from one 256 KiB chunk to the next."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha512(f"{seed}:{counter}".encode()).digest() * 64
+        counter += 1
+    return bytes(out[:size])
+
+
+@asynccontextmanager
+async def raw_peer() -> AsyncIterator[libp2p_compat.Libp2pStack]:
+    """A bare libp2p host with the node's stack but none of its checks: it sends what we say."""
+    async with libp2p_compat.running_stack(
+        NodeKey.generate().libp2p_key_pair(),
+        ["/ip4/127.0.0.1/tcp/0"],
+        [],
+        max_rpc_bytes=1 << 20,
+        max_peers=8,
+    ) as stack:
+        yield stack

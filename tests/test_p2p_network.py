@@ -20,7 +20,14 @@ from joynode.node import Node
 from joynode.p2p import libp2p_compat, rpc
 from joynode.p2p.gossip import HEARTBEAT, GossipSigner
 from joynode.p2p.peers import PeerState
-from tests.factories import LIBP2P_TEARDOWN_LEAK, fast_p2p, make_home, running_node, wait_for
+from tests.factories import (
+    LIBP2P_TEARDOWN_LEAK,
+    fast_p2p,
+    make_home,
+    raw_peer,
+    running_node,
+    wait_for,
+)
 
 pytestmark = LIBP2P_TEARDOWN_LEAK
 
@@ -69,19 +76,6 @@ def rejected(node: Node, reason: str) -> float:
         "joynode_p2p_gossip_rejected_total", {"topic": HEARTBEAT.name, "reason": reason}
     )
     return value or 0.0
-
-
-@asynccontextmanager
-async def raw_peer() -> AsyncIterator[libp2p_compat.Libp2pStack]:
-    """A bare libp2p host with the same stack, but no validators: it sends whatever we say."""
-    async with libp2p_compat.running_stack(
-        NodeKey.generate().libp2p_key_pair(),
-        ["/ip4/127.0.0.1/tcp/0"],
-        [],
-        max_rpc_bytes=1 << 20,
-        max_peers=8,
-    ) as stack:
-        yield stack
 
 
 async def join_mesh(stack: libp2p_compat.Libp2pStack, node: Node) -> None:

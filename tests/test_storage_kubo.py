@@ -7,7 +7,6 @@ publishes.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from joynode.node import Node
 from joynode.storage.cid import Cid
 from joynode.storage.unixfs import CHUNK_SIZE, MAX_LINKS, Importer
-from tests.factories import LIBP2P_TEARDOWN_LEAK, make_home, running_node
+from tests.factories import LIBP2P_TEARDOWN_LEAK, make_home, pseudo_random, running_node
 from tests.kubo import KuboPeer, kubo_available, running_kubo
 
 pytestmark = [
@@ -32,16 +31,6 @@ SIZES = {
     "over-174-chunks": (MAX_LINKS + 1) * CHUNK_SIZE + 1,
     "50MB": 50 * 1000 * 1000,
 }
-
-
-def pseudo_random(size: int, seed: str) -> bytes:
-    """Deterministic bytes that do not compress or repeat per chunk."""
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha512(f"{seed}:{counter}".encode()).digest() * 64
-        counter += 1
-    return bytes(out[:size])
 
 
 def hashed(path: Path, *, include_hidden: bool = False) -> str:

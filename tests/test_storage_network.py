@@ -7,7 +7,6 @@ a raw libp2p peer and from control clients.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -22,9 +21,7 @@ from multiaddr import Multiaddr
 
 from joynode.control.client import ControlClient
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
-from joynode.keys import NodeKey
 from joynode.node import Node
-from joynode.p2p import libp2p_compat
 from joynode.storage.bitswap_messages import PROTOCOL_1_2, BitswapMessage, write_message
 from joynode.storage.blockstore import Blockstore
 from joynode.storage.cid import Cid
@@ -35,20 +32,13 @@ from tests.factories import (
     NodeHome,
     fast_p2p,
     make_home,
+    pseudo_random,
+    raw_peer,
     running_node,
     wait_for,
 )
 
 pytestmark = LIBP2P_TEARDOWN_LEAK
-
-
-def pseudo_random(size: int, seed: str) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha512(f"{seed}:{counter}".encode()).digest() * 64
-        counter += 1
-    return bytes(out[:size])
 
 
 def storage_home(path: Path, *, bootstrap: list[str] | None = None) -> NodeHome:
@@ -295,18 +285,6 @@ async def test_a_fetch_nobody_can_serve_fails_clearly_and_keeps_nothing_broken(
         pins = await node.storage.pins()
         assert [(p.cid, p.complete) for p in pins] == [(str(missing), False)]
         assert node.supervisor.snapshot()["storage"]["state"] == "ready"
-
-
-@asynccontextmanager
-async def raw_peer() -> AsyncIterator[libp2p_compat.Libp2pStack]:
-    async with libp2p_compat.running_stack(
-        NodeKey.generate().libp2p_key_pair(),
-        ["/ip4/127.0.0.1/tcp/0"],
-        [],
-        max_rpc_bytes=1 << 20,
-        max_peers=8,
-    ) as stack:
-        yield stack
 
 
 async def test_garbage_and_unsolicited_blocks_from_a_raw_peer_cost_it(tmp_path: Path) -> None:

@@ -84,13 +84,7 @@ class Cid:
         raw = bytes(raw)
         if len(raw) == 34 and raw[:2] == _MULTIHASH_PREFIX:
             return cls(0, DAG_PB, raw[2:])
-        try:
-            version, offset = decode_varint(raw)
-            codec, offset = decode_varint(raw, offset)
-            hash_code, offset = decode_varint(raw, offset)
-            length, offset = decode_varint(raw, offset)
-        except ProtobufError as exc:
-            raise CidError(f"malformed binary CID: {exc}") from None
+        version, codec, hash_code, length, offset = _read_header(raw, "binary CID")
         if version != 1:
             raise CidError(f"CID version {version} is not supported")
         if hash_code != SHA2_256 or length != DIGEST_BYTES or len(raw) != offset + length:
@@ -100,13 +94,7 @@ class Cid:
     @classmethod
     def from_prefix(cls, prefix: bytes | memoryview, data: bytes | memoryview) -> Cid:
         """The CID of ``data`` under a Bitswap block prefix (version, codec, hash, length)."""
-        try:
-            version, offset = decode_varint(prefix)
-            codec, offset = decode_varint(prefix, offset)
-            hash_code, offset = decode_varint(prefix, offset)
-            length, offset = decode_varint(prefix, offset)
-        except ProtobufError as exc:
-            raise CidError(f"malformed block prefix: {exc}") from None
+        version, codec, hash_code, length, offset = _read_header(prefix, "block prefix")
         if hash_code != SHA2_256 or length != DIGEST_BYTES or offset != len(prefix):
             raise CidError("only sha2-256 block prefixes are supported")
         return cls.of_block(data, codec=codec, version=version)
@@ -143,3 +131,17 @@ class Cid:
 
     def __repr__(self) -> str:
         return f"Cid({self})"
+
+
+def _read_header(raw: bytes | memoryview, what: str) -> tuple[int, int, int, int, int]:
+    """Version, codec, hash function and digest length varints, and the offset past them."""
+    fields = []
+    offset = 0
+    try:
+        for _ in range(4):
+            value, offset = decode_varint(raw, offset)
+            fields.append(value)
+    except ProtobufError as exc:
+        raise CidError(f"malformed {what}: {exc}") from None
+    version, codec, hash_code, length = fields
+    return version, codec, hash_code, length, offset
