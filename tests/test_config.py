@@ -63,6 +63,18 @@ def test_rendered_default_config_parses_to_the_defaults(tmp_path: Path) -> None:
         ('[log]\nlevel = "loud"', "log.level: Input should be 'debug', 'info'"),
         ("[node]\ndata_dir = 3", "node.data_dir: Input is not a valid path"),
         ("[control]\nlisten = [1, 2]", "control.listen: Input should be a valid string"),
+        (
+            '[[inference.models]]\nname = "m"\ncid = "nope"',
+            "inference.models[0].cid: 'nope' is not a CID",
+        ),
+        ('[[inference.models]]\nname = "m"', "inference.models[0]: give either path or cid"),
+        (
+            '[[inference.models]]\nname = "m"\npath = "x"\n'
+            'cid = "QmbFMke1KXqnYyBBWxB74N4c5SBnJMVAiMNRcGu6x1AwQH"',
+            "inference.models[0]: give either path or cid",
+        ),
+        ("[storage]\nquota_gib = 0", "storage.quota_gib: Input should be greater than 0"),
+        ("[storage]\ncid_version = 2", "storage.cid_version: Input should be 0 or 1"),
     ],
 )
 def test_invalid_config_names_the_key_path(tmp_path: Path, text: str, message: str) -> None:

@@ -25,7 +25,7 @@ from joynode.node import Node
 from joynode.storage.bitswap_messages import PROTOCOL_1_2, BitswapMessage, write_message
 from joynode.storage.blockstore import Blockstore
 from joynode.storage.cid import Cid
-from joynode.storage.service import STORAGE_ERROR
+from joynode.storage.service import STORAGE_ERROR, StorageError
 from joynode.storage.unixfs import CHUNK_SIZE
 from tests.factories import (
     LIBP2P_TEARDOWN_LEAK,
@@ -337,3 +337,23 @@ async def test_a_provider_announced_on_the_dht_is_found_and_fetched_from(tmp_pat
         assert done.fetched_blocks == 5
         assert provider.storage.bitswap.stats.blocks_sent == 5
         assert hub.storage.bitswap.stats.blocks_sent == 0
+
+
+async def test_the_quota_stops_adds_and_fetches_with_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "big.bin").write_bytes(pseudo_random(6 * CHUNK_SIZE, "quota"))
+    (tmp_path / "small.bin").write_bytes(b"fits")
+    async with nodes(tmp_path, 2) as (a, b):
+        cid = (await a.storage.add(tmp_path / "big.bin")).cid
+        b.storage.store.quota_bytes = 4 * CHUNK_SIZE  # about 1 MiB
+        with pytest.raises(StorageError, match="block store is full"):
+            await b.storage.fetch(cid)
+        with pytest.raises(StorageError, match="block store is full"):
+            await b.storage.add(tmp_path / "big.bin")
+        # What fitted is kept (the fetch can resume once there is room), and the
+        # node goes on: a small add still works.
+        assert 0 < b.storage.store.statistics().bytes <= 4 * CHUNK_SIZE
+        assert (await b.storage.add(tmp_path / "small.bin")).bytes_read == 4
+        b.storage.store.quota_bytes = 0
+        done = await b.storage.fetch(cid)
+        assert done.done
+        assert done.fetched_blocks < 7
