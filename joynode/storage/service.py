@@ -440,11 +440,15 @@ class StorageService:
         self, cid_text: str, on_progress: ProgressCallback | None = None
     ) -> Path:
         """The model folder for ``cid_text``, fetched and written once into the model cache."""
-        root = _parse_cid(cid_text)
+        try:
+            root = Cid.parse(cid_text)
+        except CidError as exc:
+            raise StorageError(str(exc)) from None
         target = trio.Path(self.models_dir / str(root))
         if await target.is_dir():
             return Path(target)
-        await self.fetch(root, name=f"model {root}", on_progress=on_progress)
+        log.info("fetching model %s from peers", root)
+        await self.fetch(root, name=f"model {root}", on_progress=on_progress or _log_progress())
         await trio.Path(self.models_dir).mkdir(parents=True, exist_ok=True)
         lock = self._root_locks.setdefault(str(root), trio.Lock())
         async with lock:
@@ -453,6 +457,7 @@ class StorageService:
         if not await (target / "config.json").is_file():
             await trio.to_thread.run_sync(shutil.rmtree, target, True)
             raise StorageError(f"{root} is not a model folder (no config.json)")
+        log.info("model %s is in the model cache: %s", root, target)
         return Path(target)
 
     def statistics(self) -> dict[str, Any]:
@@ -537,10 +542,11 @@ class StorageService:
             return {"cid": str(result.cid), "size": result.size}
 
         async def models_fetch(params: CidParams, session: ControlSession) -> dict[str, object]:
+            root = _parse_cid(params.cid)
             path = await _answer(
-                self.materialize_model(params.cid, _notify_progress(session, "models.fetch"))
+                self.materialize_model(str(root), _notify_progress(session, "models.fetch"))
             )
-            return {"cid": params.cid, "path": str(path)}
+            return {"cid": str(root), "path": str(path)}
 
         return [
             ControlMethod(
@@ -641,6 +647,28 @@ def _notify_progress(session: ControlSession, op: str) -> ProgressCallback:
         await session.notify("storage.progress", {"op": op, **progress.to_json()})
 
     return notify
+
+
+def _log_progress(every_s: float = 5.0) -> ProgressCallback:
+    """Progress for the log, at most every ``every_s`` (a model fetch at start has no caller)."""
+    last = [time.monotonic()]
+
+    async def log_it(progress: FetchProgress) -> None:
+        now = time.monotonic()
+        if progress.done or now - last[0] >= every_s:
+            last[0] = now
+            total = f" of {progress.total_bytes / 1e6:.1f}" if progress.total_bytes else ""
+            log.info(
+                "fetch %s: %.1f%s MB, %d blocks, from %d peers%s",
+                progress.root,
+                progress.bytes / 1e6,
+                total,
+                progress.blocks,
+                progress.peers,
+                " (done)" if progress.done else "",
+            )
+
+    return log_it
 
 
 def _describe(exc: Exception) -> str:
