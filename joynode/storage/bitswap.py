@@ -170,6 +170,9 @@ class Bitswap:
                         if stream is not None:
                             await _close(stream)
                         stream = None
+                        # The peer is gone or stuck: serving the rest of its wants would
+                        # only fail again. It sends its whole wantlist when it is back.
+                        state.wants.clear()
         finally:
             state.outbox_send = None
             if stream is not None:
