@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import os
@@ -120,6 +121,9 @@ class NodeProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # Its own process group, so kill() also takes vLLM's engine-core
+                # child, which outlives a SIGKILLed parent otherwise.
+                start_new_session=True,
             )
 
     def wait_ready(self, within_s: float = 30.0) -> Endpoints:
@@ -139,9 +143,10 @@ class NodeProcess:
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        """SIGKILL the node and everything it started (its process group)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

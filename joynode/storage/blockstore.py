@@ -58,6 +58,7 @@ class Blockstore:
         self._puts = 0
         self._gets = 0
         self._corrupt = 0
+        self._shards: set[str] = set()  # shard folders known to exist (saves a mkdir per put)
 
     def open(self) -> None:
         """Create the folder, drop leftover temporary files and count what is there."""
@@ -66,6 +67,7 @@ class Blockstore:
         for shard in os.scandir(self.root):
             if not shard.is_dir():
                 continue
+            self._shards.add(shard.name)
             for entry in os.scandir(shard.path):
                 if entry.name.startswith(TEMPORARY):
                     with contextlib.suppress(FileNotFoundError):
@@ -94,7 +96,9 @@ class Blockstore:
                     f"the block store is full ({self._bytes} of {self.quota_bytes} bytes "
                     "used); unpin and run storage.gc, or raise storage.quota_gib"
                 )
-        path.parent.mkdir(exist_ok=True)
+        if path.parent.name not in self._shards:
+            path.parent.mkdir(exist_ok=True)
+            self._shards.add(path.parent.name)
         temporary = path.parent / f"{TEMPORARY}{os.getpid()}-{threading.get_ident()}"
         with temporary.open("wb") as handle:
             handle.write(data)
