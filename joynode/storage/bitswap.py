@@ -44,9 +44,9 @@ from joynode.storage.cid import Cid
 
 log = logging.getLogger(__name__)
 
-BATCH_BYTES = 1024 * 1024
+BATCH_BYTES = 256 * 1024
 MAX_WANTS_PER_PEER = 4096
-OUTBOX_MESSAGES = 8  # up to about 8 MiB of replies queued per peer
+OUTBOX_MESSAGES = 8  # up to about 2 MiB of replies queued per peer
 RECENT_BLOCKS = 8192
 SEND_TIMEOUT_S = 30.0
 SENDER_IDLE_S = 60.0
