@@ -257,6 +257,18 @@ class InferenceSection(_Section):
     )
 
 
+class ConsensusSection(_Section):
+    committee_size: StrictInt = Field(
+        3, ge=1, le=16, description="Members per job unless infer.submit asks otherwise."
+    )
+    commit_timeout_s: Seconds = Field(
+        120.0, description="From offer to the end of the commit phase (members run the job)."
+    )
+    reveal_timeout_s: Seconds = Field(
+        15.0, description="After the commit phase: members reveal; then the job is decided."
+    )
+
+
 class ChainSection(_Section):
     mode: Literal["off", "local", "rpc"] = Field(
         "off",
@@ -297,6 +309,7 @@ class Config(_Section):
     p2p: P2PSection = P2PSection()
     storage: StorageSection = StorageSection()
     inference: InferenceSection = InferenceSection()
+    consensus: ConsensusSection = ConsensusSection()
     chain: ChainSection = ChainSection()
     log: LogSection = LogSection()
     path: Path | None = Field(None, exclude=True, description="Where this config was read from.")

@@ -18,6 +18,10 @@ Actor graph (arrows are memory channels, named by direction and payload)::
                                  (models given by CID come from storage.materialize_model)
     chain      ChainService      (chain.mode local/rpc: anvil or RPC, deployment, watcher ->
                                   registry mirror in state, transaction sender)
+    consensus  ConsensusService  <--VerifiedGossip(JobOffer)-- p2p (offers_send)
+                                 <--VerifiedGossip(VoteCommit/VoteReveal)-- p2p (votes_send)
+                                 --InferenceRequest--> inference; publishes offers and votes;
+                                 jobs and votes in state; infer.submit / job.* on control
     http       HttpServer        (reads the metrics registry and the supervisor's health)
     control    ControlServer     --ShutdownRequest--> Node
 """
@@ -38,6 +42,7 @@ from prometheus_client import CollectorRegistry, Info
 from joynode import __version__
 from joynode.chain.service import ChainService
 from joynode.config import Config
+from joynode.consensus.service import ConsensusService
 from joynode.control.methods import ControlMethod, ControlSession, MethodTable, NoParams, Reply
 from joynode.control.server import ControlServer
 from joynode.endpoints import Endpoints
@@ -46,7 +51,9 @@ from joynode.inference.engine import VllmEngine
 from joynode.inference.service import InferenceClient, InferenceService
 from joynode.keys import ControlToken, NodeKey
 from joynode.messages import InferenceRequest, ShutdownRequest
+from joynode.p2p.gossip import JOBS, VOTES, VerifiedGossip
 from joynode.p2p.service import P2PService
+from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain
 from joynode.state import StateStore
 from joynode.storage.service import StorageService
 from joynode.supervisor import Supervisor
@@ -85,10 +92,17 @@ class Node:
         self._shutdown_send, self._shutdown_receive = trio.open_memory_channel[ShutdownRequest](1)
 
         inference_send, inference_receive = trio.open_memory_channel[InferenceRequest](64)
+        offers_send, offers_receive = trio.open_memory_channel[VerifiedGossip](256)
+        votes_send, votes_receive = trio.open_memory_channel[VerifiedGossip](1024)
 
         self.state = StateStore(config.node.data_dir / "state.db", __version__)
         self.p2p = P2PService(
-            config.p2p, key, self.state, self.registry, lambda: self.inference.serving_status()
+            config.p2p,
+            key,
+            self.state,
+            self.registry,
+            lambda: self.inference.serving_status(),
+            {JOBS.name: offers_send, VOTES.name: votes_send},
         )
         self.storage = StorageService(
             config.storage, config.node.data_dir, self.state, self.p2p, self.registry
@@ -114,6 +128,19 @@ class Node:
             if config.chain.mode != "off"
             else None
         )
+        self.consensus = ConsensusService(
+            config.consensus,
+            key,
+            self.state,
+            self.p2p,
+            self.inference_client,
+            self.inference.serving_status,
+            self.inference.model_id,
+            self._eip712_domain,
+            self.registry,
+            offers_receive,
+            votes_receive,
+        )
         self.http = HttpServer(config.http, self.registry, self._health)
         self.control = ControlServer(
             config.control,
@@ -124,6 +151,7 @@ class Node:
                     *self.p2p.control_methods(),
                     *self.storage.control_methods(),
                     *self.inference.control_methods(self.inference_client),
+                    *self.consensus.control_methods(),
                     *(self.chain.control_methods() if self.chain is not None else []),
                 ]
             ),
@@ -141,6 +169,7 @@ class Node:
                 await self.supervisor.start(nursery, self.inference)
                 if self.chain is not None:
                     await self.supervisor.start(nursery, self.chain)
+                await self.supervisor.start(nursery, self.consensus)
                 if self.config.http.enabled:
                     await self.supervisor.start(nursery, self.http)
                 await self.supervisor.start(nursery, self.control)
@@ -168,6 +197,12 @@ class Node:
         with contextlib.suppress(trio.WouldBlock):
             self._shutdown_send.send_nowait(ShutdownRequest(reason))
         await trio.lowlevel.checkpoint()
+
+    def _eip712_domain(self) -> Eip712Domain:
+        """The chain's ProofOfInference domain, or the off-chain one without a chain."""
+        if self.chain is not None and self.chain.deployment is not None:
+            return self.chain.deployment.eip712_domain()
+        return OFFCHAIN_DOMAIN
 
     def _health(self) -> tuple[bool, dict[str, object]]:
         return self.supervisor.all_ready(), {"actors": self.supervisor.snapshot()}

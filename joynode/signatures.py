@@ -127,6 +127,11 @@ class Eip712Domain:
         )
 
 
+# Jobs off any chain (chain.mode = off) are signed in this domain: chain id 0,
+# no contract. Such signatures can never be replayed against a real deployment.
+OFFCHAIN_DOMAIN = Eip712Domain(0, "0x" + "00" * 20)
+
+
 @dataclass(frozen=True)
 class Permit:
     """An EIP-2612 permit: ``owner`` lets ``spender`` move ``value`` until ``deadline``."""

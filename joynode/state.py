@@ -105,6 +105,35 @@ MIGRATIONS: tuple[str, ...] = (
         created_at  REAL NOT NULL
     ) STRICT;
     """,
+    """
+    CREATE TABLE jobs (
+        request_id   BLOB PRIMARY KEY,
+        offer        BLOB NOT NULL,
+        role         TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        reason       TEXT NOT NULL,
+        certificate  TEXT,
+        created_at   REAL NOT NULL,
+        finished_at  REAL
+    ) STRICT;
+    CREATE INDEX jobs_status ON jobs (status);
+    CREATE TABLE job_votes (
+        request_id   BLOB NOT NULL,
+        signer       TEXT NOT NULL,
+        kind         TEXT NOT NULL,
+        payload      BLOB NOT NULL,
+        received_at  REAL NOT NULL,
+        PRIMARY KEY (request_id, signer, kind)
+    ) STRICT;
+    CREATE TABLE job_my_votes (
+        request_id   BLOB PRIMARY KEY,
+        token_ids    TEXT NOT NULL,
+        text         TEXT NOT NULL,
+        salt         BLOB NOT NULL,
+        commitment   BLOB NOT NULL,
+        revealed     INTEGER NOT NULL
+    ) STRICT;
+    """,
 )
 
 

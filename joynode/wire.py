@@ -81,8 +81,82 @@ class ErrorReply(Message, tag="error", frozen=True):
     reason: Annotated[str, msgspec.Meta(max_length=1024)]
 
 
-AnyMessage: TypeAlias = Ping | Pong | Heartbeat | Gossip | ErrorReply
-MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (Ping, Pong, Heartbeat, Gossip, ErrorReply)
+Bytes32 = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+Signature = Annotated[bytes, msgspec.Meta(min_length=65, max_length=65)]
+Address = Annotated[str, msgspec.Meta(pattern=r"^0x[0-9a-fA-F]{40}$")]
+MAX_COMMITTEE = 16
+MAX_PROMPT_CHARS = 1 << 16
+MAX_OUTPUT_TOKENS = 1 << 14
+
+
+class ChatTurn(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    role: Annotated[str, msgspec.Meta(pattern=r"^(system|user|assistant)$")]
+    content: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
+
+
+class JobOffer(Message, tag="job_offer", frozen=True):
+    """A verified-inference job for a committee, gossiped by the node that took it.
+
+    ``request_id`` must equal ``consensus.jobs.request_id_of`` over the other
+    request fields, so a job cannot be passed off under another id.
+    """
+
+    request_id: Bytes32
+    model: ModelId
+    prompt: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)] | None
+    messages: Annotated[list[ChatTurn], msgspec.Meta(max_length=64)] | None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_OUTPUT_TOKENS)]
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)]
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)]
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=1 << 20)]
+    seed: UInt | None
+    ignore_eos: bool
+    requester: Address
+    nonce: UInt
+    committee: Annotated[list[Address], msgspec.Meta(min_length=1, max_length=MAX_COMMITTEE)]
+    commit_deadline_ms: UInt
+    reveal_deadline_ms: UInt
+
+
+class VoteCommit(Message, tag="vote_commit", frozen=True):
+    """A member's sealed vote: ``commitment`` binds (request id, output hash, salt).
+
+    ``signature`` is the member's EIP-712 ``Commit(requestId, commitment)``
+    signature, the evidence ``ProofOfInference.reportEquivocation`` takes.
+    """
+
+    request_id: Bytes32
+    commitment: Bytes32
+    signature: Signature
+
+
+class VoteReveal(Message, tag="vote_reveal", frozen=True):
+    """A member opening its commit: the output and the salt, and its signed result.
+
+    ``signature`` is the member's EIP-712 ``Result(requestId, outputHash)``
+    signature, which goes into the certificate.
+    """
+
+    request_id: Bytes32
+    token_ids: Annotated[list[U32], msgspec.Meta(max_length=MAX_OUTPUT_TOKENS)]
+    text: Annotated[str, msgspec.Meta(max_length=MAX_OUTPUT_TOKENS * 64)]
+    salt: Bytes32
+    signature: Signature
+
+
+AnyMessage: TypeAlias = (
+    Ping | Pong | Heartbeat | Gossip | ErrorReply | JobOffer | VoteCommit | VoteReveal
+)
+MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
+    Ping,
+    Pong,
+    Heartbeat,
+    Gossip,
+    ErrorReply,
+    JobOffer,
+    VoteCommit,
+    VoteReveal,
+)
 
 
 class _Envelope(msgspec.Struct, frozen=True):

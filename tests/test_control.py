@@ -53,6 +53,7 @@ async def test_status_with_bearer_header(home: NodeHome) -> None:
         "p2p": "ready",
         "storage": "ready",
         "inference": "ready",
+        "consensus": "ready",
         "http": "ready",
         "control": "ready",
     }

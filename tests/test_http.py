@@ -49,7 +49,15 @@ async def test_healthz_reports_actors(home: NodeHome) -> None:
     assert status == 200
     health = json.loads(body)
     assert health["status"] == "ok"
-    assert set(health["actors"]) == {"state", "p2p", "storage", "inference", "http", "control"}
+    assert set(health["actors"]) == {
+        "state",
+        "p2p",
+        "storage",
+        "inference",
+        "consensus",
+        "http",
+        "control",
+    }
 
 
 async def test_unknown_path_wrong_method_and_garbage(home: NodeHome) -> None:

@@ -18,6 +18,8 @@ def strategy_for(info: mi.Type) -> st.SearchStrategy[Any]:
         lo = info.ge if info.ge is not None else -(2**63)
         hi = info.le if info.le is not None else 2**64 - 1
         return st.integers(lo, hi)
+    if isinstance(info, mi.StrType) and info.pattern is not None:
+        return st.from_regex(info.pattern, fullmatch=True)
     if isinstance(info, mi.StrType):
         low = info.min_length or 0
         return st.text(min_size=low, max_size=max(low, min(info.max_length or 64, 64)))
@@ -26,6 +28,19 @@ def strategy_for(info: mi.Type) -> st.SearchStrategy[Any]:
         return st.binary(min_size=low, max_size=max(low, min(info.max_length or 96, 96)))
     if isinstance(info, mi.BoolType):
         return st.booleans()
+    if isinstance(info, mi.NoneType):
+        return st.none()
+    if isinstance(info, mi.UnionType):
+        return st.one_of(*(strategy_for(option) for option in info.types))
+    if isinstance(info, mi.FloatType):
+        low = info.ge if info.ge is not None else info.gt
+        return st.floats(
+            min_value=low,
+            max_value=info.le,
+            exclude_min=info.gt is not None,
+            allow_nan=False,
+            allow_infinity=False,
+        )
     if isinstance(info, mi.ListType):
         return st.lists(
             strategy_for(info.item_type),

@@ -19,6 +19,7 @@ from web3.contract import Contract
 
 from joynode.chain.artifacts import CONTRACTS, load_artifacts
 from joynode.chain.sender import TransactionSender
+from joynode.signatures import Eip712Domain
 
 JOY = 10**18
 
@@ -38,6 +39,10 @@ class Deployment:
     deployer: str
     treasury: str
     addresses: dict[str, str]
+
+    def eip712_domain(self) -> Eip712Domain:
+        """The domain votes and certificates for this deployment are signed in."""
+        return Eip712Domain(self.chain_id, self.addresses["ProofOfInference"])
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -144,6 +144,11 @@ class InferenceService:
             capacity=self._settings.max_num_seqs * len(self.models),
         )
 
+    def model_id(self, name_or_id: str) -> str | None:
+        """The id (CID) of a model this node serves, given its name or id."""
+        found = self._find(name_or_id)
+        return found.model_id if found is not None else None
+
     def _find(self, name_or_id: str) -> LoadedModel | None:
         found = self.models.get(name_or_id)
         if found is None:

@@ -30,7 +30,9 @@ class Topic:
 
 
 HEARTBEAT = Topic("joynet/1/heartbeat", (wire.Heartbeat,))
-TOPICS: dict[str, Topic] = {topic.name: topic for topic in (HEARTBEAT,)}
+JOBS = Topic("joynet/1/jobs", (wire.JobOffer,))
+VOTES = Topic("joynet/1/votes", (wire.VoteCommit, wire.VoteReveal))
+TOPICS: dict[str, Topic] = {topic.name: topic for topic in (HEARTBEAT, JOBS, VOTES)}
 
 
 @dataclass(frozen=True)

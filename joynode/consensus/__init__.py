@@ -1,0 +1,1 @@
+"""Verified inference: committees, commit-reveal voting, majority certificates."""

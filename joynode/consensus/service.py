@@ -1,0 +1,639 @@
+"""The ``consensus`` actor: verified inference by committee majority vote.
+
+A job (``infer.submit`` on the control socket) is offered to a committee over
+gossip (``joynet/1/jobs``). Each member runs it on its own engine, then
+commits to its output over ``joynet/1/votes`` (a signed commitment to the
+output hash and a secret salt). Once every member has committed, or at the
+commit deadline, members reveal (tokens, salt, a signed result). A strict
+majority of the committee agreeing on one output hash makes a certificate
+that anyone can check (``CertificateVerifier``); a job with no possible
+majority, or none by the reveal deadline, fails with the reason.
+
+Every node that follows a job (the one that took it, and the members) keeps
+its own tally, so each can show the certificate. Jobs, the votes heard and
+this node's own vote (with its salt) are in SQLite before anything is sent,
+so a restarted node reveals what it committed, never a second output, and
+finishes or fails each job it knew of with a reason.
+
+Not here yet (issue 7, later): paid jobs from the marketplace, submitting
+certificates and equivocation evidence on-chain, stake-weighted committees
+from the on-chain registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+import pydantic
+import trio
+from eth_utils.address import to_checksum_address
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from joynode import wire
+from joynode.chain.committee import Candidate, select_committee
+from joynode.config import ConsensusSection
+from joynode.consensus.jobs import chat_of, request_id_of, sampling_of
+from joynode.consensus.tally import (
+    Certificate,
+    CertificateVerifier,
+    JobTally,
+    VoteRejected,
+    vote_commitment,
+)
+from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
+from joynode.control.methods import ControlMethod, ControlSession
+from joynode.inference.service import InferenceClient, InferenceFailed
+from joynode.keys import NodeKey
+from joynode.messages import ChatMessage, ServingStatus, output_hash
+from joynode.p2p.gossip import JOBS, VOTES, VerifiedGossip
+from joynode.p2p.peers import PeerState
+from joynode.p2p.service import P2PService
+from joynode.signatures import Eip712Domain, sign
+from joynode.state import StateStore
+
+log = logging.getLogger(__name__)
+
+JOB_ERROR = -32040  # JSON-RPC application error: the job is unknown or failed
+EARLY_VOTES = 1024  # votes kept for jobs not heard of yet (gossip order is not causal)
+Status = Literal["pending", "certified", "failed"]
+
+
+@dataclass
+class Job:
+    offer: wire.JobOffer
+    tally: JobTally
+    role: Literal["submitter", "member", "both"]
+    status: Status = "pending"
+    reason: str = ""
+    certificate: Certificate | None = None
+    created_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    changed: trio.Event = field(default_factory=trio.Event)  # replaced after each new vote
+    my_vote: MyVote | None = None
+    phase_times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def request_id(self) -> bytes:
+        return self.offer.request_id
+
+    def finished(self) -> bool:
+        return self.status != "pending"
+
+    def to_json(self) -> dict[str, Any]:
+        certificate = self.certificate
+        result: dict[str, Any] = {
+            "request_id": "0x" + self.request_id.hex(),
+            "model": self.offer.model,
+            "status": self.status,
+            "reason": self.reason,
+            "role": self.role,
+            "committee": list(self.tally.committee),
+            "commits": sorted(self.tally.commits),
+            "reveals": sorted(self.tally.reveals),
+            "dissenters": self.tally.dissenters(),
+            "equivocators": sorted(self.tally.equivocations),
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+            "certificate": certificate.to_json() if certificate else None,
+        }
+        if certificate is not None:
+            agreeing = self.tally.reveals[certificate.signers[0]]
+            result["output"] = {
+                "text": agreeing.text,
+                "token_ids": list(agreeing.token_ids),
+                "output_hash": "0x" + certificate.output_hash.hex(),
+            }
+        return result
+
+
+@dataclass(frozen=True)
+class MyVote:
+    token_ids: tuple[int, ...]
+    text: str
+    salt: bytes
+    commitment: bytes
+    revealed: bool = False
+
+
+class SubmitParams(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    model: str = pydantic.Field(min_length=1, max_length=128)
+    prompt: str | None = pydantic.Field(None, max_length=wire.MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = pydantic.Field(None, max_length=64)
+    max_tokens: int = pydantic.Field(64, ge=1, le=wire.MAX_OUTPUT_TOKENS)
+    temperature: float = pydantic.Field(0.0, ge=0.0, le=2.0)
+    top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
+    top_k: int = pydantic.Field(-1, ge=-1, le=1 << 20)
+    seed: int | None = pydantic.Field(None, ge=0, le=2**63 - 1)
+    ignore_eos: bool = False
+    committee_size: int | None = pydantic.Field(None, ge=1, le=wire.MAX_COMMITTEE)
+    nonce: int | None = pydantic.Field(None, ge=0, le=2**63 - 1)
+
+
+class JobParams(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    request_id: str = pydantic.Field(pattern=r"^0x[0-9a-fA-F]{64}$")
+    timeout_s: float = pydantic.Field(300.0, gt=0, le=3600)
+
+
+class ListParams(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    limit: int = pydantic.Field(50, ge=1, le=1000)
+
+
+class ConsensusService:
+    name = "consensus"
+
+    def __init__(
+        self,
+        settings: ConsensusSection,
+        key: NodeKey,
+        state: StateStore,
+        p2p: P2PService,
+        inference: InferenceClient,
+        serving_status: Callable[[], ServingStatus],
+        model_id_of: Callable[[str], str | None],
+        domain: Callable[[], Eip712Domain],
+        registry: CollectorRegistry,
+        offers_receive: trio.MemoryReceiveChannel[VerifiedGossip],
+        votes_receive: trio.MemoryReceiveChannel[VerifiedGossip],
+    ) -> None:
+        self._settings = settings
+        self._key = key
+        self._state = state
+        self._p2p = p2p
+        self._inference = inference
+        self._serving_status = serving_status
+        self._model_id_of = model_id_of
+        self._domain = domain
+        self._offers = offers_receive
+        self._votes = votes_receive
+        self.address = key.address
+        self.jobs: dict[bytes, Job] = {}
+        self._early: dict[bytes, list[VerifiedGossip]] = {}
+        self._early_count = 0
+        self._nursery: trio.Nursery | None = None
+        self._metrics = _ConsensusMetrics(registry)
+
+    # ---- running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await self._restore()
+                nursery.start_soon(self._read_offers)
+                nursery.start_soon(self._read_votes)
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+
+    async def _read_offers(self) -> None:
+        async for gossip in self._offers:
+            if isinstance(gossip.message, wire.JobOffer):
+                await self._on_offer(gossip.message, gossip.signer)
+
+    async def _read_votes(self) -> None:
+        async for gossip in self._votes:
+            await self._on_vote(gossip)
+
+    # ---- taking a job
+
+    async def submit(self, params: SubmitParams) -> Job:
+        """Offer a new job to a committee; return it (pending)."""
+        model_id = self._model_id_of(params.model) or params.model
+        k = params.committee_size or self._settings.committee_size
+        now_ms = time.time_ns() // 1_000_000
+        turns = (
+            [wire.ChatTurn(m.role, m.content) for m in params.messages]
+            if params.messages is not None
+            else None
+        )
+        draft = wire.JobOffer(
+            request_id=b"\0" * 32,
+            model=model_id,
+            prompt=params.prompt,
+            messages=turns,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+            ignore_eos=params.ignore_eos,
+            requester=self.address,
+            nonce=params.nonce if params.nonce is not None else time.time_ns(),
+            committee=[self.address],
+            commit_deadline_ms=now_ms + int(self._settings.commit_timeout_s * 1000),
+            reveal_deadline_ms=now_ms
+            + int((self._settings.commit_timeout_s + self._settings.reveal_timeout_s) * 1000),
+        )
+        if (params.prompt is None) == (params.messages is None):
+            raise RpcError(INVALID_PARAMS, "give either prompt or messages")
+        request_id = request_id_of(draft)
+        if request_id in self.jobs:
+            raise RpcError(JOB_ERROR, "that job (same request and nonce) was already submitted")
+        committee = self._committee(model_id, request_id, k)
+        if not committee:
+            raise RpcError(
+                JOB_ERROR, f"no healthy node (this one included) serves model {model_id}"
+            )
+        offer = msgspec.structs.replace(draft, request_id=request_id, committee=committee)
+        job = await self._open(offer, submitter=True)
+        await self._p2p.publish(JOBS, offer)
+        self._metrics.jobs.labels("submitted").inc()
+        log.info(
+            "job %s: offered to %d member(s) for model %s",
+            "0x" + request_id.hex()[:12],
+            len(committee),
+            model_id,
+        )
+        return job
+
+    def _committee(self, model_id: str, request_id: bytes, k: int) -> list[str]:
+        """Healthy nodes serving the model (this one too), ranked as the contract ranks them."""
+        candidates = []
+        if model_id in self._serving_status().models:
+            candidates.append(Candidate(self.address, 1, 1))
+        for record in self._p2p.peers.records():
+            if record.state is PeerState.UP and model_id in record.models:
+                candidates.append(Candidate(to_checksum_address(record.address), 1, 1))
+        return select_committee(candidates, request_id, k, 0)
+
+    async def _on_offer(self, offer: wire.JobOffer, signer: str) -> None:
+        if offer.request_id in self.jobs:
+            return
+        if request_id_of(offer) != offer.request_id:
+            self._metrics.rejected.labels("bad_request_id").inc()
+            log.info("dropping a job offer from %s: its request id does not match", signer)
+            return
+        if signer.lower() != offer.requester.lower():
+            self._metrics.rejected.labels("not_requester").inc()
+            return
+        members = [a.lower() for a in offer.committee]
+        if self.address.lower() not in members or len(set(members)) != len(members):
+            return  # not ours to run (or a malformed committee)
+        now_ms = time.time_ns() // 1_000_000
+        if (
+            offer.reveal_deadline_ms <= now_ms
+            or offer.commit_deadline_ms > offer.reveal_deadline_ms
+        ):
+            self._metrics.rejected.labels("late_offer").inc()
+            return
+        await self._open(offer, submitter=False)
+
+    async def _open(self, offer: wire.JobOffer, *, submitter: bool) -> Job:
+        member = self.address.lower() in (a.lower() for a in offer.committee)
+        role: Literal["submitter", "member", "both"] = (
+            "both" if submitter and member else "submitter" if submitter else "member"
+        )
+        job = Job(offer, self._tally(offer), role)
+        self.jobs[offer.request_id] = job
+        await self._state.write(lambda conn: _save_job(conn, job))
+        for gossip in self._early.pop(offer.request_id, []):
+            self._early_count -= 1
+            await self._on_vote(gossip)
+        if member:
+            self._spawn(self._execute, job)
+        self._spawn(self._deadlines, job)
+        return job
+
+    def _tally(self, offer: wire.JobOffer) -> JobTally:
+        return JobTally(
+            offer.request_id,
+            offer.model,
+            tuple(to_checksum_address(a) for a in offer.committee),
+            self._domain(),
+        )
+
+    # ---- voting
+
+    async def _execute(self, job: Job) -> None:
+        """Run the job, commit to the output, and reveal when the commit phase ends."""
+        offer = job.offer
+        if job.my_vote is None:
+            began = time.monotonic()
+            result = None
+            try:
+                with trio.move_on_at(_trio_deadline(offer.commit_deadline_ms)):
+                    result = await self._inference.complete(
+                        offer.model, offer.prompt, chat_of(offer), sampling_of(offer)
+                    )
+            except InferenceFailed as exc:
+                log.warning("job %s: cannot run it: %s", _short(job), exc)
+                return
+            if result is None:
+                log.warning("job %s: inference missed the commit deadline", _short(job))
+                return
+            self._metrics.phase.labels("inference").observe(time.monotonic() - began)
+            salt = os.urandom(32)
+            commitment = vote_commitment(offer.request_id, output_hash(result.token_ids), salt)
+            job.my_vote = MyVote(result.token_ids, result.text, salt, commitment)
+            await self._state.write(lambda conn: _save_my_vote(conn, job))
+            commit = wire.VoteCommit(
+                offer.request_id,
+                commitment,
+                sign(self._key, self._domain().commit_digest(offer.request_id, commitment)),
+            )
+            await self._count_vote(job, self.address, commit)
+            await self._p2p.publish(VOTES, commit)
+        vote = job.my_vote
+        if vote.revealed or job.status != "pending":
+            return
+        # Reveal once every member has committed, or at the commit deadline.
+        began = time.monotonic()
+        with trio.move_on_at(_trio_deadline(offer.commit_deadline_ms)):
+            while len(job.tally.commits) < len(job.tally.committee):
+                await job.changed.wait()
+        self._metrics.phase.labels("commit_wait").observe(time.monotonic() - began)
+        if job.finished():
+            return
+        reveal = wire.VoteReveal(
+            offer.request_id,
+            list(vote.token_ids),
+            vote.text,
+            vote.salt,
+            sign(
+                self._key,
+                self._domain().result_digest(offer.request_id, output_hash(vote.token_ids)),
+            ),
+        )
+        job.my_vote = dataclasses.replace(vote, revealed=True)
+        await self._state.write(lambda conn: _save_my_vote(conn, job))
+        await self._count_vote(job, self.address, reveal)
+        await self._p2p.publish(VOTES, reveal)
+
+    async def _on_vote(self, gossip: VerifiedGossip) -> None:
+        message = gossip.message
+        if not isinstance(message, wire.VoteCommit | wire.VoteReveal):
+            return
+        job = self.jobs.get(message.request_id)
+        if job is None:
+            if self._early_count < EARLY_VOTES:
+                self._early.setdefault(message.request_id, []).append(gossip)
+                self._early_count += 1
+            return
+        if job.status != "pending":
+            return
+        if time.time_ns() // 1_000_000 > job.offer.reveal_deadline_ms:
+            self._metrics.rejected.labels("late").inc()
+            return
+        await self._count_vote(job, gossip.signer, message)
+
+    async def _count_vote(
+        self, job: Job, signer: str, vote: wire.VoteCommit | wire.VoteReveal
+    ) -> None:
+        try:
+            if isinstance(vote, wire.VoteCommit):
+                new = job.tally.add_commit(signer, vote)
+            else:
+                new = job.tally.add_reveal(signer, vote)
+        except VoteRejected as exc:
+            self._metrics.rejected.labels(exc.reason).inc()
+            log.info("job %s: vote from %s rejected: %s", _short(job), signer, exc)
+            return
+        if not new:
+            return
+        kind = "commit" if isinstance(vote, wire.VoteCommit) else "reveal"
+        await self._state.write(lambda conn: _save_vote(conn, job, signer, kind, vote))
+        job.changed.set()
+        job.changed = trio.Event()
+        await self._settle(job)
+
+    async def _settle(self, job: Job) -> None:
+        """Finish the job once its outcome is decided."""
+        certificate = job.tally.certificate()
+        if certificate is not None:
+            CertificateVerifier(job.tally.domain).verify(certificate)
+            await self._finish(job, "certified", "", certificate)
+        elif job.tally.majority_impossible():
+            await self._finish(job, "failed", "no majority: " + _describe_votes(job.tally))
+
+    async def _deadlines(self, job: Job) -> None:
+        await trio.sleep_until(_trio_deadline(job.offer.reveal_deadline_ms))
+        if job.status == "pending":
+            missing = [m for m in job.tally.committee if m not in job.tally.reveals]
+            await self._finish(
+                job,
+                "failed",
+                f"no majority by the reveal deadline: {_describe_votes(job.tally)}; "
+                f"no reveal from {', '.join(missing) or 'nobody'}",
+            )
+
+    async def _finish(
+        self, job: Job, status: Status, reason: str, certificate: Certificate | None = None
+    ) -> None:
+        if job.status != "pending":
+            return
+        job.status, job.reason, job.certificate = status, reason, certificate
+        job.finished_at = time.time()
+        await self._state.write(lambda conn: _save_job(conn, job))
+        job.done.set()
+        self._metrics.jobs.labels(status).inc()
+        self._metrics.seconds.observe(job.finished_at - job.created_at)
+        log.info("job %s: %s%s", _short(job), status, f" ({reason})" if reason else "")
+
+    # ---- restart
+
+    async def _restore(self) -> None:
+        rows = await self._state.read(_load_pending)
+        for offer_bytes, role, created_at, vote_row, votes in rows:
+            offer = wire.decode(offer_bytes)
+            assert isinstance(offer, wire.JobOffer)
+            job = Job(offer, self._tally(offer), role, created_at=created_at)
+            self.jobs[offer.request_id] = job
+            if vote_row is not None:
+                token_ids, text, salt, commitment, revealed = vote_row
+                job.my_vote = MyVote(
+                    tuple(json.loads(token_ids)), text, salt, commitment, bool(revealed)
+                )
+            for signer, payload in votes:
+                vote = wire.decode(payload)
+                with contextlib.suppress(VoteRejected):  # they were checked when first heard
+                    if isinstance(vote, wire.VoteCommit):
+                        job.tally.add_commit(signer, vote)
+                    elif isinstance(vote, wire.VoteReveal):
+                        job.tally.add_reveal(signer, vote)
+            log.info("job %s: restored after a restart", _short(job))
+            await self._settle(job)
+            if job.status == "pending":
+                if role != "submitter":
+                    self._spawn(self._execute, job)
+                self._spawn(self._deadlines, job)
+
+    # ---- control
+
+    def control_methods(self) -> list[ControlMethod]:
+        async def infer_submit(params: SubmitParams, _: ControlSession) -> dict[str, Any]:
+            job = await self.submit(params)
+            return {
+                "request_id": "0x" + job.request_id.hex(),
+                "model": job.offer.model,
+                "committee": list(job.tally.committee),
+            }
+
+        async def job_get(params: JobParams, _: ControlSession) -> dict[str, Any]:
+            return self._job(params.request_id).to_json()
+
+        async def job_wait(params: JobParams, _: ControlSession) -> dict[str, Any]:
+            job = self._job(params.request_id)
+            with trio.move_on_after(params.timeout_s):
+                await job.done.wait()
+            return job.to_json()
+
+        async def jobs_list(params: ListParams, _: ControlSession) -> list[dict[str, Any]]:
+            newest = sorted(self.jobs.values(), key=lambda j: j.created_at, reverse=True)
+            return [job.to_json() for job in newest[: params.limit]]
+
+        return [
+            ControlMethod(
+                "infer.submit",
+                SubmitParams,
+                infer_submit,
+                "Offer a verified inference to a committee; returns its request id.",
+            ),
+            ControlMethod("job.get", JobParams, job_get, "A job's state, votes and certificate."),
+            ControlMethod(
+                "job.wait", JobParams, job_wait, "Wait (up to timeout_s) for a job to finish."
+            ),
+            ControlMethod("jobs.list", ListParams, jobs_list, "The newest jobs this node follows."),
+        ]
+
+    def _job(self, request_id: str) -> Job:
+        job = self.jobs.get(bytes.fromhex(request_id[2:]))
+        if job is None:
+            raise RpcError(JOB_ERROR, f"no job {request_id} on this node")
+        return job
+
+
+def _trio_deadline(wall_ms: int) -> float:
+    """A wall-clock deadline (ms since the epoch, as on the wire) on trio's clock."""
+    return trio.current_time() + (wall_ms / 1000 - time.time())
+
+
+def _short(job: Job) -> str:
+    return "0x" + job.request_id.hex()[:12]
+
+
+def _describe_votes(tally: JobTally) -> str:
+    counts = tally.counts()
+    if not counts:
+        return f"0 of {len(tally.committee)} members revealed"
+    parts = [f"{n} for 0x{h.hex()[:12]}" for h, n in counts.most_common()]
+    return f"{', '.join(parts)} (quorum {tally.quorum} of {len(tally.committee)})"
+
+
+# ---- persistence (state schema 5)
+
+
+def _save_job(conn: sqlite3.Connection, job: Job) -> None:
+    conn.execute(
+        "INSERT INTO jobs (request_id, offer, role, status, reason, certificate, created_at, "
+        "finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO UPDATE SET "
+        "status = excluded.status, reason = excluded.reason, "
+        "certificate = excluded.certificate, finished_at = excluded.finished_at",
+        (
+            job.request_id,
+            wire.encode(job.offer),
+            job.role,
+            job.status,
+            job.reason,
+            json.dumps(job.certificate.to_json()) if job.certificate else None,
+            job.created_at,
+            job.finished_at,
+        ),
+    )
+
+
+def _save_my_vote(conn: sqlite3.Connection, job: Job) -> None:
+    vote = job.my_vote
+    assert vote is not None
+    conn.execute(
+        "INSERT INTO job_my_votes (request_id, token_ids, text, salt, commitment, revealed) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO UPDATE SET "
+        "revealed = excluded.revealed",
+        (
+            job.request_id,
+            json.dumps(list(vote.token_ids)),
+            vote.text,
+            vote.salt,
+            vote.commitment,
+            int(vote.revealed),
+        ),
+    )
+
+
+def _save_vote(
+    conn: sqlite3.Connection,
+    job: Job,
+    signer: str,
+    kind: str,
+    vote: wire.VoteCommit | wire.VoteReveal,
+) -> None:
+    conn.execute(
+        "INSERT OR IGNORE INTO job_votes (request_id, signer, kind, payload, received_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (job.request_id, signer, kind, wire.encode(vote), time.time()),
+    )
+
+
+PendingRow = tuple[
+    bytes, Any, float, tuple[str, str, bytes, bytes, int] | None, list[tuple[str, bytes]]
+]
+
+
+def _load_pending(conn: sqlite3.Connection) -> list[PendingRow]:
+    out: list[PendingRow] = []
+    for request_id, offer, role, created_at in conn.execute(
+        "SELECT request_id, offer, role, created_at FROM jobs WHERE status = 'pending' "
+        "ORDER BY created_at"
+    ).fetchall():
+        vote = conn.execute(
+            "SELECT token_ids, text, salt, commitment, revealed FROM job_my_votes "
+            "WHERE request_id = ?",
+            (request_id,),
+        ).fetchone()
+        votes = conn.execute(
+            "SELECT signer, payload FROM job_votes WHERE request_id = ? "
+            "ORDER BY kind = 'reveal', received_at",
+            (request_id,),
+        ).fetchall()
+        out.append((offer, role, created_at, vote, votes))
+    return out
+
+
+class _ConsensusMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.jobs = Counter(
+            "joynode_consensus_jobs", "Jobs by outcome", ["outcome"], registry=registry
+        )
+        self.rejected = Counter(
+            "joynode_consensus_rejected_votes",
+            "Votes and offers refused, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "joynode_consensus_job_seconds", "Offer to outcome", registry=registry
+        )
+        self.phase = Histogram(
+            "joynode_consensus_phase_seconds",
+            "Time in each phase (inference, waiting for commits)",
+            ["phase"],
+            registry=registry,
+        )

@@ -1,0 +1,293 @@
+"""Consensus: the tally's rules (pure), and committees of real nodes on 127.0.0.1.
+
+The nodes run in this process and share the session's tiny vLLM engine; each
+runs its own inference, votes over gossip, and keeps its own tally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from joynode import wire
+from joynode.consensus.jobs import request_id_of
+from joynode.consensus.service import SubmitParams
+from joynode.consensus.tally import (
+    Certificate,
+    CertificateVerifier,
+    JobTally,
+    VoteRejected,
+    vote_commitment,
+)
+from joynode.inference.engine import VllmEngine
+from joynode.keys import NodeKey
+from joynode.messages import SamplingSpec, output_hash
+from joynode.node import Node
+from joynode.p2p.peers import PeerState
+from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain, sign
+from tests.factories import LIBP2P_TEARDOWN_LEAK, fast_p2p, make_home, running_node, wait_for
+from tests.inference_fixtures import tiny_engine, tiny_model
+
+__all__ = ["tiny_engine", "tiny_model"]
+
+pytestmark = LIBP2P_TEARDOWN_LEAK
+
+REQUEST = b"\x11" * 32
+OTHER_DOMAIN = Eip712Domain(31337, "0x" + "22" * 20)
+
+
+class Member:
+    """A committee member's key, voting by hand."""
+
+    def __init__(self, domain: Eip712Domain = OFFCHAIN_DOMAIN) -> None:
+        self.key = NodeKey.generate()
+        self.address = self.key.address
+        self.domain = domain
+
+    def commit(
+        self, tokens: list[int], salt: bytes = b"\x01" * 32, request: bytes = REQUEST
+    ) -> wire.VoteCommit:
+        commitment = vote_commitment(request, output_hash(tokens), salt)
+        return wire.VoteCommit(
+            request, commitment, sign(self.key, self.domain.commit_digest(request, commitment))
+        )
+
+    def reveal(
+        self, tokens: list[int], salt: bytes = b"\x01" * 32, request: bytes = REQUEST
+    ) -> wire.VoteReveal:
+        return wire.VoteReveal(
+            request,
+            tokens,
+            "text",
+            salt,
+            sign(self.key, self.domain.result_digest(request, output_hash(tokens))),
+        )
+
+
+def tally_of(members: list[Member]) -> JobTally:
+    return JobTally(REQUEST, "model", tuple(m.address for m in members), OFFCHAIN_DOMAIN)
+
+
+def add(tally: JobTally, signer: str, vote: wire.VoteCommit | wire.VoteReveal) -> bool:
+    if isinstance(vote, wire.VoteCommit):
+        return tally.add_commit(signer, vote)
+    return tally.add_reveal(signer, vote)
+
+
+def test_a_majority_certifies_and_the_certificate_verifies() -> None:
+    a, b, c = members = [Member() for _ in range(3)]
+    tally = tally_of(members)
+    for member, tokens in ((a, [1, 2]), (b, [1, 2]), (c, [9])):
+        assert tally.add_commit(member.address, member.commit(tokens))
+    assert tally.certificate() is None
+    assert tally.add_reveal(a.address, a.reveal([1, 2]))
+    assert tally.add_reveal(c.address, c.reveal([9]))
+    assert tally.certificate() is None
+    assert not tally.majority_impossible()
+    assert tally.add_reveal(b.address, b.reveal([1, 2]))
+    certificate = tally.certificate()
+    assert certificate is not None
+    assert certificate.signers == (a.address, b.address)
+    assert certificate.output_hash == output_hash([1, 2])
+    assert tally.dissenters() == [c.address]
+    CertificateVerifier(OFFCHAIN_DOMAIN).verify(certificate)
+    assert Certificate.from_json(certificate.to_json()) == certificate
+
+
+def test_votes_that_break_the_rules_do_not_count() -> None:
+    a, b, _ = members = [Member() for _ in range(3)]
+    outsider = Member()
+    tally = tally_of(members)
+    cases: list[tuple[str, str, wire.VoteCommit | wire.VoteReveal]] = [
+        ("not_in_committee", outsider.address, outsider.commit([1])),
+        ("bad_signature", a.address, b.commit([1])),  # b's signature sent as a's vote
+        ("bad_signature", a.address, Member(OTHER_DOMAIN).commit([1])),
+        ("no_commit", a.address, a.reveal([1])),
+    ]
+    for reason, signer, vote in cases:
+        with pytest.raises(VoteRejected) as caught:
+            add(tally, signer, vote)
+        assert caught.value.reason == reason
+    tally.add_commit(a.address, a.commit([1]))
+    with pytest.raises(VoteRejected, match="bad_reveal"):
+        tally.add_reveal(a.address, a.reveal([2]))  # not what was committed
+    with pytest.raises(VoteRejected, match="bad_reveal"):
+        tally.add_reveal(a.address, a.reveal([1], salt=b"\x02" * 32))
+    assert not tally.add_commit(a.address, a.commit([1]))  # a replay changes nothing
+    assert tally.commits.keys() == {a.address}
+    assert tally.reveals == {}
+
+
+def test_two_commits_from_one_member_are_evidence_and_void_its_vote() -> None:
+    a, b, c = members = [Member() for _ in range(3)]
+    tally = tally_of(members)
+    tally.add_commit(a.address, a.commit([1]))
+    tally.add_reveal(a.address, a.reveal([1]))
+    tally.add_commit(a.address, a.commit([2]))
+    evidence = tally.equivocations[a.address]
+    assert evidence.commitment_a != evidence.commitment_b
+    assert a.address not in tally.reveals
+    with pytest.raises(VoteRejected, match="equivocated"):
+        tally.add_reveal(a.address, a.reveal([1]))
+    # b and c alone can still make a majority of three.
+    for member in (b, c):
+        tally.add_commit(member.address, member.commit([5]))
+        tally.add_reveal(member.address, member.reveal([5]))
+    certificate = tally.certificate()
+    assert certificate is not None
+    assert certificate.signers == (b.address, c.address)
+
+
+def test_the_verifier_applies_the_contracts_rules() -> None:
+    a, b, _ = members = [Member() for _ in range(3)]
+    tally = tally_of(members)
+    for member in members:
+        tally.add_commit(member.address, member.commit([7]))
+        tally.add_reveal(member.address, member.reveal([7]))
+    good = tally.certificate()
+    assert good is not None
+    verifier = CertificateVerifier(OFFCHAIN_DOMAIN)
+    bad = {
+        "no_majority": Certificate(
+            REQUEST,
+            "model",
+            good.output_hash,
+            good.committee,
+            good.signers[:1],
+            good.signatures[:1],
+        ),
+        "duplicate_signer": Certificate(
+            REQUEST,
+            "model",
+            good.output_hash,
+            good.committee,
+            (a.address, a.address),
+            (good.signatures[0],) * 2,
+        ),
+        "bad_signature": Certificate(
+            REQUEST, "model", output_hash([8]), good.committee, good.signers, good.signatures
+        ),
+        "not_in_committee": Certificate(
+            REQUEST,
+            "model",
+            good.output_hash,
+            good.committee,
+            (Member().address, b.address),
+            good.signatures[:2],
+        ),
+        "length_mismatch": Certificate(
+            REQUEST, "model", good.output_hash, good.committee, good.signers, good.signatures[:2]
+        ),
+    }
+    for reason, certificate in bad.items():
+        with pytest.raises(VoteRejected) as caught:
+            verifier.verify(certificate)
+        assert caught.value.reason == reason
+    with pytest.raises(VoteRejected, match="bad_signature"):
+        CertificateVerifier(OTHER_DOMAIN).verify(good)  # votes do not cross domains
+
+
+def test_the_request_id_covers_every_request_field() -> None:
+    base = wire.JobOffer(
+        b"\0" * 32, "model", "prompt", None, 8, 0.0, 1.0, -1, None, False,
+        "0x" + "ab" * 20, 1, ["0x" + "ab" * 20], 1, 2,
+    )  # fmt: skip
+    changed: list[dict[str, Any]] = [
+        {"model": "other"},
+        {"prompt": "other"},
+        {"max_tokens": 9},
+        {"temperature": 0.5, "seed": 1},
+        {"top_p": 0.9},
+        {"top_k": 3},
+        {"ignore_eos": True},
+        {"requester": "0x" + "cd" * 20},
+        {"nonce": 2},
+    ]
+    ids = {request_id_of(msgspec.structs.replace(base, **change)) for change in changed}
+    assert len(ids | {request_id_of(base)}) == len(changed) + 1
+    # What the committee and deadlines say does not change the request.
+    assert request_id_of(msgspec.structs.replace(base, committee=[], nonce=1)) == request_id_of(
+        base
+    )
+
+
+# ---- real nodes
+
+
+@asynccontextmanager
+async def committee_of(
+    tmp_path: Path, tiny_model: Path, engine: VllmEngine, count: int
+) -> AsyncIterator[list[Node]]:
+    async with AsyncExitStack() as stack:
+        nodes: list[Node] = []
+        for i in range(count):
+            home = fast_p2p(
+                make_home(tmp_path / f"n{i}"),
+                bootstrap=nodes[0].p2p.listen_addrs() if nodes else None,
+            )
+            home.set("inference", "models", f'[{{name = "tiny", path = "{tiny_model}"}}]')
+            home.set("inference", "max_model_len", "256")
+            home.set("consensus", "commit_timeout_s", "20")
+            home.set("consensus", "reveal_timeout_s", "5")
+            nodes.append(await stack.enter_async_context(running_node(home, {"tiny": engine})))
+        for node in nodes:
+            await wait_for(partial(_sees_all_serving, node, nodes), 15, "all peers up, serving")
+        yield nodes
+
+
+def _sees_all_serving(node: Node, nodes: list[Node]) -> bool:
+    model = node.inference.model_id("tiny")
+    others = [n.p2p.peer_id for n in nodes if n is not node]
+    records = {r.peer_id: r for r in node.p2p.peers.records()}
+    return all(
+        p in records and records[p].state is PeerState.UP and model in records[p].models
+        for p in others
+    )
+
+
+async def wait_job(node: Node, request_id: bytes, within_s: float = 30) -> dict[str, object]:
+    job = node.consensus.jobs[request_id]
+    with trio.fail_after(within_s):
+        await job.done.wait()
+    return job.to_json()
+
+
+PROMPT = {"model": "tiny", "prompt": "Hello world", "max_tokens": 8, "ignore_eos": True}
+
+
+async def test_an_honest_committee_of_three_certifies_the_output(
+    tmp_path: Path, tiny_model: Path, tiny_engine: VllmEngine
+) -> None:
+    async with committee_of(tmp_path, tiny_model, tiny_engine, 3) as nodes:
+        a = nodes[0]
+        job = await a.consensus.submit(SubmitParams(**PROMPT))
+        assert sorted(job.tally.committee) == sorted(n.consensus.address for n in nodes)
+        result = await wait_job(a, job.request_id)
+        assert result["status"] == "certified", result["reason"]
+        certificate = Certificate.from_json(result["certificate"])  # type: ignore[arg-type]
+        CertificateVerifier(OFFCHAIN_DOMAIN).verify(certificate)
+        # Decided as soon as a strict majority agrees (2 of 3); all were honest.
+        assert len(certificate.signers) >= 2
+        assert set(certificate.signers) <= set(certificate.committee)
+        assert result["dissenters"] == []
+        local = await a.inference_client.complete(
+            "tiny", "Hello world", None, SamplingSpec(max_tokens=8, ignore_eos=True)
+        )
+        output = result["output"]
+        assert isinstance(output, dict)
+        assert output["token_ids"] == list(local.token_ids)
+        assert output["text"] == local.text
+        # Every member certified the same output on its own (each with the
+        # first majority it heard, so the signer sets may differ).
+        for node in nodes[1:]:
+            member = await wait_job(node, job.request_id)
+            theirs = Certificate.from_json(member["certificate"])  # type: ignore[arg-type]
+            CertificateVerifier(OFFCHAIN_DOMAIN).verify(theirs)
+            assert theirs.output_hash == certificate.output_hash
