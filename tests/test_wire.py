@@ -33,9 +33,9 @@ def strategy_for(info: mi.Type) -> st.SearchStrategy[Any]:
     if isinstance(info, mi.UnionType):
         return st.one_of(*(strategy_for(option) for option in info.types))
     if isinstance(info, mi.FloatType):
-        low = info.ge if info.ge is not None else info.gt
+        floor = info.ge if info.ge is not None else info.gt
         return st.floats(
-            min_value=low,
+            min_value=floor,
             max_value=info.le,
             exclude_min=info.gt is not None,
             allow_nan=False,
