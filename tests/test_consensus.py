@@ -6,6 +6,7 @@ runs its own inference, votes over gossip, and keeps its own tally.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
@@ -27,9 +28,11 @@ from joynode.consensus.tally import (
     vote_commitment,
 )
 from joynode.inference.engine import VllmEngine
+from joynode.inference.service import InferenceClient
 from joynode.keys import NodeKey
-from joynode.messages import SamplingSpec, output_hash
+from joynode.messages import InferenceResult, SamplingSpec, output_hash
 from joynode.node import Node
+from joynode.p2p.gossip import VOTES
 from joynode.p2p.peers import PeerState
 from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain, sign
 from tests.factories import LIBP2P_TEARDOWN_LEAK, fast_p2p, make_home, running_node, wait_for
@@ -223,7 +226,7 @@ def test_the_request_id_covers_every_request_field() -> None:
 
 @asynccontextmanager
 async def committee_of(
-    tmp_path: Path, tiny_model: Path, engine: VllmEngine, count: int
+    tmp_path: Path, tiny_model: Path, engine: VllmEngine, count: int, commit_timeout_s: float = 20
 ) -> AsyncIterator[list[Node]]:
     async with AsyncExitStack() as stack:
         nodes: list[Node] = []
@@ -234,7 +237,7 @@ async def committee_of(
             )
             home.set("inference", "models", f'[{{name = "tiny", path = "{tiny_model}"}}]')
             home.set("inference", "max_model_len", "256")
-            home.set("consensus", "commit_timeout_s", "20")
+            home.set("consensus", "commit_timeout_s", str(commit_timeout_s))
             home.set("consensus", "reveal_timeout_s", "5")
             nodes.append(await stack.enter_async_context(running_node(home, {"tiny": engine})))
         for node in nodes:
@@ -291,3 +294,112 @@ async def test_an_honest_committee_of_three_certifies_the_output(
             theirs = Certificate.from_json(member["certificate"])  # type: ignore[arg-type]
             CertificateVerifier(OFFCHAIN_DOMAIN).verify(theirs)
             assert theirs.output_hash == certificate.output_hash
+
+
+class WrongWeights:
+    """An inference client whose outputs differ: a node serving other weights under the id."""
+
+    def __init__(self, honest: InferenceClient) -> None:
+        self._honest = honest
+
+    async def complete(self, *args: Any, **kwargs: Any) -> InferenceResult:
+        result = await self._honest.complete(*args, **kwargs)
+        return dataclasses.replace(result, token_ids=(*result.token_ids[:-1], 0), text="wrong")
+
+
+async def test_a_member_with_other_weights_is_outvoted(
+    tmp_path: Path, tiny_model: Path, tiny_engine: VllmEngine
+) -> None:
+    async with committee_of(tmp_path, tiny_model, tiny_engine, 3) as nodes:
+        liar = nodes[2]
+        liar.consensus._inference = WrongWeights(liar.inference_client)  # type: ignore[assignment]
+        job = await nodes[0].consensus.submit(SubmitParams(**PROMPT))
+        result = await wait_job(nodes[0], job.request_id)
+        assert result["status"] == "certified"
+        output = result["output"]
+        assert isinstance(output, dict)
+        assert output["text"] != "wrong"
+        certificate = Certificate.from_json(result["certificate"])  # type: ignore[arg-type]
+        assert liar.consensus.address not in certificate.signers
+        # The liar's reveal, if it came before the decision, marks it a dissenter.
+        await wait_for(
+            lambda: liar.consensus.jobs[job.request_id].finished(), 10, "the liar's tally ends"
+        )
+        assert liar.consensus.jobs[job.request_id].certificate is not None
+        assert liar.consensus.jobs[job.request_id].tally.dissenters() in (
+            [],
+            [liar.consensus.address],
+        )
+
+
+async def test_a_missing_member_is_outvoted_by_time_and_two_missing_fail_the_job(
+    tmp_path: Path, tiny_model: Path, tiny_engine: VllmEngine
+) -> None:
+    async with committee_of(tmp_path, tiny_model, tiny_engine, 3, commit_timeout_s=4) as nodes:
+        a, b, c = nodes
+        # Committee chosen while all are up; then C goes away.
+        job = await a.consensus.submit(SubmitParams(**PROMPT, nonce=1))
+        assert len(job.tally.committee) == 3
+        result = await wait_job(a, job.request_id)
+        assert result["status"] == "certified"
+
+        await c.request_shutdown("test: a member dies")
+        offer = await a.consensus.submit(SubmitParams(**PROMPT, nonce=2))
+        if c.consensus.address in offer.tally.committee:
+            result = await wait_job(a, offer.request_id)
+            assert result["status"] == "certified"  # 2 of 3 are a majority
+
+        await b.request_shutdown("test: a second member dies")
+        lonely = a.consensus.jobs[
+            (await a.consensus.submit(SubmitParams(**PROMPT, nonce=3, committee_size=3))).request_id
+        ]
+        # A still believes B and C are up (their heartbeats have not timed out yet), or
+        # picks only itself: either way the job ends, with its reason.
+        result = await wait_job(a, lonely.request_id, within_s=40)
+        if len(lonely.tally.committee) == 1:
+            assert result["status"] == "certified"
+        else:
+            assert result["status"] == "failed"
+            assert "no majority" in str(result["reason"])
+            assert "no reveal from" in str(result["reason"])
+
+
+class Slow:
+    """An inference client that takes its time, to keep a job open."""
+
+    def __init__(self, honest: InferenceClient, seconds: float) -> None:
+        self._honest = honest
+        self._seconds = seconds
+
+    async def complete(self, *args: Any, **kwargs: Any) -> InferenceResult:
+        await trio.sleep(self._seconds)
+        return await self._honest.complete(*args, **kwargs)
+
+
+async def test_votes_from_outside_the_committee_are_rejected(
+    tmp_path: Path, tiny_model: Path, tiny_engine: VllmEngine
+) -> None:
+    async with committee_of(tmp_path, tiny_model, tiny_engine, 4) as nodes:
+        a = nodes[0]
+        for node in nodes:
+            node.consensus._inference = Slow(node.inference_client, 2.0)  # type: ignore[assignment]
+        job = await a.consensus.submit(SubmitParams(**PROMPT, committee_size=3))
+        outsider = next(n for n in nodes if n.consensus.address not in job.tally.committee)
+        forged = Member()
+        forged.key = outsider.p2p._key  # the outsider signs with its own node key
+        forged.address = outsider.consensus.address
+        await outsider.p2p.publish(VOTES, forged.commit([1, 2, 3], request=job.request_id))
+        await wait_for(
+            lambda: (
+                a.registry.get_sample_value(
+                    "joynode_consensus_rejected_votes_total", {"reason": "not_in_committee"}
+                )
+                == 1.0
+            ),
+            5,
+            "the forged vote is refused",
+        )
+        assert not job.finished()
+        result = await wait_job(a, job.request_id)
+        assert result["status"] == "certified"
+        assert outsider.consensus.address not in result["commits"]  # type: ignore[operator]
