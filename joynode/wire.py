@@ -144,8 +144,30 @@ class VoteReveal(Message, tag="vote_reveal", frozen=True):
     signature: Signature
 
 
+class JobVotesRequest(Message, tag="job_votes_request", frozen=True):
+    """Asks a committee member for the votes it holds on a job (after a restart)."""
+
+    request_id: Bytes32
+
+
+class JobVotesReply(Message, tag="job_votes_reply", frozen=True):
+    """The commits and reveals a node holds on a job; each vote carries its own signature."""
+
+    commits: Annotated[list[VoteCommit], msgspec.Meta(max_length=MAX_COMMITTEE * 2)]
+    reveals: Annotated[list[VoteReveal], msgspec.Meta(max_length=MAX_COMMITTEE)]
+
+
 AnyMessage: TypeAlias = (
-    Ping | Pong | Heartbeat | Gossip | ErrorReply | JobOffer | VoteCommit | VoteReveal
+    Ping
+    | Pong
+    | Heartbeat
+    | Gossip
+    | ErrorReply
+    | JobOffer
+    | VoteCommit
+    | VoteReveal
+    | JobVotesRequest
+    | JobVotesReply
 )
 MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     Ping,
@@ -156,6 +178,8 @@ MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     JobOffer,
     VoteCommit,
     VoteReveal,
+    JobVotesRequest,
+    JobVotesReply,
 )
 
 

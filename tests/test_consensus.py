@@ -35,7 +35,14 @@ from joynode.node import Node
 from joynode.p2p.gossip import VOTES
 from joynode.p2p.peers import PeerState
 from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain, sign
-from tests.factories import LIBP2P_TEARDOWN_LEAK, fast_p2p, make_home, running_node, wait_for
+from tests.factories import (
+    LIBP2P_TEARDOWN_LEAK,
+    NodeHome,
+    fast_p2p,
+    make_home,
+    running_node,
+    wait_for,
+)
 from tests.inference_fixtures import tiny_engine, tiny_model
 
 __all__ = ["tiny_engine", "tiny_model"]
@@ -231,18 +238,23 @@ async def committee_of(
     async with AsyncExitStack() as stack:
         nodes: list[Node] = []
         for i in range(count):
-            home = fast_p2p(
-                make_home(tmp_path / f"n{i}"),
-                bootstrap=nodes[0].p2p.listen_addrs() if nodes else None,
-            )
-            home.set("inference", "models", f'[{{name = "tiny", path = "{tiny_model}"}}]')
-            home.set("inference", "max_model_len", "256")
-            home.set("consensus", "commit_timeout_s", str(commit_timeout_s))
-            home.set("consensus", "reveal_timeout_s", "5")
+            bootstrap = nodes[0].p2p.listen_addrs() if nodes else None
+            home = consensus_home(tmp_path / f"n{i}", tiny_model, bootstrap, commit_timeout_s)
             nodes.append(await stack.enter_async_context(running_node(home, {"tiny": engine})))
         for node in nodes:
             await wait_for(partial(_sees_all_serving, node, nodes), 15, "all peers up, serving")
         yield nodes
+
+
+def consensus_home(
+    path: Path, tiny_model: Path, bootstrap: list[str] | None, commit_timeout_s: float = 20
+) -> NodeHome:
+    home = fast_p2p(make_home(path), bootstrap=bootstrap)
+    home.set("inference", "models", f'[{{name = "tiny", path = "{tiny_model}"}}]')
+    home.set("inference", "max_model_len", "256")
+    home.set("consensus", "commit_timeout_s", str(commit_timeout_s))
+    home.set("consensus", "reveal_timeout_s", "5")
+    return home
 
 
 def _sees_all_serving(node: Node, nodes: list[Node]) -> bool:
@@ -403,3 +415,45 @@ async def test_votes_from_outside_the_committee_are_rejected(
         result = await wait_job(a, job.request_id)
         assert result["status"] == "certified"
         assert outsider.consensus.address not in result["commits"]  # type: ignore[operator]
+
+
+async def test_a_member_restarted_mid_job_reveals_what_it_committed(
+    tmp_path: Path, tiny_model: Path, tiny_engine: VllmEngine
+) -> None:
+    engines = {"tiny": tiny_engine}
+    async with running_node(consensus_home(tmp_path / "a", tiny_model, None), engines) as a:
+        bootstrap = a.p2p.listen_addrs()
+        b_home = consensus_home(tmp_path / "b", tiny_model, bootstrap)
+        async with running_node(
+            consensus_home(tmp_path / "c", tiny_model, bootstrap), engines
+        ) as c:
+            c.consensus._inference = Slow(c.inference_client, 4.0)  # type: ignore[assignment]
+            async with running_node(b_home, engines) as b:
+                for node in (a, b, c):
+                    await wait_for(partial(_sees_all_serving, node, [a, b, c]), 15, "all up")
+                job = await a.consensus.submit(SubmitParams(**PROMPT))
+                request_id = job.request_id
+                await wait_for(
+                    lambda: (
+                        request_id in b.consensus.jobs
+                        and b.consensus.jobs[request_id].my_vote is not None
+                    ),
+                    10,
+                    "B has committed",
+                )
+                b_vote = b.consensus.jobs[request_id].my_vote
+                assert b_vote is not None
+                assert not b_vote.revealed
+            # B is down before C has even committed; it comes back.
+            async with running_node(b_home, engines) as b_again:
+                restored = b_again.consensus.jobs[request_id]
+                assert restored.my_vote is not None
+                assert restored.my_vote.commitment == b_vote.commitment
+                result = await wait_job(a, request_id)
+                assert result["status"] == "certified"
+                await wait_for(restored.finished, 20, "B finishes the job too")
+                assert restored.status == "certified", restored.reason
+                assert restored.my_vote.revealed
+                # B revealed exactly what it had committed: no equivocation anywhere.
+                assert a.consensus.jobs[request_id].tally.equivocations == {}
+                assert restored.tally.equivocations == {}

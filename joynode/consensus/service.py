@@ -57,6 +57,7 @@ from joynode.keys import NodeKey
 from joynode.messages import ChatMessage, ServingStatus, output_hash
 from joynode.p2p.gossip import JOBS, VOTES, VerifiedGossip
 from joynode.p2p.peers import PeerState
+from joynode.p2p.rpc import RpcFailure
 from joynode.p2p.service import P2PService
 from joynode.signatures import Eip712Domain, sign
 from joynode.state import StateStore
@@ -64,6 +65,7 @@ from joynode.state import StateStore
 log = logging.getLogger(__name__)
 
 JOB_ERROR = -32040  # JSON-RPC application error: the job is unknown or failed
+RESYNC_AFTER_S = (1.0, 2.0, 4.0, 8.0)  # after a restart: when to ask members for missed votes
 EARLY_VOTES = 1024  # votes kept for jobs not heard of yet (gossip order is not causal)
 Status = Literal["pending", "certified", "failed"]
 
@@ -189,6 +191,7 @@ class ConsensusService:
     # ---- running
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._p2p.handle_requests(wire.JobVotesRequest, self._answer_votes)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
@@ -475,6 +478,45 @@ class ConsensusService:
                 if role != "submitter":
                     self._spawn(self._execute, job)
                 self._spawn(self._deadlines, job)
+                self._spawn(self._catch_up, job)
+
+    async def _catch_up(self, job: Job) -> None:
+        """Ask the other members for the votes gossiped while this node was down."""
+        for delay in RESYNC_AFTER_S:
+            await trio.sleep(delay)
+            if job.finished():
+                return
+            for member in job.tally.committee:
+                peer = self._peer_of(member)
+                if peer is None or member == self.address:
+                    continue
+                try:
+                    reply = await self._p2p.request(peer, wire.JobVotesRequest(job.request_id))
+                except RpcFailure as exc:
+                    log.debug("job %s: no votes from %s: %s", _short(job), member, exc)
+                    continue
+                if not isinstance(reply, wire.JobVotesReply):
+                    continue
+                votes: list[wire.VoteCommit | wire.VoteReveal] = [*reply.commits, *reply.reveals]
+                for vote in votes:
+                    if job.finished():
+                        return
+                    try:
+                        signer = job.tally.signer_of(vote)
+                    except VoteRejected:
+                        continue
+                    await self._count_vote(job, signer, vote)
+
+    def _peer_of(self, address: str) -> str | None:
+        for record in self._p2p.peers.records():
+            if record.address.lower() == address.lower() and record.state is PeerState.UP:
+                return record.peer_id
+        return None
+
+    async def _answer_votes(self, peer: str, request: wire.Message) -> wire.Message:
+        assert isinstance(request, wire.JobVotesRequest)
+        job = self.jobs.get(request.request_id)
+        return job.tally.votes() if job is not None else wire.JobVotesReply([], [])
 
     # ---- control
 

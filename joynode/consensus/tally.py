@@ -134,7 +134,13 @@ class Reveal:
     output_hash: bytes
     token_ids: tuple[int, ...]
     text: str
+    salt: bytes
     signature: bytes
+
+    def to_wire(self, request_id: bytes) -> wire.VoteReveal:
+        return wire.VoteReveal(
+            request_id, list(self.token_ids), self.text, self.salt, self.signature
+        )
 
 
 @dataclass
@@ -192,9 +198,30 @@ class JobTally:
         if member in self.reveals:
             return False
         self.reveals[member] = Reveal(
-            member, result, tuple(reveal.token_ids), reveal.text, reveal.signature
+            member, result, tuple(reveal.token_ids), reveal.text, reveal.salt, reveal.signature
         )
         return True
+
+    def signer_of(self, vote: wire.VoteCommit | wire.VoteReveal) -> str:
+        """Who signed a vote that came without a gossip envelope (from a votes reply)."""
+        if isinstance(vote, wire.VoteCommit):
+            digest = self.domain.commit_digest(self.request_id, vote.commitment)
+        else:
+            digest = self.domain.result_digest(self.request_id, output_hash(vote.token_ids))
+        try:
+            return recover_address(digest, vote.signature)
+        except SignatureError as exc:
+            raise VoteRejected("bad_signature", str(exc)) from None
+
+    def votes(self) -> wire.JobVotesReply:
+        """Every vote this tally counted (evidence of equivocation included)."""
+        commits = list(self.commits.values())
+        for evidence in self.equivocations.values():
+            commits.append(
+                wire.VoteCommit(self.request_id, evidence.commitment_b, evidence.signature_b)
+            )
+        reveals = [r.to_wire(self.request_id) for r in self.reveals.values()]
+        return wire.JobVotesReply(commits, reveals)
 
     @property
     def quorum(self) -> int:

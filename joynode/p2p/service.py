@@ -336,6 +336,12 @@ class P2PService:
         finally:
             self._metrics.requests.labels("out", outcome).inc()
 
+    def handle_requests(self, kind: type[wire.Message], handler: RpcHandler) -> None:
+        """Answer ``/joynet/rpc`` requests of type ``kind`` with ``handler(peer_id, request)``."""
+        if kind in self._rpc_handlers:
+            raise ValueError(f"{kind.__name__} requests already have a handler")
+        self._rpc_handlers[kind] = handler
+
     async def _serve_request(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id.to_base58()
         outcome = "ok"
