@@ -325,6 +325,16 @@ async def _call(url: str, token: str, method: str, params: dict[str, Any] | None
         if isinstance(params, dict) and isinstance(params.get("text"), str):
             sys.stderr.write(params["text"])
             streamed = True
+        elif notification.get("method") == "job.progress" and isinstance(params, dict):
+            sys.stderr.write(
+                "\rjob {}: {} of {} committed, {} revealed   ".format(
+                    str(params.get("request_id", ""))[:14],
+                    params.get("commits"),
+                    params.get("committee"),
+                    params.get("reveals"),
+                )
+            )
+            streamed = True
         elif notification.get("method") == "storage.progress" and isinstance(params, dict):
             sys.stderr.write("\r" + _describe_progress(params))
             streamed = True

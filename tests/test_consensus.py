@@ -7,6 +7,7 @@ runs its own inference, votes over gossip, and keeps its own tally.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
@@ -19,7 +20,7 @@ import trio
 
 from joynode import wire
 from joynode.consensus.jobs import request_id_of
-from joynode.consensus.service import SubmitParams
+from joynode.consensus.service import JOB_ERROR, SubmitParams
 from joynode.consensus.tally import (
     Certificate,
     CertificateVerifier,
@@ -27,12 +28,14 @@ from joynode.consensus.tally import (
     VoteRejected,
     vote_commitment,
 )
+from joynode.control.client import ControlClient
+from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.inference.engine import VllmEngine
 from joynode.inference.service import InferenceClient
 from joynode.keys import NodeKey
 from joynode.messages import InferenceResult, SamplingSpec, output_hash
 from joynode.node import Node
-from joynode.p2p.gossip import VOTES
+from joynode.p2p.gossip import JOBS, VOTES
 from joynode.p2p.peers import PeerState
 from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain, sign
 from tests.factories import (
@@ -401,16 +404,13 @@ async def test_votes_from_outside_the_committee_are_rejected(
         forged.key = outsider.p2p._key  # the outsider signs with its own node key
         forged.address = outsider.consensus.address
         await outsider.p2p.publish(VOTES, forged.commit([1, 2, 3], request=job.request_id))
-        await wait_for(
-            lambda: (
-                a.registry.get_sample_value(
-                    "joynode_consensus_rejected_votes_total", {"reason": "not_in_committee"}
-                )
-                == 1.0
-            ),
-            5,
-            "the forged vote is refused",
-        )
+        members = [n for n in nodes if n.consensus.address in job.tally.committee]
+        for member in members:
+            await wait_for(
+                partial(lambda n: _rejected(n, "not_in_committee") == 1.0, member),
+                10,
+                "every member refuses the outsider's vote",
+            )
         assert not job.finished()
         result = await wait_job(a, job.request_id)
         assert result["status"] == "certified"
@@ -457,3 +457,83 @@ async def test_a_member_restarted_mid_job_reveals_what_it_committed(
                 # B revealed exactly what it had committed: no equivocation anywhere.
                 assert a.consensus.jobs[request_id].tally.equivocations == {}
                 assert restored.tally.equivocations == {}
+
+
+async def test_jobs_through_the_control_socket(
+    tmp_path: Path, tiny_model: Path, tiny_engine: VllmEngine
+) -> None:
+    async with committee_of(tmp_path, tiny_model, tiny_engine, 3) as nodes:
+        a = nodes[0]
+        notes: list[dict[str, Any]] = []
+        token = a.config.control.token_file.read_text().strip()
+        async with ControlClient.connect(
+            a.control.url or "", token, on_notification=notes.append
+        ) as client:
+            submitted = await client.call("infer.submit", PROMPT)
+            assert len(submitted["committee"]) == 3
+            assert submitted["model"] == a.inference.model_id("tiny")
+            done = await client.call("job.wait", {"request_id": submitted["request_id"]})
+            assert done["status"] == "certified"
+            assert done["output"]["token_ids"]
+            assert notes[0]["method"] == "job.progress"
+            assert notes[0]["params"]["request_id"] == submitted["request_id"]
+            assert await client.call("job.get", {"request_id": submitted["request_id"]}) == done
+            listed = await client.call("jobs.list", {"limit": 5})
+            assert [j["request_id"] for j in listed] == [submitted["request_id"]]
+
+            bad: list[tuple[dict[str, Any], int, str]] = [
+                (
+                    {**PROMPT, "messages": [{"role": "user", "content": "x"}]},
+                    INVALID_PARAMS,
+                    "either",
+                ),
+                ({**PROMPT, "model": "QmNobodyServesThis"}, JOB_ERROR, "no healthy node"),
+                ({**PROMPT, "temperature": 1.0}, INVALID_PARAMS, "seed"),
+                ({**PROMPT, "committee_size": 99}, INVALID_PARAMS, "committee_size"),
+            ]
+            for params, code, message in bad:
+                with pytest.raises(RpcError) as caught:
+                    await client.call("infer.submit", params)
+                assert caught.value.code == code, caught.value.message
+                assert message in caught.value.message
+            with pytest.raises(RpcError) as unknown:
+                await client.call("job.get", {"request_id": "0x" + "00" * 32})
+            assert unknown.value.code == JOB_ERROR
+            # Nothing broke: another job goes through.
+            again = await client.call("infer.submit", {**PROMPT, "nonce": 7})
+            done = await client.call("job.wait", {"request_id": again["request_id"]})
+            assert done["status"] == "certified"
+
+
+async def test_a_malformed_offer_from_a_peer_is_dropped_and_members_keep_running(
+    tmp_path: Path, tiny_model: Path, tiny_engine: VllmEngine
+) -> None:
+    async with committee_of(tmp_path, tiny_model, tiny_engine, 3) as nodes:
+        a, b, c = nodes
+        now_ms = time.time_ns() // 1_000_000
+        draft = wire.JobOffer(
+            b"\0" * 32, a.inference.model_id("tiny") or "", "x", None, 4,
+            1.0, 1.0, -1, None,  # sampling without a seed: no two members would agree
+            False, a.consensus.address, 1,
+            [n.consensus.address for n in nodes], now_ms + 5000, now_ms + 9000,
+        )  # fmt: skip
+        offer = msgspec.structs.replace(draft, request_id=request_id_of(draft))
+        forged_id = msgspec.structs.replace(offer, request_id=b"\x01" * 32)
+        await a.p2p.publish(JOBS, offer)
+        await a.p2p.publish(JOBS, forged_id)
+        for node in (b, c):
+            await wait_for(partial(_dropped_both, node), 5, "both offers dropped")
+            assert node.consensus.jobs == {}
+            assert node.supervisor.snapshot()["consensus"]["state"] == "ready"
+        job = await a.consensus.submit(SubmitParams(**PROMPT))
+        assert (await wait_job(a, job.request_id))["status"] == "certified"
+
+
+def _dropped_both(node: Node) -> bool:
+    return _rejected(node, "bad_offer") == 1.0 and _rejected(node, "bad_request_id") == 1.0
+
+
+def _rejected(node: Node, reason: str) -> float | None:
+    return node.registry.get_sample_value(
+        "joynode_consensus_rejected_votes_total", {"reason": reason}
+    )

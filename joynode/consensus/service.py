@@ -92,6 +92,16 @@ class Job:
     def finished(self) -> bool:
         return self.status != "pending"
 
+    def progress(self) -> dict[str, Any]:
+        """A short view for ``job.progress`` notifications."""
+        return {
+            "request_id": "0x" + self.request_id.hex(),
+            "status": self.status,
+            "committee": len(self.tally.committee),
+            "commits": len(self.tally.commits),
+            "reveals": len(self.tally.reveals),
+        }
+
     def to_json(self) -> dict[str, Any]:
         certificate = self.certificate
         result: dict[str, Any] = {
@@ -248,6 +258,10 @@ class ConsensusService:
         )
         if (params.prompt is None) == (params.messages is None):
             raise RpcError(INVALID_PARAMS, "give either prompt or messages")
+        try:
+            sampling_of(draft)
+        except pydantic.ValidationError as exc:
+            raise RpcError(INVALID_PARAMS, _first_error(exc)) from None
         request_id = request_id_of(draft)
         if request_id in self.jobs:
             raise RpcError(JOB_ERROR, "that job (same request and nonce) was already submitted")
@@ -287,6 +301,13 @@ class ConsensusService:
             return
         if signer.lower() != offer.requester.lower():
             self._metrics.rejected.labels("not_requester").inc()
+            return
+        try:
+            sampling_of(offer)
+            chat_of(offer)
+        except pydantic.ValidationError as exc:
+            self._metrics.rejected.labels("bad_offer").inc()
+            log.info("dropping a job offer from %s: %s", signer, _first_error(exc))
             return
         members = [a.lower() for a in offer.committee]
         if self.address.lower() not in members or len(set(members)) != len(members):
@@ -532,10 +553,20 @@ class ConsensusService:
         async def job_get(params: JobParams, _: ControlSession) -> dict[str, Any]:
             return self._job(params.request_id).to_json()
 
-        async def job_wait(params: JobParams, _: ControlSession) -> dict[str, Any]:
+        async def job_wait(params: JobParams, session: ControlSession) -> dict[str, Any]:
             job = self._job(params.request_id)
             with trio.move_on_after(params.timeout_s):
-                await job.done.wait()
+                while not job.finished():
+                    await session.notify("job.progress", job.progress())
+                    changed = job.changed
+                    async with trio.open_nursery() as nursery:
+
+                        async def first_of(event: trio.Event) -> None:
+                            await event.wait()
+                            nursery.cancel_scope.cancel()
+
+                        nursery.start_soon(first_of, changed)
+                        nursery.start_soon(first_of, job.done)
             return job.to_json()
 
         async def jobs_list(params: ListParams, _: ControlSession) -> list[dict[str, Any]]:
@@ -566,6 +597,12 @@ class ConsensusService:
 def _trio_deadline(wall_ms: int) -> float:
     """A wall-clock deadline (ms since the epoch, as on the wire) on trio's clock."""
     return trio.current_time() + (wall_ms / 1000 - time.time())
+
+
+def _first_error(exc: pydantic.ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(p) for p in error["loc"])
+    return f"{where}: {error['msg']}" if where else str(error["msg"])
 
 
 def _short(job: Job) -> str:
