@@ -1,14 +1,16 @@
-"""Three ``joynode run`` processes share a model by CID and serve it with vLLM.
+"""Three ``joynode run`` processes share a model by CID, serve it, and certify a job.
 
 A serves the tiny model from a folder and publishes it (``joynode models
 publish``); B is configured with only the CID and fetches it from A at start;
 C knows only B and fetches from whoever has it. All three then give the same
-greedy tokens for the same prompt.
+greedy tokens for the same prompt, and as a committee they certify a
+verified job submitted to C.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,17 @@ def ctl(home: NodeHome, method: str, params: dict[str, object] | None = None) ->
     result = run_cli(*args, timeout=120)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def wait_until_all_serve(home: NodeHome, model: str, peers: int) -> None:
+    """Until ``home``'s peer table has ``peers`` peers up whose heartbeats list ``model``."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        table = ctl(home, "peers.list")
+        if sum(1 for p in table if p["state"] == "up" and model in p["models"]) >= peers:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"peers serving {model} not up: {table}")
 
 
 def addrs(home: NodeHome) -> list[str]:
@@ -77,3 +90,11 @@ def test_three_processes_share_a_model_by_cid_and_serve_it(
                 # A served blocks to B (and maybe to C); C got all it needed.
                 a_sent = ctl(a, "storage.stat")["bitswap"]["blocks_sent"]
                 assert a_sent >= 1
+                # The three now make a committee: a verified job from C.
+                wait_until_all_serve(c, cid, 2)
+                job = ctl(c, "infer.submit", {**PROMPT, "model": cid, "committee_size": 3})
+                assert len(job["committee"]) == 3
+                done = ctl(c, "job.wait", {"request_id": job["request_id"], "timeout_s": 60})
+                assert done["status"] == "certified", done["reason"]
+                assert done["output"]["token_ids"] == outputs[0]["token_ids"]
+                assert len(done["certificate"]["signers"]) >= 2
