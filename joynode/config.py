@@ -267,6 +267,15 @@ class ConsensusSection(_Section):
     reveal_timeout_s: Seconds = Field(
         15.0, description="After the commit phase: members reveal; then the job is decided."
     )
+    max_pending_jobs: StrictInt = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Jobs this node follows at once; more offers are refused.",
+    )
+    max_pending_per_requester: StrictInt = Field(
+        16, ge=1, le=100_000, description="Jobs from one requester this node follows at once."
+    )
 
 
 class ChainSection(_Section):

@@ -113,6 +113,7 @@ MIGRATIONS: tuple[str, ...] = (
         status       TEXT NOT NULL,
         reason       TEXT NOT NULL,
         certificate  TEXT,
+        result       TEXT,
         created_at   REAL NOT NULL,
         finished_at  REAL
     ) STRICT;
@@ -123,7 +124,7 @@ MIGRATIONS: tuple[str, ...] = (
         kind         TEXT NOT NULL,
         payload      BLOB NOT NULL,
         received_at  REAL NOT NULL,
-        PRIMARY KEY (request_id, signer, kind)
+        PRIMARY KEY (request_id, signer, kind, payload)
     ) STRICT;
     CREATE TABLE job_my_votes (
         request_id   BLOB PRIMARY KEY,

@@ -537,3 +537,28 @@ def _rejected(node: Node, reason: str) -> float | None:
     return node.registry.get_sample_value(
         "joynode_consensus_rejected_votes_total", {"reason": reason}
     )
+
+
+async def test_a_replayed_offer_is_never_run_twice_even_after_a_restart(
+    tmp_path: Path, tiny_model: Path, tiny_engine: VllmEngine
+) -> None:
+    engines = {"tiny": tiny_engine}
+    async with running_node(consensus_home(tmp_path / "a", tiny_model, None), engines) as a:
+        b_home = consensus_home(tmp_path / "b", tiny_model, a.p2p.listen_addrs())
+        async with running_node(b_home, engines) as b:
+            for node in (a, b):
+                await wait_for(partial(_sees_all_serving, node, [a, b]), 15, "both up")
+            job = await a.consensus.submit(SubmitParams(**PROMPT, committee_size=2))
+            assert (await wait_job(a, job.request_id))["status"] == "certified"
+            await wait_for(b.consensus.jobs[job.request_id].finished, 10, "B done")
+        async with running_node(b_home, engines) as b_again:
+            # The same signed offer once more (gossip's replay cache did not survive
+            # the restart): handed to the actor as gossip would hand it.
+            await b_again.consensus._on_offer(job.offer, a.consensus.address)
+            assert job.request_id not in b_again.consensus.jobs
+            assert a.consensus.jobs[job.request_id].tally.equivocations == {}
+            # The finished job is still there to look at.
+            token = b_home.token.value
+            async with ControlClient.connect(b_again.control.url or "", token) as client:
+                stored = await client.call("job.get", {"request_id": "0x" + job.request_id.hex()})
+            assert stored["status"] == "certified"

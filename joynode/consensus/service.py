@@ -22,6 +22,7 @@ from the on-chain registry.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -29,7 +30,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -65,8 +66,11 @@ from joynode.state import StateStore
 log = logging.getLogger(__name__)
 
 JOB_ERROR = -32040  # JSON-RPC application error: the job is unknown or failed
+CLOCK_GRACE_S = 2.0  # how far apart node clocks may be when judging deadlines
 RESYNC_AFTER_S = (1.0, 2.0, 4.0, 8.0)  # after a restart: when to ask members for missed votes
 EARLY_VOTES = 1024  # votes kept for jobs not heard of yet (gossip order is not causal)
+EARLY_VOTES_PER_SIGNER = 32
+KEEP_FINISHED = 1024  # finished jobs kept in memory; older ones are read from the database
 Status = Literal["pending", "certified", "failed"]
 
 
@@ -120,10 +124,16 @@ class Job:
             "certificate": certificate.to_json() if certificate else None,
         }
         if certificate is not None:
-            agreeing = self.tally.reveals[certificate.signers[0]]
+            agreeing = [self.tally.reveals[s] for s in certificate.signers]
+            mine = self.my_vote
+            if mine is not None and output_hash(mine.token_ids) == certificate.output_hash:
+                text = mine.text  # decoded by this node's own engine
+            else:
+                # Only token ids are certified; take the text most of the majority sent.
+                text = collections.Counter(r.text for r in agreeing).most_common(1)[0][0]
             result["output"] = {
-                "text": agreeing.text,
-                "token_ids": list(agreeing.token_ids),
+                "text": text,
+                "token_ids": list(agreeing[0].token_ids),
                 "output_hash": "0x" + certificate.output_hash.hex(),
             }
         return result
@@ -143,6 +153,15 @@ class SubmitParams(pydantic.BaseModel):
     model: str = pydantic.Field(min_length=1, max_length=128)
     prompt: str | None = pydantic.Field(None, max_length=wire.MAX_PROMPT_CHARS)
     messages: list[ChatMessage] | None = pydantic.Field(None, max_length=64)
+
+    @pydantic.field_validator("messages")
+    @classmethod
+    def _turns_fit_the_wire(cls, value: list[ChatMessage] | None) -> list[ChatMessage] | None:
+        for turn in value or []:
+            if len(turn.content) > wire.MAX_PROMPT_CHARS:
+                raise ValueError(f"a message is longer than {wire.MAX_PROMPT_CHARS} characters")
+        return value
+
     max_tokens: int = pydantic.Field(64, ge=1, le=wire.MAX_OUTPUT_TOKENS)
     temperature: float = pydantic.Field(0.0, ge=0.0, le=2.0)
     top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
@@ -195,6 +214,7 @@ class ConsensusService:
         self.jobs: dict[bytes, Job] = {}
         self._early: dict[bytes, list[VerifiedGossip]] = {}
         self._early_count = 0
+        self._early_by_signer: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
         self._metrics = _ConsensusMetrics(registry)
 
@@ -213,9 +233,18 @@ class ConsensusService:
             finally:
                 self._nursery = None
 
-    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _spawn(self, fn: Callable[[Job], Awaitable[None]], job: Job) -> None:
         if self._nursery is not None:
-            self._nursery.start_soon(fn, *args)
+            self._nursery.start_soon(self._guarded, fn, job)
+
+    async def _guarded(self, fn: Callable[[Job], Awaitable[None]], job: Job) -> None:
+        """A job's task failing (network, disk) fails that job, never the actor."""
+        try:
+            await fn(job)
+        except Exception as exc:
+            log.exception("job %s: %s failed", _short(job), fn.__name__)
+            with contextlib.suppress(Exception):
+                await self._finish(job, "failed", f"internal error in {fn.__name__}: {exc}")
 
     async def _read_offers(self) -> None:
         async for gossip in self._offers:
@@ -263,7 +292,7 @@ class ConsensusService:
         except pydantic.ValidationError as exc:
             raise RpcError(INVALID_PARAMS, _first_error(exc)) from None
         request_id = request_id_of(draft)
-        if request_id in self.jobs:
+        if request_id in self.jobs or await self._known(request_id):
             raise RpcError(JOB_ERROR, "that job (same request and nonce) was already submitted")
         committee = self._committee(model_id, request_id, k)
         if not committee:
@@ -271,8 +300,15 @@ class ConsensusService:
                 JOB_ERROR, f"no healthy node (this one included) serves model {model_id}"
             )
         offer = msgspec.structs.replace(draft, request_id=request_id, committee=committee)
+        try:
+            wire.encode(offer)
+        except wire.WireError as exc:
+            raise RpcError(INVALID_PARAMS, f"the job is too large to send: {exc}") from None
         job = await self._open(offer, submitter=True)
-        await self._p2p.publish(JOBS, offer)
+        try:
+            await self._p2p.publish(JOBS, offer)
+        except Exception as exc:  # libp2p raises many unrelated types
+            await self._finish(job, "failed", f"could not offer the job: {exc}")
         self._metrics.jobs.labels("submitted").inc()
         log.info(
             "job %s: offered to %d member(s) for model %s",
@@ -293,8 +329,8 @@ class ConsensusService:
         return select_committee(candidates, request_id, k, 0)
 
     async def _on_offer(self, offer: wire.JobOffer, signer: str) -> None:
-        if offer.request_id in self.jobs:
-            return
+        if offer.request_id in self.jobs or await self._known(offer.request_id):
+            return  # a replay (maybe of a job finished before a restart): never run it twice
         if request_id_of(offer) != offer.request_id:
             self._metrics.rejected.labels("bad_request_id").inc()
             log.info("dropping a job offer from %s: its request id does not match", signer)
@@ -313,13 +349,30 @@ class ConsensusService:
         if self.address.lower() not in members or len(set(members)) != len(members):
             return  # not ours to run (or a malformed committee)
         now_ms = time.time_ns() // 1_000_000
-        if (
-            offer.reveal_deadline_ms <= now_ms
-            or offer.commit_deadline_ms > offer.reveal_deadline_ms
-        ):
+        commit_by, reveal_by = offer.commit_deadline_ms, offer.reveal_deadline_ms
+        if reveal_by <= now_ms or commit_by > reveal_by:
             self._metrics.rejected.labels("late_offer").inc()
             return
+        s = self._settings
+        if commit_by > now_ms + 1000 * (s.commit_timeout_s + CLOCK_GRACE_S) or (
+            reveal_by > commit_by + 1000 * (s.reveal_timeout_s + CLOCK_GRACE_S)
+        ):
+            self._metrics.rejected.labels("deadline_too_far").inc()
+            return
+        pending = [j for j in self.jobs.values() if not j.finished()]
+        from_requester = sum(1 for j in pending if j.offer.requester == offer.requester)
+        if len(pending) >= s.max_pending_jobs or from_requester >= s.max_pending_per_requester:
+            self._metrics.rejected.labels("too_many_jobs").inc()
+            log.info("dropping a job offer from %s: too many jobs pending", signer)
+            return
         await self._open(offer, submitter=False)
+
+    async def _known(self, request_id: bytes) -> bool:
+        def read(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT 1 FROM jobs WHERE request_id = ?", (request_id,))
+            return row.fetchone() is not None
+
+        return await self._state.read(read)
 
     async def _open(self, offer: wire.JobOffer, *, submitter: bool) -> Job:
         member = self.address.lower() in (a.lower() for a in offer.committee)
@@ -331,6 +384,7 @@ class ConsensusService:
         await self._state.write(lambda conn: _save_job(conn, job))
         for gossip in self._early.pop(offer.request_id, []):
             self._early_count -= 1
+            self._early_by_signer[gossip.signer] -= 1
             await self._on_vote(gossip)
         if member:
             self._spawn(self._execute, job)
@@ -348,7 +402,11 @@ class ConsensusService:
     # ---- voting
 
     async def _execute(self, job: Job) -> None:
-        """Run the job, commit to the output, and reveal when the commit phase ends."""
+        """Run the job, commit to the output, and reveal when the commit phase ends.
+
+        The vote (with its salt) is stored before anything is sent, so after a
+        restart the same commit and reveal go out again, never a second output.
+        """
         offer = job.offer
         if job.my_vote is None:
             began = time.monotonic()
@@ -369,52 +427,74 @@ class ConsensusService:
             commitment = vote_commitment(offer.request_id, output_hash(result.token_ids), salt)
             job.my_vote = MyVote(result.token_ids, result.text, salt, commitment)
             await self._state.write(lambda conn: _save_my_vote(conn, job))
+        vote = job.my_vote
+        domain = job.tally.domain  # the domain the job is tallied in, whatever happens later
+        if self.address not in job.tally.commits:
             commit = wire.VoteCommit(
                 offer.request_id,
-                commitment,
-                sign(self._key, self._domain().commit_digest(offer.request_id, commitment)),
+                vote.commitment,
+                sign(self._key, domain.commit_digest(offer.request_id, vote.commitment)),
             )
             await self._count_vote(job, self.address, commit)
             await self._p2p.publish(VOTES, commit)
-        vote = job.my_vote
-        if vote.revealed or job.status != "pending":
+        if job.finished() or (vote.revealed and self.address in job.tally.reveals):
             return
-        # Reveal once every member has committed, or at the commit deadline.
-        began = time.monotonic()
-        with trio.move_on_at(_trio_deadline(offer.commit_deadline_ms)):
-            while len(job.tally.commits) < len(job.tally.committee):
-                await job.changed.wait()
-        self._metrics.phase.labels("commit_wait").observe(time.monotonic() - began)
-        if job.finished():
-            return
+        if not vote.revealed:
+            # Reveal once every member has committed, or at the commit deadline.
+            began = time.monotonic()
+            with trio.move_on_at(_trio_deadline(offer.commit_deadline_ms)):
+                while len(job.tally.commits) < len(job.tally.committee) and not job.finished():
+                    await job.changed.wait()
+            self._metrics.phase.labels("commit_wait").observe(time.monotonic() - began)
+            if job.finished():
+                return
+            job.my_vote = vote = dataclasses.replace(vote, revealed=True)
+            await self._state.write(lambda conn: _save_my_vote(conn, job))
         reveal = wire.VoteReveal(
             offer.request_id,
             list(vote.token_ids),
             vote.text,
             vote.salt,
-            sign(
-                self._key,
-                self._domain().result_digest(offer.request_id, output_hash(vote.token_ids)),
-            ),
+            sign(self._key, domain.result_digest(offer.request_id, output_hash(vote.token_ids))),
         )
-        job.my_vote = dataclasses.replace(vote, revealed=True)
-        await self._state.write(lambda conn: _save_my_vote(conn, job))
         await self._count_vote(job, self.address, reveal)
         await self._p2p.publish(VOTES, reveal)
+
+    def _live_job(self, request_id: bytes) -> Job | None:
+        return self.jobs.get(request_id)
+
+    def _evict_finished(self) -> None:
+        """Keep the newest KEEP_FINISHED finished jobs in memory; the rest stay in SQLite."""
+        finished = [j for j in self.jobs.values() if j.finished()]
+        if len(finished) > KEEP_FINISHED:
+            finished.sort(key=lambda j: j.finished_at or 0)
+            for job in finished[: len(finished) - KEEP_FINISHED]:
+                del self.jobs[job.request_id]
 
     async def _on_vote(self, gossip: VerifiedGossip) -> None:
         message = gossip.message
         if not isinstance(message, wire.VoteCommit | wire.VoteReveal):
             return
-        job = self.jobs.get(message.request_id)
+        job = self._live_job(message.request_id)
         if job is None:
-            if self._early_count < EARLY_VOTES:
+            from_signer = self._early_by_signer.get(gossip.signer, 0)
+            if self._early_count < EARLY_VOTES and from_signer < EARLY_VOTES_PER_SIGNER:
                 self._early.setdefault(message.request_id, []).append(gossip)
                 self._early_count += 1
+                self._early_by_signer[gossip.signer] = from_signer + 1
             return
         if job.status != "pending":
             return
-        if time.time_ns() // 1_000_000 > job.offer.reveal_deadline_ms:
+        now_ms = time.time_ns() // 1_000_000
+        grace_ms = CLOCK_GRACE_S * 1000
+        if (
+            isinstance(message, wire.VoteCommit)
+            and now_ms > job.offer.commit_deadline_ms + grace_ms
+        ):
+            # Committing after the commit phase could copy a revealed output.
+            self._metrics.rejected.labels("late_commit").inc()
+            return
+        if now_ms > job.offer.reveal_deadline_ms + grace_ms:
             self._metrics.rejected.labels("late").inc()
             return
         await self._count_vote(job, gossip.signer, message)
@@ -466,8 +546,10 @@ class ConsensusService:
             return
         job.status, job.reason, job.certificate = status, reason, certificate
         job.finished_at = time.time()
-        await self._state.write(lambda conn: _save_job(conn, job))
         job.done.set()
+        job.changed.set()
+        await self._state.write(lambda conn: _save_job(conn, job))
+        self._evict_finished()
         self._metrics.jobs.labels(status).inc()
         self._metrics.seconds.observe(job.finished_at - job.created_at)
         log.info("job %s: %s%s", _short(job), status, f" ({reason})" if reason else "")
@@ -551,10 +633,12 @@ class ConsensusService:
             }
 
         async def job_get(params: JobParams, _: ControlSession) -> dict[str, Any]:
-            return self._job(params.request_id).to_json()
+            return await self._job_json(params.request_id)
 
         async def job_wait(params: JobParams, session: ControlSession) -> dict[str, Any]:
-            job = self._job(params.request_id)
+            job = self.jobs.get(bytes.fromhex(params.request_id[2:]))
+            if job is None:
+                return await self._job_json(params.request_id)  # long finished
             with trio.move_on_after(params.timeout_s):
                 while not job.finished():
                     await session.notify("job.progress", job.progress())
@@ -587,11 +671,23 @@ class ConsensusService:
             ControlMethod("jobs.list", ListParams, jobs_list, "The newest jobs this node follows."),
         ]
 
-    def _job(self, request_id: str) -> Job:
+    async def _job_json(self, request_id: str) -> dict[str, Any]:
+        """A job as JSON: from memory, or the stored outcome of an older one."""
         job = self.jobs.get(bytes.fromhex(request_id[2:]))
-        if job is None:
+        if job is not None:
+            return job.to_json()
+
+        def read(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT result FROM jobs WHERE request_id = ?", (bytes.fromhex(request_id[2:]),)
+            ).fetchone()
+            return row[0] if row is not None else None
+
+        stored = await self._state.read(read)
+        if stored is None:
             raise RpcError(JOB_ERROR, f"no job {request_id} on this node")
-        return job
+        result: dict[str, Any] = json.loads(stored)
+        return result
 
 
 def _trio_deadline(wall_ms: int) -> float:
@@ -622,10 +718,11 @@ def _describe_votes(tally: JobTally) -> str:
 
 def _save_job(conn: sqlite3.Connection, job: Job) -> None:
     conn.execute(
-        "INSERT INTO jobs (request_id, offer, role, status, reason, certificate, created_at, "
-        "finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO UPDATE SET "
-        "status = excluded.status, reason = excluded.reason, "
-        "certificate = excluded.certificate, finished_at = excluded.finished_at",
+        "INSERT INTO jobs (request_id, offer, role, status, reason, certificate, result, "
+        "created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (request_id) DO UPDATE SET status = excluded.status, "
+        "reason = excluded.reason, certificate = excluded.certificate, "
+        "result = excluded.result, finished_at = excluded.finished_at",
         (
             job.request_id,
             wire.encode(job.offer),
@@ -633,6 +730,7 @@ def _save_job(conn: sqlite3.Connection, job: Job) -> None:
             job.status,
             job.reason,
             json.dumps(job.certificate.to_json()) if job.certificate else None,
+            json.dumps(job.to_json()) if job.finished() else None,
             job.created_at,
             job.finished_at,
         ),
