@@ -87,7 +87,6 @@ class Job:
     done: trio.Event = field(default_factory=trio.Event)
     changed: trio.Event = field(default_factory=trio.Event)  # replaced after each new vote
     my_vote: MyVote | None = None
-    phase_times: dict[str, float] = field(default_factory=dict)
 
     @property
     def request_id(self) -> bytes:
