@@ -10,6 +10,7 @@ ProofOfInference contract and the chain id (``Eip712Domain``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from eth_abi.abi import encode as abi_encode
@@ -88,8 +89,9 @@ class Eip712Domain:
     name: str = "JoyNet"
     version: str = "1"
 
-    @property
+    @functools.cached_property
     def separator(self) -> bytes:
+        # Cached: every vote digest needs it, and it never changes for a domain.
         return keccak(
             abi_encode(
                 ["bytes32", "bytes32", "bytes32", "uint256", "address"],
