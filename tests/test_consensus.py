@@ -41,6 +41,7 @@ from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain, sign
 from tests.factories import (
     LIBP2P_TEARDOWN_LEAK,
     NodeHome,
+    close_leaked_sockets,
     fast_p2p,
     make_home,
     running_node,
@@ -445,6 +446,7 @@ async def test_a_member_restarted_mid_job_reveals_what_it_committed(
                 assert b_vote is not None
                 assert not b_vote.revealed
             # B is down before C has even committed; it comes back.
+            close_leaked_sockets()
             async with running_node(b_home, engines) as b_again:
                 restored = b_again.consensus.jobs[request_id]
                 assert restored.my_vote is not None
@@ -551,6 +553,7 @@ async def test_a_replayed_offer_is_never_run_twice_even_after_a_restart(
             job = await a.consensus.submit(SubmitParams(**PROMPT, committee_size=2))
             assert (await wait_job(a, job.request_id))["status"] == "certified"
             await wait_for(b.consensus.jobs[job.request_id].finished, 10, "B done")
+        close_leaked_sockets()
         async with running_node(b_home, engines) as b_again:
             # The same signed offer once more (gossip's replay cache did not survive
             # the restart): handed to the actor as gossip would hand it.

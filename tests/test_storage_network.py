@@ -30,6 +30,7 @@ from joynode.storage.unixfs import CHUNK_SIZE
 from tests.factories import (
     LIBP2P_TEARDOWN_LEAK,
     NodeHome,
+    close_leaked_sockets,
     fast_p2p,
     make_home,
     pseudo_random,
@@ -196,6 +197,7 @@ async def test_a_fetch_cut_by_a_restart_resumes_from_the_stored_blocks(tmp_path:
                 nursery.cancel_scope.cancel()
             stored_before_restart = fetcher.storage.store.statistics().blocks
         assert stored_before_restart < blocks + 1
+        close_leaked_sockets()
 
         # The pin survived, incomplete; the restarted node resumes by itself.
         async with running_node(home) as restarted:

@@ -528,7 +528,8 @@ class ConsensusService:
             await self._finish(job, "failed", "no majority: " + _describe_votes(job.tally))
 
     async def _deadlines(self, job: Job) -> None:
-        await trio.sleep_until(_trio_deadline(job.offer.reveal_deadline_ms))
+        with trio.move_on_at(_trio_deadline(job.offer.reveal_deadline_ms)):
+            await job.done.wait()  # a decided job needs no deadline task
         if job.status == "pending":
             missing = [m for m in job.tally.committee if m not in job.tally.reveals]
             await self._finish(

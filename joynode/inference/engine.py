@@ -10,7 +10,11 @@ work with vLLM.)
 
 vLLM reads its settings from the environment when it is imported, so
 ``configure_environment`` runs first: offline (no hub, no usage stats), bound
-to 127.0.0.1, engine core in-process, its logs through ours.
+to 127.0.0.1, its logs through ours. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is
+set, yet vLLM 0.32's ``AsyncLLM`` still starts its engine core as a child
+process (``VLLM::EngineCore``), so whatever starts an engine needs an
+``if __name__ == "__main__":`` guard, and a node killed with SIGKILL leaves
+that child behind (the tests kill a node's whole process group).
 """
 
 from __future__ import annotations
