@@ -33,7 +33,9 @@ setup.cfg because item 1 touches a private name.
    dialed TCP socket per connection can stay open until garbage collection
    (py-libp2p's swarm dial path; harmless for a process that is exiting). The
    in-process p2p tests tolerate that ResourceWarning (tests/factories.py,
-   LIBP2P_TEARDOWN_LEAK). Drop the tolerance when py-libp2p closes it.
+   LIBP2P_TEARDOWN_LEAK), and tests that restart a node in the same process
+   collect it first (``close_leaked_sockets``): until then its peers keep the
+   old connection and write into it. Drop both when py-libp2p closes it.
 9. Pubsub caches a validator's verdict per message id for 300 s. joynode's
    validator also refuses copies for reasons of the forwarder (rate limit),
    and a cached refusal would then drop the same message from honest
