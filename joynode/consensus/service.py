@@ -52,7 +52,7 @@ from joynode.consensus.tally import (
     vote_commitment,
 )
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
-from joynode.control.methods import ControlMethod, ControlSession
+from joynode.control.methods import ControlMethod, ControlSession, describe_errors
 from joynode.inference.service import InferenceClient, InferenceFailed
 from joynode.keys import NodeKey
 from joynode.messages import ChatMessage, ServingStatus, output_hash
@@ -289,7 +289,7 @@ class ConsensusService:
         try:
             sampling_of(draft)
         except pydantic.ValidationError as exc:
-            raise RpcError(INVALID_PARAMS, _first_error(exc)) from None
+            raise RpcError(INVALID_PARAMS, describe_errors(exc)) from None
         request_id = request_id_of(draft)
         if request_id in self.jobs or await self._known(request_id):
             raise RpcError(JOB_ERROR, "that job (same request and nonce) was already submitted")
@@ -342,7 +342,7 @@ class ConsensusService:
             chat_of(offer)
         except pydantic.ValidationError as exc:
             self._metrics.rejected.labels("bad_offer").inc()
-            log.info("dropping a job offer from %s: %s", signer, _first_error(exc))
+            log.info("dropping a job offer from %s: %s", signer, describe_errors(exc))
             return
         members = [a.lower() for a in offer.committee]
         if self.address.lower() not in members or len(set(members)) != len(members):
@@ -693,12 +693,6 @@ class ConsensusService:
 def _trio_deadline(wall_ms: int) -> float:
     """A wall-clock deadline (ms since the epoch, as on the wire) on trio's clock."""
     return trio.current_time() + (wall_ms / 1000 - time.time())
-
-
-def _first_error(exc: pydantic.ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(p) for p in error["loc"])
-    return f"{where}: {error['msg']}" if where else str(error["msg"])
 
 
 def _short(job: Job) -> str:

@@ -108,12 +108,7 @@ class CertificateVerifier:
             if signer.lower() in seen:
                 raise VoteRejected("duplicate_signer", signer)
             seen.add(signer.lower())
-            try:
-                recovered = recover_address(digest, signature)
-            except SignatureError as exc:
-                raise VoteRejected("bad_signature", f"{signer}: {exc}") from None
-            if recovered.lower() != signer.lower():
-                raise VoteRejected("bad_signature", f"{signer}: signed by {recovered}")
+            _require_signed(signer, digest, signature)
 
 
 @dataclass(frozen=True)

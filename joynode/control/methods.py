@@ -17,6 +17,14 @@ import pydantic
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 
 
+def describe_errors(exc: pydantic.ValidationError) -> str:
+    """Every validation error as ``where: what``, joined by "; "."""
+    return "; ".join(
+        ".".join(str(p) for p in err["loc"]) + ": " + err["msg"] if err["loc"] else err["msg"]
+        for err in exc.errors()
+    )
+
+
 class NoParams(pydantic.BaseModel):
     """Params of a method that takes none; any key given is an error."""
 
@@ -56,13 +64,7 @@ class ControlMethod:
         try:
             return self.params.model_validate(raw or {})
         except pydantic.ValidationError as exc:
-            details = "; ".join(
-                ".".join(str(p) for p in err["loc"]) + ": " + err["msg"]
-                if err["loc"]
-                else err["msg"]
-                for err in exc.errors()
-            )
-            raise RpcError(INVALID_PARAMS, f"invalid params: {details}") from None
+            raise RpcError(INVALID_PARAMS, f"invalid params: {describe_errors(exc)}") from None
 
 
 class MethodTable:
