@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 if TYPE_CHECKING:
+    from joynode.chain.committee import Candidate
+    from joynode.consensus.tally import Certificate, Equivocation
+    from joynode.messages import OnchainRequest
     from joynode.p2p.scoring import Offence
 
 
@@ -62,3 +65,25 @@ class ContentNetwork(Protocol):
     def penalize(self, peer: str, offence: Offence) -> None: ...
 
     def is_banned(self, peer: str) -> bool: ...
+
+
+class SettlementChain(Protocol):
+    """What the consensus actor needs of the chain actor (``ChainService`` provides it).
+
+    Transactions raise ``joynode.chain.sender.TransactionFailed`` with the
+    contract's reason when they revert.
+    """
+
+    async def request_info(self, request_id: bytes) -> OnchainRequest | None: ...
+
+    async def request_inference(
+        self, model_id: str, input_hash: bytes, max_price: int | None, seconds: float
+    ) -> OnchainRequest: ...
+
+    async def submit_certificate(self, certificate: Certificate) -> str: ...
+
+    async def report_equivocation(self, evidence: Equivocation) -> str: ...
+
+    async def refund(self, request_id: bytes) -> str: ...
+
+    async def registry_candidates(self) -> dict[str, Candidate]: ...

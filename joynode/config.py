@@ -276,6 +276,16 @@ class ConsensusSection(_Section):
     max_pending_per_requester: StrictInt = Field(
         16, ge=1, le=100_000, description="Jobs from one requester this node follows at once."
     )
+    settle_timeout_s: Seconds = Field(
+        120.0,
+        description="Paid jobs: time after the reveal phase to land the certificate on-chain "
+        "(the request's on-chain deadline is commit + reveal + this).",
+    )
+    takeover_s: Seconds = Field(
+        10.0,
+        description="Paid jobs: how long each agreeing member waits for the one ranked above it "
+        "to land the certificate before submitting it itself.",
+    )
 
 
 class ChainSection(_Section):

@@ -128,3 +128,32 @@ class ChainEvent:
     log_index: int
     args: dict[str, object]
     removed: bool = False
+
+
+class RequestStatus(enum.IntEnum):
+    """``ModelMarketplace.Status`` of a paid request."""
+
+    NONE = 0
+    PENDING = 1
+    SETTLED = 2
+    REFUNDED = 3
+
+
+@dataclass(frozen=True)
+class OnchainRequest:
+    """A paid request as ``ModelMarketplace.requestInfo`` shows it, read at one moment.
+
+    ``seconds_left`` is the time to its deadline by the chain's clock (the
+    later of the head block's timestamp and this machine's), which is what
+    the contract checks; a node turns it into its own clock's deadline.
+    """
+
+    request_id: bytes
+    model: bytes  # keccak256 of the model id (CID)
+    requester: str
+    input_hash: bytes
+    price: int
+    deadline: int  # chain time, seconds
+    status: RequestStatus
+    committee: tuple[str, ...]  # checksummed, in the contract's rank order
+    seconds_left: float

@@ -20,7 +20,9 @@ Actor graph (arrows are memory channels, named by direction and payload)::
                                   registry mirror in state, transaction sender)
     consensus  ConsensusService  <--VerifiedGossip(JobOffer)-- p2p (offers_send)
                                  <--VerifiedGossip(VoteCommit/VoteReveal)-- p2p (votes_send)
+                                 <--ChainEvent-- chain (chain_events_send: settlements, refunds)
                                  --InferenceRequest--> inference; publishes offers and votes;
+                                 calls chain (SettlementChain) to pay, settle, report, refund;
                                  jobs and votes in state; infer.submit / job.* on control
     http       HttpServer        (reads the metrics registry and the supervisor's health)
     control    ControlServer     --ShutdownRequest--> Node
@@ -50,7 +52,7 @@ from joynode.http import HttpServer
 from joynode.inference.engine import VllmEngine
 from joynode.inference.service import InferenceClient, InferenceService
 from joynode.keys import ControlToken, NodeKey
-from joynode.messages import InferenceRequest, ShutdownRequest
+from joynode.messages import ChainEvent, InferenceRequest, ShutdownRequest
 from joynode.p2p.gossip import JOBS, VOTES, VerifiedGossip
 from joynode.p2p.service import P2PService
 from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain
@@ -94,6 +96,7 @@ class Node:
         inference_send, inference_receive = trio.open_memory_channel[InferenceRequest](64)
         offers_send, offers_receive = trio.open_memory_channel[VerifiedGossip](256)
         votes_send, votes_receive = trio.open_memory_channel[VerifiedGossip](1024)
+        chain_events_send, chain_events_receive = trio.open_memory_channel[ChainEvent](256)
 
         self.state = StateStore(config.node.data_dir / "state.db", __version__)
         self.p2p = P2PService(
@@ -124,6 +127,7 @@ class Node:
                 config.node.data_dir,
                 self.inference.serving_status,
                 self.p2p.listen_addrs,
+                chain_events_send,
             )
             if config.chain.mode != "off"
             else None
@@ -140,6 +144,8 @@ class Node:
             self.registry,
             offers_receive,
             votes_receive,
+            self.chain,
+            chain_events_receive if self.chain is not None else None,
         )
         self.http = HttpServer(config.http, self.registry, self._health)
         self.control = ControlServer(

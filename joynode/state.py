@@ -135,6 +135,9 @@ MIGRATIONS: tuple[str, ...] = (
         revealed     INTEGER NOT NULL
     ) STRICT;
     """,
+    """
+    ALTER TABLE jobs ADD COLUMN payment TEXT;
+    """,
 )
 
 

@@ -97,8 +97,12 @@ class ChatTurn(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
 class JobOffer(Message, tag="job_offer", frozen=True):
     """A verified-inference job for a committee, gossiped by the node that took it.
 
-    ``request_id`` must equal ``consensus.jobs.request_id_of`` over the other
-    request fields, so a job cannot be passed off under another id.
+    Unpaid (``paid`` false): ``request_id`` must equal
+    ``consensus.jobs.request_id_of`` over the other request fields, so a job
+    cannot be passed off under another id. Paid: ``request_id`` is the
+    marketplace's, and the chain's record of it must match the offer (input
+    hash ``consensus.jobs.input_hash_of``, model, requester, committee), so any
+    node may relay it and ``nonce`` is unused.
     """
 
     request_id: Bytes32
@@ -116,6 +120,7 @@ class JobOffer(Message, tag="job_offer", frozen=True):
     committee: Annotated[list[Address], msgspec.Meta(min_length=1, max_length=MAX_COMMITTEE)]
     commit_deadline_ms: UInt
     reveal_deadline_ms: UInt
+    paid: bool = False
 
 
 class VoteCommit(Message, tag="vote_commit", frozen=True):

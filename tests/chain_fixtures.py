@@ -1,7 +1,8 @@
 """A real anvil chain with JoyNet deployed, shared by a test session.
 
 Each test runs against a snapshot (``evm_snapshot``) taken after deployment and
-funding, and reverts to it afterwards, so tests are isolated and fast. Dev
+funding, and reverts to it afterwards (and puts the chain's clock back to the
+wall clock), so tests are isolated and fast. Dev
 accounts come from anvil's public test mnemonic.
 """
 
@@ -105,3 +106,6 @@ def chain(deployed: Chain) -> Iterator[Chain]:
         yield deployed
     finally:
         deployed.w3.provider.make_request("evm_revert", [snapshot["result"]])  # type: ignore[arg-type]
+        # A revert also sets anvil's clock back to the snapshot's; the next test
+        # (and its nodes' deadlines) expects the chain's time to be now.
+        deployed.w3.provider.make_request("anvil_setTime", [int(time.time())])  # type: ignore[arg-type]

@@ -120,9 +120,14 @@ class TransactionSender:
     def address(self) -> ChecksumAddress:
         return self.account.address
 
-    def transact(self, call: Any, *, value: int = 0) -> TxReceipt:
-        """Send a contract function call (``contract.functions.f(...)``); wait for its receipt."""
-        tx = self._prepare(lambda params: call.build_transaction(params), value)
+    def transact(self, call: Any, *, value: int = 0, gas: int | None = None) -> TxReceipt:
+        """Send a contract function call (``contract.functions.f(...)``); wait for its receipt.
+
+        ``gas`` skips the estimate, which runs against the latest block: on a
+        chain that mines only on demand that block's timestamp can be long
+        past, so a call that depends on time would wrongly revert there.
+        """
+        tx = self._prepare(lambda params: call.build_transaction(params), value, gas)
         return self._send(tx)
 
     def deploy(self, compiled: Compiled, *args: Any) -> tuple[str, TxReceipt]:
@@ -134,8 +139,10 @@ class TransactionSender:
             raise TransactionFailed(f"deploying {compiled.name} created no contract")
         return str(address), receipt
 
-    def _prepare(self, build: Any, value: int) -> dict[str, Any]:
+    def _prepare(self, build: Any, value: int, gas: int | None = None) -> dict[str, Any]:
         base = {"from": self.address, "value": value, "chainId": self.w3.eth.chain_id}
+        if gas is not None:
+            base["gas"] = gas
         try:
             tx: dict[str, Any] = dict(build(base))
         except ContractLogicError as exc:

@@ -12,10 +12,13 @@ transaction sender behind the control methods.
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import pydantic
 import trio
@@ -25,9 +28,11 @@ from eth_utils.crypto import keccak
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from web3 import Web3
 from web3.exceptions import Web3Exception
+from web3.logs import DISCARD
 
 from joynode.chain.anvil import dev_account, running_anvil
 from joynode.chain.artifacts import load_artifacts
+from joynode.chain.committee import Candidate
 from joynode.chain.deploy import JOY, Deployment, DeployParams, deploy_all
 from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender, wait_for_chain
 from joynode.chain.watcher import ChainWatcher, RegistryMirror
@@ -35,14 +40,18 @@ from joynode.config import ChainSection, CidStr
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession, NoParams
 from joynode.keys import NodeKey
-from joynode.messages import ChainEvent, ServingStatus
+from joynode.messages import ChainEvent, OnchainRequest, RequestStatus, ServingStatus
 from joynode.state import StateStore
+
+if TYPE_CHECKING:
+    from joynode.consensus.tally import Certificate, Equivocation
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 LOCAL_FUNDING_ETH = 100
 LOCAL_FUNDING_JOY = 100_000
+REFUND_GAS = 150_000  # ModelMarketplace.refund uses about 40k
 
 
 class ChainError(Exception):
@@ -116,6 +125,7 @@ class ChainService:
         self.deployment: Deployment | None = None
         self._sender: TransactionSender | None = None
         self._watcher: ChainWatcher | None = None
+        self._min_stake: int | None = None
         self._m_events = Counter(
             "joynode_chain_events_total",
             "Contract events applied",
@@ -209,11 +219,11 @@ class ChainService:
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args)
 
-    async def transact(self, call: Any) -> Any:
+    async def transact(self, call: Any, gas: int | None = None) -> Any:
         assert self._sender is not None
         try:
             receipt = await trio.to_thread.run_sync(
-                self._sender.transact, call, limiter=self._limiter
+                partial(self._sender.transact, call, gas=gas), limiter=self._limiter
             )
         except TransactionFailed:
             self._m_tx.labels("failed").inc()
@@ -245,11 +255,142 @@ class ChainService:
                 continue
             for event in events:
                 self._m_events.labels(event.contract, event.name, str(event.removed).lower()).inc()
+                if (event.contract, event.name) == ("NodeCoordinator", "ParametersChanged"):
+                    self._min_stake = None  # read again when next needed
                 if self._events_send is not None:
                     await self._events_send.send(event)
             self._m_block.set((await self._watcher.cursor()).block)
             if not events:
                 await trio.sleep(self._settings.poll_interval_s)
+
+    # ---- paid inference (called by the consensus actor)
+
+    async def request_info(self, request_id: bytes) -> OnchainRequest | None:
+        """The marketplace's record of a paid request; None if there is none."""
+        w3 = self._connected()[0]
+        market = self._contract("ModelMarketplace")
+
+        def read() -> OnchainRequest | None:
+            model, requester, input_hash, price, deadline, status, committee = (
+                market.functions.requestInfo(request_id).call()
+            )
+            if status == RequestStatus.NONE:
+                return None
+            now = max(float(w3.eth.get_block("latest")["timestamp"]), time.time())
+            return OnchainRequest(
+                request_id,
+                bytes(model),
+                str(requester),
+                bytes(input_hash),
+                int(price),
+                int(deadline),
+                RequestStatus(status),
+                tuple(str(a) for a in committee),
+                int(deadline) - now,
+            )
+
+        return await self._call(read)
+
+    async def request_inference(
+        self, model_id: str, input_hash: bytes, max_price: int | None, seconds: float
+    ) -> OnchainRequest:
+        """Pay for an inference of ``model_id`` (escrowed by the marketplace) from this account.
+
+        The deadline is ``seconds`` from now by the chain's clock; ``max_price``
+        defaults to the model's current price. Raises ``TransactionFailed``
+        with the contract's reason (unknown model, no committee, price...).
+        """
+        w3 = self._connected()[0]
+        market = self._contract("ModelMarketplace")
+        token = self._contract("JoyToken")
+        key = model_key(model_id)
+
+        def quote() -> tuple[int, int, int]:
+            price = int(market.functions.modelInfo(key).call()[1])
+            allowance = int(token.functions.allowance(self._account.address, market.address).call())
+            now = max(int(w3.eth.get_block("latest")["timestamp"]), int(time.time()))
+            return price, allowance, now
+
+        price, allowance, now = await self._call(quote)
+        limit = price if max_price is None else max_price
+        if allowance < limit:
+            await self.transact(token.functions.approve(market.address, limit))
+        receipt = await self.transact(
+            market.functions.requestInference(key, input_hash, limit, now + int(seconds))
+        )
+        events = market.events.InferenceRequested().process_receipt(receipt, errors=DISCARD)
+        info = await self.request_info(bytes(events[0]["args"]["requestId"]))
+        assert info is not None  # it was just created
+        return info
+
+    async def submit_certificate(self, certificate: Certificate) -> str:
+        """Hand a certificate to ``ProofOfInference``; the transaction hash."""
+        proof = self._contract("ProofOfInference")
+        receipt = await self.transact(
+            proof.functions.submitCertificate(
+                certificate.request_id,
+                certificate.output_hash,
+                list(certificate.signers),
+                list(certificate.signatures),
+            )
+        )
+        return str(receipt["transactionHash"].to_0x_hex())
+
+    async def report_equivocation(self, evidence: Equivocation) -> str:
+        """Submit two signed commits of one member as slashing evidence."""
+        proof = self._contract("ProofOfInference")
+        receipt = await self.transact(
+            proof.functions.reportEquivocation(
+                evidence.member,
+                evidence.request_id,
+                evidence.commitment_a,
+                evidence.signature_a,
+                evidence.commitment_b,
+                evidence.signature_b,
+            )
+        )
+        return str(receipt["transactionHash"].to_0x_hex())
+
+    async def refund(self, request_id: bytes) -> str:
+        """Return an unsettled request's escrow to its requester (after its deadline)."""
+        market = self._contract("ModelMarketplace")
+        try:
+            receipt = await self.transact(market.functions.refund(request_id))
+        except TransactionFailed as exc:
+            if "DeadlineNotReached" not in str(exc) or time.time() <= await self._deadline_of(
+                request_id
+            ):
+                raise
+            # Estimated against a latest block older than the deadline (a chain that
+            # mines on demand): the transaction itself lands in a block of now.
+            receipt = await self.transact(market.functions.refund(request_id), gas=REFUND_GAS)
+        return str(receipt["transactionHash"].to_0x_hex())
+
+    async def _deadline_of(self, request_id: bytes) -> int:
+        market = self._contract("ModelMarketplace")
+        return int((await self._call(market.functions.requestInfo(request_id).call))[4])
+
+    async def registry_candidates(self) -> dict[str, Candidate]:
+        """Registered nodes by address, weighted as the contract weighs them (from the mirror).
+
+        Nodes below the minimum stake are left out, as ``selectCommittee`` leaves them out.
+        """
+        if self._min_stake is None:
+            coordinator = self._contract("NodeCoordinator")
+            self._min_stake = int(await self._call(coordinator.functions.minStake().call))
+        min_stake = self._min_stake
+
+        def read(conn: sqlite3.Connection) -> dict[str, Candidate]:
+            rows = conn.execute(
+                "SELECT address, stake, reputation FROM registry_nodes WHERE registered = 1"
+            ).fetchall()
+            return {
+                str(address): Candidate(str(address), int(stake), int(reputation))
+                for address, stake, reputation in rows
+                if int(stake) >= min_stake
+            }
+
+        return await self._state.read(read)
 
     # ---- control
 

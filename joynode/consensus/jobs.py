@@ -1,10 +1,15 @@
-"""A job's identity: the request id, computed the same way by every node.
+"""A job's identity, computed the same way by every node.
 
-``request_id = keccak256(canonical msgpack of the request fields + requester
-+ nonce)``: model, prompt or messages, every sampling parameter, the
-requester's address and its nonce. Receivers recompute it from a
+Unpaid jobs: ``request_id = keccak256(canonical msgpack of the request fields
++ requester + nonce)``: model, prompt or messages, every sampling parameter,
+the requester's address and its nonce. Receivers recompute it from a
 ``JobOffer`` and drop offers whose id does not match, so nobody can pass off
 one request under another's id (or reuse an id for other work).
+
+Paid jobs: the marketplace makes the id (chain, contract, requester, its
+nonce, model, input hash); the input hash is keccak256 of the canonical
+request fields alone, so the prompt stays off-chain and receivers check the
+offer against the chain's record.
 """
 
 from __future__ import annotations
@@ -18,8 +23,19 @@ from joynode.messages import ChatMessage, SamplingSpec
 _canonical = msgspec.msgpack.Encoder()
 
 
+def input_hash_of(offer: wire.JobOffer) -> bytes:
+    """What a paid request puts on-chain: keccak256 of the canonical request (no requester)."""
+    return bytes(keccak(_canonical.encode(_request_fields(offer))))
+
+
 def request_id_of(offer: wire.JobOffer) -> bytes:
-    fields = (
+    """An unpaid job's id: the request, its requester and the requester's nonce."""
+    fields = (*_request_fields(offer), offer.requester.lower(), offer.nonce)
+    return bytes(keccak(_canonical.encode(fields)))
+
+
+def _request_fields(offer: wire.JobOffer) -> tuple[object, ...]:
+    return (
         offer.model,
         offer.prompt,
         [(turn.role, turn.content) for turn in offer.messages]
@@ -31,10 +47,7 @@ def request_id_of(offer: wire.JobOffer) -> bytes:
         offer.top_k,
         offer.seed,
         offer.ignore_eos,
-        offer.requester.lower(),
-        offer.nonce,
     )
-    return bytes(keccak(_canonical.encode(fields)))
 
 
 def sampling_of(offer: wire.JobOffer) -> SamplingSpec:

@@ -15,9 +15,19 @@ this node's own vote (with its salt) are in SQLite before anything is sent,
 so a restarted node reveals what it committed, never a second output, and
 finishes or fails each job it knew of with a reason.
 
-Not here yet (issue 7, later): paid jobs from the marketplace, submitting
-certificates and equivocation evidence on-chain, stake-weighted committees
-from the on-chain registry.
+Committees are the contract's: ``select_committee`` over the nodes serving
+the model, weighted by stake x reputation from the mirrored registry (with no
+chain, equally). Unpaid jobs draw from the healthy peers only. Paid jobs
+(``infer.submit`` with ``paid``, or relaying a request someone paid with
+``onchain_request_id``) are escrowed by the marketplace, whose
+``InferenceRequested`` names the committee and the input hash; members check
+the gossiped offer against that record. Once certified, the agreeing members
+gather every reveal until the reveal deadline, and the first of them in rank
+order submits the certificate to ``ProofOfInference``; each next one waits
+``takeover_s`` longer, checks whether it landed, and submits it if not. The
+contract then rewards the signers, penalises the rest and pays out. Whoever
+sees a member sign two commits reports it on-chain (slashing). A paid job
+that is not settled by its deadline is refunded by the node that offered it.
 """
 
 from __future__ import annotations
@@ -41,12 +51,16 @@ from eth_utils.address import to_checksum_address
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from joynode import wire
+from joynode.abc import SettlementChain
 from joynode.chain.committee import Candidate, select_committee
+from joynode.chain.sender import TransactionFailed
+from joynode.chain.service import model_key
 from joynode.config import ConsensusSection
-from joynode.consensus.jobs import chat_of, request_id_of, sampling_of
+from joynode.consensus.jobs import chat_of, input_hash_of, request_id_of, sampling_of
 from joynode.consensus.tally import (
     Certificate,
     CertificateVerifier,
+    Equivocation,
     JobTally,
     VoteRejected,
     vote_commitment,
@@ -55,12 +69,19 @@ from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession, describe_errors
 from joynode.inference.service import InferenceClient, InferenceFailed
 from joynode.keys import NodeKey
-from joynode.messages import ChatMessage, ServingStatus, output_hash
+from joynode.messages import (
+    ChainEvent,
+    ChatMessage,
+    OnchainRequest,
+    RequestStatus,
+    ServingStatus,
+    output_hash,
+)
 from joynode.p2p.gossip import JOBS, VOTES, VerifiedGossip
 from joynode.p2p.peers import PeerState
 from joynode.p2p.rpc import RpcFailure
 from joynode.p2p.service import P2PService
-from joynode.signatures import Eip712Domain, sign
+from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain, sign
 from joynode.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -71,7 +92,43 @@ RESYNC_AFTER_S = (1.0, 2.0, 4.0, 8.0)  # after a restart: when to ask members fo
 EARLY_VOTES = 1024  # votes kept for jobs not heard of yet (gossip order is not causal)
 EARLY_VOTES_PER_SIGNER = 32
 KEEP_FINISHED = 1024  # finished jobs kept in memory; older ones are read from the database
+MIN_SETTLE_S = 10.0  # a paid job's reveal phase ends at least this long before its deadline
+REFUND_MARGIN_S = 2.0  # after a paid job's deadline, before its offerer asks for a refund
+REFUND_ATTEMPTS = 30  # each REFUND_MARGIN_S apart, while the chain's clock lags ours
 Status = Literal["pending", "certified", "failed"]
+PaymentStatus = Literal["escrowed", "settled", "refunded", "unsettled"]
+
+
+@dataclass(frozen=True)
+class Payment:
+    """Where a paid job's escrow stands on-chain.
+
+    ``escrowed`` until ``InferenceVerified`` (``settled``) or a refund
+    (``refunded``); ``unsettled`` when this node gave up on landing the
+    certificate (``detail`` says why). ``settle_by`` is the on-chain deadline
+    on this machine's clock.
+    """
+
+    status: PaymentStatus
+    price: int
+    settle_by: float
+    tx: str | None = None
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "price": str(self.price),
+            "settle_by": self.settle_by,
+            "tx": self.tx,
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Payment:
+        return cls(
+            data["status"], int(data["price"]), float(data["settle_by"]), data["tx"], data["detail"]
+        )
 
 
 @dataclass
@@ -85,8 +142,10 @@ class Job:
     created_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     done: trio.Event = field(default_factory=trio.Event)
-    changed: trio.Event = field(default_factory=trio.Event)  # replaced after each new vote
+    changed: trio.Event = field(default_factory=trio.Event)  # set and replaced by touch()
     my_vote: MyVote | None = None
+    payment: Payment | None = None  # paid jobs only
+    restored: bool = False  # taken up again after a restart
 
     @property
     def request_id(self) -> bytes:
@@ -94,6 +153,18 @@ class Job:
 
     def finished(self) -> bool:
         return self.status != "pending"
+
+    def settled(self) -> bool:
+        """Nothing more will happen: decided, and a certified paid job's escrow resolved."""
+        if not self.finished():
+            return False
+        escrowed = self.payment is not None and self.payment.status == "escrowed"
+        return not (escrowed and self.status == "certified")
+
+    def touch(self) -> None:
+        """Wake whoever waits for this job to change."""
+        self.changed.set()
+        self.changed = trio.Event()
 
     def progress(self) -> dict[str, Any]:
         """A short view for ``job.progress`` notifications."""
@@ -103,6 +174,7 @@ class Job:
             "committee": len(self.tally.committee),
             "commits": len(self.tally.commits),
             "reveals": len(self.tally.reveals),
+            "payment": self.payment.status if self.payment else None,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -121,18 +193,24 @@ class Job:
             "created_at": self.created_at,
             "finished_at": self.finished_at,
             "certificate": certificate.to_json() if certificate else None,
+            "paid": self.offer.paid,
+            "payment": self.payment.to_json() if self.payment else None,
         }
         if certificate is not None:
-            agreeing = [self.tally.reveals[s] for s in certificate.signers]
+            # (not only the certificate's signers: an equivocator's reveal is voided later)
+            agreeing = [
+                r for r in self.tally.reveals.values() if r.output_hash == certificate.output_hash
+            ]
             mine = self.my_vote
             if mine is not None and output_hash(mine.token_ids) == certificate.output_hash:
-                text = mine.text  # decoded by this node's own engine
+                text, token_ids = mine.text, mine.token_ids  # decoded by this node's own engine
             else:
                 # Only token ids are certified; take the text most of the majority sent.
                 text = collections.Counter(r.text for r in agreeing).most_common(1)[0][0]
+                token_ids = agreeing[0].token_ids
             result["output"] = {
                 "text": text,
-                "token_ids": list(agreeing[0].token_ids),
+                "token_ids": list(token_ids),
                 "output_hash": "0x" + certificate.output_hash.hex(),
             }
         return result
@@ -167,8 +245,25 @@ class SubmitParams(pydantic.BaseModel):
     top_k: int = pydantic.Field(-1, ge=-1, le=1 << 20)
     seed: int | None = pydantic.Field(None, ge=0, le=2**63 - 1)
     ignore_eos: bool = False
-    committee_size: int | None = pydantic.Field(None, ge=1, le=wire.MAX_COMMITTEE)
+    committee_size: int | None = pydantic.Field(
+        None, ge=1, le=wire.MAX_COMMITTEE, description="unpaid jobs (paid: the model's)"
+    )
     nonce: int | None = pydantic.Field(None, ge=0, le=2**63 - 1)
+    paid: bool = pydantic.Field(False, description="pay through the marketplace from this node")
+    max_price: int | None = pydantic.Field(
+        None, ge=0, le=2**256 - 1, description="paid: most JOY base units to pay (default: price)"
+    )
+    onchain_request_id: str | None = pydantic.Field(
+        None,
+        pattern=r"^0x[0-9a-fA-F]{64}$",
+        description="relay a request someone already paid for; this prompt must match it",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _one_way_to_pay(self) -> SubmitParams:
+        if self.paid and self.onchain_request_id is not None:
+            raise ValueError("give paid or onchain_request_id, not both")
+        return self
 
 
 class JobParams(pydantic.BaseModel):
@@ -198,6 +293,8 @@ class ConsensusService:
         registry: CollectorRegistry,
         offers_receive: trio.MemoryReceiveChannel[VerifiedGossip],
         votes_receive: trio.MemoryReceiveChannel[VerifiedGossip],
+        chain: SettlementChain | None = None,
+        chain_events_receive: trio.MemoryReceiveChannel[ChainEvent] | None = None,
     ) -> None:
         self._settings = settings
         self._key = key
@@ -209,6 +306,8 @@ class ConsensusService:
         self._domain = domain
         self._offers = offers_receive
         self._votes = votes_receive
+        self._chain = chain
+        self._chain_events = chain_events_receive
         self.address = key.address
         self.jobs: dict[bytes, Job] = {}
         self._early: dict[bytes, list[VerifiedGossip]] = {}
@@ -227,6 +326,8 @@ class ConsensusService:
                 await self._restore()
                 nursery.start_soon(self._read_offers)
                 nursery.start_soon(self._read_votes)
+                if self._chain_events is not None:
+                    nursery.start_soon(self._read_chain_events)
                 task_status.started()
                 await trio.sleep_forever()
             finally:
@@ -290,53 +391,116 @@ class ConsensusService:
             sampling_of(draft)
         except pydantic.ValidationError as exc:
             raise RpcError(INVALID_PARAMS, describe_errors(exc)) from None
-        request_id = request_id_of(draft)
-        if request_id in self.jobs or await self._known(request_id):
-            raise RpcError(JOB_ERROR, "that job (same request and nonce) was already submitted")
-        committee = self._committee(model_id, request_id, k)
-        if not committee:
-            raise RpcError(
-                JOB_ERROR, f"no healthy node (this one included) serves model {model_id}"
-            )
-        offer = msgspec.structs.replace(draft, request_id=request_id, committee=committee)
         try:
-            wire.encode(offer)
+            wire.encode(draft)
         except wire.WireError as exc:
             raise RpcError(INVALID_PARAMS, f"the job is too large to send: {exc}") from None
-        job = await self._open(offer, submitter=True)
+        if params.paid or params.onchain_request_id is not None:
+            offer, payment = await self._paid_offer(draft, params)
+        else:
+            request_id = request_id_of(draft)
+            committee = await self._committee(model_id, request_id, k)
+            if not committee:
+                raise RpcError(
+                    JOB_ERROR, f"no healthy node (this one included) serves model {model_id}"
+                )
+            offer = msgspec.structs.replace(draft, request_id=request_id, committee=committee)
+            payment = None
+        if offer.request_id in self.jobs or await self._known(offer.request_id):
+            raise RpcError(JOB_ERROR, "that job (same request and nonce) was already submitted")
+        job = await self._open(offer, submitter=True, payment=payment)
         try:
             await self._p2p.publish(JOBS, offer)
         except Exception as exc:  # libp2p raises many unrelated types
             await self._finish(job, "failed", f"could not offer the job: {exc}")
         self._metrics.jobs.labels("submitted").inc()
         log.info(
-            "job %s: offered to %d member(s) for model %s",
-            "0x" + request_id.hex()[:12],
-            len(committee),
+            "job %s: offered to %d member(s) for model %s%s",
+            _short(job),
+            len(offer.committee),
             model_id,
+            " (paid)" if offer.paid else "",
         )
         return job
 
-    def _committee(self, model_id: str, request_id: bytes, k: int) -> list[str]:
-        """Healthy nodes serving the model (this one too), ranked as the contract ranks them."""
-        candidates = []
+    async def _paid_offer(
+        self, draft: wire.JobOffer, params: SubmitParams
+    ) -> tuple[wire.JobOffer, Payment]:
+        """Pay for ``draft`` on-chain (or find the request someone paid); the offer to gossip."""
+        if self._chain is None:
+            raise RpcError(INVALID_PARAMS, "paid jobs need a chain (chain.mode local or rpc)")
+        input_hash = input_hash_of(draft)
+        s = self._settings
+        if params.onchain_request_id is not None:
+            request_id = bytes.fromhex(params.onchain_request_id[2:])
+            info = await self._chain.request_info(request_id)
+            if info is None or info.status is not RequestStatus.PENDING:
+                raise RpcError(JOB_ERROR, f"{params.onchain_request_id} is not a pending request")
+            if info.input_hash != input_hash or info.model != model_key(draft.model):
+                raise RpcError(
+                    JOB_ERROR,
+                    f"{params.onchain_request_id} was paid for another model or input "
+                    f"(input hash of this one: 0x{input_hash.hex()})",
+                )
+        else:
+            seconds = s.commit_timeout_s + s.reveal_timeout_s + s.settle_timeout_s
+            try:
+                info = await self._chain.request_inference(
+                    draft.model, input_hash, params.max_price, seconds
+                )
+            except TransactionFailed as exc:
+                self._metrics.onchain.labels("request", "failed").inc()
+                raise RpcError(JOB_ERROR, f"the marketplace refused the request: {exc}") from None
+            self._metrics.onchain.labels("request", "ok").inc()
+        settle_by = time.time() + info.seconds_left
+        reveal_by = min(draft.reveal_deadline_ms, int((settle_by - MIN_SETTLE_S) * 1000))
+        if reveal_by <= time.time_ns() // 1_000_000:
+            raise RpcError(JOB_ERROR, "the request's on-chain deadline is too close to run it")
+        offer = msgspec.structs.replace(
+            draft,
+            request_id=info.request_id,
+            requester=info.requester,
+            nonce=0,
+            committee=list(info.committee),
+            commit_deadline_ms=min(draft.commit_deadline_ms, reveal_by),
+            reveal_deadline_ms=reveal_by,
+            paid=True,
+        )
+        return offer, Payment("escrowed", info.price, settle_by)
+
+    async def _committee(self, model_id: str, request_id: bytes, k: int) -> list[str]:
+        """Healthy nodes serving the model (this one too), ranked as the contract ranks them.
+
+        With a chain, each weighs stake x reputation as the mirrored registry
+        says, and unregistered nodes are left out; without one, all weigh alike.
+        """
+        healthy = []
         if model_id in self._serving_status().models:
-            candidates.append(Candidate(self.address, 1, 1))
+            healthy.append(self.address)
         for record in self._p2p.peers.records():
             if record.state is PeerState.UP and model_id in record.models:
-                candidates.append(Candidate(to_checksum_address(record.address), 1, 1))
+                healthy.append(to_checksum_address(record.address))
+        if self._chain is None:
+            candidates = [Candidate(address, 1, 1) for address in healthy]
+        else:
+            registered = await self._chain.registry_candidates()
+            candidates = [registered[a] for a in healthy if a in registered]
         return select_committee(candidates, request_id, k, 0)
 
     async def _on_offer(self, offer: wire.JobOffer, signer: str) -> None:
         if offer.request_id in self.jobs or await self._known(offer.request_id):
             return  # a replay (maybe of a job finished before a restart): never run it twice
-        if request_id_of(offer) != offer.request_id:
-            self._metrics.rejected.labels("bad_request_id").inc()
-            log.info("dropping a job offer from %s: its request id does not match", signer)
-            return
-        if signer.lower() != offer.requester.lower():
-            self._metrics.rejected.labels("not_requester").inc()
-            return
+        members = [a.lower() for a in offer.committee]
+        if self.address.lower() not in members or len(set(members)) != len(members):
+            return  # not ours to run (or a malformed committee)
+        if not offer.paid:
+            if request_id_of(offer) != offer.request_id:
+                self._metrics.rejected.labels("bad_request_id").inc()
+                log.info("dropping a job offer from %s: its request id does not match", signer)
+                return
+            if signer.lower() != offer.requester.lower():
+                self._metrics.rejected.labels("not_requester").inc()
+                return
         try:
             sampling_of(offer)
             chat_of(offer)
@@ -344,9 +508,6 @@ class ConsensusService:
             self._metrics.rejected.labels("bad_offer").inc()
             log.info("dropping a job offer from %s: %s", signer, describe_errors(exc))
             return
-        members = [a.lower() for a in offer.committee]
-        if self.address.lower() not in members or len(set(members)) != len(members):
-            return  # not ours to run (or a malformed committee)
         now_ms = time.time_ns() // 1_000_000
         commit_by, reveal_by = offer.commit_deadline_ms, offer.reveal_deadline_ms
         if reveal_by <= now_ms or commit_by > reveal_by:
@@ -364,7 +525,35 @@ class ConsensusService:
             self._metrics.rejected.labels("too_many_jobs").inc()
             log.info("dropping a job offer from %s: too many jobs pending", signer)
             return
-        await self._open(offer, submitter=False)
+        payment = None
+        if offer.paid:
+            verdict = await self._check_paid(offer)
+            if isinstance(verdict, str):
+                self._metrics.rejected.labels(verdict).inc()
+                log.info("dropping a paid job offer from %s: %s", signer, verdict)
+                return
+            payment = verdict
+            if offer.request_id in self.jobs:  # it came again while the chain was asked
+                return
+        await self._open(offer, submitter=False, payment=payment)
+
+    async def _check_paid(self, offer: wire.JobOffer) -> Payment | str:
+        """A paid offer's escrow, if the chain's record matches the offer; else why not."""
+        if self._chain is None:
+            return "paid_without_chain"
+        try:
+            info = await self._chain.request_info(offer.request_id)
+        except Exception as exc:  # the RPC is down or answers nonsense: drop, it may come again
+            log.warning("cannot check a paid offer on-chain: %s", exc)
+            return "chain_unavailable"
+        if info is None or info.status is not RequestStatus.PENDING:
+            return "not_pending"
+        if not _matches(info, offer):
+            return "not_as_paid"
+        settle_by = time.time() + info.seconds_left
+        if offer.reveal_deadline_ms > (settle_by + CLOCK_GRACE_S) * 1000:
+            return "after_onchain_deadline"
+        return Payment("escrowed", info.price, settle_by)
 
     async def _known(self, request_id: bytes) -> bool:
         def read(conn: sqlite3.Connection) -> bool:
@@ -373,12 +562,14 @@ class ConsensusService:
 
         return await self._state.read(read)
 
-    async def _open(self, offer: wire.JobOffer, *, submitter: bool) -> Job:
+    async def _open(
+        self, offer: wire.JobOffer, *, submitter: bool, payment: Payment | None = None
+    ) -> Job:
         member = self.address.lower() in (a.lower() for a in offer.committee)
         role: Literal["submitter", "member", "both"] = (
             "both" if submitter and member else "submitter" if submitter else "member"
         )
-        job = Job(offer, self._tally(offer), role)
+        job = Job(offer, self._tally(offer), role, payment=payment)
         self.jobs[offer.request_id] = job
         await self._state.write(lambda conn: _save_job(conn, job))
         for gossip in self._early.pop(offer.request_id, []):
@@ -482,8 +673,8 @@ class ConsensusService:
                 self._early_count += 1
                 self._early_by_signer[gossip.signer] = from_signer + 1
             return
-        if job.status != "pending":
-            return
+        if job.settled() or job.status == "failed":
+            return  # (a certified paid job still gathers reveals: every signer is paid)
         now_ms = time.time_ns() // 1_000_000
         grace_ms = CLOCK_GRACE_S * 1000
         if (
@@ -514,8 +705,11 @@ class ConsensusService:
             return
         kind = "commit" if isinstance(vote, wire.VoteCommit) else "reveal"
         await self._state.write(lambda conn: _save_vote(conn, job, signer, kind, vote))
-        job.changed.set()
-        job.changed = trio.Event()
+        job.touch()
+        evidence = job.tally.equivocations.get(signer)
+        if evidence is not None and evidence.commitment_b == getattr(vote, "commitment", None):
+            log.warning("job %s: %s signed two commits", _short(job), signer)
+            self._spawn_report(job, evidence)
         await self._settle(job)
 
     async def _settle(self, job: Job) -> None:
@@ -528,7 +722,16 @@ class ConsensusService:
             await self._finish(job, "failed", "no majority: " + _describe_votes(job.tally))
 
     async def _deadlines(self, job: Job) -> None:
-        with trio.move_on_at(_trio_deadline(job.offer.reveal_deadline_ms)):
+        """Fail the job if it is undecided at its reveal deadline.
+
+        A job restored after a restart is judged no earlier than the end of its
+        catch-up, since the votes that decided it may have come while the node
+        was down.
+        """
+        at = _trio_deadline(job.offer.reveal_deadline_ms)
+        if job.restored:
+            at = max(at, trio.current_time() + sum(RESYNC_AFTER_S) + 1)
+        with trio.move_on_at(at):
             await job.done.wait()  # a decided job needs no deadline task
         if job.status == "pending":
             missing = [m for m in job.tally.committee if m not in job.tally.reveals]
@@ -547,21 +750,161 @@ class ConsensusService:
         job.status, job.reason, job.certificate = status, reason, certificate
         job.finished_at = time.time()
         job.done.set()
-        job.changed.set()
+        job.touch()
         await self._state.write(lambda conn: _save_job(conn, job))
         self._evict_finished()
         self._metrics.jobs.labels(status).inc()
         self._metrics.seconds.observe(job.finished_at - job.created_at)
         log.info("job %s: %s%s", _short(job), status, f" ({reason})" if reason else "")
+        self._after_outcome(job)
+
+    def _after_outcome(self, job: Job) -> None:
+        """A paid job's next step: land its certificate, or get its escrow back."""
+        if job.payment is None or job.payment.status != "escrowed" or self._chain is None:
+            return
+        mine = job.my_vote
+        agreed = (
+            mine is not None
+            and job.certificate is not None
+            and output_hash(mine.token_ids) == job.certificate.output_hash
+        )
+        if job.status == "certified" and agreed and job.role != "submitter":
+            self._spawn(self._submit_certificate, job)
+        if job.role != "member":
+            self._spawn(self._refund_when_due, job)
+
+    # ---- on-chain settlement (paid jobs)
+
+    async def _submit_certificate(self, job: Job) -> None:
+        """Land the certificate, in rank order: the first agreeing member at once, the next
+        ``takeover_s`` later if it has not landed by then, and so on."""
+        assert self._chain is not None
+        assert job.payment is not None
+        # Gather every reveal first: the contract pays the signers and penalises the rest.
+        with trio.move_on_at(_trio_deadline(job.offer.reveal_deadline_ms)):
+            tally = job.tally
+            while len(tally.reveals) + len(tally.equivocations) < len(tally.committee):
+                await job.changed.wait()
+        certificate = job.tally.certificate()
+        if certificate is None or self.address not in certificate.signers:
+            return  # this node's vote was voided meanwhile (it cannot have equivocated)
+        CertificateVerifier(job.tally.domain).verify(certificate)
+        rank = certificate.signers.index(self.address)
+        await trio.sleep(rank * self._settings.takeover_s)
+        if job.payment.status != "escrowed":
+            return
+        info = await self._chain.request_info(job.request_id)
+        if info is None or info.status is not RequestStatus.PENDING:
+            return  # landed (or refunded): the chain event says which
+        action = "takeover" if rank else "submit"
+        try:
+            tx = await self._chain.submit_certificate(certificate)
+        except TransactionFailed as exc:
+            info = await self._chain.request_info(job.request_id)
+            if info is not None and info.status is not RequestStatus.PENDING:
+                return  # another member's landed first
+            self._metrics.onchain.labels(action, "failed").inc()
+            log.warning("job %s: the certificate did not land: %s", _short(job), exc)
+            await self._pay(job, "unsettled", None, f"certificate refused: {exc}")
+            return
+        self._metrics.onchain.labels(action, "ok").inc()
+        log.info("job %s: certificate landed in %s (rank %d)", _short(job), tx, rank)
+        job.certificate = certificate  # every agreeing signer, as the chain has it
+        await self._pay(job, "settled", tx, f"submitted by {self.address}")
+
+    async def _refund_when_due(self, job: Job) -> None:
+        """The offerer of a paid job gets the escrow back if nobody settles it in time."""
+        assert self._chain is not None
+        assert job.payment is not None
+        due = trio.current_time() + job.payment.settle_by + REFUND_MARGIN_S - time.time()
+        with trio.move_on_at(due):
+            while job.payment.status == "escrowed":
+                await job.changed.wait()
+        for attempt in range(REFUND_ATTEMPTS):
+            if job.payment.status != "escrowed":
+                return
+            info = await self._chain.request_info(job.request_id)
+            if info is None or info.status is not RequestStatus.PENDING:
+                return
+            try:
+                tx = await self._chain.refund(job.request_id)
+            except TransactionFailed as exc:
+                # A chain whose clock runs behind ours has not reached the deadline yet.
+                if "DeadlineNotReached" in str(exc) and attempt + 1 < REFUND_ATTEMPTS:
+                    await trio.sleep(REFUND_MARGIN_S)
+                    continue
+                self._metrics.onchain.labels("refund", "failed").inc()
+                log.warning("job %s: refund refused: %s", _short(job), exc)
+                return
+            self._metrics.onchain.labels("refund", "ok").inc()
+            await self._pay(job, "refunded", tx, "not settled by its deadline")
+            return
+
+    def _spawn_report(self, job: Job, evidence: Equivocation) -> None:
+        onchain = self._chain is not None and job.tally.domain != OFFCHAIN_DOMAIN
+        if onchain and self._nursery is not None:
+            self._nursery.start_soon(self._report, job, evidence)
+
+    async def _report(self, job: Job, evidence: Equivocation) -> None:
+        """Slashing evidence to ``ProofOfInference``: whoever sees it first gets the reward."""
+        assert self._chain is not None
+        try:
+            tx = await self._chain.report_equivocation(evidence)
+        except TransactionFailed as exc:
+            reported = "AlreadyReported" in str(exc)
+            self._metrics.onchain.labels("report", "duplicate" if reported else "failed").inc()
+            log.log(
+                logging.INFO if reported else logging.WARNING,
+                "job %s: equivocation of %s not reported: %s",
+                _short(job),
+                evidence.member,
+                exc,
+            )
+            return
+        except Exception:  # chain down: the evidence stays in SQLite for the next start
+            log.exception("job %s: reporting %s failed", _short(job), evidence.member)
+            return
+        self._metrics.onchain.labels("report", "ok").inc()
+        log.warning("job %s: reported %s's equivocation in %s", _short(job), evidence.member, tx)
+
+    async def _pay(self, job: Job, status: PaymentStatus, tx: str | None, detail: str) -> None:
+        assert job.payment is not None
+        if job.payment.status != "escrowed" and status != "escrowed":
+            return  # the first outcome heard stands (an event and our own receipt agree)
+        job.payment = dataclasses.replace(job.payment, status=status, tx=tx, detail=detail)
+        await self._state.write(lambda conn: _save_job(conn, job))
+        job.touch()
+
+    async def _read_chain_events(self) -> None:
+        assert self._chain_events is not None
+        async for event in self._chain_events:
+            if event.removed or event.name not in ("InferenceVerified", "InferenceRefunded"):
+                continue  # (chain.confirmations keeps reorgs below what the watcher applies)
+            job = self.jobs.get(bytes.fromhex(str(event.args["requestId"])[2:]))
+            if job is None or job.payment is None:
+                continue
+            if event.name == "InferenceVerified":
+                signers = event.args.get("signers")
+                await self._pay(job, "settled", event.tx_hash, f"signers {signers}")
+            else:
+                await self._pay(job, "refunded", event.tx_hash, "not settled by its deadline")
 
     # ---- restart
 
     async def _restore(self) -> None:
-        rows = await self._state.read(_load_pending)
-        for offer_bytes, role, created_at, vote_row, votes in rows:
+        """Take up every job not over yet: pending ones, and paid ones still escrowed.
+
+        A job is rebuilt from its offer and the votes stored, then decided
+        again (the same way: the votes are the same), which also resumes a
+        paid job's settlement or refund.
+        """
+        rows = await self._state.read(_load_unfinished)
+        for offer_bytes, role, status, created_at, payment, vote_row, votes in rows:
             offer = wire.decode(offer_bytes)
             assert isinstance(offer, wire.JobOffer)
-            job = Job(offer, self._tally(offer), role, created_at=created_at)
+            job = Job(offer, self._tally(offer), role, created_at=created_at, restored=True)
+            if payment is not None:
+                job.payment = Payment.from_json(json.loads(payment))
             self.jobs[offer.request_id] = job
             if vote_row is not None:
                 token_ids, text, salt, commitment, revealed = vote_row
@@ -576,9 +919,11 @@ class ConsensusService:
                     elif isinstance(vote, wire.VoteReveal):
                         job.tally.add_reveal(signer, vote)
             log.info("job %s: restored after a restart", _short(job))
+            for evidence in job.tally.equivocations.values():
+                self._spawn_report(job, evidence)  # reported twice is refused, never slashed twice
             await self._settle(job)
             if job.status == "pending":
-                if role != "submitter":
+                if role != "submitter" and status == "pending":
                     self._spawn(self._execute, job)
                 self._spawn(self._deadlines, job)
                 self._spawn(self._catch_up, job)
@@ -640,17 +985,10 @@ class ConsensusService:
             if job is None:
                 return await self._job_json(params.request_id)  # long finished
             with trio.move_on_after(params.timeout_s):
-                while not job.finished():
-                    await session.notify("job.progress", job.progress())
+                while not job.settled():
                     changed = job.changed
-                    async with trio.open_nursery() as nursery:
-
-                        async def first_of(event: trio.Event) -> None:
-                            await event.wait()
-                            nursery.cancel_scope.cancel()
-
-                        nursery.start_soon(first_of, changed)
-                        nursery.start_soon(first_of, job.done)
+                    await session.notify("job.progress", job.progress())
+                    await changed.wait()
             return job.to_json()
 
         async def jobs_list(params: ListParams, _: ControlSession) -> list[dict[str, Any]]:
@@ -699,6 +1037,16 @@ def _short(job: Job) -> str:
     return "0x" + job.request_id.hex()[:12]
 
 
+def _matches(info: OnchainRequest, offer: wire.JobOffer) -> bool:
+    """Whether a paid offer is the request the chain escrowed (same input, model, committee)."""
+    return (
+        info.input_hash == input_hash_of(offer)
+        and info.model == model_key(offer.model)
+        and info.requester.lower() == offer.requester.lower()
+        and [a.lower() for a in info.committee] == [a.lower() for a in offer.committee]
+    )
+
+
 def _describe_votes(tally: JobTally) -> str:
     counts = tally.counts()
     if not counts:
@@ -713,10 +1061,11 @@ def _describe_votes(tally: JobTally) -> str:
 def _save_job(conn: sqlite3.Connection, job: Job) -> None:
     conn.execute(
         "INSERT INTO jobs (request_id, offer, role, status, reason, certificate, result, "
-        "created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "created_at, finished_at, payment) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (request_id) DO UPDATE SET status = excluded.status, "
         "reason = excluded.reason, certificate = excluded.certificate, "
-        "result = excluded.result, finished_at = excluded.finished_at",
+        "result = excluded.result, finished_at = excluded.finished_at, "
+        "payment = excluded.payment",
         (
             job.request_id,
             wire.encode(job.offer),
@@ -727,6 +1076,7 @@ def _save_job(conn: sqlite3.Connection, job: Job) -> None:
             json.dumps(job.to_json()) if job.finished() else None,
             job.created_at,
             job.finished_at,
+            json.dumps(job.payment.to_json()) if job.payment else None,
         ),
     )
 
@@ -763,15 +1113,22 @@ def _save_vote(
     )
 
 
-PendingRow = tuple[
-    bytes, Any, float, tuple[str, str, bytes, bytes, int] | None, list[tuple[str, bytes]]
+UnfinishedRow = tuple[
+    bytes,
+    Any,
+    str,
+    float,
+    str | None,
+    tuple[str, str, bytes, bytes, int] | None,
+    list[tuple[str, bytes]],
 ]
 
 
-def _load_pending(conn: sqlite3.Connection) -> list[PendingRow]:
-    out: list[PendingRow] = []
-    for request_id, offer, role, created_at in conn.execute(
-        "SELECT request_id, offer, role, created_at FROM jobs WHERE status = 'pending' "
+def _load_unfinished(conn: sqlite3.Connection) -> list[UnfinishedRow]:
+    out: list[UnfinishedRow] = []
+    for request_id, offer, role, status, created_at, payment in conn.execute(
+        "SELECT request_id, offer, role, status, created_at, payment FROM jobs "
+        "WHERE status = 'pending' OR json_extract(payment, '$.status') = 'escrowed' "
         "ORDER BY created_at"
     ).fetchall():
         vote = conn.execute(
@@ -784,7 +1141,7 @@ def _load_pending(conn: sqlite3.Connection) -> list[PendingRow]:
             "ORDER BY kind = 'reveal', received_at",
             (request_id,),
         ).fetchall()
-        out.append((offer, role, created_at, vote, votes))
+        out.append((offer, role, status, created_at, payment, vote, votes))
     return out
 
 
@@ -801,6 +1158,12 @@ class _ConsensusMetrics:
         )
         self.seconds = Histogram(
             "joynode_consensus_job_seconds", "Offer to outcome", registry=registry
+        )
+        self.onchain = Counter(
+            "joynode_consensus_onchain_transactions",
+            "Paid-job transactions (request, submit, takeover, report, refund) by outcome",
+            ["action", "outcome"],
+            registry=registry,
         )
         self.phase = Histogram(
             "joynode_consensus_phase_seconds",
