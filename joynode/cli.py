@@ -326,12 +326,15 @@ async def _call(url: str, token: str, method: str, params: dict[str, Any] | None
             sys.stderr.write(params["text"])
             streamed = True
         elif notification.get("method") == "job.progress" and isinstance(params, dict):
+            payment = params.get("payment")
             sys.stderr.write(
-                "\rjob {}: {} of {} committed, {} revealed   ".format(
+                "\rjob {}: {}, {} of {} committed, {} revealed{}   ".format(
                     str(params.get("request_id", ""))[:14],
+                    params.get("status"),
                     params.get("commits"),
                     params.get("committee"),
                     params.get("reveals"),
+                    f", payment {payment}" if payment else "",
                 )
             )
             streamed = True

@@ -35,7 +35,7 @@ __all__ = ["anvil_url", "chain", "deployed", "tiny_model"]
 
 COUNT = 5
 FIRST_ACCOUNT = 13
-PROMPT = {"model": "tiny", "prompt": "Hello world", "max_tokens": 48, "ignore_eos": True}
+PROMPT = {"model": "tiny", "prompt": "Hello world", "max_tokens": 16, "ignore_eos": True}
 
 
 def paid_home(
@@ -49,9 +49,9 @@ def paid_home(
     home.set("chain", "rpc_url", f'"{chain.url}"')
     home.set("chain", "deployment_file", f'"{deployment_file}"')
     home.set("chain", "poll_interval_s", "0.2")
-    home.set("consensus", "commit_timeout_s", "40")
+    home.set("consensus", "commit_timeout_s", "25")
     home.set("consensus", "reveal_timeout_s", "5")
-    home.set("consensus", "settle_timeout_s", "20")
+    home.set("consensus", "settle_timeout_s", "15")
     home.set("consensus", "takeover_s", "2")
     return home
 

@@ -875,6 +875,22 @@ class ConsensusService:
         await self._state.write(lambda conn: _save_job(conn, job))
         job.touch()
 
+    @staticmethod
+    def _landed_certificate(job: Job, event: ChainEvent) -> Certificate | None:
+        """The certificate as it landed, from the event's signers and the reveals we hold."""
+        signers = event.args.get("signers")
+        output = event.args.get("outputHash")
+        if job.certificate is None or not isinstance(signers, list) or not isinstance(output, str):
+            return None
+        reveals = [job.tally.reveals.get(to_checksum_address(str(s))) for s in signers]
+        if any(r is None or r.output_hash.hex() != output.removeprefix("0x") for r in reveals):
+            return None  # not every signer's reveal reached this node
+        return dataclasses.replace(
+            job.certificate,
+            signers=tuple(r.member for r in reveals if r is not None),
+            signatures=tuple(r.signature for r in reveals if r is not None),
+        )
+
     async def _read_chain_events(self) -> None:
         assert self._chain_events is not None
         async for event in self._chain_events:
@@ -884,8 +900,10 @@ class ConsensusService:
             if job is None or job.payment is None:
                 continue
             if event.name == "InferenceVerified":
-                signers = event.args.get("signers")
-                await self._pay(job, "settled", event.tx_hash, f"signers {signers}")
+                landed = self._landed_certificate(job, event)
+                if landed is not None and job.payment.status == "escrowed":
+                    job.certificate = landed  # (saved with the payment just below)
+                await self._pay(job, "settled", event.tx_hash, "certificate verified on-chain")
             else:
                 await self._pay(job, "refunded", event.tx_hash, "not settled by its deadline")
 
