@@ -326,10 +326,13 @@ async def test_a_request_paid_by_a_wallet_is_relayed_and_forged_paid_offers_are_
             await wait_for(
                 partial(lambda n: _rejected(n, "not_as_paid") == 1.0, node), 10, "forgery refused"
             )
+            # An offer for a request the chain has not shown is held, not run, and costs
+            # no RPC; it would be taken up if its InferenceRequested came.
             await wait_for(
-                partial(lambda n: _rejected(n, "not_pending") == 1.0, node), 10, "unknown refused"
+                partial(lambda n: b"\x42" * 32 in n.consensus._parked, node), 10, "unknown held"
             )
             assert request_id not in node.consensus.jobs
+            assert b"\x42" * 32 not in node.consensus.jobs
 
         # ...and the true prompt, relayed by a node, runs and settles; the wallet pays.
         job = await a.consensus.submit(SubmitParams(**PROMPT, onchain_request_id=hex_id))

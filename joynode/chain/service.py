@@ -11,6 +11,7 @@ transaction sender behind the control methods.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -126,6 +127,7 @@ class ChainService:
         self._sender: TransactionSender | None = None
         self._watcher: ChainWatcher | None = None
         self._min_stake: int | None = None
+        self._paying = trio.Lock()
         self._m_events = Counter(
             "joynode_chain_events_total",
             "Contract events applied",
@@ -291,6 +293,36 @@ class ChainService:
 
         return await self._call(read)
 
+    async def mirrored_request(self, request_id: bytes) -> OnchainRequest | None:
+        """A paid request as the watcher last mirrored it (SQLite, no RPC); None if unseen.
+
+        ``seconds_left`` is by this machine's clock: the mirror keeps no block time.
+        """
+
+        def read(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+            row: tuple[Any, ...] | None = conn.execute(
+                "SELECT model, requester, input_hash, price, deadline, status, committee "
+                "FROM chain_requests WHERE request_id = ?",
+                ("0x" + request_id.hex(),),
+            ).fetchone()
+            return row
+
+        row = await self._state.read(read)
+        if row is None:
+            return None
+        model, requester, input_hash, price, deadline, status, committee = row
+        return OnchainRequest(
+            request_id,
+            bytes.fromhex(str(model)[2:]),
+            str(requester),
+            bytes.fromhex(str(input_hash)[2:]),
+            int(price),
+            int(deadline),
+            RequestStatus(int(status)),
+            tuple(str(a) for a in json.loads(committee)),
+            int(deadline) - time.time(),
+        )
+
     async def request_inference(
         self, model_id: str, input_hash: bytes, max_price: int | None, seconds: float
     ) -> OnchainRequest:
@@ -311,13 +343,14 @@ class ChainService:
             now = max(int(w3.eth.get_block("latest")["timestamp"]), int(time.time()))
             return price, allowance, now
 
-        price, allowance, now = await self._call(quote)
-        limit = price if max_price is None else max_price
-        if allowance < limit:
-            await self.transact(token.functions.approve(market.address, limit))
-        receipt = await self.transact(
-            market.functions.requestInference(key, input_hash, limit, now + int(seconds))
-        )
+        async with self._paying:  # one approve-then-request at a time: the allowance is shared
+            price, allowance, now = await self._call(quote)
+            limit = price if max_price is None else max_price
+            if allowance < limit:
+                await self.transact(token.functions.approve(market.address, limit))
+            receipt = await self.transact(
+                market.functions.requestInference(key, input_hash, limit, now + int(seconds))
+            )
         events = market.events.InferenceRequested().process_receipt(receipt, errors=DISCARD)
         info = await self.request_info(bytes(events[0]["args"]["requestId"]))
         assert info is not None  # it was just created
@@ -336,9 +369,25 @@ class ChainService:
         )
         return str(receipt["transactionHash"].to_0x_hex())
 
-    async def report_equivocation(self, evidence: Equivocation) -> str:
-        """Submit two signed commits of one member as slashing evidence."""
+    async def report_equivocation(self, evidence: Equivocation) -> str | None:
+        """Submit two signed commits of one member as slashing evidence.
+
+        None, sending nothing, if the member has nothing at stake (no reporter
+        share, only gas: a throwaway key in a forged committee) or it was
+        already reported.
+        """
         proof = self._contract("ProofOfInference")
+        coordinator = self._contract("NodeCoordinator")
+
+        def worth_reporting() -> bool:
+            reported = proof.functions.equivocationReported(
+                evidence.member, evidence.request_id
+            ).call()
+            stake, unbonding = coordinator.functions.nodeInfo(evidence.member).call()[:2]
+            return not reported and int(stake) + int(unbonding) > 0
+
+        if not await self._call(worth_reporting):
+            return None
         receipt = await self.transact(
             proof.functions.reportEquivocation(
                 evidence.member,

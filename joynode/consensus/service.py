@@ -42,7 +42,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import pydantic
@@ -85,18 +85,25 @@ from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain, sign
 from joynode.state import StateStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 JOB_ERROR = -32040  # JSON-RPC application error: the job is unknown or failed
 CLOCK_GRACE_S = 2.0  # how far apart node clocks may be when judging deadlines
 RESYNC_AFTER_S = (1.0, 2.0, 4.0, 8.0)  # after a restart: when to ask members for missed votes
 EARLY_VOTES = 1024  # votes kept for jobs not heard of yet (gossip order is not causal)
 EARLY_VOTES_PER_SIGNER = 32
+PARKED_OFFERS = 256  # paid offers held until the watcher sees their request
 KEEP_FINISHED = 1024  # finished jobs kept in memory; older ones are read from the database
 MIN_SETTLE_S = 10.0  # a paid job's reveal phase ends at least this long before its deadline
 REFUND_MARGIN_S = 2.0  # after a paid job's deadline, before its offerer asks for a refund
 REFUND_ATTEMPTS = 30  # each REFUND_MARGIN_S apart, while the chain's clock lags ours
+CHAIN_RETRY_S = 2.0  # after the RPC failed, before trying a paid job's transaction again
 Status = Literal["pending", "certified", "failed"]
 PaymentStatus = Literal["escrowed", "settled", "refunded", "unsettled"]
+
+
+class _ChainUnreachable(Exception):
+    """The chain's RPC failed (not a revert): try again later."""
 
 
 @dataclass(frozen=True)
@@ -154,12 +161,23 @@ class Job:
     def finished(self) -> bool:
         return self.status != "pending"
 
+    def open_for_votes(self) -> bool:
+        """Pending, or certified and paid but not settled: every agreeing reveal still counts
+        (the contract pays the certificate's signers and penalises every other member)."""
+        return self.status == "pending" or (
+            self.status == "certified" and self.payment is not None and not self.settled()
+        )
+
     def settled(self) -> bool:
         """Nothing more will happen: decided, and a certified paid job's escrow resolved."""
         if not self.finished():
             return False
-        escrowed = self.payment is not None and self.payment.status == "escrowed"
-        return not (escrowed and self.status == "certified")
+        landing = self.payment is not None and self.payment.status == "escrowed"
+        return not (landing and self.status == "certified")
+
+    def escrowed(self) -> bool:
+        """A paid job whose escrow is not settled or refunded yet."""
+        return self.payment is not None and self.payment.status in ("escrowed", "unsettled")
 
     def touch(self) -> None:
         """Wake whoever waits for this job to change."""
@@ -308,6 +326,7 @@ class ConsensusService:
         self._votes = votes_receive
         self._chain = chain
         self._chain_events = chain_events_receive
+        self._parked: dict[bytes, list[tuple[wire.JobOffer, str]]] = {}  # paid, not seen on-chain
         self.address = key.address
         self.jobs: dict[bytes, Job] = {}
         self._early: dict[bytes, list[VerifiedGossip]] = {}
@@ -396,7 +415,13 @@ class ConsensusService:
         except wire.WireError as exc:
             raise RpcError(INVALID_PARAMS, f"the job is too large to send: {exc}") from None
         if params.paid or params.onchain_request_id is not None:
-            offer, payment = await self._paid_offer(draft, params)
+            # Shielded from the caller going away: once the escrow is paid, the job
+            # must be recorded (and so refunded if it fails), whoever still waits.
+            with trio.CancelScope(shield=True):
+                offer, payment = await self._paid_offer(draft, params)
+                if offer.request_id not in self.jobs and not await self._known(offer.request_id):
+                    await self._open(offer, submitter=True, payment=payment)
+                    return await self._offer(self.jobs[offer.request_id], model_id)
         else:
             request_id = request_id_of(draft)
             committee = await self._committee(model_id, request_id, k)
@@ -405,21 +430,23 @@ class ConsensusService:
                     JOB_ERROR, f"no healthy node (this one included) serves model {model_id}"
                 )
             offer = msgspec.structs.replace(draft, request_id=request_id, committee=committee)
-            payment = None
         if offer.request_id in self.jobs or await self._known(offer.request_id):
             raise RpcError(JOB_ERROR, "that job (same request and nonce) was already submitted")
-        job = await self._open(offer, submitter=True, payment=payment)
+        return await self._offer(await self._open(offer, submitter=True), model_id)
+
+    async def _offer(self, job: Job, model_id: str) -> Job:
+        """Gossip a job this node took to its committee."""
         try:
-            await self._p2p.publish(JOBS, offer)
+            await self._p2p.publish(JOBS, job.offer)
         except Exception as exc:  # libp2p raises many unrelated types
             await self._finish(job, "failed", f"could not offer the job: {exc}")
         self._metrics.jobs.labels("submitted").inc()
         log.info(
             "job %s: offered to %d member(s) for model %s%s",
             _short(job),
-            len(offer.committee),
+            len(job.offer.committee),
             model_id,
-            " (paid)" if offer.paid else "",
+            " (paid)" if job.offer.paid else "",
         )
         return job
 
@@ -528,6 +555,9 @@ class ConsensusService:
         payment = None
         if offer.paid:
             verdict = await self._check_paid(offer)
+            if verdict is None:
+                self._park(offer, signer)
+                return
             if isinstance(verdict, str):
                 self._metrics.rejected.labels(verdict).inc()
                 log.info("dropping a paid job offer from %s: %s", signer, verdict)
@@ -537,23 +567,40 @@ class ConsensusService:
                 return
         await self._open(offer, submitter=False, payment=payment)
 
-    async def _check_paid(self, offer: wire.JobOffer) -> Payment | str:
-        """A paid offer's escrow, if the chain's record matches the offer; else why not."""
+    async def _check_paid(self, offer: wire.JobOffer) -> Payment | str | None:
+        """A paid offer's escrow if the mirrored chain record matches; why not; or None
+        when the watcher has not seen the request yet.
+
+        Only the registry mirror (SQLite) is read, never the RPC: anyone may
+        gossip paid offers, and each must not cost members a chain round trip.
+        """
         if self._chain is None:
             return "paid_without_chain"
-        try:
-            info = await self._chain.request_info(offer.request_id)
-        except Exception as exc:  # the RPC is down or answers nonsense: drop, it may come again
-            log.warning("cannot check a paid offer on-chain: %s", exc)
-            return "chain_unavailable"
-        if info is None or info.status is not RequestStatus.PENDING:
+        info = await self._chain.mirrored_request(offer.request_id)
+        if info is None:
+            return None
+        if info.status is not RequestStatus.PENDING:
             return "not_pending"
         if not _matches(info, offer):
             return "not_as_paid"
         settle_by = time.time() + info.seconds_left
-        if offer.reveal_deadline_ms > (settle_by + CLOCK_GRACE_S) * 1000:
-            return "after_onchain_deadline"
+        if offer.reveal_deadline_ms > (settle_by - MIN_SETTLE_S + CLOCK_GRACE_S) * 1000:
+            return "after_onchain_deadline"  # no time left to land the certificate
         return Payment("escrowed", info.price, settle_by)
+
+    def _park(self, offer: wire.JobOffer, signer: str) -> None:
+        """Hold a paid offer until the watcher mirrors its ``InferenceRequested``."""
+        now_ms = time.time_ns() // 1_000_000
+        for request_id, held in list(self._parked.items()):
+            self._parked[request_id] = [h for h in held if h[0].reveal_deadline_ms >= now_ms]
+            if not self._parked[request_id]:
+                del self._parked[request_id]
+        variants = self._parked.setdefault(offer.request_id, [])
+        # Variants too: a forgery held first must not shut out the true offer.
+        if sum(map(len, self._parked.values())) >= PARKED_OFFERS or len(variants) >= 4:
+            self._metrics.rejected.labels("too_many_unseen_paid").inc()
+            return
+        variants.append((offer, signer))
 
     async def _known(self, request_id: bytes) -> bool:
         def read(conn: sqlite3.Connection) -> bool:
@@ -627,16 +674,16 @@ class ConsensusService:
             )
             await self._count_vote(job, self.address, commit)
             await self._p2p.publish(VOTES, commit)
-        if job.finished() or (vote.revealed and self.address in job.tally.reveals):
+        if not job.open_for_votes() or (vote.revealed and self.address in job.tally.reveals):
             return
         if not vote.revealed:
             # Reveal once every member has committed, or at the commit deadline.
             began = time.monotonic()
             with trio.move_on_at(_trio_deadline(offer.commit_deadline_ms)):
-                while len(job.tally.commits) < len(job.tally.committee) and not job.finished():
+                while len(job.tally.commits) < len(job.tally.committee) and job.status == "pending":
                     await job.changed.wait()
             self._metrics.phase.labels("commit_wait").observe(time.monotonic() - began)
-            if job.finished():
+            if not job.open_for_votes():
                 return
             job.my_vote = vote = dataclasses.replace(vote, revealed=True)
             await self._state.write(lambda conn: _save_my_vote(conn, job))
@@ -655,7 +702,7 @@ class ConsensusService:
 
     def _evict_finished(self) -> None:
         """Keep the newest KEEP_FINISHED finished jobs in memory; the rest stay in SQLite."""
-        finished = [j for j in self.jobs.values() if j.finished()]
+        finished = [j for j in self.jobs.values() if j.settled() and not j.escrowed()]
         if len(finished) > KEEP_FINISHED:
             finished.sort(key=lambda j: j.finished_at or 0)
             for job in finished[: len(finished) - KEEP_FINISHED]:
@@ -673,8 +720,8 @@ class ConsensusService:
                 self._early_count += 1
                 self._early_by_signer[gossip.signer] = from_signer + 1
             return
-        if job.settled() or job.status == "failed":
-            return  # (a certified paid job still gathers reveals: every signer is paid)
+        if not job.open_for_votes():
+            return
         now_ms = time.time_ns() // 1_000_000
         grace_ms = CLOCK_GRACE_S * 1000
         if (
@@ -760,15 +807,9 @@ class ConsensusService:
 
     def _after_outcome(self, job: Job) -> None:
         """A paid job's next step: land its certificate, or get its escrow back."""
-        if job.payment is None or job.payment.status != "escrowed" or self._chain is None:
+        if job.payment is None or not job.escrowed() or self._chain is None:
             return
-        mine = job.my_vote
-        agreed = (
-            mine is not None
-            and job.certificate is not None
-            and output_hash(mine.token_ids) == job.certificate.output_hash
-        )
-        if job.status == "certified" and agreed and job.role != "submitter":
+        if job.status == "certified" and job.role != "submitter":
             self._spawn(self._submit_certificate, job)
         if job.role != "member":
             self._spawn(self._refund_when_due, job)
@@ -778,67 +819,91 @@ class ConsensusService:
     async def _submit_certificate(self, job: Job) -> None:
         """Land the certificate, in rank order: the first agreeing member at once, the next
         ``takeover_s`` later if it has not landed by then, and so on."""
-        assert self._chain is not None
         assert job.payment is not None
-        # Gather every reveal first: the contract pays the signers and penalises the rest.
+        # Gather every reveal first (this node's own too, if it has not revealed yet).
         with trio.move_on_at(_trio_deadline(job.offer.reveal_deadline_ms)):
             tally = job.tally
             while len(tally.reveals) + len(tally.equivocations) < len(tally.committee):
                 await job.changed.wait()
         certificate = job.tally.certificate()
         if certificate is None or self.address not in certificate.signers:
-            return  # this node's vote was voided meanwhile (it cannot have equivocated)
+            return  # this node did not agree (or could not reveal in time)
         CertificateVerifier(job.tally.domain).verify(certificate)
         rank = certificate.signers.index(self.address)
         await trio.sleep(rank * self._settings.takeover_s)
-        if job.payment.status != "escrowed":
-            return
-        info = await self._chain.request_info(job.request_id)
-        if info is None or info.status is not RequestStatus.PENDING:
-            return  # landed (or refunded): the chain event says which
         action = "takeover" if rank else "submit"
-        try:
-            tx = await self._chain.submit_certificate(certificate)
-        except TransactionFailed as exc:
-            info = await self._chain.request_info(job.request_id)
-            if info is not None and info.status is not RequestStatus.PENDING:
-                return  # another member's landed first
-            self._metrics.onchain.labels(action, "failed").inc()
-            log.warning("job %s: the certificate did not land: %s", _short(job), exc)
-            await self._pay(job, "unsettled", None, f"certificate refused: {exc}")
+        while job.payment.status == "escrowed" and time.time() < job.payment.settle_by:
+            try:
+                if await self._resolved_on_chain(job):
+                    return
+                tx = await self._chain_call(self._chain_link().submit_certificate, certificate)
+            except TransactionFailed as exc:
+                if await self._resolved_on_chain(job):
+                    return  # another member's landed first
+                self._metrics.onchain.labels(action, "failed").inc()
+                log.warning("job %s: the certificate did not land: %s", _short(job), exc)
+                await self._pay(job, "unsettled", None, f"certificate refused: {exc}")
+                return
+            except _ChainUnreachable:
+                await trio.sleep(CHAIN_RETRY_S)
+                continue
+            self._metrics.onchain.labels(action, "ok").inc()
+            log.info("job %s: certificate landed in %s (rank %d)", _short(job), tx, rank)
+            job.certificate = certificate  # every agreeing signer, as the chain has it
+            await self._pay(job, "settled", tx, f"submitted by {self.address}")
             return
-        self._metrics.onchain.labels(action, "ok").inc()
-        log.info("job %s: certificate landed in %s (rank %d)", _short(job), tx, rank)
-        job.certificate = certificate  # every agreeing signer, as the chain has it
-        await self._pay(job, "settled", tx, f"submitted by {self.address}")
 
     async def _refund_when_due(self, job: Job) -> None:
         """The offerer of a paid job gets the escrow back if nobody settles it in time."""
-        assert self._chain is not None
         assert job.payment is not None
         due = trio.current_time() + job.payment.settle_by + REFUND_MARGIN_S - time.time()
         with trio.move_on_at(due):
-            while job.payment.status == "escrowed":
+            while job.escrowed():
                 await job.changed.wait()
-        for attempt in range(REFUND_ATTEMPTS):
-            if job.payment.status != "escrowed":
-                return
-            info = await self._chain.request_info(job.request_id)
-            if info is None or info.status is not RequestStatus.PENDING:
-                return
+        refused = 0
+        while job.escrowed():
             try:
-                tx = await self._chain.refund(job.request_id)
+                if await self._resolved_on_chain(job):
+                    return
+                tx = await self._chain_call(self._chain_link().refund, job.request_id)
             except TransactionFailed as exc:
+                refused += 1
                 # A chain whose clock runs behind ours has not reached the deadline yet.
-                if "DeadlineNotReached" in str(exc) and attempt + 1 < REFUND_ATTEMPTS:
+                if "DeadlineNotReached" in str(exc) and refused < REFUND_ATTEMPTS:
                     await trio.sleep(REFUND_MARGIN_S)
                     continue
                 self._metrics.onchain.labels("refund", "failed").inc()
                 log.warning("job %s: refund refused: %s", _short(job), exc)
                 return
+            except _ChainUnreachable:
+                await trio.sleep(CHAIN_RETRY_S)
+                continue
             self._metrics.onchain.labels("refund", "ok").inc()
             await self._pay(job, "refunded", tx, "not settled by its deadline")
             return
+
+    def _chain_link(self) -> SettlementChain:
+        assert self._chain is not None  # only paid jobs get here, and they need a chain
+        return self._chain
+
+    async def _chain_call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Call the chain actor; an unreachable RPC becomes ``_ChainUnreachable`` (retry later)."""
+        try:
+            return await fn(*args)
+        except TransactionFailed:
+            raise
+        except Exception as exc:  # web3 and transports raise many types
+            log.warning("chain unreachable: %s; retrying in %.0f s", exc, CHAIN_RETRY_S)
+            raise _ChainUnreachable(str(exc)) from exc
+
+    async def _resolved_on_chain(self, job: Job) -> bool:
+        """Whether the request is no longer pending on-chain; if so, the job's payment says how."""
+        info = await self._chain_call(self._chain_link().request_info, job.request_id)
+        if info is None or info.status is RequestStatus.PENDING:
+            return False
+        status: PaymentStatus = "settled" if info.status is RequestStatus.SETTLED else "refunded"
+        await self._pay(job, status, None, "seen on-chain")
+        return True
 
     def _spawn_report(self, job: Job, evidence: Equivocation) -> None:
         onchain = self._chain is not None and job.tally.domain != OFFCHAIN_DOMAIN
@@ -846,31 +911,40 @@ class ConsensusService:
             self._nursery.start_soon(self._report, job, evidence)
 
     async def _report(self, job: Job, evidence: Equivocation) -> None:
-        """Slashing evidence to ``ProofOfInference``: whoever sees it first gets the reward."""
-        assert self._chain is not None
+        """Slashing evidence to ``ProofOfInference``: whoever sees it first gets the reward.
+
+        Members staked in the registry only: a forged committee of throwaway
+        keys must not make this node spend gas for nothing.
+        """
+        chain = self._chain_link()
+        if evidence.member not in await chain.registry_candidates():
+            self._metrics.onchain.labels("report", "not_staked").inc()
+            return
         try:
-            tx = await self._chain.report_equivocation(evidence)
+            tx = await chain.report_equivocation(evidence)
         except TransactionFailed as exc:
-            reported = "AlreadyReported" in str(exc)
-            self._metrics.onchain.labels("report", "duplicate" if reported else "failed").inc()
-            log.log(
-                logging.INFO if reported else logging.WARNING,
-                "job %s: equivocation of %s not reported: %s",
-                _short(job),
-                evidence.member,
-                exc,
+            self._metrics.onchain.labels("report", "failed").inc()
+            log.info(
+                "job %s: equivocation of %s not reported: %s", _short(job), evidence.member, exc
             )
             return
         except Exception:  # chain down: the evidence stays in SQLite for the next start
             log.exception("job %s: reporting %s failed", _short(job), evidence.member)
             return
+        if tx is None:
+            self._metrics.onchain.labels("report", "duplicate").inc()
+            return
         self._metrics.onchain.labels("report", "ok").inc()
         log.warning("job %s: reported %s's equivocation in %s", _short(job), evidence.member, tx)
 
     async def _pay(self, job: Job, status: PaymentStatus, tx: str | None, detail: str) -> None:
+        """Record where the escrow stands; settled and refunded are final, unsettled is not
+        (another member may still land the certificate, or the offerer refund it)."""
         assert job.payment is not None
-        if job.payment.status != "escrowed" and status != "escrowed":
-            return  # the first outcome heard stands (an event and our own receipt agree)
+        if job.payment.status in ("settled", "refunded"):
+            return  # the first final outcome heard stands (an event and a receipt agree)
+        if status == job.payment.status and (tx is None or tx == job.payment.tx):
+            return
         job.payment = dataclasses.replace(job.payment, status=status, tx=tx, detail=detail)
         await self._state.write(lambda conn: _save_job(conn, job))
         job.touch()
@@ -894,9 +968,16 @@ class ConsensusService:
     async def _read_chain_events(self) -> None:
         assert self._chain_events is not None
         async for event in self._chain_events:
-            if event.removed or event.name not in ("InferenceVerified", "InferenceRefunded"):
+            if event.removed or "requestId" not in event.args:
                 continue  # (chain.confirmations keeps reorgs below what the watcher applies)
-            job = self.jobs.get(bytes.fromhex(str(event.args["requestId"])[2:]))
+            request_id = bytes.fromhex(str(event.args["requestId"])[2:])
+            if event.name == "InferenceRequested" and request_id in self._parked:
+                for offer, signer in self._parked.pop(request_id):
+                    await self._on_offer(offer, signer)  # the first that matches is taken
+                continue
+            if event.name not in ("InferenceVerified", "InferenceRefunded"):
+                continue
+            job = self.jobs.get(request_id)
             if job is None or job.payment is None:
                 continue
             if event.name == "InferenceVerified":
@@ -917,7 +998,7 @@ class ConsensusService:
         paid job's settlement or refund.
         """
         rows = await self._state.read(_load_unfinished)
-        for offer_bytes, role, status, created_at, payment, vote_row, votes in rows:
+        for offer_bytes, role, created_at, payment, vote_row, votes in rows:
             offer = wire.decode(offer_bytes)
             assert isinstance(offer, wire.JobOffer)
             job = Job(offer, self._tally(offer), role, created_at=created_at, restored=True)
@@ -940,9 +1021,9 @@ class ConsensusService:
             for evidence in job.tally.equivocations.values():
                 self._spawn_report(job, evidence)  # reported twice is refused, never slashed twice
             await self._settle(job)
+            if job.open_for_votes() and role != "submitter":
+                self._spawn(self._execute, job)  # runs, commits or reveals what it still can
             if job.status == "pending":
-                if role != "submitter" and status == "pending":
-                    self._spawn(self._execute, job)
                 self._spawn(self._deadlines, job)
                 self._spawn(self._catch_up, job)
 
@@ -1134,7 +1215,6 @@ def _save_vote(
 UnfinishedRow = tuple[
     bytes,
     Any,
-    str,
     float,
     str | None,
     tuple[str, str, bytes, bytes, int] | None,
@@ -1144,9 +1224,9 @@ UnfinishedRow = tuple[
 
 def _load_unfinished(conn: sqlite3.Connection) -> list[UnfinishedRow]:
     out: list[UnfinishedRow] = []
-    for request_id, offer, role, status, created_at, payment in conn.execute(
-        "SELECT request_id, offer, role, status, created_at, payment FROM jobs "
-        "WHERE status = 'pending' OR json_extract(payment, '$.status') = 'escrowed' "
+    for request_id, offer, role, created_at, payment in conn.execute(
+        "SELECT request_id, offer, role, created_at, payment FROM jobs WHERE status = 'pending' "
+        "OR json_extract(payment, '$.status') IN ('escrowed', 'unsettled') "
         "ORDER BY created_at"
     ).fetchall():
         vote = conn.execute(
@@ -1159,7 +1239,7 @@ def _load_unfinished(conn: sqlite3.Connection) -> list[UnfinishedRow]:
             "ORDER BY kind = 'reveal', received_at",
             (request_id,),
         ).fetchall()
-        out.append((offer, role, status, created_at, payment, vote, votes))
+        out.append((offer, role, created_at, payment, vote, votes))
     return out
 
 
