@@ -12,7 +12,7 @@ CONFIG ?= joynode.toml
 BACKEND ?= cpu
 MODELS := .joynode/models
 
-.PHONY: install system-deps contracts run test lint typecheck pytest clean
+.PHONY: install system-deps contracts circuits run test lint typecheck pytest clean
 
 install: $(STAMP) $(NODE_STAMP)
 
@@ -24,7 +24,12 @@ $(NODE_STAMP): package.json package-lock.json
 	npm install --no-audit --no-fund --ignore-scripts --loglevel=error
 	@touch $(NODE_STAMP)
 
-# Rebuild joynode/chain/artifacts.json after editing contracts/*.sol.
+# ZoKrates circuits: compile, Groth16 setup and verifier export for each that
+# changed (circuits/build/, contracts/verifiers/); about 25 s the first time.
+circuits: install
+	$(BIN)/joynode circuits build
+
+# Rebuild joynode/chain/artifacts.json after editing contracts/*.sol (or the verifiers).
 contracts: $(NODE_STAMP)
 	node contracts/build.mjs
 
@@ -63,7 +68,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install
+pytest: install circuits
 	$(BIN)/pytest
 
 # pytest exits 5 when it collects no tests; make treats that as a failure too.

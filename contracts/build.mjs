@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Compile contracts/*.sol with solc-js (pinned in package-lock.json) and the
+// Compile contracts/*.sol and contracts/verifiers/*.sol with solc-js (pinned in package-lock.json) and the
 // OpenZeppelin sources from node_modules into joynode/chain/artifacts.json, the
 // ABIs and bytecode the Python package loads. The output records a hash of the
 // sources, so a test can tell when the artifacts are stale.
@@ -18,7 +18,12 @@ const outFile = path.join(root, "joynode", "chain", "artifacts.json");
 const EVM_VERSION = "cancun";
 const OPTIMIZER_RUNS = 200;
 
-const files = fs.readdirSync(contractsDir).filter((f) => f.endsWith(".sol")).sort();
+// Ours, and the Groth16 verifiers ZoKrates exported (`joynode circuits build`).
+const solidityIn = (dir) =>
+  fs.existsSync(path.join(contractsDir, dir))
+    ? fs.readdirSync(path.join(contractsDir, dir)).filter((f) => f.endsWith(".sol")).map((f) => path.posix.join(dir, f))
+    : [];
+const files = [...solidityIn("."), ...solidityIn("verifiers")].map((f) => path.posix.normalize(f)).sort();
 const sources = {};
 const digest = crypto.createHash("sha256");
 for (const file of files) {

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from joynode.keys import ControlToken, NodeKey, SecretFileError, read_secret_fil
 from joynode.logs import SecretRedactor, configure_logging
 from joynode.node import Node
 from joynode.supervisor import ActorFailed
+from joynode.zk import circuits
+from joynode.zk.zokrates import ZokratesError, ZokratesWorker
 
 log = logging.getLogger("joynode")
 
@@ -109,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_arg(m)
     m.add_argument("cid")
+
+    p = commands.add_parser("circuits", help="build the ZoKrates circuits (keys, verifiers)")
+    circuits_actions = p.add_subparsers(dest="circuits_command", required=True, metavar="ACTION")
+    circuits_actions.add_parser(
+        "build", help="compile, set up and export every circuit that changed (idempotent)"
+    )
 
     commands.add_parser("version", help="print the joynode version")
     return parser
@@ -183,6 +192,22 @@ def cmd_models(args: argparse.Namespace) -> int:
         prepare(args.name, out)
     except ModelError as exc:
         raise UsageError(str(exc)) from None
+    return EXIT_OK
+
+
+def cmd_circuits(_: argparse.Namespace) -> int:
+    async def build_all() -> None:
+        async with ZokratesWorker() as worker:
+            for circuit in circuits.ALL:
+                began = time.monotonic()
+                built = await circuits.build(circuit, worker)
+                state = f"built in {time.monotonic() - began:.1f} s" if built else "up to date"
+                print(f"{circuit.name}: {state} ({circuit.build_dir})")
+
+    try:
+        trio.run(build_all)
+    except (ZokratesError, OSError) as exc:
+        raise UsageError(f"circuit build failed: {exc}") from None
     return EXIT_OK
 
 
@@ -370,5 +395,6 @@ _COMMANDS = {
     "keys": cmd_keys,
     "deploy": cmd_deploy,
     "models": cmd_models,
+    "circuits": cmd_circuits,
     "version": cmd_version,
 }

@@ -55,8 +55,9 @@ def load_artifacts(path: Path = ARTIFACTS) -> Artifacts:
 def sources_hash(contracts_dir: Path, artifacts: Artifacts) -> str:
     """The hash build.mjs records, recomputed from the sources on disk."""
     digest = hashlib.sha256()
-    for path in sorted(contracts_dir.glob("*.sol")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    files = [*contracts_dir.glob("*.sol"), *contracts_dir.glob("verifiers/*.sol")]
+    for name, path in sorted((p.relative_to(contracts_dir).as_posix(), p) for p in files):
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     digest.update(
         f"solc={artifacts.compiler};evm={artifacts.evm_version};"
         f"runs={artifacts.optimizer_runs}".encode()

@@ -1,0 +1,120 @@
+"""ZoKrates from Python: a warm ``circuits/zokrates.mjs worker`` process.
+
+No native ZoKrates installs here; zokrates-js (ZoKrates 0.8 compiled to
+WebAssembly, pinned in package-lock.json) does, and ``circuits/zokrates.mjs``
+wraps it as a command line and as a worker reading one JSON request per line.
+Starting Node and the wasm costs about half a second, so the node keeps one
+worker and sends it every request; the wasm runs one request at a time, so
+requests are serialised here too. Field elements travel as decimal strings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import trio
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = REPO / "circuits" / "zokrates.mjs"
+MAX_LINE = 64 << 20  # a reply line (a proof, a witness's outputs) is far smaller
+
+
+class ZokratesError(Exception):
+    """ZoKrates refused a request (a failed assertion, a type error, a bad file)."""
+
+
+class ZokratesWorker:
+    """One ``zokrates.mjs worker`` process; ``call`` is one request, one reply.
+
+    Use as an async context manager; the process is stopped on exit.
+    """
+
+    def __init__(self, cli: Path = CLI) -> None:
+        self._cli = cli
+        self._process: trio.Process | None = None
+        self._buffer = bytearray()
+        self._lock = trio.Lock()
+        self._next_id = 0
+        self.requests = 0
+
+    async def __aenter__(self) -> ZokratesWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        self._process = await trio.lowlevel.open_process(
+            ["node", str(self._cli), "worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=REPO,
+        )
+        ready = json.loads(await self._read_line())
+        if not ready.get("ready"):
+            raise ZokratesError(f"the ZoKrates worker did not start: {ready}")
+
+    async def aclose(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        with trio.CancelScope(shield=True):
+            if process.stdin is not None:
+                await process.stdin.aclose()  # end of input: the worker exits
+            with trio.move_on_after(5):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
+
+    async def call(self, command: str, **options: Any) -> dict[str, Any]:
+        """Run ``command`` (compile, setup, compute-witness, generate-proof, prove,
+        verify, export-verifier) with ``options``; its result, or ``ZokratesError``."""
+        async with self._lock:
+            process = self._process
+            if process is None or process.stdin is None:
+                raise ZokratesError("the ZoKrates worker is not running")
+            self._next_id += 1
+            request = {"id": self._next_id, "command": command, "options": _paths(options)}
+            await process.stdin.send_all(json.dumps(request).encode() + b"\n")
+            reply = json.loads(await self._read_line())
+            self.requests += 1
+        if reply.get("id") != request["id"]:
+            raise ZokratesError(f"the ZoKrates worker answered out of turn: {reply}")
+        if not reply.get("ok"):
+            raise ZokratesError(str(reply.get("error")))
+        result: dict[str, Any] = reply["result"]
+        return result
+
+    async def _read_line(self) -> bytes:
+        assert self._process is not None
+        assert self._process.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self._process.stdout.receive_some(1 << 20)
+            if not chunk:
+                raise ZokratesError("the ZoKrates worker exited")
+            self._buffer += chunk
+            if len(self._buffer) > MAX_LINE:
+                raise ZokratesError("the ZoKrates worker sent an overlong line")
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
+        return line
+
+
+def _paths(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
