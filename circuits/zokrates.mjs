@@ -152,6 +152,8 @@ class Zokrates {
         .replace(/contract Verifier\b/g, `contract ${o.name}`)
         .replace(/\bPairing\b/g, `${o.name}Pairing`);
     }
+    // ZoKrates' template says "This file is MIT Licensed"; solc wants it machine-readable.
+    source = "// SPDX-License-Identifier: MIT\n" + source;
     fs.writeFileSync(need(o, "output"), source);
     return { bytes: source.length };
   }

@@ -8,14 +8,39 @@ import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {ModelMarketplace} from "./ModelMarketplace.sol";
 import {NodeCoordinator} from "./NodeCoordinator.sol";
 
-/// @title Verifies committee certificates and equivocation evidence.
+/// The Groth16 verifier ZoKrates exports for `circuits/mlp_inference.zok`: its
+/// public values are the weights commitment, the input hash and 4 outputs.
+interface IZkInferenceVerifier {
+    struct G1Point {
+        uint256 X;
+        uint256 Y;
+    }
+
+    struct G2Point {
+        uint256[2] X;
+        uint256[2] Y;
+    }
+
+    struct Proof {
+        G1Point a;
+        G2Point b;
+        G1Point c;
+    }
+
+    function verifyTx(Proof calldata proof, uint256[6] calldata input) external view returns (bool);
+}
+
+/// @title Verifies committee certificates, zero-knowledge results and equivocation evidence.
 /// @notice A certificate is a strict majority of a request's committee signing,
 /// with EIP-712 (domain bound to this contract and the chain id), the same
 /// `Result(requestId, outputHash)`. An accepted certificate raises the signers'
 /// reputation, lowers that of committee members who did not sign, settles the
 /// payment and logs usage. Two different signed `Commit(requestId, commitment)`
 /// messages from one node for one request are equivocation: anyone may submit
-/// them and the node's stake is slashed.
+/// them and the node's stake is slashed. A request for a zk model needs no
+/// committee: `submitZkResult` checks a Groth16 proof that the model's committed
+/// weights, run on the request's input, give the outputs, and settles with the
+/// prover as the only signer.
 contract ProofOfInference is EIP712, AccessControl {
     bytes32 public constant PARAMS_ROLE = keccak256("PARAMS_ROLE");
     bytes32 public constant RESULT_TYPEHASH = keccak256("Result(bytes32 requestId,bytes32 outputHash)");
@@ -33,6 +58,7 @@ contract ProofOfInference is EIP712, AccessControl {
 
     event InferenceVerified(bytes32 indexed requestId, bytes32 outputHash, address[] signers);
     event EquivocationReported(address indexed node, bytes32 indexed requestId, address indexed reporter);
+    event ZkInferenceVerified(bytes32 indexed requestId, address indexed prover, uint256[4] outputs);
     event ParametersChanged(int256 agreeReward, int256 missPenalty);
 
     error NotPending(bytes32 requestId);
@@ -45,6 +71,8 @@ contract ProofOfInference is EIP712, AccessControl {
     error SameCommitment();
     error AlreadyReported(address node, bytes32 requestId);
     error OutOfBounds(string parameter);
+    error NotZkModel(bytes32 model);
+    error BadProof(bytes32 requestId);
 
     constructor(NodeCoordinator coordinator_, ModelMarketplace marketplace_, address admin)
         EIP712("JoyNet", "1")
@@ -91,6 +119,28 @@ contract ProofOfInference is EIP712, AccessControl {
         }
         marketplace.settle(requestId, signers, 1);
         emit InferenceVerified(requestId, outputHash, signers);
+    }
+
+    /// Settle a zk model's request with a proof of its outputs (field elements;
+    /// negative logits are p - |x|). The output hash recorded is keccak256 of them.
+    function submitZkResult(bytes32 requestId, IZkInferenceVerifier.Proof calldata proof, uint256[4] calldata outputs)
+        external
+    {
+        (bytes32 model,, bytes32 inputHash,, uint64 deadline, ModelMarketplace.Status status,) =
+            marketplace.requestInfo(requestId);
+        if (status != ModelMarketplace.Status.Pending) revert NotPending(requestId);
+        if (block.timestamp > deadline) revert Expired(deadline);
+        (,,, ModelMarketplace.Kind kind,,, bytes32 weightsCommitment, address verifier) = marketplace.modelInfo(model);
+        if (kind != ModelMarketplace.Kind.Zk) revert NotZkModel(model);
+        uint256[6] memory input =
+            [uint256(weightsCommitment), uint256(inputHash), outputs[0], outputs[1], outputs[2], outputs[3]];
+        if (!IZkInferenceVerifier(verifier).verifyTx(proof, input)) revert BadProof(requestId);
+        bytes32 outputHash = keccak256(abi.encode(outputs));
+        verifiedOutput[requestId] = outputHash;
+        address[] memory signers = new address[](1);
+        signers[0] = msg.sender;
+        marketplace.settle(requestId, signers, 1);
+        emit ZkInferenceVerified(requestId, msg.sender, outputs);
     }
 
     function reportEquivocation(

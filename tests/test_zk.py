@@ -14,7 +14,11 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from web3 import Web3
+from web3.logs import DISCARD
 
+from joynode.chain.artifacts import load_artifacts
+from joynode.chain.deploy import JOY
+from joynode.chain.sender import TransactionFailed
 from joynode.zk import circuits
 from joynode.zk.mlp import (
     FIELD,
@@ -30,7 +34,7 @@ from joynode.zk.mlp import (
     verify,
 )
 from joynode.zk.zokrates import ZokratesError, ZokratesWorker
-from tests.chain_fixtures import Chain, anvil_url, chain, deployed
+from tests.chain_fixtures import Chain, anvil_url, chain, deployed, dev_account
 
 __all__ = ["anvil_url", "chain", "deployed"]
 
@@ -153,8 +157,6 @@ def test_a_classifier_trained_on_synthetic_data_keeps_its_accuracy_when_quantize
 async def test_the_exported_verifier_accepts_the_proof_on_chain_and_refuses_tampering(
     worker: ZokratesWorker, chain: Chain
 ) -> None:
-    from joynode.chain.artifacts import load_artifacts
-
     compiled = load_artifacts()["MlpInferenceVerifier"]
     address, _ = chain.sender(chain.admin).deploy(compiled)
     verifier = chain.w3.eth.contract(address=Web3.to_checksum_address(address), abi=compiled.abi)
@@ -179,3 +181,74 @@ def _verifier_args(proven: MlpProof) -> tuple[object, list[int]]:
         tuple(map(h, p["c"])),
     )
     return proof, proven.public_inputs
+
+
+async def test_a_zk_model_request_settles_on_a_valid_proof_only(
+    worker: ZokratesWorker, chain: Chain
+) -> None:
+    owner, client, prover = dev_account(10), dev_account(12), dev_account(13)
+    artifacts = load_artifacts()
+    verifier, _ = chain.sender(chain.admin).deploy(artifacts["MlpInferenceVerifier"])
+    wrong_verifier, _ = chain.sender(chain.admin).deploy(artifacts["VoteCommitmentVerifier"])
+    model = random_model(5)
+    x = [4, -3, 2, 1, 0, 9, -9, 12, 7, 7, -1, 3, 100, -100, 5, 6]
+    commitment, input_hash, logits = await commitments(worker, model, x)
+    market = chain.contract("ModelMarketplace")
+    proof_of_inference = chain.contract("ProofOfInference")
+    price = 10 * JOY
+
+    def register(cid: str, weights_commitment: int, verifier_address: str) -> bytes:
+        chain.sender(owner).transact(
+            market.functions.registerModel(
+                cid, price, 0, 1, [], [], weights_commitment.to_bytes(32, "big"), verifier_address
+            )
+        )
+        return bytes(market.functions.modelIdOf(cid).call())
+
+    def request(model_key: bytes, digest: int) -> bytes:
+        sender = chain.sender(client)
+        sender.transact(chain.contract("JoyToken").functions.approve(market.address, price))
+        deadline = chain.w3.eth.get_block("latest")["timestamp"] + 600
+        receipt = sender.transact(
+            market.functions.requestInference(
+                model_key, digest.to_bytes(32, "big"), price, deadline
+            )
+        )
+        (event,) = market.events.InferenceRequested().process_receipt(receipt, errors=DISCARD)
+        assert event["args"]["committee"] == []  # a zk model needs no committee
+        return bytes(event["args"]["requestId"])
+
+    zk_model = register("zk-mlp-a", commitment, verifier)
+    request_id = request(zk_model, input_hash)
+    proven = await prove(worker, model, x)
+    proof, public = _verifier_args(proven)
+    outputs = public[2:]
+
+    def submit(rid: bytes, values: list[int], with_proof: object = proof) -> None:
+        chain.sender(prover).transact(
+            proof_of_inference.functions.submitZkResult(rid, with_proof, values)
+        )
+
+    # Tampered outputs, another model's proof, another input's proof: refused.
+    with pytest.raises(TransactionFailed, match="BadProof"):
+        submit(request_id, [outputs[0] + 1, *outputs[1:]])
+    other_model = await prove(worker, random_model(6), x)
+    with pytest.raises(TransactionFailed, match="BadProof"):
+        submit(request_id, _verifier_args(other_model)[1][2:], _verifier_args(other_model)[0])
+    other_input = await prove(worker, model, [0] * IN)
+    with pytest.raises(TransactionFailed, match="BadProof"):
+        submit(request_id, _verifier_args(other_input)[1][2:], _verifier_args(other_input)[0])
+    # A model whose verifier is another circuit's refuses the proof too.
+    mismatched = request(register("zk-mlp-b", commitment, wrong_verifier), input_hash)
+    with pytest.raises(TransactionFailed):
+        submit(mismatched, outputs)
+
+    before = chain.balance(owner.address)
+    submit(request_id, outputs)
+    assert market.functions.requestInfo(request_id).call()[5] == 2  # Settled
+    fee = price * 250 // 10_000
+    assert chain.balance(owner.address) == before + price - fee
+    assert chain.contract("NodeCoordinator").functions.earned(prover.address).call() > 0
+    assert [to_field(v) for v in logits] == outputs
+    with pytest.raises(TransactionFailed, match="NotPending"):
+        submit(request_id, outputs)  # settled once
