@@ -56,7 +56,7 @@ $(STAMP): setup.cfg pyproject.toml | system-deps
 	rm -rf $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/trio-stubs
 	@touch $(STAMP)
 
-run: install
+run: install circuits
 	$(BIN)/joynode keys generate --config $(CONFIG)
 	$(BIN)/joynode models prepare smollm2 --out $(MODELS)/smollm2
 	exec $(BIN)/joynode run --config $(CONFIG)

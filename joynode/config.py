@@ -312,6 +312,15 @@ class ChainSection(_Section):
     )
 
 
+class ZkSection(_Section):
+    proof_timeout_s: Seconds = Field(
+        300.0, description="Longest one proof may take before it is abandoned."
+    )
+    max_queued_proofs: StrictInt = Field(
+        64, ge=1, le=10_000, description="Proofs waiting for the prover; more are refused."
+    )
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="debug, info, warning or error (--log-level overrides)."
@@ -330,6 +339,7 @@ class Config(_Section):
     inference: InferenceSection = InferenceSection()
     consensus: ConsensusSection = ConsensusSection()
     chain: ChainSection = ChainSection()
+    zk: ZkSection = ZkSection()
     log: LogSection = LogSection()
     path: Path | None = Field(None, exclude=True, description="Where this config was read from.")
 

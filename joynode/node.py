@@ -24,6 +24,8 @@ Actor graph (arrows are memory channels, named by direction and payload)::
                                  --InferenceRequest--> inference; publishes offers and votes;
                                  calls chain (SettlementChain) to pay, settle, report, refund;
                                  jobs and votes in state; infer.submit / job.* on control
+    prover     ProverService     <--ProofRequest-- control (proof.generate), via ProverClient
+                                 --ProofResult/ProofFailure--> requester; proofs in state
     http       HttpServer        (reads the metrics registry and the supervisor's health)
     control    ControlServer     --ShutdownRequest--> Node
 """
@@ -59,6 +61,7 @@ from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain
 from joynode.state import StateStore
 from joynode.storage.service import StorageService
 from joynode.supervisor import Supervisor
+from joynode.zk.prover import ProofRequest, ProverClient, ProverService
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,9 @@ class Node:
         offers_send, offers_receive = trio.open_memory_channel[VerifiedGossip](256)
         votes_send, votes_receive = trio.open_memory_channel[VerifiedGossip](1024)
         chain_events_send, chain_events_receive = trio.open_memory_channel[ChainEvent](256)
+        proofs_send, proofs_receive = trio.open_memory_channel[ProofRequest](
+            config.zk.max_queued_proofs
+        )
 
         self.state = StateStore(config.node.data_dir / "state.db", __version__)
         self.p2p = P2PService(
@@ -147,6 +153,8 @@ class Node:
             self.chain,
             chain_events_receive if self.chain is not None else None,
         )
+        self.prover = ProverService(config.zk, self.state, self.registry, proofs_receive)
+        self.prover_client = ProverClient(proofs_send)
         self.http = HttpServer(config.http, self.registry, self._health)
         self.control = ControlServer(
             config.control,
@@ -159,6 +167,7 @@ class Node:
                     *self.inference.control_methods(self.inference_client),
                     *self.consensus.control_methods(),
                     *(self.chain.control_methods() if self.chain is not None else []),
+                    *self.prover.control_methods(self.prover_client),
                 ]
             ),
             self.registry,
@@ -176,6 +185,7 @@ class Node:
                 if self.chain is not None:
                     await self.supervisor.start(nursery, self.chain)
                 await self.supervisor.start(nursery, self.consensus)
+                await self.supervisor.start(nursery, self.prover)
                 if self.config.http.enabled:
                     await self.supervisor.start(nursery, self.http)
                 await self.supervisor.start(nursery, self.control)

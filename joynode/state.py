@@ -138,6 +138,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN payment TEXT;
     """,
+    """
+    CREATE TABLE proofs (
+        proof_id     INTEGER PRIMARY KEY AUTOINCREMENT,
+        circuit      TEXT NOT NULL,
+        public       TEXT NOT NULL,
+        proof        TEXT NOT NULL,
+        seconds      REAL NOT NULL,
+        created_at   REAL NOT NULL
+    ) STRICT;
+    """,
 )
 
 

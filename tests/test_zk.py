@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ from web3.logs import DISCARD
 from joynode.chain.artifacts import load_artifacts
 from joynode.chain.deploy import JOY
 from joynode.chain.sender import TransactionFailed
+from joynode.control.client import ControlClient
+from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.zk import circuits
 from joynode.zk.mlp import (
     FIELD,
@@ -35,6 +38,7 @@ from joynode.zk.mlp import (
 )
 from joynode.zk.zokrates import ZokratesError, ZokratesWorker
 from tests.chain_fixtures import Chain, anvil_url, chain, deployed, dev_account
+from tests.factories import make_home, running_node
 
 __all__ = ["anvil_url", "chain", "deployed"]
 
@@ -252,3 +256,39 @@ async def test_a_zk_model_request_settles_on_a_valid_proof_only(
     assert [to_field(v) for v in logits] == outputs
     with pytest.raises(TransactionFailed, match="NotPending"):
         submit(request_id, outputs)  # settled once
+
+
+async def test_the_prover_actor_proves_through_the_control_socket_and_keeps_the_proof(
+    tmp_path: Path,
+) -> None:
+    home = make_home(tmp_path / "node")
+    model = random_model(8)
+    x = [1, 2, 3, 4, 5, 6, 7, 8, -1, -2, -3, -4, -5, -6, -7, -8]
+    async with (
+        running_node(home) as node,
+        ControlClient.connect(node.control.url or "", home.token.value) as client,
+    ):
+        made = await client.call("proof.generate", {"weights": list(model.weights), "input": x})
+        assert made["logits"] == model.infer(x)
+        assert (await client.call("proof.verify", {"proof": made["proof"]}))["verified"] is True
+        forged = copy.deepcopy(made["proof"])
+        forged["inputs"][2] = hex(int(forged["inputs"][2], 16) ^ 1)
+        assert (await client.call("proof.verify", {"proof": forged}))["verified"] is False
+        stored = await client.call("proof.get", {"proof_id": made["proof_id"]})
+        assert stored["proof"] == made["proof"]
+        assert stored["logits"] == made["logits"]
+        # Bad requests get clear errors; the prover keeps serving.
+        for params, message in [
+            ({"weights": [0] * WEIGHTS, "input": [200] * IN}, "less than or equal to 127"),
+            ({"weights": [0] * 3, "input": [0] * IN}, "at least 340"),
+        ]:
+            with pytest.raises(RpcError) as caught:
+                await client.call("proof.generate", params)
+            assert caught.value.code == INVALID_PARAMS
+            assert message in caught.value.message
+        with pytest.raises(RpcError, match="not a proof"):
+            await client.call("proof.verify", {"proof": {"scheme": "g16"}})
+        with pytest.raises(RpcError, match="no proof 999"):
+            await client.call("proof.get", {"proof_id": 999})
+        again = await client.call("proof.generate", {"weights": list(model.weights), "input": x})
+        assert again["proof_id"] == made["proof_id"] + 1
