@@ -54,6 +54,7 @@ async def test_status_with_bearer_header(home: NodeHome) -> None:
         "storage": "ready",
         "inference": "ready",
         "consensus": "ready",
+        "prover": "ready",
         "http": "ready",
         "control": "ready",
     }

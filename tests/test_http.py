@@ -55,6 +55,7 @@ async def test_healthz_reports_actors(home: NodeHome) -> None:
         "storage",
         "inference",
         "consensus",
+        "prover",
         "http",
         "control",
     }

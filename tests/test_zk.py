@@ -292,3 +292,14 @@ async def test_the_prover_actor_proves_through_the_control_socket_and_keeps_the_
             await client.call("proof.get", {"proof_id": 999})
         again = await client.call("proof.generate", {"weights": list(model.weights), "input": x})
         assert again["proof_id"] == made["proof_id"] + 1
+
+
+async def test_a_call_cancelled_mid_proof_retires_the_worker_instead_of_desynchronising() -> None:
+    model = random_model(9)
+    async with ZokratesWorker() as worker:
+        with trio.move_on_after(0.2):  # a proof takes seconds: cancelled mid-way
+            await prove(worker, model, [0] * IN)
+        with pytest.raises(ZokratesError, match="not running"):
+            await commitments(worker, model, [0] * IN)
+    async with ZokratesWorker() as fresh:  # a new one answers in turn
+        assert list((await commitments(fresh, model, [0] * IN))[2]) == model.infer([0] * IN)

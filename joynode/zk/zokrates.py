@@ -3,7 +3,7 @@
 No native ZoKrates installs here; zokrates-js (ZoKrates 0.8 compiled to
 WebAssembly, pinned in package-lock.json) does, and ``circuits/zokrates.mjs``
 wraps it as a command line and as a worker reading one JSON request per line.
-Starting Node and the wasm costs about half a second, so the node keeps one
+Starting Node and the wasm costs 0.6 to 1.3 s here, so the node keeps one
 worker and sends it every request; the wasm runs one request at a time, so
 requests are serialised here too. Field elements travel as decimal strings.
 """
@@ -72,15 +72,7 @@ class ZokratesWorker:
         if process is None:
             return
         with trio.CancelScope(shield=True):
-            if process.stdin is not None:
-                await process.stdin.aclose()  # end of input: the worker exits
-            with trio.move_on_after(5):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            if process.stdout is not None:
-                await process.stdout.aclose()
+            await _close(process)
 
     async def call(self, command: str, **options: Any) -> dict[str, Any]:
         """Run ``command`` (compile, setup, compute-witness, generate-proof, prove,
@@ -91,8 +83,20 @@ class ZokratesWorker:
                 raise ZokratesError("the ZoKrates worker is not running")
             self._next_id += 1
             request = {"id": self._next_id, "command": command, "options": _paths(options)}
-            await process.stdin.send_all(json.dumps(request).encode() + b"\n")
-            reply = json.loads(await self._read_line())
+            answered = False
+            try:
+                await process.stdin.send_all(json.dumps(request).encode() + b"\n")
+                reply = json.loads(await self._read_line())
+                answered = True
+            finally:
+                if not answered:
+                    # Cancelled (or failed) between request and reply: the reply would
+                    # come out of turn later, so this worker is done; start another.
+                    self._process = None
+                    self._buffer.clear()
+                    process.kill()
+                    with trio.CancelScope(shield=True):
+                        await _close(process)
             self.requests += 1
         if reply.get("id") != request["id"]:
             raise ZokratesError(f"the ZoKrates worker answered out of turn: {reply}")
@@ -118,3 +122,16 @@ class ZokratesWorker:
 
 def _paths(options: dict[str, Any]) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+
+
+async def _close(process: trio.Process) -> None:
+    """End the worker: end of input (it exits), or a kill if it does not; close its pipes."""
+    if process.stdin is not None:
+        await process.stdin.aclose()
+    with trio.move_on_after(5):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+    if process.stdout is not None:
+        await process.stdout.aclose()
