@@ -43,10 +43,17 @@ setup.cfg because item 1 touches a private name.
    deduplicated by pubsub's seen cache before validation, invalid copies are
    checked again (one ecrecover) and cost each forwarder that sends one.
    Keep while the validator judges forwarders.
+10. ``Pubsub._teardown_if_connected`` (run when a peer is blacklisted, as
+   joynode's bans do) looks the peer up, awaits its stream's reset, then
+   deletes the entry; if the peer's stream died during that await, pubsub's
+   dead-peer handler deleted it first and the ``KeyError`` takes the whole
+   pubsub service (and the node) down. Replaced with the same steps using
+   ``pop``. Remove when py-libp2p does the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -61,12 +68,27 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 # 1.
 _swarm._HAPPY_EYEBALLS_DELAY = 0.0
+
+
+# 10.
+async def _teardown_if_connected(self: Pubsub, peer_id: ID) -> None:
+    """Close a blacklisted peer's stream and forget it (tolerating it being gone already)."""
+    stream = self.peers.get(peer_id)
+    if stream is not None:
+        with contextlib.suppress(Exception):  # as upstream: the stream may be dead already
+            await stream.reset()
+        self.peers.pop(peer_id, None)
+    self._forget_all_subscriptions(peer_id)
+
+
+Pubsub._teardown_if_connected = _teardown_if_connected  # type: ignore[method-assign]
 
 CLOSE_TIMEOUT_S = 3.0
 GOSSIPSUB_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
