@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from joynode.consensus.tally import Certificate, Equivocation
     from joynode.messages import OnchainRequest
     from joynode.p2p.scoring import Offence
+    from joynode.zk.mlp import MlpProof
 
 
 class Actor(Protocol):
@@ -89,3 +90,11 @@ class SettlementChain(Protocol):
     async def refund(self, request_id: bytes) -> str: ...
 
     async def registry_candidates(self) -> dict[str, Candidate]: ...
+
+
+class ZkSettlementChain(Protocol):
+    """What the prover actor needs of the chain actor (``ChainService`` provides it)."""
+
+    async def request_info(self, request_id: bytes) -> OnchainRequest | None: ...
+
+    async def submit_zk_result(self, request_id: bytes, proven: MlpProof) -> str: ...

@@ -25,7 +25,8 @@ Actor graph (arrows are memory channels, named by direction and payload)::
                                  calls chain (SettlementChain) to pay, settle, report, refund;
                                  jobs and votes in state; infer.submit / job.* on control
     prover     ProverService     <--ProofRequest-- control (proof.generate), via ProverClient
-                                 --ProofResult/ProofFailure--> requester; proofs in state
+                                 --ProofResult/ProofFailure--> requester; proofs in state;
+                                 calls chain (ZkSettlementChain) for proof.settle
     http       HttpServer        (reads the metrics registry and the supervisor's health)
     control    ControlServer     --ShutdownRequest--> Node
 """
@@ -153,7 +154,9 @@ class Node:
             self.chain,
             chain_events_receive if self.chain is not None else None,
         )
-        self.prover = ProverService(config.zk, self.state, self.registry, proofs_receive)
+        self.prover = ProverService(
+            config.zk, self.state, self.registry, proofs_receive, self.chain
+        )
         self.prover_client = ProverClient(proofs_send)
         self.http = HttpServer(config.http, self.registry, self._health)
         self.control = ControlServer(

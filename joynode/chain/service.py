@@ -46,6 +46,7 @@ from joynode.state import StateStore
 
 if TYPE_CHECKING:
     from joynode.consensus.tally import Certificate, Equivocation
+    from joynode.zk.mlp import MlpProof
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +367,25 @@ class ChainService:
                 list(certificate.signers),
                 list(certificate.signatures),
             )
+        )
+        return str(receipt["transactionHash"].to_0x_hex())
+
+    async def submit_zk_result(self, request_id: bytes, proven: MlpProof) -> str:
+        """Settle a zk model's request with a proof of its outputs; the transaction hash."""
+        proof_of_inference = self._contract("ProofOfInference")
+        points = proven.proof["proof"]
+
+        def h(value: str) -> int:
+            return int(value, 16)
+
+        proof = (
+            tuple(map(h, points["a"])),
+            tuple(tuple(map(h, pair)) for pair in points["b"]),
+            tuple(map(h, points["c"])),
+        )
+        outputs = proven.public_inputs[2:]
+        receipt = await self.transact(
+            proof_of_inference.functions.submitZkResult(request_id, proof, outputs)
         )
         return str(receipt["transactionHash"].to_0x_hex())
 
