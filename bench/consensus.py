@@ -37,8 +37,8 @@ discovery); the vLLM engine core is another process, not counted.
 
 The protocol alone: then every member's inference client is replaced by a stub
 that returns the same output at once, and ``--requests`` more jobs run: what is
-left is gossip, votes, signatures and SQLite. On-chain settlement is not
-implemented yet, so no figure includes it.
+left is gossip, votes, signatures and SQLite. Jobs here are unpaid (chain
+off); paid jobs settled on-chain are measured by ``bench.settlement``.
 
 All nodes and the engine share this machine's cores (vLLM's CPU threads against
 the one trio thread that runs every node). Run from the repository root (it
@@ -537,7 +537,7 @@ def report(results: Sequence[SizeResult], settings: Settings) -> None:
             f"{r.loaded_phase_ms['commit_wait']:>11.1f}"
         )
     print()
-    print("including on-chain settlement: not available (settlement is not implemented yet)")
+    print("including on-chain settlement: see bench.settlement (these jobs are unpaid)")
 
 
 def main() -> None:
