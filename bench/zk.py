@@ -76,7 +76,7 @@ from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.zk import mlp
 from joynode.zk.circuits import ALL, MLP_INFERENCE, Circuit
 from joynode.zk.mlp import FIELD, IN, WEIGHTS, QuantizedMlp
-from joynode.zk.zokrates import CLI, REPO, ZokratesWorker
+from joynode.zk.zokrates import CLI, REPO, ZokratesWorker, solidity_proof
 
 POSEIDON5 = """\
 import "hashes/poseidon/poseidon" as poseidon;
@@ -357,16 +357,7 @@ async def bench(settings: Settings) -> list[CircuitResult]:
 
 
 def verifier_args(proof: dict[str, Any]) -> tuple[Any, list[int]]:
-    def h(value: str) -> int:
-        return int(value, 16)
-
-    p = proof["proof"]
-    points = (
-        tuple(map(h, p["a"])),
-        tuple(tuple(map(h, pair)) for pair in p["b"]),
-        tuple(map(h, p["c"])),
-    )
-    return points, [h(v) for v in proof["inputs"]]
+    return solidity_proof(proof), [int(v, 16) for v in proof["inputs"]]
 
 
 def bench_gas(results: Sequence[CircuitResult]) -> None:

@@ -37,7 +37,7 @@ from joynode.zk.mlp import (
     to_field,
     verify,
 )
-from joynode.zk.zokrates import ZokratesError, ZokratesWorker
+from joynode.zk.zokrates import ZokratesError, ZokratesWorker, solidity_proof
 from tests.chain_fixtures import Chain, anvil_url, chain, deployed, dev_account
 from tests.factories import make_home, running_node
 
@@ -176,16 +176,7 @@ async def test_the_exported_verifier_accepts_the_proof_on_chain_and_refuses_tamp
 
 
 def _verifier_args(proven: MlpProof) -> tuple[object, list[int]]:
-    def h(value: str) -> int:
-        return int(value, 16)
-
-    p = proven.proof["proof"]
-    proof = (
-        tuple(map(h, p["a"])),
-        tuple(tuple(map(h, pair)) for pair in p["b"]),
-        tuple(map(h, p["c"])),
-    )
-    return proof, proven.public_inputs
+    return solidity_proof(proven.proof), proven.public_inputs
 
 
 async def test_a_zk_model_request_settles_on_a_valid_proof_only(

@@ -43,6 +43,7 @@ from joynode.control.methods import ControlMethod, ControlSession, NoParams
 from joynode.keys import NodeKey
 from joynode.messages import ChainEvent, OnchainRequest, RequestStatus, ServingStatus
 from joynode.state import StateStore
+from joynode.zk.zokrates import solidity_proof
 
 if TYPE_CHECKING:
     from joynode.consensus.tally import Certificate, Equivocation
@@ -373,16 +374,7 @@ class ChainService:
     async def submit_zk_result(self, request_id: bytes, proven: MlpProof) -> str:
         """Settle a zk model's request with a proof of its outputs; the transaction hash."""
         proof_of_inference = self._contract("ProofOfInference")
-        points = proven.proof["proof"]
-
-        def h(value: str) -> int:
-            return int(value, 16)
-
-        proof = (
-            tuple(map(h, points["a"])),
-            tuple(tuple(map(h, pair)) for pair in points["b"]),
-            tuple(map(h, points["c"])),
-        )
+        proof = solidity_proof(proven.proof)
         outputs = proven.public_inputs[2:]
         receipt = await self.transact(
             proof_of_inference.functions.submitZkResult(request_id, proof, outputs)

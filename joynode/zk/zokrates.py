@@ -120,6 +120,20 @@ class ZokratesWorker:
         return line
 
 
+def solidity_proof(proof: dict[str, Any]) -> tuple[Any, ...]:
+    """A zokrates-js Groth16 proof (JSON) as the exported verifiers' ``Proof`` struct: (a, b, c)."""
+    points = proof["proof"]
+
+    def h(value: str) -> int:
+        return int(value, 16)
+
+    return (
+        tuple(map(h, points["a"])),
+        tuple(tuple(map(h, pair)) for pair in points["b"]),
+        tuple(map(h, points["c"])),
+    )
+
+
 def _paths(options: dict[str, Any]) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
 
