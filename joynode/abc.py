@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 if TYPE_CHECKING:
+    from joynode import wire
     from joynode.chain.committee import Candidate
     from joynode.consensus.tally import Certificate, Equivocation
-    from joynode.messages import OnchainRequest
+    from joynode.messages import OnchainRequest, ZkModelInfo, ZkSettlement
+    from joynode.p2p.gossip import Topic
     from joynode.p2p.scoring import Offence
     from joynode.zk.mlp import MlpProof
 
@@ -92,9 +94,27 @@ class SettlementChain(Protocol):
     async def registry_candidates(self) -> dict[str, Candidate]: ...
 
 
-class ZkSettlementChain(Protocol):
-    """What the prover actor needs of the chain actor (``ChainService`` provides it)."""
+class GossipPublisher(Protocol):
+    """Publishing signed gossip (``P2PService`` provides it)."""
+
+    async def publish(self, topic: Topic, message: wire.Message) -> None: ...
+
+
+class ZkMarketChain(Protocol):
+    """What the zk actor needs of the chain actor (``ChainService`` provides it)."""
 
     async def request_info(self, request_id: bytes) -> OnchainRequest | None: ...
 
+    async def mirrored_request(self, request_id: bytes) -> OnchainRequest | None: ...
+
+    async def request_inference(
+        self, model_id: str, input_hash: bytes, max_price: int | None, seconds: float
+    ) -> OnchainRequest: ...
+
+    async def zk_model(self, model_id: str) -> ZkModelInfo | None: ...
+
     async def submit_zk_result(self, request_id: bytes, proven: MlpProof) -> str: ...
+
+    async def zk_settlement(self, request_id: bytes) -> ZkSettlement | None: ...
+
+    async def refund(self, request_id: bytes) -> str: ...

@@ -30,6 +30,7 @@ from joynode.config import (
     split_host_port,
     url,
 )
+from joynode.console import print_job, verified_inference
 from joynode.control.client import ControlClient
 from joynode.control.jsonrpc import RpcError
 from joynode.endpoints import Endpoints
@@ -71,10 +72,21 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", choices=["debug", "info", "warning", "error"], help="override log.level"
     )
 
-    p = commands.add_parser("ctl", help="call a control method and print its JSON result")
+    p = commands.add_parser(
+        "ctl",
+        help="call a control method and print its JSON result; "
+        'or `ctl infer "PROMPT"`: a verified inference, shown as it goes',
+    )
     _config_arg(p)
-    p.add_argument("method", help="e.g. node.status")
-    p.add_argument("params", nargs="?", default=None, help="JSON object of named params")
+    p.add_argument("method", help="e.g. node.status, or infer")
+    p.add_argument(
+        "params", nargs="?", default=None, help="JSON object of named params (infer: the prompt)"
+    )
+    p.add_argument("--model", help="infer: the model (default: the node's first)")
+    p.add_argument("--max-tokens", type=int, default=48, help="infer: most tokens to generate")
+    p.add_argument(
+        "--unpaid", action="store_true", help="infer: no payment (default: paid if on a chain)"
+    )
 
     p = commands.add_parser("keys", help="inspect or create the node key and control token")
     keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -117,6 +129,31 @@ def _parser() -> argparse.ArgumentParser:
     circuits_actions = p.add_subparsers(dest="circuits_command", required=True, metavar="ACTION")
     circuits_actions.add_parser(
         "build", help="compile, set up and export every circuit that changed (idempotent)"
+    )
+
+    p = commands.add_parser("zk", help="zk-friendly models")
+    zk_actions = p.add_subparsers(dest="zk_command", required=True, metavar="ACTION")
+    z = zk_actions.add_parser(
+        "quantize",
+        help="float weights of a 16-16-4 MLP (JSON: w1, b1, w2, b2) to the circuit's int8 "
+        "weights file, with its weights commitment",
+    )
+    z.add_argument("floats", type=Path, help="JSON: w1 [16][16], b1 [16], w2 [4][16], b2 [4]")
+    z.add_argument("--out", "-o", type=Path, required=True, help="weights file to write")
+
+    p = commands.add_parser(
+        "devnet",
+        help="a whole JoyNet here: anvil, contracts, N staked nodes serving a model; "
+        "Ctrl-C stops it, running it again reuses it",
+    )
+    p.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
+    p.add_argument("--dir", type=Path, default=Path(".joynode/devnet"), help="devnet home")
+    p.add_argument("--model", choices=PREPARABLE, default="smollm2", help="the demo model")
+    p.add_argument(
+        "--models-dir", type=Path, default=Path(".joynode/models"), help="prepared models"
+    )
+    p.add_argument(
+        "--demo", action="store_true", help="once up, run one paid verified inference and show it"
     )
 
     commands.add_parser("version", help="print the joynode version")
@@ -211,6 +248,55 @@ def cmd_circuits(_: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_zk(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from joynode.zk.mlp import HIDDEN, IN, OUT, QuantizedMlp, commitments, save_weights
+
+    shapes = {"w1": (HIDDEN, IN), "b1": (HIDDEN,), "w2": (OUT, HIDDEN), "b2": (OUT,)}
+    try:
+        document = json.loads(args.floats.read_text(encoding="utf-8"))
+        layers = [np.asarray(document[name], dtype=np.float64) for name in shapes]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{args.floats}: not a float weights file ({exc})") from None
+    for (name, shape), layer in zip(shapes.items(), layers, strict=True):
+        if layer.shape != shape or not np.isfinite(layer).all():
+            raise UsageError(f"{args.floats}: {name} must be finite numbers of shape {shape}")
+    model, scale = QuantizedMlp.quantize(*layers)
+
+    async def commitment() -> int:
+        async with ZokratesWorker() as worker:
+            return (await commitments(worker, model, [0] * IN))[0]
+
+    try:
+        weights_commitment = trio.run(commitment)
+    except (ZokratesError, OSError) as exc:
+        raise UsageError(f"ZoKrates: {exc} (run `joynode circuits build`?)") from None
+    save_weights(args.out, model, scale, weights_commitment)
+    print(
+        json.dumps(
+            {
+                "weights_file": str(args.out),
+                "weights_commitment": f"0x{weights_commitment:064x}",
+                "scale": scale,
+            },
+            indent=2,
+        )
+    )
+    return EXIT_OK
+
+
+def cmd_devnet(args: argparse.Namespace) -> int:
+    from joynode.devnet import DevnetOptions, run_until_signal
+
+    if not 1 <= args.nodes <= 16:
+        raise UsageError("--nodes must be 1 to 16")
+    options = DevnetOptions(
+        args.dir.resolve(), args.nodes, args.model, args.models_dir.resolve(), args.demo
+    )
+    return run_until_signal(options)
+
+
 def cmd_version(_: argparse.Namespace) -> int:
     print(f"joynode {__version__}")
     return EXIT_OK
@@ -300,6 +386,10 @@ async def _serve_until_signal(node: Node) -> None:
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
+    if args.method == "infer":
+        if not args.params:
+            raise UsageError('ctl infer needs a prompt: joynode ctl infer "PROMPT"')
+        return _infer(args.config, args.params, args.model, args.max_tokens, not args.unpaid)
     params: dict[str, Any] | None = None
     if args.params is not None:
         try:
@@ -326,6 +416,39 @@ def _control_call(config_path: Path, method: str, params: dict[str, Any] | None)
         return EXIT_FAILURE
     print(json.dumps(result, indent=2))
     return EXIT_OK
+
+
+def _infer(config_path: Path, prompt: str, model: str | None, max_tokens: int, paid: bool) -> int:
+    """``infer.submit`` + ``job.wait`` with progress; the output, certificate and settlement."""
+    config = load_config(config_path)
+    token = ControlToken.load(config.control.token_file).value
+    url = _control_url(config)
+
+    async def infer() -> dict[str, Any]:
+        async with ControlClient.connect(url, token) as client:
+            served = await client.call("models.list")
+            actors = (await client.call("node.status"))["actors"]
+        names = [m["name"] for m in served]
+        if model is None and not names:
+            raise UsageError("this node serves no model: give --model")
+        params = {
+            "model": model or names[0],
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "paid": paid and "chain" in actors,
+        }
+        return await verified_inference(url, token, params)
+
+    try:
+        job = trio.run(infer)
+    except RpcError as exc:
+        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (OSError, HandshakeError, ConnectionClosed) as exc:
+        print(f"joynode: cannot reach the node's control socket at {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print_job(job)
+    return EXIT_OK if job.get("status") == "certified" else EXIT_FAILURE
 
 
 def _control_url(config: Config) -> str:
@@ -396,5 +519,7 @@ _COMMANDS = {
     "deploy": cmd_deploy,
     "models": cmd_models,
     "circuits": cmd_circuits,
+    "zk": cmd_zk,
+    "devnet": cmd_devnet,
     "version": cmd_version,
 }

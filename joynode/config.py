@@ -312,7 +312,20 @@ class ChainSection(_Section):
     )
 
 
+class ZkModelEntry(_Section):
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+    weights: Path = Field(
+        description="The int8 weights file `joynode zk quantize` writes (its weights "
+        "commitment must be the one the model is registered with)."
+    )
+
+
 class ZkSection(_Section):
+    models: list[ZkModelEntry] = Field(
+        [],
+        description="zk models this node proves paid requests for: [[zk.models]] name = "
+        "(as registered in the marketplace), weights = ...",
+    )
     proof_timeout_s: Seconds = Field(
         300.0, description="Longest one proof may take before it is abandoned."
     )
@@ -414,8 +427,21 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     chain = config.chain.model_copy(
         update={"deployment_file": resolve(config.chain.deployment_file)}
     )
+    zk = config.zk.model_copy(
+        update={
+            "models": [
+                m.model_copy(update={"weights": resolve(m.weights)}) for m in config.zk.models
+            ]
+        }
+    )
     return config.model_copy(
-        update={"node": node, "control": control, "inference": inference, "chain": chain}
+        update={
+            "node": node,
+            "control": control,
+            "inference": inference,
+            "chain": chain,
+            "zk": zk,
+        }
     )
 
 

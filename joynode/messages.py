@@ -140,6 +140,24 @@ class RequestStatus(enum.IntEnum):
 
 
 @dataclass(frozen=True)
+class ZkModelInfo:
+    """A zk model's registration in the marketplace: what its proofs must show."""
+
+    weights_commitment: int
+    verifier: str
+    active: bool
+
+
+@dataclass(frozen=True)
+class ZkSettlement:
+    """How a zk request was settled: the prover, the proven logits and the transaction."""
+
+    prover: str
+    logits: tuple[int, ...]  # signed
+    tx: str
+
+
+@dataclass(frozen=True)
 class OnchainRequest:
     """A paid request as ``ModelMarketplace.requestInfo`` shows it, read at one moment.
 

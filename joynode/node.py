@@ -24,9 +24,12 @@ Actor graph (arrows are memory channels, named by direction and payload)::
                                  --InferenceRequest--> inference; publishes offers and votes;
                                  calls chain (SettlementChain) to pay, settle, report, refund;
                                  jobs and votes in state; infer.submit / job.* on control
-    prover     ProverService     <--ProofRequest-- control (proof.generate), via ProverClient
-                                 --ProofResult/ProofFailure--> requester; proofs in state;
-                                 calls chain (ZkSettlementChain) for proof.settle
+    prover     ProverService     <--ProofRequest-- control (proof.generate), zk; via ProverClient
+                                 --ProofResult/ProofFailure--> requester; proofs in state
+    zk         ZkInferenceService <--VerifiedGossip(ZkJob)-- p2p (zk_jobs_send)
+                                 <--ChainEvent-- chain (zk_chain_events_send: requests' changes)
+                                 proves through prover, calls chain (ZkMarketChain) to pay,
+                                 settle (submitZkResult) and refund; publishes ZkJob (zk.infer)
     http       HttpServer        (reads the metrics registry and the supervisor's health)
     control    ControlServer     --ShutdownRequest--> Node
 """
@@ -56,13 +59,14 @@ from joynode.inference.engine import VllmEngine
 from joynode.inference.service import InferenceClient, InferenceService
 from joynode.keys import ControlToken, NodeKey
 from joynode.messages import ChainEvent, InferenceRequest, ShutdownRequest
-from joynode.p2p.gossip import JOBS, VOTES, VerifiedGossip
+from joynode.p2p.gossip import JOBS, VOTES, ZK_JOBS, VerifiedGossip
 from joynode.p2p.service import P2PService
 from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain
 from joynode.state import StateStore
 from joynode.storage.service import StorageService
 from joynode.supervisor import Supervisor
 from joynode.zk.prover import ProofRequest, ProverClient, ProverService
+from joynode.zk.service import ZkInferenceService
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,8 @@ class Node:
         offers_send, offers_receive = trio.open_memory_channel[VerifiedGossip](256)
         votes_send, votes_receive = trio.open_memory_channel[VerifiedGossip](1024)
         chain_events_send, chain_events_receive = trio.open_memory_channel[ChainEvent](256)
+        zk_chain_events_send, zk_chain_events_receive = trio.open_memory_channel[ChainEvent](256)
+        zk_jobs_send, zk_jobs_receive = trio.open_memory_channel[VerifiedGossip](256)
         proofs_send, proofs_receive = trio.open_memory_channel[ProofRequest](
             config.zk.max_queued_proofs
         )
@@ -112,7 +118,7 @@ class Node:
             self.state,
             self.registry,
             lambda: self.inference.serving_status(),
-            {JOBS.name: offers_send, VOTES.name: votes_send},
+            {JOBS.name: offers_send, VOTES.name: votes_send, ZK_JOBS.name: zk_jobs_send},
         )
         self.storage = StorageService(
             config.storage, config.node.data_dir, self.state, self.p2p, self.registry
@@ -134,7 +140,7 @@ class Node:
                 config.node.data_dir,
                 self.inference.serving_status,
                 self.p2p.listen_addrs,
-                chain_events_send,
+                (chain_events_send, zk_chain_events_send),
             )
             if config.chain.mode != "off"
             else None
@@ -154,10 +160,18 @@ class Node:
             self.chain,
             chain_events_receive if self.chain is not None else None,
         )
-        self.prover = ProverService(
-            config.zk, self.state, self.registry, proofs_receive, self.chain
-        )
+        self.prover = ProverService(config.zk, self.state, self.registry, proofs_receive)
         self.prover_client = ProverClient(proofs_send)
+        self.zk = ZkInferenceService(
+            config.zk,
+            self.state,
+            self.registry,
+            self.prover_client,
+            self.p2p,
+            zk_jobs_receive,
+            self.chain,
+            zk_chain_events_receive if self.chain is not None else None,
+        )
         self.http = HttpServer(config.http, self.registry, self._health)
         self.control = ControlServer(
             config.control,
@@ -171,6 +185,7 @@ class Node:
                     *self.consensus.control_methods(),
                     *(self.chain.control_methods() if self.chain is not None else []),
                     *self.prover.control_methods(self.prover_client),
+                    *self.zk.control_methods(),
                 ]
             ),
             self.registry,
@@ -189,6 +204,7 @@ class Node:
                     await self.supervisor.start(nursery, self.chain)
                 await self.supervisor.start(nursery, self.consensus)
                 await self.supervisor.start(nursery, self.prover)
+                await self.supervisor.start(nursery, self.zk)
                 if self.config.http.enabled:
                     await self.supervisor.start(nursery, self.http)
                 await self.supervisor.start(nursery, self.control)

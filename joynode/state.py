@@ -148,6 +148,18 @@ MIGRATIONS: tuple[str, ...] = (
         created_at   REAL NOT NULL
     ) STRICT;
     """,
+    """
+    CREATE TABLE zk_jobs (
+        request_id   TEXT PRIMARY KEY,
+        model        TEXT NOT NULL,
+        input        TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        detail       TEXT NOT NULL,
+        tx           TEXT,
+        updated_at   REAL NOT NULL
+    ) STRICT;
+    CREATE INDEX zk_jobs_updated ON zk_jobs (updated_at);
+    """,
 )
 
 

@@ -162,6 +162,21 @@ class JobVotesReply(Message, tag="job_votes_reply", frozen=True):
     reveals: Annotated[list[VoteReveal], msgspec.Meta(max_length=MAX_COMMITTEE)]
 
 
+class ZkJob(Message, tag="zk_job", frozen=True):
+    """The input of a paid request for a zk model, for the nodes that prove that model.
+
+    The chain holds only the input's Poseidon hash (the circuit's); a prover
+    checks the input against it, so anyone may relay the job.
+    """
+
+    request_id: Bytes32
+    model: ModelId
+    input: Annotated[
+        list[Annotated[int, msgspec.Meta(ge=-128, le=127)]],
+        msgspec.Meta(min_length=16, max_length=16),
+    ]
+
+
 AnyMessage: TypeAlias = (
     Ping
     | Pong
@@ -173,6 +188,7 @@ AnyMessage: TypeAlias = (
     | VoteReveal
     | JobVotesRequest
     | JobVotesReply
+    | ZkJob
 )
 MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     Ping,
@@ -185,6 +201,7 @@ MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     VoteReveal,
     JobVotesRequest,
     JobVotesReply,
+    ZkJob,
 )
 
 

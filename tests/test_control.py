@@ -55,6 +55,7 @@ async def test_status_with_bearer_header(home: NodeHome) -> None:
         "inference": "ready",
         "consensus": "ready",
         "prover": "ready",
+        "zk": "ready",
         "http": "ready",
         "control": "ready",
     }

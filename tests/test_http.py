@@ -56,6 +56,7 @@ async def test_healthz_reports_actors(home: NodeHome) -> None:
         "inference",
         "consensus",
         "prover",
+        "zk",
         "http",
         "control",
     }

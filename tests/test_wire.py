@@ -42,10 +42,11 @@ def strategy_for(info: mi.Type) -> st.SearchStrategy[Any]:
             allow_infinity=False,
         )
     if isinstance(info, mi.ListType):
+        low = info.min_length or 0
         return st.lists(
             strategy_for(info.item_type),
-            min_size=info.min_length or 0,
-            max_size=min(info.max_length or 8, 8),
+            min_size=low,
+            max_size=max(low, min(info.max_length or 8, 8)),
         )
     if isinstance(info, mi.StructType):
         fields = {f.encode_name: strategy_for(f.type) for f in info.fields}

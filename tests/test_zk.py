@@ -22,7 +22,6 @@ from joynode.chain.deploy import JOY
 from joynode.chain.sender import TransactionFailed
 from joynode.control.client import ControlClient
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
-from joynode.keys import NodeKey
 from joynode.zk import circuits
 from joynode.zk.mlp import (
     FIELD,
@@ -295,53 +294,3 @@ async def test_a_call_cancelled_mid_proof_retires_the_worker_instead_of_desynchr
             await commitments(worker, model, [0] * IN)
     async with ZokratesWorker() as fresh:  # a new one answers in turn
         assert list((await commitments(fresh, model, [0] * IN))[2]) == model.infer([0] * IN)
-
-
-async def test_a_node_settles_a_paid_zk_request_with_proof_settle(
-    worker: ZokratesWorker, chain: Chain, tmp_path: Path
-) -> None:
-    owner, client, operator = dev_account(10), dev_account(12), dev_account(14)
-    verifier, _ = chain.sender(chain.admin).deploy(load_artifacts()["MlpInferenceVerifier"])
-    model = random_model(10)
-    x = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6]
-    commitment, input_hash, logits = await commitments(worker, model, x)
-    market = chain.contract("ModelMarketplace")
-    price = 5 * JOY
-    chain.sender(owner).transact(
-        market.functions.registerModel(
-            "zk-mlp-node", price, 0, 1, [], [], commitment.to_bytes(32, "big"), verifier
-        )
-    )
-    sender = chain.sender(client)
-    sender.transact(chain.contract("JoyToken").functions.approve(market.address, price))
-    deadline = chain.w3.eth.get_block("latest")["timestamp"] + 600
-    receipt = sender.transact(
-        market.functions.requestInference(
-            market.functions.modelIdOf("zk-mlp-node").call(),
-            input_hash.to_bytes(32, "big"),
-            price,
-            deadline,
-        )
-    )
-    (event,) = market.events.InferenceRequested().process_receipt(receipt, errors=DISCARD)
-    request_id = "0x" + bytes(event["args"]["requestId"]).hex()
-
-    home = make_home(tmp_path / "node")
-    NodeKey(bytes(operator.key)).save(home.config.node.key_file, force=True)
-    chain.deployment.write(tmp_path / "deployment.json")
-    home.set("chain", "mode", '"rpc"')
-    home.set("chain", "rpc_url", f'"{chain.url}"')
-    home.set("chain", "deployment_file", f'"{tmp_path / "deployment.json"}"')
-    async with (
-        running_node(home) as node,
-        ControlClient.connect(node.control.url or "", home.token.value) as control,
-    ):
-        params = {"request_id": request_id, "weights": list(model.weights)}
-        with pytest.raises(RpcError, match="not the one"):
-            await control.call("proof.settle", {**params, "input": [0] * IN})
-        settled = await control.call("proof.settle", {**params, "input": x})
-        assert settled["logits"] == list(logits)
-        assert settled["tx"].startswith("0x")
-        assert market.functions.requestInfo(bytes.fromhex(request_id[2:])).call()[5] == 2
-        with pytest.raises(RpcError, match="not a pending request"):
-            await control.call("proof.settle", {**params, "input": x})

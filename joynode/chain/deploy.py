@@ -1,6 +1,7 @@
 """Deploying JoyNet's contracts and recording where they are.
 
-``deploy_all`` deploys the five contracts, wires their roles, and returns a
+``deploy_all`` deploys the five contracts and the zk models' verifier
+(``MlpInferenceVerifier``), wires their roles, and returns a
 ``Deployment`` (chain id, addresses, start block) that ``joynode deploy``
 writes to a JSON file and nodes read. Deploying again to a chain that already
 has the recorded contracts (code at every address) is a no-op.
@@ -97,6 +98,7 @@ def deploy_all(sender: TransactionSender, params: DeployParams) -> Deployment:
     proof_of_inference, _ = sender.deploy(
         artifacts["ProofOfInference"], coordinator, marketplace, admin
     )
+    mlp_verifier, _ = sender.deploy(artifacts["MlpInferenceVerifier"])
     deployment = Deployment(
         chain_id=int(w3.eth.chain_id),
         start_block=start_block,
@@ -108,6 +110,7 @@ def deploy_all(sender: TransactionSender, params: DeployParams) -> Deployment:
             "ProofOfUse": proof_of_use,
             "ModelMarketplace": marketplace,
             "ProofOfInference": proof_of_inference,
+            "MlpInferenceVerifier": mlp_verifier,
         },
     )
     _grant_roles(sender, deployment)

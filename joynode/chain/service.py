@@ -5,7 +5,7 @@ contracts once (the deployment file in the data dir says where), funds the
 node's own account and stakes and registers it, so the embedded default has a
 working chain with no setup. In ``rpc`` mode it uses ``chain.rpc_url`` and the
 deployment file that ``joynode deploy`` wrote. Either way it runs the watcher
-(events out on ``events_send``, the registry mirrored in SQLite) and the
+(events out on each of ``events_sends``, the registry mirrored in SQLite) and the
 transaction sender behind the control methods.
 """
 
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import pydantic
 import trio
@@ -37,12 +38,21 @@ from joynode.chain.committee import Candidate
 from joynode.chain.deploy import JOY, Deployment, DeployParams, deploy_all
 from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender, wait_for_chain
 from joynode.chain.watcher import ChainWatcher, RegistryMirror
-from joynode.config import ChainSection, CidStr
+from joynode.config import ChainSection
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession, NoParams
 from joynode.keys import NodeKey
-from joynode.messages import ChainEvent, OnchainRequest, RequestStatus, ServingStatus
+from joynode.messages import (
+    ChainEvent,
+    OnchainRequest,
+    RequestStatus,
+    ServingStatus,
+    ZkModelInfo,
+    ZkSettlement,
+)
 from joynode.state import StateStore
+from joynode.storage.cid import Cid, CidError
+from joynode.zk.mlp import from_field
 from joynode.zk.zokrates import solidity_proof
 
 if TYPE_CHECKING:
@@ -80,11 +90,24 @@ class AmountParams(pydantic.BaseModel):
     amount_joy: int = pydantic.Field(gt=0, le=MAX_JOY)
 
 
+ZK_MODEL_NAME = r"^[A-Za-z0-9._-]{1,64}$"
+MODEL_KINDS = {"llm": 0, "zk": 1}  # ModelMarketplace.Kind
+
+
 class ModelRegistration(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
-    model: CidStr = pydantic.Field(max_length=256, description="model id (its CID)")
+    model: str = pydantic.Field(
+        max_length=256, description="model id: an LLM's CID, or a zk model's name"
+    )
+    kind: Literal["llm", "zk"] = "llm"
     price_joy: int = pydantic.Field(ge=0, le=MAX_JOY)
     committee_size: int = pydantic.Field(3, ge=1, le=16)
+    weights_commitment: str | None = pydantic.Field(
+        None, pattern=r"^0x[0-9a-fA-F]{64}$", description="zk: the weights file's commitment"
+    )
+    verifier: Annotated[str, pydantic.AfterValidator(_address)] | None = pydantic.Field(
+        None, description="zk: the verifier contract (default: the deployment's)"
+    )
     royalty_recipients: list[Annotated[str, pydantic.AfterValidator(_address)]] = pydantic.Field(
         default_factory=list, max_length=8
     )
@@ -98,6 +121,18 @@ class ModelRegistration(pydantic.BaseModel):
             raise ValueError("royalty_recipients and royalty_bps must have the same length")
         if sum(self.royalty_bps) > 10_000:
             raise ValueError("royalty_bps add up to more than 10000 (100 %)")
+        if self.kind == "llm":
+            try:
+                Cid.parse(self.model)
+            except CidError as exc:
+                raise ValueError(f"model: an LLM is registered by its CID: {exc}") from None
+            if self.weights_commitment is not None or self.verifier is not None:
+                raise ValueError("weights_commitment and verifier are for zk models")
+        else:
+            if not re.match(ZK_MODEL_NAME, self.model):
+                raise ValueError("model: a zk model's name is 1-64 of A-Z a-z 0-9 . _ -")
+            if self.weights_commitment is None:
+                raise ValueError("a zk model needs its weights_commitment")
         return self
 
 
@@ -113,7 +148,7 @@ class ChainService:
         data_dir: Path,
         serving_status: Callable[[], ServingStatus],
         listen_addrs: Callable[[], list[str]],
-        events_send: trio.MemorySendChannel[ChainEvent] | None = None,
+        events_sends: Sequence[trio.MemorySendChannel[ChainEvent]] = (),
     ) -> None:
         self._settings = settings
         self._key = key
@@ -122,7 +157,7 @@ class ChainService:
         self._data_dir = data_dir
         self._serving_status = serving_status
         self._listen_addrs = listen_addrs
-        self._events_send = events_send
+        self._events_sends = events_sends
         self._limiter = trio.CapacityLimiter(1)  # one transaction at a time: ordered nonces
         self.w3: Web3 | None = None
         self.deployment: Deployment | None = None
@@ -261,8 +296,8 @@ class ChainService:
                 self._m_events.labels(event.contract, event.name, str(event.removed).lower()).inc()
                 if (event.contract, event.name) == ("NodeCoordinator", "ParametersChanged"):
                     self._min_stake = None  # read again when next needed
-                if self._events_send is not None:
-                    await self._events_send.send(event)
+                for events_send in self._events_sends:
+                    await events_send.send(event)
             self._m_block.set((await self._watcher.cursor()).block)
             if not events:
                 await trio.sleep(self._settings.poll_interval_s)
@@ -381,6 +416,35 @@ class ChainService:
         )
         return str(receipt["transactionHash"].to_0x_hex())
 
+    async def zk_model(self, model_id: str) -> ZkModelInfo | None:
+        """A zk model's registration; None if ``model_id`` is not a registered zk model."""
+        market = self._contract("ModelMarketplace")
+        info = await self._call(market.functions.modelInfo(model_key(model_id)).call)
+        owner, _, _, kind, active, _, commitment, verifier = info
+        if int(owner, 16) == 0 or kind != MODEL_KINDS["zk"]:
+            return None
+        return ZkModelInfo(int.from_bytes(commitment, "big"), str(verifier), bool(active))
+
+    async def zk_settlement(self, request_id: bytes) -> ZkSettlement | None:
+        """How a zk request was settled (its ``ZkInferenceVerified`` event); None if it was not."""
+        deployment = self._connected()[1]
+        event = self._contract("ProofOfInference").events.ZkInferenceVerified()
+
+        def read() -> ZkSettlement | None:
+            logs = event.get_logs(
+                argument_filters={"requestId": request_id}, from_block=deployment.start_block
+            )
+            if not logs:
+                return None
+            args = logs[0]["args"]
+            return ZkSettlement(
+                str(args["prover"]),
+                tuple(from_field(int(v)) for v in args["outputs"]),
+                logs[0]["transactionHash"].to_0x_hex(),
+            )
+
+        return await self._call(read)
+
     async def report_equivocation(self, evidence: Equivocation) -> str | None:
         """Submit two signed commits of one member as slashing evidence.
 
@@ -482,6 +546,9 @@ class ChainService:
         status = await self._call(read)
         status["last_processed_block"] = (await self._watcher.cursor()).block
         status["events_applied"] = self._watcher.applied
+        status["registered_nodes"] = len(
+            await self.registry_candidates()
+        )  # staked, from the mirror
         return status
 
     def control_methods(self) -> list[ControlMethod]:
@@ -500,18 +567,29 @@ class ChainService:
 
         async def models_register(params: ModelRegistration, _: ControlSession) -> dict[str, Any]:
             market = self._contract("ModelMarketplace")
-            recipients = params.royalty_recipients
+            zk = params.kind == "zk"
+            verifier = params.verifier or "0x" + "00" * 20
+            if zk and params.verifier is None:
+                addresses = self._connected()[1].addresses
+                if "MlpInferenceVerifier" not in addresses:
+                    raise RpcError(
+                        INVALID_PARAMS, "this deployment has no MlpInferenceVerifier: give verifier"
+                    )
+                verifier = addresses["MlpInferenceVerifier"]
+            commitment = b"\0" * 32
+            if params.weights_commitment is not None:
+                commitment = bytes.fromhex(params.weights_commitment[2:])
             receipt = await self._guarded(
                 self.transact(
                     market.functions.registerModel(
                         params.model,
                         params.price_joy * JOY,
-                        params.committee_size,
-                        0,
-                        recipients,
+                        0 if zk else params.committee_size,
+                        MODEL_KINDS[params.kind],
+                        params.royalty_recipients,
                         params.royalty_bps,
-                        b"\0" * 32,
-                        "0x" + "00" * 20,
+                        commitment,
+                        verifier,
                     )
                 )
             )

@@ -32,7 +32,8 @@ class Topic:
 HEARTBEAT = Topic("joynet/1/heartbeat", (wire.Heartbeat,))
 JOBS = Topic("joynet/1/jobs", (wire.JobOffer,))
 VOTES = Topic("joynet/1/votes", (wire.VoteCommit, wire.VoteReveal))
-TOPICS: dict[str, Topic] = {topic.name: topic for topic in (HEARTBEAT, JOBS, VOTES)}
+ZK_JOBS = Topic("joynet/1/zk", (wire.ZkJob,))
+TOPICS: dict[str, Topic] = {topic.name: topic for topic in (HEARTBEAT, JOBS, VOTES, ZK_JOBS)}
 
 
 @dataclass(frozen=True)

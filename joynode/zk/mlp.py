@@ -11,8 +11,11 @@ and circuit can never disagree on them.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,6 +114,45 @@ class QuantizedMlp:
         return [str(v + 128) for v in self.weights]
 
 
+WEIGHTS_FORMAT = "joynode/zk-mlp-16-16-4-int8"
+
+
+class WeightsFileError(ValueError):
+    """A weights file that is missing, unreadable or not a 16-16-4 int8 network."""
+
+
+def save_weights(path: Path, model: QuantizedMlp, scale: float, commitment: int) -> None:
+    """Write what ``joynode zk quantize`` makes; the commitment is there for people to read."""
+    document = {
+        "format": WEIGHTS_FORMAT,
+        "weights_commitment": f"0x{commitment:064x}",
+        "scale": scale,
+        "weights": list(model.weights),
+    }
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(document) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def load_weights(path: Path) -> tuple[QuantizedMlp, int]:
+    """The network in a weights file and the commitment the file claims for it."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsFileError(f"{path}: {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != WEIGHTS_FORMAT:
+        raise WeightsFileError(f"{path}: not a weights file (format {WEIGHTS_FORMAT!r})")
+    weights, commitment = document.get("weights"), document.get("weights_commitment")
+    if not isinstance(weights, list) or not all(type(v) is int for v in weights):
+        raise WeightsFileError(f"{path}: weights must be a list of integers")
+    if not isinstance(commitment, str) or not commitment.startswith("0x"):
+        raise WeightsFileError(f"{path}: weights_commitment must be a 0x hex string")
+    try:
+        return QuantizedMlp(tuple(weights)), int(commitment, 16)
+    except ValueError as exc:
+        raise WeightsFileError(f"{path}: {exc}") from None
+
+
 def input_bytes(x: Sequence[int]) -> list[str]:
     values = _int8(x, "inputs")
     if len(values) != IN:
@@ -149,6 +191,11 @@ async def commitments(
         args=[model.weight_bytes(), input_bytes(x)],
     )
     return _public(result["output"])
+
+
+async def input_hash(worker: ZokratesWorker, x: Sequence[int]) -> int:
+    """The circuit's Poseidon hash of an input: what a paid request for a zk model carries."""
+    return (await commitments(worker, QuantizedMlp((0,) * WEIGHTS), x))[1]
 
 
 async def prove(

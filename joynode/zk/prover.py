@@ -26,12 +26,9 @@ import pydantic
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from joynode.abc import ZkSettlementChain
-from joynode.chain.sender import TransactionFailed
 from joynode.config import ZkSection
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession
-from joynode.messages import RequestStatus
 from joynode.state import StateStore
 from joynode.zk import circuits
 from joynode.zk.mlp import IN, WEIGHTS, MlpProof, QuantizedMlp, prove, verify
@@ -80,10 +77,6 @@ class VerifyParams(pydantic.BaseModel):
     proof: dict[str, Any]
 
 
-class SettleParams(GenerateParams):
-    request_id: str = pydantic.Field(pattern=r"^0x[0-9a-fA-F]{64}$")
-
-
 class GetParams(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
     proof_id: int = pydantic.Field(ge=1)
@@ -114,10 +107,8 @@ class ProverService:
         state: StateStore,
         registry: CollectorRegistry,
         requests_receive: trio.MemoryReceiveChannel[ProofRequest],
-        chain: ZkSettlementChain | None = None,
     ) -> None:
         self._settings = settings
-        self._chain = chain
         self._state = state
         self._requests = requests_receive
         self._worker: ZokratesWorker | None = None
@@ -197,28 +188,6 @@ class ProverService:
         except ZokratesError as exc:
             raise RpcError(INVALID_PARAMS, f"not a proof for {circuit_name}: {exc}") from None
 
-    async def settle(self, client: ProverClient, params: SettleParams) -> dict[str, Any]:
-        """Prove the request's inference and land the proof; the proof and the transaction."""
-        if self._chain is None:
-            raise RpcError(INVALID_PARAMS, "settling needs a chain (chain.mode local or rpc)")
-        request_id = bytes.fromhex(params.request_id[2:])
-        info = await self._chain.request_info(request_id)
-        if info is None or info.status is not RequestStatus.PENDING:
-            raise RpcError(PROOF_ERROR, f"{params.request_id} is not a pending request")
-        outcome = await client.prove(QuantizedMlp(tuple(params.weights)), tuple(params.input))
-        if isinstance(outcome, ProofFailure):
-            raise RpcError(PROOF_ERROR, outcome.message)
-        proven = outcome.proven
-        if proven.input_hash.to_bytes(32, "big") != info.input_hash:
-            raise RpcError(
-                PROOF_ERROR, f"this input is not the one {params.request_id} was paid for"
-            )
-        try:
-            tx = await self._chain.submit_zk_result(request_id, proven)
-        except TransactionFailed as exc:
-            raise RpcError(PROOF_ERROR, f"the proof did not settle: {exc}") from None
-        return {**_proof_json(outcome.proof_id, proven, outcome.seconds), "tx": tx}
-
     def control_methods(self, client: ProverClient) -> list[ControlMethod]:
         async def generate(params: GenerateParams, _: ControlSession) -> dict[str, Any]:
             outcome = await client.prove(QuantizedMlp(tuple(params.weights)), tuple(params.input))
@@ -228,9 +197,6 @@ class ProverService:
 
         async def check(params: VerifyParams, _: ControlSession) -> dict[str, Any]:
             return {"verified": await self.verify(params.circuit, params.proof)}
-
-        async def settle(params: SettleParams, _: ControlSession) -> dict[str, Any]:
-            return await self.settle(client, params)
 
         async def get(params: GetParams, _: ControlSession) -> dict[str, Any]:
             row = await self._state.read(lambda conn: _load_proof(conn, params.proof_id))
@@ -249,13 +215,6 @@ class ProverService:
                 "proof.verify", VerifyParams, check, "Check a proof against a circuit's key."
             ),
             ControlMethod("proof.get", GetParams, get, "A stored proof and its public values."),
-            ControlMethod(
-                "proof.settle",
-                SettleParams,
-                settle,
-                "Prove a zk model's paid request (its weights, the requester's input) and "
-                "settle it on-chain with ProofOfInference.submitZkResult.",
-            ),
         ]
 
 

@@ -1,0 +1,103 @@
+"""What joynode shows on a terminal: progress of long steps, and a verified inference.
+
+The CLI and ``joynode devnet`` share these so that every long step (model
+preparation, publishing, proving keys, deployment, a job's consensus) looks
+the same: a rich progress line on stderr while it runs, one line when it ends.
+Results meant for scripts stay on stdout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from joynode.control.client import ControlClient
+
+stderr = Console(stderr=True, highlight=False)
+
+
+class Step:
+    """One long step on screen: a spinner (or a bar once ``total`` is known) and a note."""
+
+    def __init__(self, progress: Progress, task: Any) -> None:
+        self._progress = progress
+        self._task = task
+
+    def note(self, text: str) -> None:
+        self._progress.update(self._task, note=text)
+
+    def advance_to(self, done: float, total: float | None = None) -> None:
+        self._progress.update(self._task, completed=done, total=total)
+
+
+@contextmanager
+def step(description: str) -> Iterator[Step]:
+    """Show ``description`` with a spinner and the elapsed time while the block runs."""
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=24),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}", style="dim"),
+        console=stderr,
+        transient=True,
+    )
+    began = time.monotonic()
+    with progress:
+        task = progress.add_task(description, total=None, note="")
+        yield Step(progress, task)
+    stderr.print(f"[green]✓[/green] {description} [dim]({time.monotonic() - began:.1f} s)[/dim]")
+
+
+def describe_job(progress: dict[str, Any]) -> str:
+    """One line for a ``job.progress`` notification: the phase the job is in."""
+    committee, commits, reveals = (progress.get(k) for k in ("committee", "commits", "reveals"))
+    status, payment = progress.get("status"), progress.get("payment")
+    phase = f"committee of {committee}: {commits} committed, {reveals} revealed"
+    if status not in (None, "pending"):
+        phase += f"; {status}"
+    if payment:
+        phase += f"; payment {payment}"
+    return phase
+
+
+async def verified_inference(url: str, token: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Submit a job (``infer.submit``), show its progress, and return it once final."""
+    with step("verified inference") as shown:
+
+        def on_notification(notification: dict[str, Any]) -> None:
+            if notification.get("method") == "job.progress":
+                shown.note(describe_job(notification.get("params") or {}))
+
+        async with ControlClient.connect(url, token, on_notification=on_notification) as client:
+            submitted = await client.call("infer.submit", params)
+            request_id = submitted["request_id"]
+            shown.note(f"job {request_id[:14]} offered")
+            job: dict[str, Any] = await client.call("job.wait", {"request_id": request_id})
+    return job
+
+
+def print_job(job: dict[str, Any]) -> None:
+    """A finished job for people: output, certificate, settlement."""
+    out = Console(highlight=False)
+    if job.get("status") != "certified":
+        out.print(f"[red]job {job['request_id']} {job.get('status')}[/red]: {job.get('reason')}")
+        return
+    output, certificate = job.get("output") or {}, job.get("certificate") or {}
+    out.print("[bold]output[/bold]      ", output.get("text", "").strip())
+    out.print("[bold]request[/bold]     ", job["request_id"])
+    out.print("[bold]output hash[/bold] ", output.get("output_hash"))
+    signers = certificate.get("signers") or []
+    out.print(
+        "[bold]certificate[/bold] ",
+        f"{len(signers)} of {len(job.get('committee') or [])} signed:",
+        ", ".join(str(s) for s in signers),
+    )
+    payment = job.get("payment")
+    if payment:
+        out.print("[bold]settlement[/bold]  ", f"{payment.get('status')}, tx {payment.get('tx')}")
