@@ -12,7 +12,7 @@ CONFIG ?= joynode.toml
 BACKEND ?= cpu
 MODELS := .joynode/models
 
-.PHONY: install system-deps contracts circuits run test lint typecheck pytest clean
+.PHONY: install system-deps browser contracts circuits run node test lint typecheck pytest clean
 
 install: $(STAMP) $(NODE_STAMP)
 
@@ -39,6 +39,14 @@ system-deps:
 	  echo "installing libgmp-dev"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgmp-dev; }
 
+# Debian's chromium for the dashboard's browser test (Playwright drives it; its own
+# browser download, `playwright install`, is never used).
+browser:
+	@dpkg -s chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends chromium; }
+
 $(STAMP): setup.cfg pyproject.toml | system-deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel
@@ -56,7 +64,13 @@ $(STAMP): setup.cfg pyproject.toml | system-deps
 	rm -rf $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/trio-stubs
 	@touch $(STAMP)
 
+# A local JoyNet of 3 nodes serving SmolLM2, one paid verified inference shown,
+# then it runs until Ctrl-C (homes in .joynode/devnet, reused next time).
 run: install circuits
+	exec $(BIN)/joynode devnet --nodes 3 --demo
+
+# One node alone on the embedded default (joynode.toml: its own anvil, SmolLM2).
+node: install circuits
 	$(BIN)/joynode keys generate --config $(CONFIG)
 	$(BIN)/joynode models prepare smollm2 --out $(MODELS)/smollm2
 	exec $(BIN)/joynode run --config $(CONFIG)
@@ -68,7 +82,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install circuits
+pytest: install circuits browser
 	$(BIN)/pytest
 
 # pytest exits 5 when it collects no tests; make treats that as a failure too.

@@ -46,6 +46,7 @@ def step(description: str) -> Iterator[Step]:
         TextColumn("{task.fields[note]}", style="dim"),
         console=stderr,
         transient=True,
+        disable=not stderr.is_terminal,  # logs and pipes get the one line at the end
     )
     began = time.monotonic()
     with progress:
@@ -84,7 +85,7 @@ async def verified_inference(url: str, token: str, params: dict[str, Any]) -> di
 
 def print_job(job: dict[str, Any]) -> None:
     """A finished job for people: output, certificate, settlement."""
-    out = Console(highlight=False)
+    out = Console(highlight=False, soft_wrap=True)
     if job.get("status") != "certified":
         out.print(f"[red]job {job['request_id']} {job.get('status')}[/red]: {job.get('reason')}")
         return

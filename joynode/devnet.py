@@ -29,7 +29,6 @@ from typing import Any
 import trio
 from eth_account import Account
 from rich.console import Console
-from rich.table import Table
 from web3 import Web3
 
 from joynode.chain.anvil import dev_account, running_anvil
@@ -391,19 +390,14 @@ def _register_model(w3: Web3, deployment: Deployment, cid: str, committee_size: 
 
 
 def _print_summary(devnet: RunningDevnet, options: DevnetOptions) -> None:
-    out = Console(highlight=False)
-    table = Table(title=f"JoyNet devnet: {len(devnet.nodes)} nodes, chain {devnet.rpc_url}")
-    for column in ("node", "address", "control", "dashboard", "log"):
-        table.add_column(column)
+    out = Console(highlight=False, soft_wrap=True)  # whole URLs and paths, never cut
+    out.print(f"[bold]JoyNet devnet[/bold]: {len(devnet.nodes)} nodes, chain {devnet.rpc_url}")
+    out.print(f"model {options.model}: {devnet.model_cid}")
     for node in devnet.nodes:
         row = node.summary()
-        table.add_row(
-            str(row["node"]), row["address"], row["control"], row["dashboard"], row["log"]
-        )
-    out.print(table)
-    config = devnet.nodes[0].config_path
-    out.print(f"model {options.model}: {devnet.model_cid}")
-    out.print(
-        f"dashboard token: the node's control.token (e.g. {devnet.nodes[0].home}/control.token)"
-    )
-    out.print(f'send a request:  joynode ctl --config {config} infer "Tell me about JoyNet"')
+        out.print(f"[bold]node {row['node']}[/bold]  {row['address']}")
+        for name in ("control", "dashboard", "config", "log"):
+            out.print(f"  {name:<10} {row[name]}")
+    home = devnet.nodes[0].home
+    out.print(f"dashboard token: the node's control.token, e.g. {home}/control.token")
+    out.print(f'send a request:  joynode ctl --config {home}/joynode.toml infer "Tell me a joke"')

@@ -1,9 +1,11 @@
-"""The ``http`` actor: Prometheus ``/metrics`` and ``/healthz`` over HTTP/1.1.
+"""The ``http`` actor: Prometheus ``/metrics``, ``/healthz`` and the dashboard over HTTP/1.1.
 
 A small h11 server on trio: GET only, keep-alive, bounded connections and
 timeouts, so a slow or hostile scraper cannot pin the node. It serves what
 monitoring needs and nothing that changes state (that is the control socket's
-job, behind its token).
+job, behind its token). The dashboard (``/``) is static files; the page reads
+``/dashboard/endpoints.json`` to find the control socket and talks to it
+with the token the operator gives it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from importlib import resources
 
 import h11
 import trio
@@ -25,6 +28,16 @@ log = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 10.0
 MAX_REQUEST_BYTES = 16 * 1024
+DASHBOARD_TYPES = {
+    "index.html": "text/html; charset=utf-8",
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+}
+# The page loads only its own files and talks only to its own origin and the control socket.
+DASHBOARD_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,23 @@ class Response:
     status: int
     body: bytes
     content_type: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _dashboard_files() -> dict[str, Response]:
+    """The dashboard's files by path, read once (they are part of the package)."""
+    folder = resources.files("joynode.dashboard")
+    headers = (
+        ("content-security-policy", DASHBOARD_POLICY),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+    )
+    files = {
+        f"/dashboard/{name}": Response(200, folder.joinpath(name).read_bytes(), kind, headers)
+        for name, kind in DASHBOARD_TYPES.items()
+    }
+    files["/"] = files["/dashboard/index.html"]
+    return files
 
 
 class HttpServer:
@@ -42,10 +72,14 @@ class HttpServer:
         settings: HttpSection,
         registry: CollectorRegistry,
         health: Callable[[], tuple[bool, dict[str, object]]],
+        dashboard_endpoints: Callable[[], dict[str, object]],
     ) -> None:
+        """``dashboard_endpoints``: what the page needs to find the node (control URL, ids)."""
         self._settings = settings
         self._registry = registry
         self._health = health
+        self._dashboard_endpoints = dashboard_endpoints
+        self._dashboard = _dashboard_files()
         self._connections = trio.Semaphore(settings.max_connections)
         self._requests = Counter(
             "joynode_http_requests_total",
@@ -122,12 +156,22 @@ class HttpServer:
             healthy, detail = self._health()
             body = json.dumps({"status": "ok" if healthy else "unavailable", **detail}).encode()
             response = Response(200 if healthy else 503, body, "application/json")
+        elif path in self._dashboard:
+            response = self._dashboard[path]
+        elif path == "/dashboard/endpoints.json":
+            body = json.dumps(self._dashboard_endpoints()).encode()
+            response = Response(200, body, "application/json")
         else:
             response = Response(404, b"not found\n", "text/plain")
-        known = path if path in ("/metrics", "/healthz") else "other"
+        if path in ("/metrics", "/healthz"):
+            known = path
+        elif path in self._dashboard or path == "/dashboard/endpoints.json":
+            known = "dashboard"
+        else:
+            known = "other"
         self._requests.labels(known, str(response.status)).inc()
         if request.method == b"HEAD":
-            return Response(response.status, b"", response.content_type)
+            return Response(response.status, b"", response.content_type, response.headers)
         return response
 
     async def _send_bad_request(
@@ -146,6 +190,7 @@ class HttpServer:
             ("content-type", r.content_type),
             ("content-length", str(len(r.body))),
             ("cache-control", "no-store"),
+            *r.headers,
         ]
         await stream.send_all(conn.send(h11.Response(status_code=r.status, headers=headers)) or b"")
         await stream.send_all(conn.send(h11.Data(data=r.body)) or b"")

@@ -172,7 +172,7 @@ class Node:
             self.chain,
             zk_chain_events_receive if self.chain is not None else None,
         )
-        self.http = HttpServer(config.http, self.registry, self._health)
+        self.http = HttpServer(config.http, self.registry, self._health, self._dashboard_endpoints)
         self.control = ControlServer(
             config.control,
             token,
@@ -250,6 +250,14 @@ class Node:
             "uptime_s": round(time.time() - self.supervisor.started_at, 3),
             "boot": self.state.boot,
             "actors": self.supervisor.snapshot(),
+        }
+
+    def _dashboard_endpoints(self) -> dict[str, object]:
+        return {
+            "control_url": self.control.url,
+            "address": self.identity.address,
+            "peer_id": self.identity.peer_id,
+            "version": __version__,
         }
 
     def _control_methods(self) -> list[ControlMethod]:

@@ -1,0 +1,1 @@
+"""The operator dashboard: static files the ``http`` actor serves (no build step)."""
