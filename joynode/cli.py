@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from joynode.config import (
     split_host_port,
     url,
 )
-from joynode.console import print_job, verified_inference
+from joynode.console import print_job, step, verified_inference
 from joynode.control.client import ControlClient
 from joynode.control.jsonrpc import RpcError
 from joynode.endpoints import Endpoints
@@ -226,7 +225,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         if (out / "config.json").is_file() and not args.force:
             print(f"{args.name}: {out} exists ({model_id(out)}); --force rebuilds it")
             return EXIT_OK
-        prepare(args.name, out)
+        with step(f"preparing model {args.name} in {out}") as shown:
+            cid = prepare(args.name, out, shown.note)
+        print(f"{args.name}: {out} ({cid})")
     except ModelError as exc:
         raise UsageError(str(exc)) from None
     return EXIT_OK
@@ -236,10 +237,11 @@ def cmd_circuits(_: argparse.Namespace) -> int:
     async def build_all() -> None:
         async with ZokratesWorker() as worker:
             for circuit in circuits.ALL:
-                began = time.monotonic()
-                built = await circuits.build(circuit, worker)
-                state = f"built in {time.monotonic() - began:.1f} s" if built else "up to date"
-                print(f"{circuit.name}: {state} ({circuit.build_dir})")
+                if circuit.built():
+                    print(f"{circuit.name}: up to date ({circuit.build_dir})")
+                    continue
+                with step(f"{circuit.name}: compile, Groth16 setup (proving keys), verifier"):
+                    await circuits.build(circuit, worker)
 
     try:
         trio.run(build_all)
@@ -424,23 +426,10 @@ def _infer(config_path: Path, prompt: str, model: str | None, max_tokens: int, p
     token = ControlToken.load(config.control.token_file).value
     url = _control_url(config)
 
-    async def infer() -> dict[str, Any]:
-        async with ControlClient.connect(url, token) as client:
-            served = await client.call("models.list")
-            actors = (await client.call("node.status"))["actors"]
-        names = [m["name"] for m in served]
-        if model is None and not names:
-            raise UsageError("this node serves no model: give --model")
-        params = {
-            "model": model or names[0],
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "paid": paid and "chain" in actors,
-        }
-        return await verified_inference(url, token, params)
-
     try:
-        job = trio.run(infer)
+        job = trio.run(verified_inference, url, token, prompt, model, max_tokens, paid)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     except RpcError as exc:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_FAILURE

@@ -67,8 +67,15 @@ def describe_job(progress: dict[str, Any]) -> str:
     return phase
 
 
-async def verified_inference(url: str, token: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Submit a job (``infer.submit``), show its progress, and return it once final."""
+async def verified_inference(
+    url: str, token: str, prompt: str, model: str | None, max_tokens: int, paid: bool
+) -> dict[str, Any]:
+    """Submit ``prompt`` as a verified job, show its progress, and return it once final.
+
+    ``model`` defaults to the node's first; an instruct model (one with a chat
+    template) is asked through it, as people talk to it. ``paid`` applies when
+    the node is on a chain.
+    """
     with step("verified inference") as shown:
 
         def on_notification(notification: dict[str, Any]) -> None:
@@ -76,6 +83,19 @@ async def verified_inference(url: str, token: str, params: dict[str, Any]) -> di
                 shown.note(describe_job(notification.get("params") or {}))
 
         async with ControlClient.connect(url, token, on_notification=on_notification) as client:
+            served = await client.call("models.list")
+            actors = (await client.call("node.status"))["actors"]
+            if model is None and not served:
+                raise ValueError("this node serves no model: give one")
+            name = model or served[0]["name"]
+            chat = any(m["name"] == name and m.get("chat") for m in served)
+            turn = {"role": "user", "content": prompt}
+            params = {
+                "model": name,
+                **({"messages": [turn]} if chat else {"prompt": prompt}),
+                "max_tokens": max_tokens,
+                "paid": paid and "chain" in actors,
+            }
             submitted = await client.call("infer.submit", params)
             request_id = submitted["request_id"]
             shown.note(f"job {request_id[:14]} offered")

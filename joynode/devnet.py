@@ -158,9 +158,7 @@ async def run_devnet(
             _print_summary(devnet, options)
             if options.demo:
                 job = await verified_inference(
-                    first.control_url(),
-                    first.token.value,
-                    {"model": options.model, "prompt": DEMO_PROMPT, "max_tokens": 32, "paid": True},
+                    first.control_url(), first.token.value, DEMO_PROMPT, None, 32, True
                 )
                 print_job(job)
             print("devnet ready; Ctrl-C stops it", flush=True)

@@ -81,3 +81,31 @@ async def test_keep_alive_serves_several_requests(home: NodeHome) -> None:
         status, _, body = await http_exchange(node, two)
     assert status == 200
     assert body.count(b'"status": "ok"') == 2
+
+
+async def test_dashboard_is_served_with_a_strict_policy_and_finds_the_control_socket(
+    home: NodeHome,
+) -> None:
+    async with running_node(home) as node:
+        status, headers, page = await http_exchange(node, get("/"))
+        assert status == 200
+        assert headers["content-type"].startswith("text/html")
+        policy = headers["content-security-policy"]
+        assert "script-src 'self'" in policy
+        assert "default-src 'none'" in policy
+        assert b'src="/dashboard/dashboard.js"' in page
+        for path, kind in [
+            ("/dashboard/dashboard.js", "javascript"),
+            ("/dashboard/dashboard.css", "css"),
+        ]:
+            status, headers, body = await http_exchange(node, get(path))
+            assert (status, kind in headers["content-type"]) == (200, True)
+            assert body
+        status, _, body = await http_exchange(node, get("/dashboard/endpoints.json"))
+        endpoints = json.loads(body)
+        assert endpoints["control_url"] == node.control.url
+        assert (endpoints["address"], endpoints["peer_id"]) == (
+            node.identity.address,
+            node.identity.peer_id,
+        )
+        assert (await http_exchange(node, get("/dashboard/../state.db")))[0] == 404

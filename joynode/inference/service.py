@@ -72,6 +72,7 @@ class LoadedModel:
             "max_model_len": spec.max_model_len,
             "max_num_seqs": spec.max_num_seqs,
             "inflight": self.inflight,
+            "chat": bool(getattr(self.engine.tokenizer, "chat_template", None)),
         }
 
 
