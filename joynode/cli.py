@@ -29,7 +29,7 @@ from joynode.config import (
     split_host_port,
     url,
 )
-from joynode.console import print_job, step, verified_inference
+from joynode.console import describe_job, print_job, step, verified_inference
 from joynode.control.client import ControlClient
 from joynode.control.jsonrpc import RpcError
 from joynode.endpoints import Endpoints
@@ -463,17 +463,8 @@ async def _call(url: str, token: str, method: str, params: dict[str, Any] | None
             sys.stderr.write(params["text"])
             streamed = True
         elif notification.get("method") == "job.progress" and isinstance(params, dict):
-            payment = params.get("payment")
-            sys.stderr.write(
-                "\rjob {}: {}, {} of {} committed, {} revealed{}   ".format(
-                    str(params.get("request_id", ""))[:14],
-                    params.get("status"),
-                    params.get("commits"),
-                    params.get("committee"),
-                    params.get("reveals"),
-                    f", payment {payment}" if payment else "",
-                )
-            )
+            job = str(params.get("request_id", ""))[:14]
+            sys.stderr.write(f"\rjob {job}: {describe_job(params)}   ")
             streamed = True
         elif notification.get("method") == "storage.progress" and isinstance(params, dict):
             sys.stderr.write("\r" + _describe_progress(params))

@@ -33,7 +33,7 @@ from web3 import Web3
 
 from joynode.chain.anvil import dev_account, running_anvil
 from joynode.chain.artifacts import load_artifacts
-from joynode.chain.deploy import JOY, Deployment, DeployParams, deploy_all
+from joynode.chain.deploy import JOY, Deployment, local_deployment
 from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.console import print_job, stderr, step, verified_inference
 from joynode.control.client import ControlClient
@@ -127,7 +127,7 @@ async def run_devnet(
         w3 = Web3(Web3.HTTPProvider(anvil.url))
         with step("deploying contracts (once)"):
             deployment = await trio.to_thread.run_sync(
-                _deployment, w3, options.dir / "chain" / "deployment.json"
+                local_deployment, w3, options.dir / "chain" / "deployment.json"
             )
         with step(f"funding and staking {len(nodes)} nodes"):
             for node in nodes:
@@ -337,17 +337,6 @@ async def _wait_until_meshed(nodes: list[DevnetNode]) -> None:
 
 
 # ---- chain
-
-
-def _deployment(w3: Web3, path: Path) -> Deployment:
-    if path.is_file():
-        deployment = Deployment.read(path)
-        if deployment.is_live_on(w3):
-            return deployment
-    deployment = deploy_all(_admin(w3), DeployParams(treasury=dev_account(1).address))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deployment.write(path)
-    return deployment
 
 
 def _fund_and_stake(w3: Web3, deployment: Deployment, key: NodeKey) -> None:

@@ -10,6 +10,7 @@ has the recorded contracts (code at every address) is a no-op.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,9 +19,12 @@ from typing import Any
 from web3 import Web3
 from web3.contract import Contract
 
+from joynode.chain.anvil import dev_account
 from joynode.chain.artifacts import CONTRACTS, load_artifacts
-from joynode.chain.sender import TransactionSender
+from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.signatures import Eip712Domain
+
+log = logging.getLogger(__name__)
 
 JOY = 10**18
 
@@ -133,3 +137,20 @@ def _grant_roles(sender: TransactionSender, deployment: Deployment) -> None:
     for contract, role, grantee in grants:
         role_id: Any = getattr(contract.functions, role)().call()
         sender.transact(contract.functions.grantRole(role_id, grantee))
+
+
+def local_deployment(w3: Web3, path: Path) -> Deployment:
+    """A local chain's deployment: the one recorded at ``path`` while it is live on ``w3``,
+    else a new one by anvil's dev account 0 (treasury: dev account 1), recorded there."""
+    if path.is_file():
+        deployment = Deployment.read(path)
+        if deployment.is_live_on(w3):
+            return deployment
+    log.info("deploying JoyNet contracts to the local chain")
+    sender = TransactionSender(
+        w3, dev_account(0), RevertDecoder(load_artifacts().contracts.values())
+    )
+    deployment = deploy_all(sender, DeployParams(treasury=dev_account(1).address))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deployment.write(path)
+    return deployment

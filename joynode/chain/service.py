@@ -35,7 +35,7 @@ from web3.logs import DISCARD
 from joynode.chain.anvil import dev_account, running_anvil
 from joynode.chain.artifacts import load_artifacts
 from joynode.chain.committee import Candidate
-from joynode.chain.deploy import JOY, Deployment, DeployParams, deploy_all
+from joynode.chain.deploy import JOY, Deployment, local_deployment
 from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender, wait_for_chain
 from joynode.chain.watcher import ChainWatcher, RegistryMirror
 from joynode.config import ChainSection
@@ -190,7 +190,7 @@ class ChainService:
             chain_id = await trio.to_thread.run_sync(wait_for_chain, self.w3)
             decoder = RevertDecoder(load_artifacts().contracts.values())
             self._sender = TransactionSender(self.w3, self._account, decoder)
-            self.deployment = await self._deployment(chain_id, decoder)
+            self.deployment = await self._deployment(chain_id)
             self._watcher = ChainWatcher(
                 self.w3,
                 self.deployment,
@@ -213,24 +213,16 @@ class ChainService:
         else:
             yield self._settings.rpc_url
 
-    async def _deployment(self, chain_id: int, decoder: RevertDecoder) -> Deployment:
+    async def _deployment(self, chain_id: int) -> Deployment:
         path = self.deployment_path
         assert self.w3 is not None
-        if path.is_file():
-            deployment = Deployment.read(path)
-            if await trio.to_thread.run_sync(deployment.is_live_on, self.w3):
-                return deployment
-            if self._settings.mode != "local":
-                raise ChainError(
-                    f"{path} does not match chain {chain_id} at {self._settings.rpc_url}"
-                )
-        if self._settings.mode != "local":
+        if self._settings.mode == "local":
+            return await trio.to_thread.run_sync(local_deployment, self.w3, path)
+        if not path.is_file():
             raise ChainError(f"no deployment file at {path}: run `joynode deploy --config ...`")
-        log.info("deploying JoyNet contracts to the local chain")
-        deployer = TransactionSender(self.w3, dev_account(0), decoder)
-        params = DeployParams(treasury=dev_account(1).address)
-        deployment = await trio.to_thread.run_sync(deploy_all, deployer, params)
-        deployment.write(path)
+        deployment = Deployment.read(path)
+        if not await trio.to_thread.run_sync(deployment.is_live_on, self.w3):
+            raise ChainError(f"{path} does not match chain {chain_id} at {self._settings.rpc_url}")
         return deployment
 
     async def _join_local_network(self) -> None:
