@@ -8,10 +8,20 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
 
+import libp2p.security.secio.transport as secio
+import pytest
 import trio
+from libp2p import new_host
+from libp2p.abc import IHost, ISecureTransport
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_noise_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
 
 from joynode import wire
@@ -20,6 +30,7 @@ from joynode.node import Node
 from joynode.p2p import libp2p_compat, rpc
 from joynode.p2p.gossip import HEARTBEAT, GossipSigner
 from joynode.p2p.peers import PeerState
+from joynode.p2p.service import P2PError
 from tests.factories import (
     LIBP2P_TEARDOWN_LEAK,
     fast_p2p,
@@ -205,3 +216,101 @@ async def test_requests_between_nodes_and_from_a_raw_peer(tmp_path: Path) -> Non
         assert any(isinstance(x, wire.ErrorReply) and x.code == 429 for x in answers)
         # The honest neighbour is unaffected.
         assert await b.p2p.request(a.p2p.peer_id, wire.Ping(8)) == wire.Pong(8)
+
+
+# ---- who a peer is: only an authenticated (Noise) connection says so (issue 25)
+
+
+@asynccontextmanager
+async def host_offering(security: str, *, claiming: KeyPair | None = None) -> AsyncIterator[IHost]:
+    """A bare py-libp2p host whose only security transport is ``security``.
+
+    With ``claiming``, its handshakes present that key pair instead of the
+    host's own: a stolen public key with a private key of the attacker's.
+    """
+    key_pair = NodeKey.generate().libp2p_key_pair()
+    handshake_key = claiming or key_pair
+    transport: ISecureTransport
+    if security == "plaintext":
+        protocol, transport = PLAINTEXT_PROTOCOL_ID, InsecureTransport(handshake_key)
+    elif security == "secio":
+        protocol, transport = TProtocol(secio.ID), secio.Transport(handshake_key)
+    else:
+        noise_key = create_noise_key_pair().private_key
+        protocol, transport = NOISE_PROTOCOL_ID, NoiseTransport(handshake_key, noise_key)
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={TProtocol(protocol): transport},
+        enable_mDNS=False,
+        enable_upnp=False,
+    )
+    async with host.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        try:
+            yield host
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(3):
+                await host.close()
+
+
+@pytest.mark.parametrize("security", ["plaintext", "secio"])
+async def test_a_peer_without_noise_cannot_connect_either_way(
+    tmp_path: Path, security: str
+) -> None:
+    async with (
+        running_node(fast_p2p(make_home(tmp_path / "a"))) as a,
+        host_offering(security) as peer,
+    ):
+        with trio.fail_after(20), pytest.raises(BaseLibp2pError):
+            await peer.connect(info_from_p2p_addr(Multiaddr(a.p2p.listen_addrs()[0])))
+        with trio.fail_after(20), pytest.raises(P2PError):
+            await a.p2p.connect(f"{peer.get_addrs()[0]}")
+        assert peer.get_id().to_base58() not in connected(a)
+        assert not peer.get_connected_peers()
+
+
+async def attack(impostor: IHost, target: Node) -> int:
+    """Issue 25's attack: connect under a stolen peer id and send garbage requests in its name.
+
+    Returns how many of the garbage requests the target answered (and so
+    counted against the peer id the impostor claimed).
+    """
+    answered = 0
+    garbage = b"\xc1\xc1\xc1"
+    # A Noise initiator only learns that the responder refused its identity
+    # when the connection closes: the dial may "succeed" and the streams fail.
+    with contextlib.suppress(BaseLibp2pError, rpc.RpcFailure), trio.fail_after(20):
+        await impostor.connect(info_from_p2p_addr(Multiaddr(target.p2p.listen_addrs()[0])))
+        for _ in range(6):
+            stream = await impostor.new_stream(
+                ID.from_base58(target.p2p.peer_id), [TProtocol(rpc.PROTOCOL_ID)]
+            )
+            await stream.write(len(garbage).to_bytes(4, "big") + garbage)
+            await rpc.read_frame(stream, 1 << 20)
+            await stream.close()
+            answered += 1
+    return answered
+
+
+@pytest.mark.parametrize("security", ["plaintext", "noise"])
+async def test_nobody_can_pose_as_a_node_to_get_it_banned(tmp_path: Path, security: str) -> None:
+    """A dialer with B's public key but not its private key cannot speak for B."""
+    async with running_node(fast_p2p(make_home(tmp_path / "a"))) as a:
+        b_home = fast_p2p(make_home(tmp_path / "b"), bootstrap=a.p2p.listen_addrs())
+        async with running_node(b_home) as b:
+            await wait_for(lambda: b.p2p.peer_id in connected(a), 10, "A and B connected")
+            attacker_key = NodeKey.generate().libp2p_key_pair().private_key
+            stolen = KeyPair(attacker_key, b_home.key.libp2p_key_pair().public_key)
+            async with host_offering(security, claiming=stolen) as impostor:
+                answered = await attack(impostor, a)
+            if security == "plaintext":
+                assert answered == 0  # refused at the handshake: A offers Noise only
+            else:
+                # Noise takes the identity from the key that signs the handshake: the
+                # garbage is charged to the attacker's own peer id, never to B's.
+                attacker = ID.from_pubkey(attacker_key.get_public_key()).to_base58()
+                assert answered > 0
+                assert a.p2p.scorer.score(attacker) < 0
+            assert a.p2p.scorer.score(b.p2p.peer_id) == 0
+            assert not a.p2p.scorer.is_banned(b.p2p.peer_id)
+            assert b.p2p.peer_id in connected(a)
+            assert await b.p2p.request(a.p2p.peer_id, wire.Ping(1)) == wire.Pong(1)

@@ -49,6 +49,18 @@ setup.cfg because item 1 touches a private name.
    dead-peer handler deleted it first and the ``KeyError`` takes the whole
    pubsub service (and the node) down. Replaced with the same steps using
    ``pop``. Remove when py-libp2p does the same.
+11. Security transports: Noise only. ``new_host`` offers and accepts Noise,
+   TLS, secio and ``/plaintext/2.0.0`` unless told otherwise. The plaintext
+   handshake only checks that the presented public key matches the claimed
+   peer id, and a small key's peer id contains the key, so any dialer could
+   claim to be any node (without its private key), send garbage in its name
+   and get the real node penalised and banned; its traffic is unencrypted
+   too. secio is obsolete and dropped by go- and js-libp2p. py-libp2p's TLS
+   is untested against other implementations (and their default is Noise).
+   Noise proves the peer id (the remote signs its Noise static key with its
+   identity key; py-libp2p checks it, and on a dial checks the id is the one
+   dialed), so every peer id joynode trusts comes from an authenticated
+   connection. Keep: it is the policy, not a workaround.
 """
 
 from __future__ import annotations
@@ -65,12 +77,15 @@ import trio
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_noise_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 # 1.
@@ -106,6 +121,15 @@ async def _dial_nothing() -> None:
     return None
 
 
+def _noise_only(key_pair: KeyPair) -> dict[TProtocol, NoiseTransport]:
+    """The security transports a host offers and accepts (11.)."""
+    return {
+        NOISE_PROTOCOL_ID: NoiseTransport(
+            key_pair, noise_privkey=create_noise_key_pair().private_key
+        )
+    }
+
+
 def _make_router() -> GossipSub:
     # 2. The mesh heartbeat (1 s, as go-libp2p) is not the node's status heartbeat.
     return GossipSub(
@@ -132,6 +156,7 @@ async def running_stack(
     """A started host with GossipSub and a server-mode Kademlia DHT."""
     host = new_host(
         key_pair=key_pair,
+        sec_opt=_noise_only(key_pair),  # 11.
         enable_mDNS=False,
         enable_upnp=False,
         announce_addrs=[multiaddr.Multiaddr(a) for a in announce] or None,
