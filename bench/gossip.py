@@ -56,8 +56,8 @@ from joynode.config import P2PSection
 from joynode.keys import NodeKey
 from joynode.messages import ServingStatus
 from joynode.p2p import libp2p_compat, rpc
-from joynode.p2p.gossip import HEARTBEAT, GossipSigner, VerifiedGossip
-from joynode.p2p.service import PROTOCOL_VERSION, P2PService
+from joynode.p2p.gossip import GOSSIP_PROTOCOL, HEARTBEAT, GossipSigner, VerifiedGossip
+from joynode.p2p.service import P2PService
 from joynode.state import StateStore
 
 LISTEN = "/ip4/127.0.0.1/tcp/0"
@@ -244,7 +244,7 @@ def _bench_heartbeat(seq: int, addrs: list[str]) -> wire.Heartbeat:
     return wire.Heartbeat(
         seq=seq,
         version=BENCH_VERSION,
-        protocol=PROTOCOL_VERSION,
+        protocol=GOSSIP_PROTOCOL,
         addrs=addrs,
         models=[],
         queue_depth=0,
@@ -269,7 +269,8 @@ class JoynodeCluster:
     def payload_bytes(self) -> int:
         """Size of one sealed bench heartbeat, so the baseline can publish as many bytes."""
         sample = _bench_heartbeat(2**40, self._addrs[0])
-        return len(GossipSigner(NodeKey.generate()).seal(HEARTBEAT, sample))
+        network = P2PSection().network_id
+        return len(GossipSigner(NodeKey.generate(), network).seal(HEARTBEAT, sample))
 
     async def publish(self, origin: int, seq: int) -> None:
         await self.services[origin].publish(HEARTBEAT, _bench_heartbeat(seq, self._addrs[origin]))

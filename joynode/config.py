@@ -128,6 +128,15 @@ class HttpSection(_Section):
 
 
 class P2PSection(_Section):
+    network_id: StrictStr = Field(
+        "devnet",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="The JoyNet network this node is part of, signed into every gossip "
+        "message: messages signed for another network are refused. All nodes of a network "
+        "use the same name; give each public network its own.",
+    )
     listen: list[MultiaddrStr] = Field(
         ["/ip4/127.0.0.1/tcp/7762"], description="TCP multiaddrs the libp2p host listens on."
     )

@@ -63,11 +63,14 @@ class Heartbeat(Message, tag="heartbeat", frozen=True):
 class Gossip(Message, tag="gossip", frozen=True):
     """A signed gossip payload: ``body`` is an encoded frame of another message.
 
-    The signature (by the origin's node key) covers the topic, the send time
-    and the exact body bytes, so a message cannot move to another topic, be
-    re-dated, or be re-signed by a forwarder.
+    The signature (by the origin's node key) covers the network, the topic, the
+    send time and the exact body bytes, so a message cannot move to another
+    JoyNet network or topic, be re-dated, or be re-signed by a forwarder.
+    ``network`` came with gossip protocol 2 (topics ``joynet/2/...``); protocol
+    1 nodes gossip on other topics, so the two never mix.
     """
 
+    network: ShortStr
     topic: ShortStr
     sent_ms: UInt
     body: Annotated[bytes, msgspec.Meta(max_length=MAX_FRAME_BYTES)]

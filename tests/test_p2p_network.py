@@ -131,12 +131,16 @@ async def test_forged_gossip_is_rejected_and_costs_the_sender(tmp_path: Path) ->
         await join_mesh(raw, a)
         raw_id = raw.host.get_id().to_base58()
         liar = NodeKey.generate()
-        honest_payload = GossipSigner(liar).seal(HEARTBEAT, wire.Heartbeat(0, "x", 1, [], [], 0, 0))
+        honest_payload = GossipSigner(liar, a.config.p2p.network_id).seal(
+            HEARTBEAT, wire.Heartbeat(0, "x", 2, [], [], 0, 0)
+        )
         envelope = wire.decode(honest_payload)
         assert isinstance(envelope, wire.Gossip)
         # r and s past the curve order: no key can have made this signature.
         bad_signature = wire.encode(
-            wire.Gossip(envelope.topic, envelope.sent_ms, envelope.body, b"\xff" * 65)
+            wire.Gossip(
+                envelope.network, envelope.topic, envelope.sent_ms, envelope.body, b"\xff" * 65
+            )
         )
         forgeries = {
             "wrong_signer": honest_payload,  # validly signed, but not by the raw peer's key
@@ -216,6 +220,24 @@ async def test_requests_between_nodes_and_from_a_raw_peer(tmp_path: Path) -> Non
         assert any(isinstance(x, wire.ErrorReply) and x.code == 429 for x in answers)
         # The honest neighbour is unaffected.
         assert await b.p2p.request(a.p2p.peer_id, wire.Ping(8)) == wire.Pong(8)
+
+
+async def test_a_node_of_another_network_refuses_its_gossip(tmp_path: Path) -> None:
+    """Gossip signed for one JoyNet network is refused by a node of another (no replay)."""
+    a_home = fast_p2p(make_home(tmp_path / "a"))
+    a_home.set("p2p", "network_id", '"alpha"')
+    async with running_node(a_home) as a:
+        b_home = fast_p2p(make_home(tmp_path / "b"), bootstrap=a.p2p.listen_addrs())
+        b_home.set("p2p", "network_id", '"beta"')
+        async with running_node(b_home) as b:
+            await wait_for(
+                lambda: rejected(a, "wrong_network") >= 1 and rejected(b, "wrong_network") >= 1,
+                15,
+                "each node refuses the other's heartbeats",
+            )
+            for node, other in ((a, b), (b, a)):
+                record = node.p2p.peers.get(other.p2p.peer_id)
+                assert record is None or record.version is None  # no heartbeat was taken
 
 
 # ---- who a peer is: only an authenticated (Noise) connection says so (issue 25)

@@ -12,6 +12,7 @@ import trio
 
 from joynode.control.client import ControlClient
 from joynode.control.jsonrpc import RpcError
+from joynode.p2p.gossip import HEARTBEAT
 from tests.factories import NodeHome, NodeProcess, fast_p2p, make_home, wait_for
 
 pytestmark = pytest.mark.slow
@@ -99,7 +100,7 @@ async def test_four_processes_discover_fail_and_rejoin(
 
     await wait_for(c_up_everywhere, 10, "C rejoined and sees everyone")
     status = await call(a, "p2p.status")
-    assert status["topics"]["joynet/1/heartbeat"]["mesh_peers"] >= 1
+    assert status["topics"][HEARTBEAT.name]["mesh_peers"] >= 1
     assert status["connected_peers"] >= 2
 
 

@@ -17,7 +17,8 @@ from joynode.p2p.peers import PeerState, PeerTable
 from joynode.p2p.scoring import Offence, PeerScorer, TokenBucket
 from joynode.signatures import SignatureError, digest, recover_address, sign
 
-BEAT = wire.Heartbeat(1, "0.1.0", 1, ["/ip4/127.0.0.1/tcp/1"], ["tiny"], 0, 4)
+BEAT = wire.Heartbeat(1, "0.1.0", 2, ["/ip4/127.0.0.1/tcp/1"], ["tiny"], 0, 4)
+NETWORK = "testnet"
 
 
 class Clock:
@@ -42,12 +43,14 @@ def clock() -> Clock:
 
 @pytest.fixture
 def verifier(clock: Clock) -> GossipVerifier:
-    return GossipVerifier(TOPICS, max_bytes=4096, replay_window_s=60, clock_ms=clock.ms)
+    return GossipVerifier(
+        TOPICS, network=NETWORK, max_bytes=4096, replay_window_s=60, clock_ms=clock.ms
+    )
 
 
 def test_valid_gossip_is_verified_once(clock: Clock, verifier: GossipVerifier) -> None:
     key = NodeKey.generate()
-    payload = GossipSigner(key, clock.ms).seal(HEARTBEAT, BEAT)
+    payload = GossipSigner(key, NETWORK, clock.ms).seal(HEARTBEAT, BEAT)
     verified = verifier.verify(HEARTBEAT.name, payload, origin_of(key))
     assert verified.message == BEAT
     assert verified.signer == key.address
@@ -64,7 +67,7 @@ def reason(verifier: GossipVerifier, topic: str, payload: bytes, origin: bytes) 
 
 def test_forgeries_are_rejected_with_a_reason(clock: Clock, verifier: GossipVerifier) -> None:
     key, other = NodeKey.generate(), NodeKey.generate()
-    signer = GossipSigner(key, clock.ms)
+    signer = GossipSigner(key, NETWORK, clock.ms)
     payload = signer.seal(HEARTBEAT, BEAT)
     envelope = wire.decode(payload)
     assert isinstance(envelope, wire.Gossip)
@@ -81,8 +84,8 @@ def test_forgeries_are_rejected_with_a_reason(clock: Clock, verifier: GossipVeri
     assert reason(verifier, HEARTBEAT.name, payload, origin_of(other)) == "wrong_signer"
     assert reason(verifier, HEARTBEAT.name, b"\x93garbage", origin_of(key)) == "malformed"
     assert reason(verifier, HEARTBEAT.name, b"x" * 5000, origin_of(key)) == "oversize"
-    assert reason(verifier, "joynet/1/other", payload, origin_of(key)) == "unknown_topic"
-    moved = with_(topic="joynet/1/elsewhere")
+    assert reason(verifier, "joynet/2/other", payload, origin_of(key)) == "unknown_topic"
+    moved = with_(topic="joynet/2/elsewhere")
     assert reason(verifier, HEARTBEAT.name, moved, origin_of(key)) == "wrong_topic"
     redated = with_(sent_ms=envelope.sent_ms + 1)
     assert reason(verifier, HEARTBEAT.name, redated, origin_of(key)) == "wrong_signer"
@@ -92,21 +95,40 @@ def test_forgeries_are_rejected_with_a_reason(clock: Clock, verifier: GossipVeri
     assert reason(verifier, HEARTBEAT.name, payload, origin_of(key)) == "stale"
 
 
+def test_gossip_signed_for_another_network_is_refused(
+    clock: Clock, verifier: GossipVerifier
+) -> None:
+    """A message of one JoyNet network cannot be replayed on another, even within the window."""
+    key = NodeKey.generate()
+    elsewhere = GossipSigner(key, "othernet", clock.ms).seal(HEARTBEAT, BEAT)
+    assert reason(verifier, HEARTBEAT.name, elsewhere, origin_of(key)) == "wrong_network"
+    # Relabelled for our network, its signature no longer recovers to the origin.
+    envelope = wire.decode(elsewhere)
+    assert isinstance(envelope, wire.Gossip)
+    relabelled = wire.encode(
+        wire.Gossip(NETWORK, envelope.topic, envelope.sent_ms, envelope.body, envelope.signature)
+    )
+    assert reason(verifier, HEARTBEAT.name, relabelled, origin_of(key)) == "wrong_signer"
+    # The same message signed for our network is accepted.
+    ours = GossipSigner(key, NETWORK, clock.ms).seal(HEARTBEAT, BEAT)
+    assert verifier.verify(HEARTBEAT.name, ours, origin_of(key)).message == BEAT
+
+
 def test_message_type_must_fit_the_topic(clock: Clock, verifier: GossipVerifier) -> None:
     key = NodeKey.generate()
     with pytest.raises(ValueError, match="not allowed"):
-        GossipSigner(key, clock.ms).seal(HEARTBEAT, wire.Ping(1))
+        GossipSigner(key, NETWORK, clock.ms).seal(HEARTBEAT, wire.Ping(1))
     # A peer that bypasses our signer still gets rejected.
     body = wire.encode(wire.Ping(1))
     sent = clock.ms()
-    signature = sign(key, gossip._signing_digest(HEARTBEAT.name, sent, body))
-    payload = wire.encode(wire.Gossip(HEARTBEAT.name, sent, body, signature))
+    signature = sign(key, gossip._signing_digest(NETWORK, HEARTBEAT.name, sent, body))
+    payload = wire.encode(wire.Gossip(NETWORK, HEARTBEAT.name, sent, body, signature))
     assert reason(verifier, HEARTBEAT.name, payload, origin_of(key)) == "unexpected_type"
 
 
 def test_replay_cache_forgets_after_the_window(clock: Clock, verifier: GossipVerifier) -> None:
     key = NodeKey.generate()
-    signer = GossipSigner(key, clock.ms)
+    signer = GossipSigner(key, NETWORK, clock.ms)
     first = signer.seal(HEARTBEAT, BEAT)
     verifier.verify(HEARTBEAT.name, first, origin_of(key))
     clock.now += 61
@@ -117,7 +139,7 @@ def test_replay_cache_forgets_after_the_window(clock: Clock, verifier: GossipVer
 
 @given(st.binary(max_size=600))
 def test_verifier_rejects_random_payloads_with_a_reason(data: bytes) -> None:
-    verifier = GossipVerifier(TOPICS, max_bytes=512, replay_window_s=60)
+    verifier = GossipVerifier(TOPICS, network=NETWORK, max_bytes=512, replay_window_s=60)
     with pytest.raises(GossipRejected):
         verifier.verify(HEARTBEAT.name, data, origin_of(NodeKey.generate()))
 

@@ -1,8 +1,8 @@
 """The ``consensus`` actor: verified inference by committee majority vote.
 
 A job (``infer.submit`` on the control socket) is offered to a committee over
-gossip (``joynet/1/jobs``). Each member runs it on its own engine, then
-commits to its output over ``joynet/1/votes`` (a signed commitment to the
+gossip (``joynet/2/jobs``). Each member runs it on its own engine, then
+commits to its output over ``joynet/2/votes`` (a signed commitment to the
 output hash and a secret salt). Once every member has committed, or at the
 commit deadline, members reveal (tokens, salt, a signed result). A strict
 majority of the committee agreeing on one output hash makes a certificate

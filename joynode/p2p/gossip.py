@@ -2,7 +2,8 @@
 
 Every gossip payload is a ``wire.Gossip`` envelope signed by the origin's node
 key. ``GossipVerifier`` is the topic validator: it accepts a payload only if it
-fits the size cap, decodes strictly, names the topic it arrived on, is fresh,
+fits the size cap, decodes strictly, was signed for this node's network and
+for the topic it arrived on, is fresh,
 was signed by the peer that originated it (the signer's address equals the
 address embedded in the origin's peer id), has not been seen before within the
 replay window, and carries a message type the topic allows. It is pure (no
@@ -20,7 +21,11 @@ from joynode import wire
 from joynode.keys import NodeKey
 from joynode.signatures import SignatureError, address_of_peer, digest, recover_address, sign
 
-GOSSIP_DOMAIN = b"joynet/1/gossip"
+# Gossip protocol 2: the network id joined the signed digest. The version is in
+# the topic names and the digest's domain, so protocol 1 nodes, which cannot
+# verify protocol 2 signatures, are on other topics and never penalised for it.
+GOSSIP_PROTOCOL = 2
+GOSSIP_DOMAIN = f"joynet/{GOSSIP_PROTOCOL}/gossip".encode()
 
 
 @dataclass(frozen=True)
@@ -29,10 +34,10 @@ class Topic:
     accepts: tuple[type[wire.Message], ...]
 
 
-HEARTBEAT = Topic("joynet/1/heartbeat", (wire.Heartbeat,))
-JOBS = Topic("joynet/1/jobs", (wire.JobOffer,))
-VOTES = Topic("joynet/1/votes", (wire.VoteCommit, wire.VoteReveal))
-ZK_JOBS = Topic("joynet/1/zk", (wire.ZkJob,))
+HEARTBEAT = Topic(f"joynet/{GOSSIP_PROTOCOL}/heartbeat", (wire.Heartbeat,))
+JOBS = Topic(f"joynet/{GOSSIP_PROTOCOL}/jobs", (wire.JobOffer,))
+VOTES = Topic(f"joynet/{GOSSIP_PROTOCOL}/votes", (wire.VoteCommit, wire.VoteReveal))
+ZK_JOBS = Topic(f"joynet/{GOSSIP_PROTOCOL}/zk", (wire.ZkJob,))
 TOPICS: dict[str, Topic] = {topic.name: topic for topic in (HEARTBEAT, JOBS, VOTES, ZK_JOBS)}
 
 
@@ -53,8 +58,8 @@ class GossipRejected(Exception):
         self.reason = reason
 
 
-def _signing_digest(topic: str, sent_ms: int, body: bytes) -> bytes:
-    return digest(GOSSIP_DOMAIN, topic.encode(), sent_ms.to_bytes(8, "big"), body)
+def _signing_digest(network: str, topic: str, sent_ms: int, body: bytes) -> bytes:
+    return digest(GOSSIP_DOMAIN, network.encode(), topic.encode(), sent_ms.to_bytes(8, "big"), body)
 
 
 def _now_ms() -> int:
@@ -62,8 +67,9 @@ def _now_ms() -> int:
 
 
 class GossipSigner:
-    def __init__(self, key: NodeKey, clock_ms: Callable[[], int] = _now_ms) -> None:
+    def __init__(self, key: NodeKey, network: str, clock_ms: Callable[[], int] = _now_ms) -> None:
         self._key = key
+        self._network = network
         self._clock_ms = clock_ms
 
     def seal(self, topic: Topic, message: wire.Message) -> bytes:
@@ -71,8 +77,8 @@ class GossipSigner:
             raise ValueError(f"{type(message).__name__} is not allowed on {topic.name}")
         body = wire.encode(message)
         sent_ms = self._clock_ms()
-        signature = sign(self._key, _signing_digest(topic.name, sent_ms, body))
-        return wire.encode(wire.Gossip(topic.name, sent_ms, body, signature))
+        signature = sign(self._key, _signing_digest(self._network, topic.name, sent_ms, body))
+        return wire.encode(wire.Gossip(self._network, topic.name, sent_ms, body, signature))
 
 
 class GossipVerifier:
@@ -80,11 +86,13 @@ class GossipVerifier:
         self,
         topics: dict[str, Topic],
         *,
+        network: str,
         max_bytes: int,
         replay_window_s: float,
         clock_ms: Callable[[], int] = _now_ms,
     ) -> None:
         self._topics = topics
+        self._network = network
         self._max_bytes = max_bytes
         self._window_ms = int(replay_window_s * 1000)
         self._clock_ms = clock_ms
@@ -103,6 +111,8 @@ class GossipVerifier:
             raise GossipRejected("malformed", exc.reason) from None
         if not isinstance(envelope, wire.Gossip):
             raise GossipRejected("malformed", f"{type(envelope).__name__} is not a gossip envelope")
+        if envelope.network != self._network:
+            raise GossipRejected("wrong_network", f"signed for {envelope.network!r}")
         if envelope.topic != topic_name:
             raise GossipRejected("wrong_topic", f"signed for {envelope.topic!r}")
         now = self._clock_ms()
@@ -110,7 +120,8 @@ class GossipVerifier:
             raise GossipRejected("stale", f"sent {now - envelope.sent_ms} ms ago")
         try:
             signer = recover_address(
-                _signing_digest(envelope.topic, envelope.sent_ms, envelope.body), envelope.signature
+                _signing_digest(envelope.network, envelope.topic, envelope.sent_ms, envelope.body),
+                envelope.signature,
             )
         except SignatureError as exc:
             raise GossipRejected("bad_signature", str(exc)) from None

@@ -47,6 +47,7 @@ from joynode.keys import NodeKey
 from joynode.messages import ServingStatus
 from joynode.p2p import libp2p_compat, rpc
 from joynode.p2p.gossip import (
+    GOSSIP_PROTOCOL,
     HEARTBEAT,
     TOPICS,
     GossipRejected,
@@ -62,7 +63,6 @@ from joynode.state import StateStore
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
 UPKEEP_INTERVAL_S = 1.0
 PERSIST_INTERVAL_S = 10.0
 DIAL_TIMEOUT_S = 10.0
@@ -152,9 +152,10 @@ class P2PService:
             rpc_rate=settings.rpc_rate,
             rpc_burst=settings.rpc_burst,
         )
-        self._signer = GossipSigner(key)
+        self._signer = GossipSigner(key, settings.network_id)
         self._verifier = GossipVerifier(
             TOPICS,
+            network=settings.network_id,
             max_bytes=settings.max_message_bytes,
             replay_window_s=settings.replay_window_s,
         )
@@ -283,7 +284,7 @@ class P2PService:
             beat = wire.Heartbeat(
                 seq=self._heartbeat_seq,
                 version=__version__,
-                protocol=PROTOCOL_VERSION,
+                protocol=GOSSIP_PROTOCOL,
                 addrs=self._announced_addrs(),
                 models=list(status.models),
                 queue_depth=status.queue_depth,

@@ -3,7 +3,7 @@
 A zk model is a quantized network with a circuit (``mlp_inference.zok``),
 registered in the marketplace with its weights commitment and verifier. A
 request for one carries only the Poseidon hash of its input on-chain, so the
-input itself travels over gossip (``ZkJob`` on ``joynet/1/zk``). A node that
+input itself travels over gossip (``ZkJob`` on ``joynet/2/zk``). A node that
 serves the model (``[[zk.models]]``: a name and a weights file) takes the job
 once its watcher has mirrored the request, checks it (pending, this model, the
 input hashing to the request's input hash, the model registered with these
