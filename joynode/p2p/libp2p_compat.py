@@ -61,6 +61,15 @@ setup.cfg because item 1 touches a private name.
    identity key; py-libp2p checks it, and on a dial checks the id is the one
    dialed), so every peer id joynode trusts comes from an authenticated
    connection. Keep: it is the policy, not a workaround.
+12. Interop with js-libp2p (tests/test_p2p_interop.py): a js-libp2p 3 peer
+   with ``@libp2p/gossipsub`` (17), Noise and Yamux exchanges gossip with a
+   node as shipped, with no patch here. ``@chainsafe/libp2p-gossipsub`` 14
+   is built for js-libp2p 2 (``@libp2p/interface`` 2, multiaddr 12): under
+   js-libp2p 3 its topology callback fails (``multiaddr.tuples is not a
+   function``), so it never opens a pubsub stream to anyone, js peers
+   included, and sees no subscriber. It works against a node under js-libp2p
+   2. py-libp2p speaks meshsub 1.0 and 1.1, which js negotiates (1.2 adds
+   IDONTWANT, not needed). Revisit if the js test fails after an upgrade.
 """
 
 from __future__ import annotations
