@@ -133,6 +133,11 @@ async def test_a_serving_peer_proves_and_settles_a_paid_zk_request(
         market = chain.contract("ModelMarketplace")
         request_id = bytes.fromhex(result["request_id"][2:])
         assert market.functions.requestInfo(request_id).call()[5] == RequestStatus.SETTLED
+        # The requester learns of the settlement from its watcher, the prover from its
+        # transaction's receipt: either may come first, so wait for the prover's record.
+        await wait_for(
+            lambda: _has_job(b, result["request_id"], "settled"), 30, "the prover recorded it"
+        )
         (job,) = (await b.call("zk.jobs", {}))["jobs"]
         assert (job["status"], job["tx"], job["input"]) == ("settled", result["tx"], X)
 
