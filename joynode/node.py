@@ -239,8 +239,8 @@ class Node:
             return self.chain.deployment.eip712_domain()
         return OFFCHAIN_DOMAIN
 
-    def _health(self) -> tuple[bool, dict[str, object]]:
-        return self.supervisor.all_ready(), {"actors": self.supervisor.snapshot()}
+    def _health(self) -> tuple[str, dict[str, object]]:
+        return self.supervisor.health(), {"actors": self.supervisor.snapshot()}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -249,6 +249,7 @@ class Node:
             "peer_id": self.identity.peer_id,
             "uptime_s": round(time.time() - self.supervisor.started_at, 3),
             "boot": self.state.boot,
+            "health": self.supervisor.health(),
             "actors": self.supervisor.snapshot(),
         }
 
