@@ -80,20 +80,31 @@ def describe(exc: BaseException, timeout_s: float = RPC_TIMEOUT_S) -> str:
         return f"HTTP {exc.response.status_code} {exc.response.reason}".strip()
     if isinstance(exc, json.JSONDecodeError | BadResponseFormat):
         return "it answers, but not as a JSON-RPC endpoint"
-    cause: BaseException | None = exc
-    for _ in range(8):  # requests wraps urllib3, which wraps the socket's error
-        if cause is None:
-            break
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror[0].lower() + cause.strerror[1:]
-        reason = getattr(cause, "reason", None)
-        first = cause.args[0] if cause.args else None
-        cause = (
-            cause.__cause__
-            or (reason if isinstance(reason, BaseException) else None)
-            or (first if isinstance(first, BaseException) else None)
-        )
+    # requests wraps urllib3, which wraps the socket's error: say the socket's.
+    socket_errors = [
+        e
+        for e in _causes(exc)
+        if isinstance(e, OSError) and not isinstance(e, requests.RequestException)
+    ]
+    if socket_errors:
+        text = socket_errors[-1].strerror or str(socket_errors[-1])
+        return text[:1].lower() + text[1:200]
     return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps (causes, contexts, urllib3's reasons, exceptions in args),
+    outermost first."""
+    found: list[BaseException] = []
+    todo = [exc]
+    while todo and len(found) < 16:
+        current = todo.pop(0)
+        if any(current is seen for seen in found):
+            continue
+        found.append(current)
+        inner = (current.__cause__, current.__context__, getattr(current, "reason", None))
+        todo += [e for e in (*inner, *current.args) if isinstance(e, BaseException)]
+    return found
 
 
 class Backoff:

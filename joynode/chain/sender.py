@@ -112,12 +112,19 @@ class TransactionSender:
         self._decoder = decoder
         self._lock = threading.Lock()
         self._nonce: int | None = None
+        self._stale = False  # set from any thread: re-read the nonce before the next send
         self.sent = 0
         self.replaced = 0
 
     @property
     def address(self) -> ChecksumAddress:
         return self.account.address
+
+    def resync_nonce(self) -> None:
+        """Read the nonce from the chain before the next transaction: after an outage or a
+        reorg the chain may be ahead of ours (a transaction mined unseen) or behind it (a
+        chain restarted from an older state)."""
+        self._stale = True
 
     def transact(self, call: Any, *, value: int = 0, gas: int | None = None) -> TxReceipt:
         """Send a contract function call (``contract.functions.f(...)``); wait for its receipt.
@@ -168,7 +175,8 @@ class TransactionSender:
                 raise
 
     def _send_locked(self, tx: dict[str, Any]) -> TxReceipt:
-        if self._nonce is None:
+        if self._nonce is None or self._stale:
+            self._stale = False
             self._nonce = self.w3.eth.get_transaction_count(self.address, "pending")
         tx["nonce"] = self._nonce
         fees = self._fees()

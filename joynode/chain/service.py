@@ -320,6 +320,8 @@ class ChainService:
         outage; while it is unreachable, attempts back off up to ``chain.retry_max_s``.
         """
         assert self._watcher is not None
+        assert self._sender is not None
+        sender = self._sender
         backoff = Backoff(self._settings.poll_interval_s, self._settings.retry_max_s)
         checked = self._link.reachable is True  # (local mode checked it at start)
         announced = False
@@ -329,6 +331,7 @@ class ChainService:
                     await self._link.probe()
                     await self._check_chain()
                     checked = True
+                    sender.resync_nonce()  # the chain may have moved on, or gone back
                 if not announced:
                     log.info(
                         "chain %d at %s: contracts of %s, events from block %d",
@@ -349,6 +352,8 @@ class ChainService:
                 await trio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
+            if any(event.removed for event in events):
+                sender.resync_nonce()  # the transactions of the lost blocks are gone too
             for event in events:
                 self._m_events.labels(event.contract, event.name, str(event.removed).lower()).inc()
                 if (event.contract, event.name) == ("NodeCoordinator", "ParametersChanged"):
