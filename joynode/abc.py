@@ -74,7 +74,8 @@ class SettlementChain(Protocol):
     """What the consensus actor needs of the chain actor (``ChainService`` provides it).
 
     Transactions raise ``joynode.chain.sender.TransactionFailed`` with the
-    contract's reason when they revert.
+    contract's reason when they revert; calls raise
+    ``joynode.chain.rpc.ChainUnreachable`` while the RPC is down.
     """
 
     async def request_info(self, request_id: bytes) -> OnchainRequest | None: ...
@@ -101,7 +102,15 @@ class GossipPublisher(Protocol):
 
 
 class ZkMarketChain(Protocol):
-    """What the zk actor needs of the chain actor (``ChainService`` provides it)."""
+    """What the zk actor needs of the chain actor (``ChainService`` provides it).
+
+    Calls raise ``joynode.chain.rpc.ChainUnreachable`` while the RPC is down.
+    """
+
+    @property
+    def address(self) -> str:
+        """This node's account on the chain."""
+        ...
 
     async def request_info(self, request_id: bytes) -> OnchainRequest | None: ...
 

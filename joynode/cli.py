@@ -360,7 +360,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         failures, rest = group.split(ActorFailed)
         if failures is None or rest is not None:
             raise
-        names = sorted({e.actor for e in _leaves(failures) if isinstance(e, ActorFailed)})
+        failed = [e for e in _leaves(failures) if isinstance(e, ActorFailed)]
+        if all(isinstance(e.__cause__, ConfigError) for e in failed):
+            return EXIT_USAGE  # the supervisor logged each one's line, naming the key
+        names = sorted({e.actor for e in failed})
         log.error("node stopped because actor %s failed", ", ".join(names))
         return EXIT_FAILURE
     log.info("node stopped")

@@ -313,6 +313,11 @@ class ChainSection(_Section):
         0, ge=0, le=1000, description="Blocks behind the head the watcher stays (reorg safety)."
     )
     poll_interval_s: Seconds = Field(1.0, description="How often the watcher looks for new blocks.")
+    retry_max_s: Seconds = Field(
+        30.0,
+        description="Longest wait between attempts to reach an unreachable RPC (the wait "
+        "starts at poll_interval_s and doubles, with jitter).",
+    )
     block_range: StrictInt = Field(
         2000, ge=1, le=100_000, description="Most blocks read per log query."
     )

@@ -71,10 +71,11 @@ class HttpServer:
         self,
         settings: HttpSection,
         registry: CollectorRegistry,
-        health: Callable[[], tuple[bool, dict[str, object]]],
+        health: Callable[[], tuple[str, dict[str, object]]],
         dashboard_endpoints: Callable[[], dict[str, object]],
     ) -> None:
-        """``dashboard_endpoints``: what the page needs to find the node (control URL, ids)."""
+        """``health``: ok, degraded or unavailable, and the detail (``Supervisor.health``);
+        ``dashboard_endpoints``: what the page needs to find the node (control URL, ids)."""
         self._settings = settings
         self._registry = registry
         self._health = health
@@ -153,9 +154,11 @@ class HttpServer:
         elif path == "/metrics":
             response = Response(200, generate_latest(self._registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            healthy, detail = self._health()
-            body = json.dumps({"status": "ok" if healthy else "unavailable", **detail}).encode()
-            response = Response(200 if healthy else 503, body, "application/json")
+            # Degraded is 200: the node runs and serves (a load balancer keeps it); the
+            # body says what it cannot do. 503 only while an actor is not running.
+            health, detail = self._health()
+            body = json.dumps({"status": health, **detail}).encode()
+            response = Response(503 if health == "unavailable" else 200, body, "application/json")
         elif path in self._dashboard:
             response = self._dashboard[path]
         elif path == "/dashboard/endpoints.json":

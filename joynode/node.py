@@ -17,7 +17,8 @@ Actor graph (arrows are memory channels, named by direction and payload)::
                                  --TokenDelta/InferenceResult/InferenceFailure--> requester
                                  (models given by CID come from storage.materialize_model)
     chain      ChainService      (chain.mode local/rpc: anvil or RPC, deployment, watcher ->
-                                  registry mirror in state, transaction sender)
+                                  registry mirror in state, transaction sender; tells the
+                                  supervisor it is degraded while the RPC is unreachable)
     consensus  ConsensusService  <--VerifiedGossip(JobOffer)-- p2p (offers_send)
                                  <--VerifiedGossip(VoteCommit/VoteReveal)-- p2p (votes_send)
                                  <--ChainEvent-- chain (chain_events_send: settlements, refunds)
@@ -42,6 +43,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -140,6 +142,7 @@ class Node:
                 config.node.data_dir,
                 self.inference.serving_status,
                 self.p2p.listen_addrs,
+                partial(self.supervisor.degraded, "chain"),
                 (chain_events_send, zk_chain_events_send),
             )
             if config.chain.mode != "off"
@@ -239,8 +242,8 @@ class Node:
             return self.chain.deployment.eip712_domain()
         return OFFCHAIN_DOMAIN
 
-    def _health(self) -> tuple[bool, dict[str, object]]:
-        return self.supervisor.all_ready(), {"actors": self.supervisor.snapshot()}
+    def _health(self) -> tuple[str, dict[str, object]]:
+        return self.supervisor.health(), {"actors": self.supervisor.snapshot()}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -249,6 +252,7 @@ class Node:
             "peer_id": self.identity.peer_id,
             "uptime_s": round(time.time() - self.supervisor.started_at, 3),
             "boot": self.state.boot,
+            "health": self.supervisor.health(),
             "actors": self.supervisor.snapshot(),
         }
 

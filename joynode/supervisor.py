@@ -4,6 +4,13 @@ The supervisor is what turns "a set of actors" into a node: each actor is
 started in the node's nursery and must report readiness before the next one
 starts; its state is visible to ``node.status``, ``/healthz`` and ``/metrics``;
 an actor that raises is logged with its name and takes the whole node down.
+A ``ConfigError`` (the operator must change the config or the data dir) is
+logged as its one line, without a traceback.
+
+An actor that keeps running without doing all of its job (the chain actor
+while its RPC is unreachable) says so through ``degraded`` (wired into it by
+the node): it shows as ``degraded`` with the reason, one log line marks each
+change, and ``/healthz`` still answers 200, with ``"status": "degraded"``.
 """
 
 from __future__ import annotations
@@ -13,12 +20,14 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import trio
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from joynode.abc import Actor
+from joynode.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +35,7 @@ log = logging.getLogger(__name__)
 class ActorState(enum.Enum):
     STARTING = "starting"
     READY = "ready"
+    DEGRADED = "degraded"  # running, but not doing all of its job (``error`` says why)
     STOPPED = "stopped"
     FAILED = "failed"
 
@@ -58,11 +68,30 @@ class _Running:
 class Supervisor(Collector):
     def __init__(self) -> None:
         self._records: dict[str, ActorRecord] = {}
+        self._problems: dict[str, str] = {}  # why each degraded actor is degraded
         self._running: list[_Running] = []
         self.started_at = time.time()
 
     def _set(self, name: str, state: ActorState, error: str | None = None) -> None:
+        if state is ActorState.READY and name in self._problems:
+            state, error = ActorState.DEGRADED, self._problems[name]
         self._records[name] = ActorRecord(state, time.time(), error)
+
+    def degraded(self, name: str, problem: str | None) -> None:
+        """Actor ``name`` runs without doing all of its job because of ``problem``; or, with
+        None, does all of it again. One log line for each change."""
+        before = self._problems.get(name)
+        if problem is None:
+            self._problems.pop(name, None)
+        else:
+            self._problems[name] = problem
+        record = self._records.get(name)
+        if record is not None and record.state in (ActorState.READY, ActorState.DEGRADED):
+            self._set(name, ActorState.READY)
+        if before is None and problem is not None:
+            log.warning("actor %s degraded: %s", name, problem)
+        elif before is not None and problem is None:
+            log.info("actor %s recovered (was: %s)", name, before)
 
     async def start(self, nursery: trio.Nursery, actor: Actor) -> None:
         """Start ``actor`` in ``nursery`` and return once it reports ready."""
@@ -103,6 +132,10 @@ class Supervisor(Collector):
             raise
         except ActorFailed:
             raise
+        except ConfigError as exc:
+            self._set(actor.name, ActorState.FAILED, str(exc))
+            log.error("actor %s cannot run: %s", actor.name, exc)
+            raise ActorFailed(actor.name) from exc
         except Exception as exc:
             self._set(actor.name, ActorState.FAILED, f"{type(exc).__name__}: {exc}")
             log.error("actor %s failed", actor.name, exc_info=exc)
@@ -110,21 +143,33 @@ class Supervisor(Collector):
         finally:
             running.done.set()
 
-    def all_ready(self) -> bool:
-        return bool(self._records) and all(
-            r.state is ActorState.READY for r in self._records.values()
-        )
+    def health(self) -> Literal["ok", "degraded", "unavailable"]:
+        """ok: every actor ready; degraded: all running, some degraded; else unavailable."""
+        states = {r.state for r in self._records.values()}
+        if not states or not states <= {ActorState.READY, ActorState.DEGRADED}:
+            return "unavailable"
+        return "degraded" if ActorState.DEGRADED in states else "ok"
 
     def snapshot(self) -> dict[str, dict[str, object]]:
         return {name: record.to_json() for name, record in self._records.items()}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         ready = GaugeMetricFamily(
-            "joynode_actor_ready", "1 if the actor is ready, else 0", labels=["actor"]
+            "joynode_actor_ready",
+            "1 if the actor is running (ready or degraded), else 0",
+            labels=["actor"],
+        )
+        degraded = GaugeMetricFamily(
+            "joynode_actor_degraded",
+            "1 if the actor runs but cannot do all of its job (see node.status), else 0",
+            labels=["actor"],
         )
         for name, record in self._records.items():
-            ready.add_metric([name], 1.0 if record.state is ActorState.READY else 0.0)
+            running = record.state in (ActorState.READY, ActorState.DEGRADED)
+            ready.add_metric([name], 1.0 if running else 0.0)
+            degraded.add_metric([name], 1.0 if record.state is ActorState.DEGRADED else 0.0)
         yield ready
+        yield degraded
         yield GaugeMetricFamily(
             "joynode_uptime_seconds",
             "Seconds since the node started",

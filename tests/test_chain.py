@@ -1,11 +1,17 @@
-"""The chain actor and watcher against a real anvil: local mode, exactly-once, reorgs."""
+"""The chain actor and watcher against a real anvil: local mode, exactly-once, reorgs,
+and RPC outages (down at start, lost and back, hung, another chain)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import logging
+import re
 import signal
 import sqlite3
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -14,17 +20,39 @@ from typing import Any
 import pydantic
 import pytest
 import trio
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
 
 from joynode.chain.anvil import dev_account
 from joynode.chain.deploy import JOY
+from joynode.chain.rpc import CHAIN_UNREACHABLE, Backoff, RpcLink, public_url
 from joynode.chain.service import AmountParams, ModelRegistration
 from joynode.chain.watcher import ChainWatcher, RegistryMirror
 from joynode.control.client import ControlClient
+from joynode.control.jsonrpc import RpcError
+from joynode.keys import NodeKey
 from joynode.messages import ChainEvent
 from joynode.node import Node
 from joynode.state import StateStore
-from tests.chain_fixtures import Chain, anvil_url, chain, deployed
-from tests.factories import NodeHome, NodeProcess, make_home, running_node, wait_for
+from tests.chain_fixtures import (
+    AnvilProcess,
+    Chain,
+    anvil_url,
+    chain,
+    deploy_chain,
+    deployed,
+    hung_rpc,
+    refused_port,
+)
+from tests.factories import (
+    NodeHome,
+    NodeProcess,
+    make_home,
+    node_process,
+    running_node,
+    wait_for,
+)
+from tests.test_http import get, http_exchange
 
 __all__ = ["anvil_url", "chain", "deployed"]
 
@@ -77,11 +105,13 @@ async def watching(
     async with trio.open_nursery() as nursery:
         state = StateStore(db, "test")
         await nursery.start(state.run)
-        mirror = RegistryMirror(chain.w3, chain.deployment, state)
+        link = RpcLink()
+        link.open(chain.url)
+        mirror = RegistryMirror(link, chain.deployment)
         yield (
             state,
             ChainWatcher(
-                chain.w3,
+                link,
                 chain.deployment,
                 state,
                 confirmations=0,
@@ -232,3 +262,275 @@ def test_chain_control_params_are_validated() -> None:
             ModelRegistration(**bad)
     with pytest.raises(pydantic.ValidationError):
         AmountParams(amount_joy=0)
+
+
+# ---- RPC outages
+
+
+@pytest.fixture
+def own_anvil(tmp_path: Path) -> Iterator[tuple[AnvilProcess, Chain]]:
+    """An anvil of this test's own, its chain kept in a state file across stops, deployed."""
+    anvil = AnvilProcess(state_file=tmp_path / "anvil-state.json")
+    anvil.start()
+    try:
+        yield anvil, deploy_chain(anvil.url)
+    finally:
+        anvil.stop()
+
+
+def on(chain: Chain, url: str) -> Chain:
+    """The same chain, reached at ``url``."""
+    return dataclasses.replace(chain, w3=Web3(Web3.HTTPProvider(url)), url=url)
+
+
+def out_of_sight(anvil: AnvilProcess, chain: Chain, act: Callable[[Chain], object]) -> None:
+    """``act`` on the chain while its usual RPC port stays dark: anvil runs for a moment
+    on another port, then stops (its state saved)."""
+    usual = anvil.port
+    act(on(chain, anvil.start(port=0)))
+    anvil.stop()
+    anvil.port = usual
+
+
+def moves_on(account: LocalAccount, chain: Chain) -> None:
+    """Node ``3`` stakes and registers, and ``account`` sends a transaction of its own."""
+    stake_and_register(chain, 3)
+    token = chain.contract("JoyToken")
+    chain.sender(account).transact(token.functions.transfer(dev_account(7).address, 1))
+
+
+def zk_model(name: str) -> dict[str, object]:
+    return {"model": name, "kind": "zk", "price_joy": 1, "weights_commitment": "0x" + "11" * 32}
+
+
+def outage_home(tmp_path: Path, chain: Chain, url: str) -> NodeHome:
+    home = rpc_home(tmp_path, chain)
+    home.set("chain", "rpc_url", f'"{url}"')
+    home.set("chain", "retry_max_s", "0.5")
+    return home
+
+
+def actor_state(node: Node, name: str) -> str:
+    return str(node.supervisor.snapshot()[name]["state"])
+
+
+def sample(node: Node, name: str, **labels: str) -> float:
+    value = node.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def applied_events(node: Node) -> float:
+    return sum(
+        metric.value
+        for family in node.registry.collect()
+        if family.name == "joynode_chain_events"
+        for metric in family.samples
+        if metric.name == "joynode_chain_events_total"
+    )
+
+
+def caught_up(db: Path, chain: Chain) -> bool:
+    return set(recorded(db)) == canonical_logs(chain)
+
+
+def logged_errors(process: NodeProcess) -> list[str]:
+    """The ERROR lines of a node process's log, without their time and level."""
+    lines = process.log().splitlines()
+    return [line.split(" ERROR ", 1)[1].strip() for line in lines if " ERROR " in line]
+
+
+async def recovered_with_every_event_once(node: Node, db: Path, chain: Chain) -> None:
+    """The chain actor is ready again and has applied, and delivered, each of ``chain``'s
+    events exactly once."""
+    await wait_for(lambda: actor_state(node, "chain") == "ready", 30, "recovered")
+    await wait_for(partial(caught_up, db, chain), 30, "caught up")
+    assert len(recorded(db)) == len(canonical_logs(chain))
+    assert applied_events(node) == len(canonical_logs(chain))
+
+
+# How the RPC went away: refused, or an open connection reset or closed as anvil stopped.
+SHORT_REASON = r"[a-z][a-z ]+"
+
+
+def assert_one_outage_logged(caplog: pytest.LogCaptureFixture, url: str) -> None:
+    """One line when the RPC was lost, one when it came back (each with a short reason,
+    not a transport library's essay), and no traceback."""
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "joynode.supervisor" and ("degraded" in r.message or "recovered" in r.message)
+    ]
+    problem = f"chain RPC {re.escape(url)} unreachable: {SHORT_REASON}"
+    assert len(lines) == 2, lines
+    assert re.fullmatch(f"actor chain degraded: {problem}", lines[0]), lines[0]
+    assert re.fullmatch(rf"actor chain recovered \(was: {problem}\)", lines[1]), lines[1]
+    assert not [r for r in caplog.records if r.exc_info], "no tracebacks"
+
+
+async def test_a_node_whose_rpc_is_down_at_start_runs_degraded_then_catches_up(
+    tmp_path: Path, own_anvil: tuple[AnvilProcess, Chain], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="joynode")
+    anvil, chain = own_anvil
+    anvil.stop()
+    home = outage_home(tmp_path, chain, anvil.url)
+    db = home.config.node.data_dir / "state.db"
+    with contextlib.ExitStack() as dark:
+        dark.enter_context(refused_port(anvil.port))
+        async with (
+            running_node(home) as node,
+            ControlClient.connect(node.control.url or "", home.token.value) as client,
+        ):
+            # Every actor runs; the chain's is degraded, and each surface says why.
+            await wait_for(lambda: actor_state(node, "chain") == "degraded", 15, "degraded")
+            status = await client.call("node.status")
+            assert status["health"] == "degraded"
+            assert {a["state"] for n, a in status["actors"].items() if n != "chain"} == {"ready"}
+            assert status["actors"]["chain"]["error"] == (
+                f"chain RPC {anvil.url} unreachable: connection refused"
+            )
+            code, _, body = await http_exchange(node, get("/healthz"))
+            assert (code, json.loads(body)["status"]) == (200, "degraded")
+            _, _, metrics = await http_exchange(node, get("/metrics"))
+            assert "joynode_chain_reachable 0.0" in metrics.decode()
+            assert 'joynode_actor_degraded{actor="chain"} 1.0' in metrics.decode()
+            await wait_for(lambda: sample(node, "joynode_chain_rpc_failures_total") >= 2, 15, "2")
+            known = await client.call("chain.status")  # what is known, not an error
+            assert (known["reachable"], known["last_error"]) == (False, "connection refused")
+            assert (known["head"], known["chain_id"]) == (None, 31337)
+            assert known["contracts"] == chain.deployment.addresses
+            # Paid work is refused with the reason; nothing waits on the dead RPC.
+            with pytest.raises(RpcError) as refused:
+                await client.call("zk.infer", {"model": "m", "input": [0] * 16})
+            assert refused.value.code == CHAIN_UNREACHABLE
+            assert "unreachable: connection refused" in refused.value.message
+
+            # The chain goes on where the node cannot see it; then its RPC comes back.
+            await trio.to_thread.run_sync(
+                out_of_sight, anvil, chain, partial(stake_and_register, index=2)
+            )
+            dark.close()
+            await trio.to_thread.run_sync(anvil.start)
+            await recovered_with_every_event_once(node, db, chain)
+            assert sample(node, "joynode_chain_reachable") == 1.0
+            assert node.supervisor.health() == "ok"
+            assert (await client.call("chain.status"))["registered_nodes"] == 1
+    assert_one_outage_logged(caplog, anvil.url)
+
+
+async def test_a_node_that_loses_its_rpc_resumes_from_its_cursor_and_applies_each_event_once(
+    tmp_path: Path, own_anvil: tuple[AnvilProcess, Chain], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="joynode")
+    anvil, chain = own_anvil
+    home = outage_home(tmp_path, chain, anvil.url)
+    me = dev_account(6)  # the node's account, which also acts elsewhere during the outage
+    NodeKey(bytes(me.key)).save(home.config.node.key_file, force=True)
+    db = home.config.node.data_dir / "state.db"
+    async with (
+        running_node(home) as node,
+        ControlClient.connect(node.control.url or "", home.token.value) as client,
+    ):
+        await client.call("models.register", zk_model("before"))  # its nonce now cached
+        await trio.to_thread.run_sync(stake_and_register, chain, 2)
+        await wait_for(partial(caught_up, db, chain), 30, "caught up")
+        before = await client.call("chain.status")
+        assert before["reachable"] is True
+        assert before["registered_nodes"] == 1
+        with contextlib.ExitStack() as dark:
+            await trio.to_thread.run_sync(anvil.stop)
+            dark.enter_context(refused_port(anvil.port))
+            await wait_for(lambda: actor_state(node, "chain") == "degraded", 30, "degraded")
+            assert sample(node, "joynode_chain_reachable") == 0.0
+            known = await client.call("chain.status")  # the last values read, and when
+            assert known["reachable"] is False
+            assert re.fullmatch(SHORT_REASON, known["last_error"])
+            assert known["stake"] == before["stake"]
+            assert known["as_of"] == before["as_of"]
+            await trio.to_thread.run_sync(out_of_sight, anvil, chain, partial(moves_on, me))
+        await trio.to_thread.run_sync(anvil.start)
+        await recovered_with_every_event_once(node, db, chain)
+        assert (await client.call("chain.status"))["registered_nodes"] == 2
+        # Its account sent a transaction meanwhile: the node's next one takes the next nonce.
+        assert (await client.call("models.register", zk_model("after")))["tx"].startswith("0x")
+    assert_one_outage_logged(caplog, anvil.url)
+
+
+async def test_a_node_whose_rpc_hangs_starts_and_stops_promptly(
+    tmp_path: Path, chain: Chain
+) -> None:
+    with hung_rpc() as (url, accepted):
+        home = outage_home(tmp_path, chain, url)
+        process = NodeProcess(home)
+        try:
+            process.wait_ready()  # not held up by the chain
+            await wait_for(accepted.is_set, 30, "the node asked the hung RPC")
+            began = time.monotonic()
+            assert process.stop(signal.SIGTERM, timeout=5.0) == 0
+            stopped_in = time.monotonic() - began
+        finally:
+            process.kill()
+    assert stopped_in < 5.0
+    assert "Traceback" not in process.log()
+
+
+async def test_a_database_of_another_chain_stops_the_node_with_one_line(
+    tmp_path: Path, chain: Chain
+) -> None:
+    home = rpc_home(tmp_path, chain)
+    db = home.config.node.data_dir / "state.db"
+    with node_process(home) as first:
+        await wait_for(lambda: db.exists() and recorded(db) != [], 30, "followed chain 31337")
+        assert first.stop() == 0
+    other = AnvilProcess(chain_id=1337)
+    other.start()
+    try:
+        elsewhere = await trio.to_thread.run_sync(deploy_chain, other.url)
+        elsewhere.deployment.write(tmp_path / "deployment.json")
+        home.set("chain", "rpc_url", f'"{other.url}"')
+        process = NodeProcess(home)
+        code = await trio.to_thread.run_sync(partial(process.proc.wait, 60))
+    finally:
+        process.kill()
+        other.stop()
+    assert code == 2
+    assert logged_errors(process) == [
+        f"joynode.supervisor: actor chain cannot run: the state database {db} follows"
+        f" chain 31337, but chain.rpc_url {other.url} serves chain 1337: point chain.rpc_url"
+        " back at chain 31337, or give chain 1337 its own node.data_dir"
+    ]
+    assert "Traceback" not in process.log()
+
+
+def test_rpc_mode_without_its_deployment_file_stops_with_one_line(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "node")
+    missing = tmp_path / "nowhere" / "deployment.json"
+    home.set("chain", "mode", '"rpc"')
+    home.set("chain", "deployment_file", f'"{missing}"')
+    process = NodeProcess(home)
+    try:
+        code = process.proc.wait(60)
+    finally:
+        process.kill()
+    assert code == 2
+    assert logged_errors(process) == [
+        f"joynode.supervisor: actor chain cannot run: chain.deployment_file: no deployment"
+        f" file at {missing}: run `joynode deploy --config ...`"
+    ]
+    assert "Traceback" not in process.log()
+
+
+def test_rpc_retries_back_off_to_their_cap_with_jitter_and_start_over_after_a_success() -> None:
+    backoff = Backoff(0.5, 4.0)
+    for nominal in (0.5, 1.0, 2.0, 4.0, 4.0, 4.0):
+        assert 0.75 * nominal <= backoff.next_delay() <= nominal
+    backoff.reset()
+    assert backoff.next_delay() <= 0.5
+
+
+def test_rpc_urls_are_shown_without_their_credentials() -> None:
+    # Providers put API keys in the path or the user part; logs and chain.status show neither.
+    assert (
+        public_url("https://user:secret@rpc.example:8545/v3/KEY?x=1") == "https://rpc.example:8545"
+    )
+    assert public_url("http://[::1]:8545/") == "http://[::1]:8545"

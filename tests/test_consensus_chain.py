@@ -23,6 +23,7 @@ from web3.logs import DISCARD
 
 from joynode import wire
 from joynode.chain.deploy import JOY
+from joynode.chain.rpc import CHAIN_UNREACHABLE
 from joynode.chain.service import model_key
 from joynode.consensus.jobs import input_hash_of, sampling_of
 from joynode.consensus.service import JOB_ERROR, SubmitParams
@@ -30,11 +31,11 @@ from joynode.consensus.tally import Certificate, CertificateVerifier, vote_commi
 from joynode.control.jsonrpc import RpcError
 from joynode.inference.engine import VllmEngine
 from joynode.keys import NodeKey
-from joynode.messages import output_hash
+from joynode.messages import RequestStatus, output_hash
 from joynode.node import Node
 from joynode.p2p.gossip import JOBS, VOTES
 from joynode.signatures import sign
-from tests.chain_fixtures import Chain, anvil_url, chain, deployed, dev_account
+from tests.chain_fixtures import Chain, anvil_url, chain, deployed, dev_account, rpc_proxy
 from tests.factories import LIBP2P_TEARDOWN_LEAK, running_node, wait_for
 from tests.inference_fixtures import tiny_engine, tiny_model
 from tests.test_consensus import (
@@ -44,6 +45,7 @@ from tests.test_consensus import (
     _rejected,
     _sees_all_serving,
     consensus_home,
+    wait_job,
 )
 
 __all__ = ["anvil_url", "chain", "deployed", "tiny_engine", "tiny_model"]
@@ -89,8 +91,10 @@ async def paid_committee(
     commit_timeout_s: float = 20,
     settle_timeout_s: float = 30,
     committee_size: int = 3,
+    rpc_url: str | None = None,
 ) -> AsyncIterator[tuple[list[Node], str]]:
-    """``count`` staked, registered nodes serving the tiny model, priced in the marketplace."""
+    """``count`` staked, registered nodes serving the tiny model, priced in the marketplace;
+    their RPC is ``rpc_url`` (default: the chain's own)."""
     deployment_file = tmp_path / "deployment.json"
     chain.deployment.write(deployment_file)
     async with AsyncExitStack() as stack:
@@ -102,9 +106,10 @@ async def paid_committee(
             home = consensus_home(tmp_path / f"n{i}", tiny_model, bootstrap, commit_timeout_s)
             NodeKey(bytes(account.key)).save(home.config.node.key_file, force=True)
             home.set("chain", "mode", '"rpc"')
-            home.set("chain", "rpc_url", f'"{chain.url}"')
+            home.set("chain", "rpc_url", f'"{rpc_url or chain.url}"')
             home.set("chain", "deployment_file", f'"{deployment_file}"')
             home.set("chain", "poll_interval_s", "0.1")
+            home.set("chain", "retry_max_s", "1.0")
             home.set("consensus", "settle_timeout_s", str(settle_timeout_s))
             home.set("consensus", "takeover_s", "1.0")
             nodes.append(await stack.enter_async_context(running_node(home, {"tiny": engine})))
@@ -392,3 +397,46 @@ async def test_paid_submissions_the_marketplace_refuses_get_its_reason(
         assert not [j for j in a.consensus.jobs.values() if not j.finished()]
         job = await a.consensus.submit(paid())
         assert (await settled(a, job.request_id))["payment"]["status"] == "settled"
+
+
+async def test_a_committee_without_its_rpc_runs_unpaid_jobs_and_settles_when_it_returns(
+    tmp_path: Path, tiny_model: Path, tiny_engine: VllmEngine, chain: Chain
+) -> None:
+    async with (
+        rpc_proxy(chain.url) as rpc,
+        paid_committee(tmp_path, tiny_model, tiny_engine, chain, rpc_url=rpc.url) as (nodes, _),
+    ):
+        a = nodes[0]
+        job = await a.consensus.submit(paid())
+        await wait_for(
+            lambda: all(job.request_id in n.consensus.jobs for n in nodes), 30, "members took it"
+        )
+        await rpc.cut()  # the chain goes on; the nodes cannot reach it
+
+        # The committee certifies off-chain; the certificate waits for the chain.
+        assert (await wait_job(a, job.request_id))["status"] == "certified"
+        for node in nodes:
+            await wait_for(partial(_chain_is, node, "degraded"), 30, "the outage noticed")
+        market = chain.contract("ModelMarketplace")
+        assert market.functions.requestInfo(job.request_id).call()[5] == RequestStatus.PENDING
+        payments = [n.consensus.jobs[job.request_id].to_json()["payment"] for n in nodes]
+        assert {p["status"] for p in payments} == {"escrowed"}
+        # Paid work is refused with the reason; unpaid work runs on the mirrored registry.
+        with pytest.raises(RpcError) as refused:
+            await a.consensus.submit(paid())
+        assert refused.value.code == CHAIN_UNREACHABLE
+        assert "unreachable" in refused.value.message
+        unpaid = await a.consensus.submit(SubmitParams(**PROMPT))
+        assert (await wait_job(a, unpaid.request_id))["status"] == "certified"
+
+        await rpc.restore()
+        result = await settled(a, job.request_id)
+        assert result["payment"]["status"] == "settled", result["payment"]
+        assert market.functions.requestInfo(job.request_id).call()[5] == RequestStatus.SETTLED
+        for node in nodes:
+            assert (await settled(node, job.request_id))["payment"]["status"] == "settled"
+            await wait_for(partial(_chain_is, node, "ready"), 30, "recovered")
+
+
+def _chain_is(node: Node, state: str) -> bool:
+    return node.supervisor.snapshot()["chain"]["state"] == state

@@ -30,7 +30,7 @@ from joynode.p2p.gossip import ZK_JOBS
 from joynode.supervisor import ActorFailed
 from joynode.zk.mlp import HIDDEN, IN, OUT, WeightsFileError, load_weights
 from joynode.zk.service import ZK_ERROR
-from tests.chain_fixtures import Chain, anvil_url, chain, deployed, dev_account
+from tests.chain_fixtures import Chain, anvil_url, chain, deployed, dev_account, rpc_proxy
 from tests.factories import (
     LIBP2P_TEARDOWN_LEAK,
     NodeHome,
@@ -67,23 +67,31 @@ async def quantized_weights(tmp_path: Path, seed: int = 3) -> tuple[Path, str]:
     return out, json.loads(out.read_text())["weights_commitment"]
 
 
-def chain_home(path: Path, chain: Chain, account: object, bootstrap: list[str] | None) -> NodeHome:
+def chain_home(
+    path: Path,
+    chain: Chain,
+    account: object,
+    bootstrap: list[str] | None,
+    rpc_url: str | None = None,
+) -> NodeHome:
     home = fast_p2p(make_home(path), bootstrap=bootstrap)
     NodeKey(bytes(account.key)).save(home.config.node.key_file, force=True)  # type: ignore[attr-defined]
     deployment = path / "deployment.json"
     chain.deployment.write(deployment)
     home.set("chain", "mode", '"rpc"')
-    home.set("chain", "rpc_url", f'"{chain.url}"')
+    home.set("chain", "rpc_url", f'"{rpc_url or chain.url}"')
     home.set("chain", "deployment_file", f'"{deployment}"')
     home.set("chain", "poll_interval_s", "0.1")
+    home.set("chain", "retry_max_s", "1.0")
     return home
 
 
 @asynccontextmanager
 async def requester_and_prover(
-    tmp_path: Path, chain: Chain, weights: Path | None
+    tmp_path: Path, chain: Chain, weights: Path | None, prover_rpc: str | None = None
 ) -> AsyncIterator[tuple[ControlClient, ControlClient, Node]]:
-    prover_home = chain_home(tmp_path / "prover", chain, PROVER, None)
+    """A requester node and a prover node (serving ``weights``; its RPC ``prover_rpc``)."""
+    prover_home = chain_home(tmp_path / "prover", chain, PROVER, None, prover_rpc)
     if weights is not None:
         prover_home.set("zk", "models", f'[{{name = "{MODEL}", weights = "{weights}"}}]')
     async with running_node(prover_home) as prover:
@@ -133,6 +141,11 @@ async def test_a_serving_peer_proves_and_settles_a_paid_zk_request(
         market = chain.contract("ModelMarketplace")
         request_id = bytes.fromhex(result["request_id"][2:])
         assert market.functions.requestInfo(request_id).call()[5] == RequestStatus.SETTLED
+        # The requester learns of the settlement from its watcher, the prover from its
+        # transaction's receipt: either may come first, so wait for the prover's record.
+        await wait_for(
+            lambda: _has_job(b, result["request_id"], "settled"), 30, "the prover recorded it"
+        )
         (job,) = (await b.call("zk.jobs", {}))["jobs"]
         assert (job["status"], job["tx"], job["input"]) == ("settled", result["tx"], X)
 
@@ -180,9 +193,48 @@ def wallet_pays(chain: Chain, earlier_request: str) -> str:
     return "0x" + bytes(event["args"]["requestId"]).hex()
 
 
-async def _has_job(control: ControlClient, request_id: str, status: str) -> bool:
+async def _has_job(control: ControlClient, request_id: str | None, status: str) -> bool:
+    """Whether ``control``'s node has a zk job (``request_id``'s, or any) in ``status``."""
     jobs = (await control.call("zk.jobs", {}))["jobs"]
-    return any(j["request_id"] == request_id and j["status"] == status for j in jobs)
+    return any(request_id in (None, j["request_id"]) and j["status"] == status for j in jobs)
+
+
+async def test_a_prover_that_loses_its_rpc_lands_its_proof_when_it_returns(
+    chain: Chain, tmp_path: Path
+) -> None:
+    weights, commitment = await quantized_weights(tmp_path)
+    model = load_weights(weights)[0]
+    async with (
+        rpc_proxy(chain.url) as rpc,
+        requester_and_prover(tmp_path, chain, weights, prover_rpc=rpc.url) as (a, b, _),
+    ):
+        await b.call("models.register", registration(commitment))
+        results: list[dict[str, object]] = []
+
+        async def infer() -> None:
+            results.append(await a.call("zk.infer", {"model": MODEL, "input": X}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(infer)
+            await wait_for(lambda: _has_job(b, None, "proving"), 60, "the prover took it")
+            # While it proves (3 s or more, CPU-bound): its submission finds no RPC.
+            await rpc.cut()
+            await wait_for(lambda: _chain_state(b, "degraded"), 30, "the prover noticed")
+            (job,) = (await b.call("zk.jobs", {}))["jobs"]
+            assert job["status"] == "proving"  # retrying, not given up
+            market = chain.contract("ModelMarketplace")
+            request_id = bytes.fromhex(str(job["request_id"])[2:])
+            assert market.functions.requestInfo(request_id).call()[5] == RequestStatus.PENDING
+            await rpc.restore()
+        (result,) = results
+        assert (result["status"], result["logits"]) == ("settled", model.infer(X))
+        assert result["prover"] == PROVER.address
+        await wait_for(lambda: _has_job(b, job["request_id"], "settled"), 30, "recorded")
+        await wait_for(lambda: _chain_state(b, "ready"), 30, "the prover recovered")
+
+
+async def _chain_state(control: ControlClient, state: str) -> bool:
+    return bool((await control.call("node.status"))["actors"]["chain"]["state"] == state)
 
 
 async def test_a_zk_request_nobody_proves_is_refunded(chain: Chain, tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -113,12 +112,19 @@ class TransactionSender:
         self._decoder = decoder
         self._lock = threading.Lock()
         self._nonce: int | None = None
+        self._stale = False  # set from any thread: re-read the nonce before the next send
         self.sent = 0
         self.replaced = 0
 
     @property
     def address(self) -> ChecksumAddress:
         return self.account.address
+
+    def resync_nonce(self) -> None:
+        """Read the nonce from the chain before the next transaction: after an outage or a
+        reorg the chain may be ahead of ours (a transaction mined unseen) or behind it (a
+        chain restarted from an older state)."""
+        self._stale = True
 
     def transact(self, call: Any, *, value: int = 0, gas: int | None = None) -> TxReceipt:
         """Send a contract function call (``contract.functions.f(...)``); wait for its receipt.
@@ -162,42 +168,48 @@ class TransactionSender:
 
     def _send(self, tx: dict[str, Any]) -> TxReceipt:
         with self._lock:
-            if self._nonce is None:
-                self._nonce = self.w3.eth.get_transaction_count(self.address, "pending")
-            tx["nonce"] = self._nonce
-            fees = self._fees()
-            hashes: list[HexBytes] = []
-            for attempt in range(MAX_REPLACEMENTS + 1):
-                if hashes:  # a replacement must outbid the transaction it replaces
-                    fees = {
-                        k: max(int(v * FEE_BUMP), new)
-                        for (k, v), new in zip(fees.items(), self._fees().values(), strict=True)
-                    }
-                tx.update(fees)
-                signed = self.account.sign_transaction(tx)
-                try:
-                    hashes.append(
-                        HexBytes(self.w3.eth.send_raw_transaction(signed.raw_transaction))
-                    )
-                except (ValueError, Web3Exception) as exc:  # refused: nonce, fees, balance
-                    self._nonce = None  # re-read from the chain next time
-                    raise TransactionFailed(f"transaction refused: {exc}") from None
-                self.sent += 1
-                receipt = self._wait_any(hashes)
-                if receipt is None:
-                    log.warning(
-                        "transaction not mined in %.0f s; replacing it (attempt %d)",
-                        RECEIPT_TIMEOUT_S,
-                        attempt + 1,
-                    )
-                    self.replaced += 1
-                    continue
-                self._nonce += 1
-                if receipt["status"] != 1:
-                    raise TransactionFailed(self._replay_failure(tx, receipt))
-                return receipt
-            self._nonce = None
-            raise TransactionFailed(f"transaction not mined after {MAX_REPLACEMENTS} replacements")
+            try:
+                return self._send_locked(tx)
+            except OSError:  # the RPC went away: the transaction may be out, or mined
+                self._nonce = None  # re-read (pending count) before the next one
+                raise
+
+    def _send_locked(self, tx: dict[str, Any]) -> TxReceipt:
+        if self._nonce is None or self._stale:
+            self._stale = False
+            self._nonce = self.w3.eth.get_transaction_count(self.address, "pending")
+        tx["nonce"] = self._nonce
+        fees = self._fees()
+        hashes: list[HexBytes] = []
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            if hashes:  # a replacement must outbid the transaction it replaces
+                fees = {
+                    k: max(int(v * FEE_BUMP), new)
+                    for (k, v), new in zip(fees.items(), self._fees().values(), strict=True)
+                }
+            tx.update(fees)
+            signed = self.account.sign_transaction(tx)
+            try:
+                hashes.append(HexBytes(self.w3.eth.send_raw_transaction(signed.raw_transaction)))
+            except (ValueError, Web3Exception) as exc:  # refused: nonce, fees, balance
+                self._nonce = None  # re-read from the chain next time
+                raise TransactionFailed(f"transaction refused: {exc}") from None
+            self.sent += 1
+            receipt = self._wait_any(hashes)
+            if receipt is None:
+                log.warning(
+                    "transaction not mined in %.0f s; replacing it (attempt %d)",
+                    RECEIPT_TIMEOUT_S,
+                    attempt + 1,
+                )
+                self.replaced += 1
+                continue
+            self._nonce += 1
+            if receipt["status"] != 1:
+                raise TransactionFailed(self._replay_failure(tx, receipt))
+            return receipt
+        self._nonce = None
+        raise TransactionFailed(f"transaction not mined after {MAX_REPLACEMENTS} replacements")
 
     def _wait_any(self, hashes: list[HexBytes]) -> TxReceipt | None:
         """The receipt of whichever of ``hashes`` (one nonce) got mined, if any in time."""
@@ -228,15 +240,3 @@ class TransactionSender:
             if raw.startswith("0x") and len(raw) >= 10:
                 return self._decoder.describe(bytes.fromhex(raw[2:]))
         return str(exc.message or exc)
-
-
-def wait_for_chain(w3: Web3, timeout_s: float = 20.0) -> int:
-    """Block until the RPC answers; return the chain id."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return int(w3.eth.chain_id)
-        except Exception:  # connection refused while the node starts: any transport error
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)

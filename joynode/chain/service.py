@@ -7,10 +7,24 @@ working chain with no setup. In ``rpc`` mode it uses ``chain.rpc_url`` and the
 deployment file that ``joynode deploy`` wrote. Either way it runs the watcher
 (events out on each of ``events_sends``, the registry mirrored in SQLite) and the
 transaction sender behind the control methods.
+
+In ``rpc`` mode the actor is ready once it has read the deployment file, before
+the RPC answers: the rest of the node runs (unpaid jobs, storage, p2p) while
+the RPC is unreachable, at start or later. Meanwhile the watcher retries with
+backoff (from ``chain.poll_interval_s``, doubling up to ``chain.retry_max_s``,
+jittered), calls to the chain fail at once with ``ChainUnreachable`` (paid jobs
+are refused with that reason; settlements and refunds in flight retry), and the
+actor shows as degraded (``node.status``, ``/healthz``, ``joynode_chain_reachable``).
+Each time the RPC answers again the actor first checks that it is still the
+chain it followed: the deployment's chain id, the chain id the state database
+recorded, and the contracts' code. A mismatch stops the node with one line
+(``ConfigError``, exit 2): following another chain with this database would mix
+two chains' events and jobs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -33,12 +47,13 @@ from web3.exceptions import Web3Exception
 from web3.logs import DISCARD
 
 from joynode.chain.anvil import dev_account, running_anvil
-from joynode.chain.artifacts import load_artifacts
+from joynode.chain.artifacts import CONTRACTS, load_artifacts
 from joynode.chain.committee import Candidate
 from joynode.chain.deploy import JOY, Deployment, local_deployment
-from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender, wait_for_chain
+from joynode.chain.rpc import Backoff, ChainUnreachable, RpcLink
+from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender
 from joynode.chain.watcher import ChainWatcher, RegistryMirror
-from joynode.config import ChainSection
+from joynode.config import ChainSection, ConfigError
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession, NoParams
 from joynode.keys import NodeKey
@@ -65,6 +80,8 @@ T = TypeVar("T")
 LOCAL_FUNDING_ETH = 100
 LOCAL_FUNDING_JOY = 100_000
 REFUND_GAS = 150_000  # ModelMarketplace.refund uses about 40k
+LOCAL_START_S = 20.0  # the anvil this node runs answers within this, or is broken
+STATUS_READ_S = 3.0  # chain.status waits this long for live values, then gives the last known
 
 
 class ChainError(Exception):
@@ -148,8 +165,10 @@ class ChainService:
         data_dir: Path,
         serving_status: Callable[[], ServingStatus],
         listen_addrs: Callable[[], list[str]],
+        degraded: Callable[[str | None], None] = lambda _: None,
         events_sends: Sequence[trio.MemorySendChannel[ChainEvent]] = (),
     ) -> None:
+        """``degraded``: told why the chain is unreachable, and None when it answers again."""
         self._settings = settings
         self._key = key
         self._account: LocalAccount = Account.from_key(key.secret)
@@ -159,11 +178,12 @@ class ChainService:
         self._listen_addrs = listen_addrs
         self._events_sends = events_sends
         self._limiter = trio.CapacityLimiter(1)  # one transaction at a time: ordered nonces
-        self.w3: Web3 | None = None
+        self._link = RpcLink(registry, degraded)
         self.deployment: Deployment | None = None
         self._sender: TransactionSender | None = None
         self._watcher: ChainWatcher | None = None
         self._min_stake: int | None = None
+        self._known: dict[str, Any] = {}  # chain.status's last live values, for outages
         self._paying = trio.Lock()
         self._m_events = Counter(
             "joynode_chain_events_total",
@@ -184,26 +204,24 @@ class ChainService:
             return self._data_dir / "deployment.json"
         return self._settings.deployment_file
 
+    @property
+    def w3(self) -> Web3:
+        return self._link.w3
+
+    @property
+    def address(self) -> str:
+        """This node's account on the chain."""
+        return str(self._account.address)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self._chain() as url:
-            self.w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
-            chain_id = await trio.to_thread.run_sync(wait_for_chain, self.w3)
-            decoder = RevertDecoder(load_artifacts().contracts.values())
-            self._sender = TransactionSender(self.w3, self._account, decoder)
-            self.deployment = await self._deployment(chain_id)
-            self._watcher = ChainWatcher(
-                self.w3,
-                self.deployment,
-                self._state,
-                confirmations=self._settings.confirmations,
-                block_range=self._settings.block_range,
-                mirror=RegistryMirror(self.w3, self.deployment, self._state),
-            )
+            self._link.open(url)
             if self._settings.mode == "local":
-                await self._join_local_network()
-            log.info("chain %d at %s: contracts of %s", chain_id, url, self.deployment_path)
+                await self._start_local()
+            else:
+                self._attach(self._read_deployment())
             task_status.started()
-            await self._watch()
+            await self._follow()
 
     @asynccontextmanager
     async def _chain(self) -> AsyncIterator[str]:
@@ -213,17 +231,138 @@ class ChainService:
         else:
             yield self._settings.rpc_url
 
-    async def _deployment(self, chain_id: int) -> Deployment:
+    async def _start_local(self) -> None:
+        """Local mode: the anvil this node runs, its contracts, this node staked on it."""
+        with trio.move_on_after(LOCAL_START_S):
+            while self._link.reachable is not True:
+                with contextlib.suppress(ChainUnreachable):
+                    await self._link.probe()
+                    break
+                await trio.sleep(0.1)
+        if self._link.reachable is not True:
+            raise ChainError(f"the local anvil did not answer in {LOCAL_START_S:g} s")
+        self._attach(await self._call(local_deployment, self.w3, self.deployment_path))
+        await self._check_chain()
+        await self._join_local_network()
+
+    def _read_deployment(self) -> Deployment:
+        """Mode rpc: the deployment file, read before the RPC answers (it names the domain
+        votes are signed in, so the node can start without the chain)."""
         path = self.deployment_path
-        assert self.w3 is not None
-        if self._settings.mode == "local":
-            return await trio.to_thread.run_sync(local_deployment, self.w3, path)
         if not path.is_file():
-            raise ChainError(f"no deployment file at {path}: run `joynode deploy --config ...`")
-        deployment = Deployment.read(path)
-        if not await trio.to_thread.run_sync(deployment.is_live_on, self.w3):
-            raise ChainError(f"{path} does not match chain {chain_id} at {self._settings.rpc_url}")
+            raise ConfigError(
+                f"chain.deployment_file: no deployment file at {path}: "
+                "run `joynode deploy --config ...`"
+            )
+        try:
+            deployment = Deployment.read(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"chain.deployment_file: {path} is not a deployment file ({exc})"
+            ) from None
+        wrong = [
+            name
+            for name in CONTRACTS
+            if not Web3.is_address(deployment.addresses.get(name, "missing"))
+        ]
+        if wrong:
+            raise ConfigError(
+                f"chain.deployment_file: {path} has no valid address for {', '.join(wrong)}"
+            )
         return deployment
+
+    def _attach(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+        self._sender = TransactionSender(
+            self.w3, self._account, RevertDecoder(load_artifacts().contracts.values())
+        )
+        self._watcher = ChainWatcher(
+            self._link,
+            deployment,
+            self._state,
+            confirmations=self._settings.confirmations,
+            block_range=self._settings.block_range,
+            mirror=RegistryMirror(self._link, deployment),
+        )
+
+    async def _check_chain(self) -> None:
+        """That the RPC serves the chain of the deployment file and of the state database, with
+        the contracts on it; ``ConfigError`` if not (the operator must choose which is right)."""
+        w3, deployment = self._connected()
+        path, url = self.deployment_path, self._link.url
+        chain_id = await self._call(lambda: int(w3.eth.chain_id))
+        if chain_id != deployment.chain_id:
+            raise ConfigError(
+                f"chain.rpc_url {url} serves chain {chain_id}, but chain.deployment_file "
+                f"{path} is for chain {deployment.chain_id}"
+            )
+        followed = await self._state.read(
+            lambda c: c.execute("SELECT chain_id FROM chain_cursor WHERE id = 1").fetchone()
+        )
+        if followed is not None and int(followed[0]) != chain_id:
+            raise ConfigError(
+                f"the state database {self._state.path} follows chain {followed[0]}, but "
+                f"chain.rpc_url {url} serves chain {chain_id}: point chain.rpc_url back at "
+                f"chain {followed[0]}, or give chain {chain_id} its own node.data_dir"
+            )
+        if not await self._call(deployment.is_live_on, w3):
+            raise ConfigError(
+                f"the contracts of chain.deployment_file {path} are not on chain {chain_id} at "
+                f"{url} (was the chain reset? `joynode deploy` deploys them again)"
+            )
+        coordinator = deployment.contract(w3, "NodeCoordinator")
+        self._min_stake = int(await self._call(coordinator.functions.minStake().call))
+
+    async def _follow(self) -> None:
+        """Watch the chain for as long as the node runs: through outages, from the cursor.
+
+        The RPC's identity is checked at the first contact and again after each
+        outage; while it is unreachable, attempts back off up to ``chain.retry_max_s``.
+        """
+        assert self._watcher is not None
+        assert self._sender is not None
+        sender = self._sender
+        backoff = Backoff(self._settings.poll_interval_s, self._settings.retry_max_s)
+        checked = self._link.reachable is True  # (local mode checked it at start)
+        announced = False
+        while True:
+            try:
+                if not checked:
+                    await self._link.probe()
+                    await self._check_chain()
+                    checked = True
+                    sender.resync_nonce()  # the chain may have moved on, or gone back
+                if not announced:
+                    log.info(
+                        "chain %d at %s: contracts of %s, events from block %d",
+                        self._connected()[1].chain_id,
+                        self._link.url,
+                        self.deployment_path,
+                        (await self._watcher.cursor()).block + 1,
+                    )
+                    announced = True
+                events = await self._watcher.poll()
+            except ChainUnreachable:
+                checked = False
+                await trio.sleep(backoff.next_delay())
+                continue
+            except (ValueError, Web3Exception) as exc:  # it answers, but with errors
+                self._link.lost(f"it answers with errors: {str(exc)[:200]}")
+                checked = False
+                await trio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            if any(event.removed for event in events):
+                sender.resync_nonce()  # the transactions of the lost blocks are gone too
+            for event in events:
+                self._m_events.labels(event.contract, event.name, str(event.removed).lower()).inc()
+                if (event.contract, event.name) == ("NodeCoordinator", "ParametersChanged"):
+                    self._min_stake = None  # read again when next needed
+                for events_send in self._events_sends:
+                    await events_send.send(event)
+            self._m_block.set((await self._watcher.cursor()).block)
+            if not events:
+                await trio.sleep(self._settings.poll_interval_s)
 
     async def _join_local_network(self) -> None:
         """Local mode: fund this node's account, stake, and register what it serves."""
@@ -248,12 +387,13 @@ class ChainService:
         await self.register()
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(fn, *args)
+        """A blocking web3 call, through the link (``ChainUnreachable`` while the RPC is down)."""
+        return await self._link.call(fn, *args)
 
     async def transact(self, call: Any, gas: int | None = None) -> Any:
         assert self._sender is not None
         try:
-            receipt = await trio.to_thread.run_sync(
+            receipt = await self._link.call(
                 partial(self._sender.transact, call, gas=gas), limiter=self._limiter
             )
         except TransactionFailed:
@@ -274,25 +414,6 @@ class ChainService:
             )
         )
         return {"tx": receipt["transactionHash"].to_0x_hex(), "models": list(status.models)}
-
-    async def _watch(self) -> None:
-        assert self._watcher is not None
-        while True:
-            try:
-                events = await self._watcher.poll()
-            except (OSError, ValueError, Web3Exception) as exc:  # RPC down or answering errors
-                log.warning("chain watcher: %s; retrying", exc)
-                await trio.sleep(self._settings.poll_interval_s)
-                continue
-            for event in events:
-                self._m_events.labels(event.contract, event.name, str(event.removed).lower()).inc()
-                if (event.contract, event.name) == ("NodeCoordinator", "ParametersChanged"):
-                    self._min_stake = None  # read again when next needed
-                for events_send in self._events_sends:
-                    await events_send.send(event)
-            self._m_block.set((await self._watcher.cursor()).block)
-            if not events:
-                await trio.sleep(self._settings.poll_interval_s)
 
     # ---- paid inference (called by the consensus actor)
 
@@ -491,11 +612,14 @@ class ChainService:
         """Registered nodes by address, weighted as the contract weighs them (from the mirror).
 
         Nodes below the minimum stake are left out, as ``selectCommittee`` leaves them out.
+        While the RPC is down and the minimum is not known yet, any stake will do: the
+        mirror still serves unpaid jobs' committees.
         """
         if self._min_stake is None:
             coordinator = self._contract("NodeCoordinator")
-            self._min_stake = int(await self._call(coordinator.functions.minStake().call))
-        min_stake = self._min_stake
+            with contextlib.suppress(ChainUnreachable):
+                self._min_stake = int(await self._call(coordinator.functions.minStake().call))
+        min_stake = 1 if self._min_stake is None else self._min_stake
 
         def read(conn: sqlite3.Connection) -> dict[str, Candidate]:
             rows = conn.execute(
@@ -512,6 +636,9 @@ class ChainService:
     # ---- control
 
     async def status(self) -> dict[str, Any]:
+        """This node on the chain. The balances, stake and head are live while the RPC answers
+        (within ``STATUS_READ_S``), else the last ones read (``as_of`` says when); never
+        an error, so a dashboard shows what is known through an outage."""
         w3, deployment = self._connected()
         assert self._watcher is not None
         me = self._account.address
@@ -521,9 +648,7 @@ class ChainService:
         def read() -> dict[str, Any]:
             info = coordinator.functions.nodeInfo(me).call()
             return {
-                "chain_id": deployment.chain_id,
                 "head": int(w3.eth.block_number),
-                "address": me,
                 "eth_balance": str(w3.eth.get_balance(me)),
                 "joy_balance": str(token.functions.balanceOf(me).call()),
                 "stake": str(info[0]),
@@ -532,16 +657,26 @@ class ChainService:
                 "reputation": int(info[3]),
                 "registered": bool(info[5]),
                 "rewards": str(coordinator.functions.earned(me).call()),
-                "contracts": deployment.addresses,
             }
 
-        status = await self._call(read)
-        status["last_processed_block"] = (await self._watcher.cursor()).block
-        status["events_applied"] = self._watcher.applied
-        status["registered_nodes"] = len(
-            await self.registry_candidates()
-        )  # staked, from the mirror
-        return status
+        with trio.move_on_after(STATUS_READ_S), contextlib.suppress(ChainUnreachable):
+            self._known = {**await self._call(read), "as_of": time.time()}
+        link = self._link
+        return {
+            "chain_id": deployment.chain_id,
+            "rpc_url": link.url,
+            "reachable": link.reachable is True,
+            "reachable_changed_at": link.changed_at,
+            "last_error": link.last_error,
+            "address": me,
+            "head": None,
+            "as_of": None,
+            **self._known,
+            "contracts": deployment.addresses,
+            "last_processed_block": (await self._watcher.cursor()).block,
+            "events_applied": self._watcher.applied,
+            "registered_nodes": len(await self.registry_candidates()),  # staked, from the mirror
+        }
 
     def control_methods(self) -> list[ControlMethod]:
         async def chain_status(_: NoParams, __: ControlSession) -> dict[str, Any]:
@@ -621,7 +756,7 @@ class ChainService:
         ]
 
     def _connected(self) -> tuple[Web3, Deployment]:
-        if self.w3 is None or self.deployment is None:
+        if self.deployment is None:
             raise ChainError("the chain is not connected yet")
         return self.w3, self.deployment
 

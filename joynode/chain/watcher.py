@@ -13,7 +13,11 @@ continues from there.
 Every event also refreshes the registry mirror (``RegistryMirror``): the
 nodes, models and requests it touched are re-read from the contracts' views
 and stored in SQLite, where the consensus actor finds them without a chain
-round trip. Web3 calls run in worker threads.
+round trip. A poll reads everything from the chain first and then writes the
+retractions, the events, the mirror rows and the cursor in one transaction,
+so an RPC that fails half way leaves nothing half done: the next poll does
+the same step again. Web3 calls go through the chain actor's ``RpcLink``
+(worker threads, bounded, ``ChainUnreachable`` when the RPC is down).
 """
 
 from __future__ import annotations
@@ -21,11 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import trio
 from eth_utils.abi import event_abi_to_log_topic
 from hexbytes import HexBytes
 from web3 import Web3
@@ -34,12 +36,14 @@ from web3.exceptions import BlockNotFound
 
 from joynode.chain.artifacts import load_artifacts
 from joynode.chain.deploy import Deployment
+from joynode.chain.rpc import RpcLink
 from joynode.messages import ChainEvent
 from joynode.state import StateStore
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+Row = tuple[Any, ...]
+MirrorRows = tuple[list[Row], list[Row], list[Row]]  # nodes, models, requests
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ def _jsonable(value: Any) -> Any:
 class ChainWatcher:
     def __init__(
         self,
-        w3: Web3,
+        link: RpcLink,
         deployment: Deployment,
         state: StateStore,
         *,
@@ -105,18 +109,16 @@ class ChainWatcher:
         block_range: int,
         mirror: RegistryMirror | None = None,
     ) -> None:
-        self._w3 = w3
+        self._link = link
+        self._w3 = link.w3
         self._deployment = deployment
         self._state = state
         self._confirmations = confirmations
         self._range = block_range
-        self._decoder = EventDecoder(w3, deployment)
+        self._decoder = EventDecoder(link.w3, deployment)
         self._mirror = mirror
         self.applied = 0
         self.retracted = 0
-
-    async def _rpc(self, fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(fn, *args)
 
     def _block_hash(self, number: int) -> str:
         return HexBytes(self._w3.eth.get_block(number)["hash"]).to_0x_hex()
@@ -132,38 +134,50 @@ class ChainWatcher:
         return Cursor(int(row[0]), str(row[1]))
 
     async def poll(self) -> list[ChainEvent]:
-        """One step: handle a reorg if there was one, then apply the next range of logs."""
+        """One step: handle a reorg if there was one, then apply the next range of logs.
+
+        Raises ``ChainUnreachable`` (nothing applied) when the RPC fails on the way.
+        """
         cursor = await self.cursor()
+        fork: Cursor | None = None
         retracted: list[ChainEvent] = []
-        if (
-            cursor.block_hash
-            and await self._rpc(self._block_hash, cursor.block) != cursor.block_hash
+        if cursor.block_hash and (
+            await self._link.call(self._hash_or_none, cursor.block) != cursor.block_hash
         ):
             fork = await self._find_fork()
             log.warning(
                 "chain reorganised below block %d; back to block %d", cursor.block, fork.block
             )
-            retracted = await self._state.write(lambda c: _retract_after(c, fork))
+            retracted = await self._state.read(lambda c: _events_after(c, fork.block))
             cursor = fork
-            self.retracted += len(retracted)
-        head = await self._rpc(lambda: int(self._w3.eth.block_number))
+        head = await self._link.call(lambda: int(self._w3.eth.block_number))
         target = head - self._confirmations
-        applied: list[ChainEvent] = []
+        events: list[ChainEvent] = []
+        end: Cursor | None = None
         if target > cursor.block:
-            end = min(target, cursor.block + self._range)
-            fetched = await self._rpc(self._fetch, cursor.block + 1, end, cursor.block_hash)
+            last = min(target, cursor.block + self._range)
+            fetched = await self._link.call(self._fetch, cursor.block + 1, last, cursor.block_hash)
             if fetched is None:  # the chain moved under us: the next poll sorts it out
-                return retracted
+                return []
             raw_logs, end_hash = fetched
             events = [e for e in (self._decoder.decode(r) for r in raw_logs) if e is not None]
-            chain_id = self._deployment.chain_id
-            applied = await self._state.write(
-                lambda c: _apply(c, chain_id, events, Cursor(end, end_hash))
-            )
-            self.applied += len(applied)
-        if self._mirror is not None and (applied or retracted):
-            await self._mirror.refresh(retracted + applied)
-        return retracted + applied
+            end = Cursor(last, end_hash)
+        rows = None
+        if self._mirror is not None and (events or retracted):
+            rows = await self._mirror.read(retracted + events)
+        chain_id = self._deployment.chain_id
+
+        def commit(conn: sqlite3.Connection) -> tuple[list[ChainEvent], list[ChainEvent]]:
+            undone = _retract_after(conn, fork) if fork is not None else []
+            applied = _apply(conn, chain_id, events, end) if end is not None else []
+            if rows is not None:
+                RegistryMirror.store(conn, rows)
+            return undone, applied
+
+        undone, applied = await self._state.write(commit)
+        self.retracted += len(undone)
+        self.applied += len(applied)
+        return undone + applied
 
     def _hash_or_none(self, number: int) -> str | None:
         """The chain's hash at ``number``; None if the chain is now shorter than that."""
@@ -203,7 +217,7 @@ class ChainWatcher:
             ).fetchall()
         )
         for number, block_hash in known:
-            if await self._rpc(self._hash_or_none, int(number)) == block_hash:
+            if await self._link.call(self._hash_or_none, int(number)) == block_hash:
                 return Cursor(int(number), str(block_hash))
         return Cursor(self._deployment.start_block - 1, "")
 
@@ -246,22 +260,28 @@ def _apply(
     return applied
 
 
-def _retract_after(conn: sqlite3.Connection, fork: Cursor) -> list[ChainEvent]:
+def _events_after(conn: sqlite3.Connection, block: int) -> list[ChainEvent]:
+    """The applied events above ``block``, newest first, as retractions."""
     rows = conn.execute(
         "SELECT contract, name, block, block_hash, tx_hash, log_index, args FROM chain_events "
         "WHERE block > ? ORDER BY block DESC, log_index DESC",
-        (fork.block,),
+        (block,),
     ).fetchall()
+    return [
+        ChainEvent(c, n, int(b), h, t, int(i), json.loads(a), removed=True)
+        for c, n, b, h, t, i, a in rows
+    ]
+
+
+def _retract_after(conn: sqlite3.Connection, fork: Cursor) -> list[ChainEvent]:
+    retracted = _events_after(conn, fork.block)
     conn.execute("DELETE FROM chain_events WHERE block > ?", (fork.block,))
     conn.execute("DELETE FROM chain_blocks WHERE number > ?", (fork.block,))
     conn.execute(
         "UPDATE chain_cursor SET block = ?, block_hash = ? WHERE id = 1",
         (fork.block, fork.block_hash),
     )
-    return [
-        ChainEvent(c, n, int(b), h, t, int(i), json.loads(a), removed=True)
-        for c, n, b, h, t, i, a in rows
-    ]
+    return retracted
 
 
 class RegistryMirror:
@@ -281,12 +301,13 @@ class RegistryMirror:
     MODEL_EVENTS = frozenset({"ModelRegistered", "ModelUpdated"})
     REQUEST_EVENTS = frozenset({"InferenceRequested", "InferenceSettled", "InferenceRefunded"})
 
-    def __init__(self, w3: Web3, deployment: Deployment, state: StateStore) -> None:
-        self._state = state
-        self._coordinator = deployment.contract(w3, "NodeCoordinator")
-        self._marketplace = deployment.contract(w3, "ModelMarketplace")
+    def __init__(self, link: RpcLink, deployment: Deployment) -> None:
+        self._link = link
+        self._coordinator = deployment.contract(link.w3, "NodeCoordinator")
+        self._marketplace = deployment.contract(link.w3, "ModelMarketplace")
 
-    async def refresh(self, events: list[ChainEvent]) -> None:
+    async def read(self, events: list[ChainEvent]) -> MirrorRows:
+        """The current rows of the nodes, models and requests that ``events`` touched."""
         nodes = {str(e.args["node"]) for e in events if e.name in self.NODE_EVENTS}
         nodes |= {
             str(e.args["account"])
@@ -295,12 +316,9 @@ class RegistryMirror:
         }
         models = {str(e.args["model"]) for e in events if e.name in self.MODEL_EVENTS}
         requests = {str(e.args["requestId"]) for e in events if e.name in self.REQUEST_EVENTS}
-        rows = await trio.to_thread.run_sync(self._read, nodes, models, requests)
-        await self._state.write(lambda c: self._store(c, *rows))
+        return await self._link.call(self._read, nodes, models, requests)
 
-    def _read(
-        self, nodes: set[str], models: set[str], requests: set[str]
-    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    def _read(self, nodes: set[str], models: set[str], requests: set[str]) -> MirrorRows:
         node_rows = []
         for address in nodes:
             info = self._coordinator.functions.nodeInfo(address).call()
@@ -343,12 +361,8 @@ class RegistryMirror:
         return node_rows, model_rows, request_rows
 
     @staticmethod
-    def _store(
-        conn: sqlite3.Connection,
-        nodes: list[tuple[Any, ...]],
-        models: list[tuple[Any, ...]],
-        requests: list[tuple[Any, ...]],
-    ) -> None:
+    def store(conn: sqlite3.Connection, rows: MirrorRows) -> None:
+        nodes, models, requests = rows
         conn.executemany(
             "INSERT OR REPLACE INTO registry_nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", nodes
         )

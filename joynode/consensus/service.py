@@ -53,6 +53,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from joynode import wire
 from joynode.abc import SettlementChain
 from joynode.chain.committee import Candidate, select_committee
+from joynode.chain.rpc import ChainUnreachable
 from joynode.chain.sender import TransactionFailed
 from joynode.chain.service import model_key
 from joynode.config import ConsensusSection
@@ -892,8 +893,10 @@ class ConsensusService:
             return await fn(*args)
         except TransactionFailed:
             raise
+        except ChainUnreachable as exc:  # the chain actor logs the outage, once
+            raise _ChainUnreachable(str(exc)) from exc
         except Exception as exc:  # web3 and transports raise many types
-            log.warning("chain unreachable: %s; retrying in %.0f s", exc, CHAIN_RETRY_S)
+            log.warning("chain call failed: %s; retrying in %.0f s", exc, CHAIN_RETRY_S)
             raise _ChainUnreachable(str(exc)) from exc
 
     async def _resolved_on_chain(self, job: Job) -> bool:
@@ -928,7 +931,12 @@ class ConsensusService:
                 "job %s: equivocation of %s not reported: %s", _short(job), evidence.member, exc
             )
             return
-        except Exception:  # chain down: the evidence stays in SQLite for the next start
+        except ChainUnreachable as exc:  # the evidence stays in SQLite for the next start
+            log.info(
+                "job %s: %s's equivocation not reported: %s", _short(job), evidence.member, exc
+            )
+            return
+        except Exception:
             log.exception("job %s: reporting %s failed", _short(job), evidence.member)
             return
         if tx is None:

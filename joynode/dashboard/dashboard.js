@@ -65,6 +65,7 @@
 
   // Integer strings in base units (18 decimals) as "1,234.56".
   function units(raw, symbol) {
+    if (raw === null || raw === undefined) return "—";
     let value;
     try {
       value = BigInt(raw);
@@ -315,12 +316,18 @@
     }
     const c = result.value;
     const release = c.unbonding_release_at ? " (release " + new Date(c.unbonding_release_at * 1000).toLocaleString() + ")" : "";
+    // While the RPC is unreachable the node answers with the last values it read (as_of).
+    const rpc = c.reachable
+      ? badge("reachable", "up")
+      : el("span", null, badge("unreachable", "down"), " " + (c.last_error || ""),
+          el("span", { class: "muted" }, c.as_of ? " (values as of " + age(c.as_of) + " ago)" : " (no values read yet)"));
     const dl = el("dl", { class: "fields" });
     fields(dl, [
-      ["registered", badge(c.registered ? "yes" : "no", c.registered ? "up" : "down")],
+      ["RPC", el("span", null, short(c.rpc_url, 40, 0), " ", rpc)],
+      ["registered", c.registered === undefined ? null : badge(c.registered ? "yes" : "no", c.registered ? "up" : "down")],
       ["stake", units(c.stake, "JOY")],
-      ["unbonding", units(c.unbonding, "JOY") + (c.unbonding !== "0" ? release : "")],
-      ["reputation", c.reputation + " / 10000"],
+      ["unbonding", units(c.unbonding, "JOY") + (c.unbonding && c.unbonding !== "0" ? release : "")],
+      ["reputation", c.reputation === undefined ? null : c.reputation + " / 10000"],
       ["rewards earned", units(c.rewards, "JOY")],
       ["JOY balance", units(c.joy_balance, "JOY")],
       ["ETH balance", units(c.eth_balance, "ETH")],

@@ -15,6 +15,11 @@ wallet paid for), proves it here if this node serves the model or else
 gossips the job until someone settles it, and returns the proven logits; a
 request nobody settles by its deadline is refunded. Jobs are in SQLite
 (``zk_jobs``), so a restarted node finishes those it was proving.
+
+While the chain's RPC is unreachable, new zk requests are refused with that
+reason; a proof already made is submitted again every ``CHAIN_RETRY_S`` until
+its deadline, and one whose transaction landed while its receipt was lost is
+recorded as settled from the chain's ``ZkInferenceVerified``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter
 from joynode import wire
 from joynode.abc import GossipPublisher, ZkMarketChain
 from joynode.chain.deploy import JOY
+from joynode.chain.rpc import ChainUnreachable
 from joynode.chain.sender import TransactionFailed
 from joynode.chain.service import ZK_MODEL_NAME, model_key
 from joynode.config import ZkSection
@@ -44,7 +50,7 @@ from joynode.p2p.gossip import ZK_JOBS, VerifiedGossip
 from joynode.state import StateStore
 from joynode.zk import circuits
 from joynode.zk.mlp import IN, QuantizedMlp, WeightsFileError, commitments, input_hash, load_weights
-from joynode.zk.prover import ProofFailure, ProverClient
+from joynode.zk.prover import ProofFailure, ProofResult, ProverClient
 from joynode.zk.zokrates import ZokratesError, ZokratesWorker
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,7 @@ MIRROR_WAIT_S = 30.0  # how long a job waits for the watcher to mirror its reque
 REGOSSIP_S = 5.0  # how often a requester repeats its job while nobody has settled it
 MIN_LEFT_S = 10.0  # a request with less time than this to its deadline is not proven
 REFUND_ATTEMPTS = 30  # one a second, while the chain's clock has not reached the deadline
+CHAIN_RETRY_S = 2.0  # after the RPC failed, before trying a proof's settlement again
 RECENT_JOBS = 100
 
 
@@ -218,6 +225,14 @@ class ZkInferenceService:
         log.log(level, "zk job 0x%s %s: %s", request_id.hex()[:12], outcome, detail)
         if outcome != "ignored":
             await self._record(request_id, served.name, x, outcome, detail, tx=tx)
+        else:  # no record for gossip not taken, but a job proving before a restart ends here
+            await self._state.write(
+                lambda conn: conn.execute(
+                    "UPDATE zk_jobs SET status = ?, detail = ?, updated_at = ? "
+                    "WHERE request_id = ? AND status = 'proving'",
+                    (outcome, detail, time.time(), _hex(request_id)),
+                )
+            )
 
     async def _prove_and_settle(
         self, request_id: bytes, served: ServedZkModel, x: tuple[int, ...]
@@ -227,6 +242,8 @@ class ZkInferenceService:
         if info is None:
             return "ignored", "no such request on-chain", None
         if info.status is not RequestStatus.PENDING:
+            if (tx := await self._settled_by_me(info)) is not None:
+                return "settled", "before this node restarted", tx
             return "ignored", f"request is {info.status.name.lower()}", None
         if info.model != model_key(served.name):
             return "refused", "the request is for another model", None
@@ -241,14 +258,42 @@ class ZkInferenceService:
         outcome = await self._prover.prove(served.model, x)
         if isinstance(outcome, ProofFailure):
             return "failed", outcome.message, None
-        fresh = await chain.request_info(request_id)
-        if fresh is None or fresh.status is not RequestStatus.PENDING:
-            return "ignored", "settled by another prover meanwhile", None
-        try:
-            tx = await chain.submit_zk_result(request_id, outcome.proven)
-        except TransactionFailed as exc:
-            return "failed", f"submitZkResult: {exc}", None
-        return "settled", f"logits {list(outcome.proven.logits)}, proof {outcome.proof_id}", tx
+        return await self._settle(request_id, outcome, trio.current_time() + info.seconds_left)
+
+    async def _settle(
+        self, request_id: bytes, proven: ProofResult, deadline: float
+    ) -> tuple[str, str, str | None]:
+        """Land the proof with ``submitZkResult``; through an RPC outage, again until the
+        request's deadline (trio clock)."""
+        chain = self._chain_link()
+        done = f"logits {list(proven.proven.logits)}, proof {proven.proof_id}"
+        while True:
+            try:
+                fresh = await chain.request_info(request_id)
+                if fresh is not None and fresh.status is not RequestStatus.PENDING:
+                    if (tx := await self._settled_by_me(fresh)) is not None:
+                        return "settled", done, tx  # it landed, but its receipt was lost
+                    return "ignored", f"{fresh.status.name.lower()} meanwhile", None
+                if fresh is None:
+                    return "ignored", "no such request on-chain", None
+                tx = await chain.submit_zk_result(request_id, proven.proven)
+            except TransactionFailed as exc:
+                return "failed", f"submitZkResult: {exc}", None
+            except ChainUnreachable as exc:
+                if trio.current_time() + CHAIN_RETRY_S >= deadline:
+                    return "failed", f"not settled by its deadline: {exc.message}", None
+                await trio.sleep(CHAIN_RETRY_S)
+                continue
+            return "settled", done, tx
+
+    async def _settled_by_me(self, info: OnchainRequest) -> str | None:
+        """The transaction that settled ``info`` if this node's proof did, else None."""
+        if info.status is not RequestStatus.SETTLED:
+            return None
+        settlement = await self._chain_link().zk_settlement(info.request_id)
+        if settlement is None or settlement.prover != self._chain_link().address:
+            return None
+        return settlement.tx
 
     async def _mirrored(self, request_id: bytes) -> OnchainRequest | None:
         """The request as the watcher mirrors it, waiting a little for a request just made."""
@@ -350,7 +395,12 @@ class ZkInferenceService:
             except TransactionFailed as exc:
                 if "DeadlineNotReached" not in str(exc) or attempt == REFUND_ATTEMPTS - 1:
                     raise RpcError(ZK_ERROR, f"refund of {_hex(request_id)}: {exc}") from None
-                await trio.sleep(1.0)
+            except ChainUnreachable as exc:
+                if attempt == REFUND_ATTEMPTS - 1:
+                    raise RpcError(
+                        exc.code, f"refund of {_hex(request_id)} not sent: {exc.message}"
+                    ) from None
+            await trio.sleep(1.0)
         raise AssertionError("unreachable")
 
     def _chain_link(self) -> ZkMarketChain:
