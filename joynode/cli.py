@@ -37,7 +37,7 @@ from joynode.inference.models import PREPARABLE, ModelError, model_id, prepare
 from joynode.keys import ControlToken, NodeKey, SecretFileError, read_secret_file
 from joynode.logs import SecretRedactor, configure_logging
 from joynode.node import Node
-from joynode.supervisor import ActorFailed
+from joynode.supervisor import ActorFailed, config_error_in
 from joynode.zk import circuits
 from joynode.zk.zokrates import ZokratesError, ZokratesWorker
 
@@ -357,6 +357,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         trio.run(_serve_until_signal, Node(config, key, token))
     except BaseExceptionGroup as group:
+        if (setting := config_error_in(group)) is not None:
+            raise setting from None  # one line and exit 2, as a config file that does not load
         failures, rest = group.split(ActorFailed)
         if failures is None or rest is not None:
             raise

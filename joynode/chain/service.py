@@ -38,7 +38,7 @@ from joynode.chain.committee import Candidate
 from joynode.chain.deploy import JOY, Deployment, local_deployment
 from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender, wait_for_chain
 from joynode.chain.watcher import ChainWatcher, RegistryMirror
-from joynode.config import ChainSection
+from joynode.config import ChainSection, SettingError
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession, NoParams
 from joynode.keys import NodeKey
@@ -219,10 +219,15 @@ class ChainService:
         if self._settings.mode == "local":
             return await trio.to_thread.run_sync(local_deployment, self.w3, path)
         if not path.is_file():
-            raise ChainError(f"no deployment file at {path}: run `joynode deploy --config ...`")
+            raise SettingError(
+                "chain.deployment_file", f"no file at {path}: run `joynode deploy --config ...`"
+            )
         deployment = Deployment.read(path)
         if not await trio.to_thread.run_sync(deployment.is_live_on, self.w3):
-            raise ChainError(f"{path} does not match chain {chain_id} at {self._settings.rpc_url}")
+            raise SettingError(
+                "chain.deployment_file",
+                f"{path} does not match chain {chain_id} at {self._settings.rpc_url}",
+            )
         return deployment
 
     async def _join_local_network(self) -> None:
