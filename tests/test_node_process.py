@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import stat
@@ -23,7 +24,18 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from joynode import __version__
 from joynode.control.client import ControlClient, open_control_websocket
-from tests.factories import NodeHome, NodeProcess, make_home, node_process, run_cli
+from tests.factories import (
+    NodeHome,
+    NodeProcess,
+    descendants,
+    make_home,
+    node_process,
+    run_cli,
+)
+from tests.inference_fixtures import small_engine, tiny_model
+from tests.test_zk_market import quantized_weights
+
+__all__ = ["tiny_model"]  # a fixture used by name below
 
 pytestmark = pytest.mark.slow
 
@@ -282,6 +294,40 @@ def test_an_actor_failing_while_running_stops_the_node_with_exit_1(home: NodeHom
     assert "actor http failed" in result.stderr
     assert "RuntimeError: a bug in the http actor" in result.stderr  # a bug keeps its traceback
     assert result.stderr.splitlines()[-1].endswith("node stopped because actor http failed")
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_node_killed_with_sigkill_leaves_no_process_behind(
+    home: NodeHome,
+    tmp_path: Path,
+    tiny_model: Path,
+    start_method: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # vLLM forks its engine core on CPU and spawns it once CUDA is up (GPUs): both are tied.
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", start_method)
+    small_engine(home).set("inference", "models", f'[{{name = "tiny", path = "{tiny_model}"}}]')
+    expected = ["VLLM::EngineCore"]
+    if start_method == "fork":  # and the programs the node runs: anvil, the ZoKrates worker
+        weights, _ = trio.run(quantized_weights, tmp_path)
+        home.set("zk", "models", f'[{{name = "mlp", weights = "{weights}"}}]')
+        home.set("chain", "mode", '"local"')
+        expected += ["anvil", "zokrates.mjs worker"]
+    process = NodeProcess(home)
+    try:
+        process.wait_ready(within_s=240)
+        tree = descendants(process.proc.pid)
+        commands = "\n".join(p.command for p in tree)
+        for name in expected:
+            assert name in commands
+        os.kill(process.proc.pid, signal.SIGKILL)  # the node alone, not its process group
+        process.proc.wait()
+        deadline = time.monotonic() + 30
+        while (left := [p for p in tree if p.alive()]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert left == [], f"outlived the node: {left}"
+    finally:
+        process.kill()
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
