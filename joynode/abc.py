@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -68,6 +69,24 @@ class ContentNetwork(Protocol):
     def penalize(self, peer: str, offence: Offence) -> None: ...
 
     def is_banned(self, peer: str) -> bool: ...
+
+
+class ModelUnavailable(Exception):
+    """A model given by CID that this node cannot have whole and intact; the message says why.
+
+    ``setting`` names the config key at fault when there is one (a block store
+    too small for the model: ``storage.quota_gib``); None when the network or
+    the disk is to blame (no peer has it, the local copy is damaged and no
+    peer has the missing blocks).
+    """
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+ModelFetcher = Callable[[str], Awaitable[Path]]
+"""The local folder of the model with this CID, verified against it; raises ``ModelUnavailable``."""
 
 
 class SettlementChain(Protocol):

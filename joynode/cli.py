@@ -8,6 +8,7 @@ never a traceback).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from joynode.inference.models import PREPARABLE, ModelError, model_id, prepare
 from joynode.keys import ControlToken, NodeKey, SecretFileError, read_secret_file
 from joynode.logs import SecretRedactor, configure_logging
 from joynode.node import Node
-from joynode.supervisor import ActorFailed
+from joynode.supervisor import ActorFailed, config_error_in
 from joynode.zk import circuits
 from joynode.zk.zokrates import ZokratesError, ZokratesWorker
 
@@ -357,16 +358,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         trio.run(_serve_until_signal, Node(config, key, token))
     except BaseExceptionGroup as group:
+        if (setting := config_error_in(group)) is not None:
+            raise setting from None  # one line and exit 2, as a config file that does not load
         failures, rest = group.split(ActorFailed)
         if failures is None or rest is not None:
             raise
         failed = [e for e in _leaves(failures) if isinstance(e, ActorFailed)]
-        if all(isinstance(e.__cause__, ConfigError) for e in failed):
-            return EXIT_USAGE  # the supervisor logged each one's line, naming the key
         names = sorted({e.actor for e in failed})
         log.error("node stopped because actor %s failed", ", ".join(names))
         return EXIT_FAILURE
     log.info("node stopped")
+    # What is left is torn down by the exit; a final garbage collection of
+    # vLLM's and torch's objects would only add seconds to it.
+    gc.freeze()
     return EXIT_OK
 
 

@@ -22,6 +22,25 @@ class ConfigError(Exception):
     """A config file that cannot be used; the message names each bad key path."""
 
 
+class SettingError(ConfigError):
+    """A well-formed setting this machine cannot honour: a port in use, a folder that is
+    not a model, a data dir that cannot be written.
+
+    The actor that uses the setting raises it at start; the node then stops and
+    ``joynode run`` prints one line, ``joynode: KEY: MESSAGE``, and exits 2, as
+    for a config file that does not validate. ``key`` is the setting's path as
+    written in the config (``http.listen``, ``inference.models[0].path``).
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {' '.join(message.split())}")
+        self.key = key
+
+    @classmethod
+    def cannot_listen(cls, key: str, address: str, error: OSError) -> SettingError:
+        return cls(key, f"cannot listen on {address}: {error.strerror or error}")
+
+
 def _host_port(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:

@@ -83,7 +83,7 @@ async def verified_inference(
                 shown.note(describe_job(notification.get("params") or {}))
 
         async with ControlClient.connect(url, token, on_notification=on_notification) as client:
-            served = await client.call("models.list")
+            served = [m for m in await client.call("models.list") if m["state"] == "serving"]
             actors = (await client.call("node.status"))["actors"]
             if model is None and not served:
                 raise ValueError("this node serves no model: give one")

@@ -22,7 +22,7 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
-from joynode.config import HttpSection, split_host_port, url
+from joynode.config import HttpSection, SettingError, split_host_port, url
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,13 @@ class HttpServer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         host, port = split_host_port(self._settings.listen)
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(
-                partial(trio.serve_tcp, self._serve_connection, port, host=host)
-            )
+            try:
+                listeners = await nursery.start(
+                    partial(trio.serve_tcp, self._serve_connection, port, host=host)
+                )
+            except OSError as exc:
+                listen = self._settings.listen
+                raise SettingError.cannot_listen("http.listen", listen, exc) from None
             bound = listeners[0].socket.getsockname()
             self.url = url("http", host, bound[1])
             log.info("http listening on %s", self.url)

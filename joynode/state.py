@@ -18,6 +18,8 @@ from typing import TypeVar
 
 import trio
 
+from joynode.config import SettingError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -189,7 +191,11 @@ class StateStore:
         self.boot = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await trio.to_thread.run_sync(self._open, limiter=self._limiter)
+        try:
+            await trio.to_thread.run_sync(self._open, limiter=self._limiter)
+        except StateError as exc:
+            # The database lives in the data dir: that is what the operator must fix.
+            raise SettingError("node.data_dir", str(exc)) from None
         try:
             task_status.started()
             await trio.sleep_forever()
@@ -199,7 +205,10 @@ class StateStore:
                 await trio.to_thread.run_sync(self._close, limiter=self._limiter)
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create {self.path.parent}: {exc.strerror or exc}") from None
         conn = None
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)

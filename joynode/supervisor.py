@@ -4,8 +4,9 @@ The supervisor is what turns "a set of actors" into a node: each actor is
 started in the node's nursery and must report readiness before the next one
 starts; its state is visible to ``node.status``, ``/healthz`` and ``/metrics``;
 an actor that raises is logged with its name and takes the whole node down.
-A ``ConfigError`` (the operator must change the config or the data dir) is
-logged as its one line, without a traceback.
+A ``ConfigError`` (a ``SettingError`` from an actor that cannot use its
+setting) also stops the node, but as the operator's mistake: it is passed on
+as it is, without a traceback, for ``joynode run`` to print and exit 2.
 
 An actor that keeps running without doing all of its job (the chain actor
 while its RPC is unreachable) says so through ``degraded`` (wired into it by
@@ -46,6 +47,21 @@ class ActorFailed(Exception):
     def __init__(self, actor: str) -> None:
         super().__init__(f"actor {actor} failed")
         self.actor = actor
+
+
+def config_error_in(exc: BaseException) -> ConfigError | None:
+    """``exc`` if it is a ConfigError, or the first of an exception group made only of them.
+
+    An actor may raise a ``SettingError`` from inside its own nursery, which
+    wraps it in a group; it is still the operator's mistake, not a failure.
+    """
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        settings, rest = exc.split(ConfigError)
+        if settings is not None and rest is None:
+            return config_error_in(settings.exceptions[0])
+    return None
 
 
 @dataclass
@@ -132,11 +148,11 @@ class Supervisor(Collector):
             raise
         except ActorFailed:
             raise
-        except ConfigError as exc:
-            self._set(actor.name, ActorState.FAILED, str(exc))
-            log.error("actor %s cannot run: %s", actor.name, exc)
-            raise ActorFailed(actor.name) from exc
         except Exception as exc:
+            if (setting := config_error_in(exc)) is not None:
+                # The operator's to fix, not a bug: no traceback; the command line says it.
+                self._set(actor.name, ActorState.FAILED, str(setting))
+                raise setting from None
             self._set(actor.name, ActorState.FAILED, f"{type(exc).__name__}: {exc}")
             log.error("actor %s failed", actor.name, exc_info=exc)
             raise ActorFailed(actor.name) from exc

@@ -133,8 +133,8 @@ class NodeProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                # Its own process group, so kill() also takes vLLM's engine-core
-                # child, which outlives a SIGKILLed parent otherwise.
+                # Its own process group, so kill() takes whatever it started at
+                # once (its children also die with it by themselves: tether.py).
                 start_new_session=True,
             )
 
@@ -238,3 +238,48 @@ async def raw_peer() -> AsyncIterator[libp2p_compat.Libp2pStack]:
         max_peers=8,
     ) as stack:
         yield stack
+
+
+# ---- the process tree, from /proc
+
+
+@dataclass(frozen=True)
+class Running:
+    """A process as seen in /proc: its pid and start time (together, one process ever)."""
+
+    pid: int
+    started: int
+    command: str
+
+    def alive(self) -> bool:
+        seen = proc_stat(self.pid)
+        return seen is not None and seen[2] == self.started and seen[0] != "Z"
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """A process's (state, parent pid, start time), or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def descendants(root: int) -> list[Running]:
+    """Every process under ``root`` now, found by walking /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (seen := proc_stat(int(entry.name))) is not None:
+            children.setdefault(seen[1], []).append(int(entry.name))
+    found, stack = [], list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        seen = proc_stat(pid)
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if seen is not None:
+            found.append(Running(pid, seen[2], command.strip()))
+            stack.extend(children.get(pid, []))
+    return found

@@ -16,6 +16,7 @@ import trio
 from joynode.config import InferenceSection, ModelEntry
 from joynode.inference.engine import EngineSpec, VllmEngine
 from joynode.inference.models import prepare
+from tests.factories import NodeHome
 
 TINY_MAX_MODEL_LEN = 256
 
@@ -25,6 +26,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     prepare("tiny", out, report=lambda _: None)
     return out
+
+
+def small_engine(home: NodeHome) -> NodeHome:
+    """A node home whose vLLM engines are as small as the tiny model allows."""
+    home.set("inference", "max_model_len", str(TINY_MAX_MODEL_LEN))
+    home.set("inference", "kv_cache_gib", "0.25")
+    home.set("inference", "max_num_seqs", "4")
+    return home
 
 
 def tiny_settings(tiny_model: Path, **overrides: object) -> InferenceSection:

@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from joynode.config import Config, ConfigError, load_config, parse_config, render_default_config
+from joynode.config import (
+    Config,
+    ConfigError,
+    SettingError,
+    load_config,
+    parse_config,
+    render_default_config,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -106,3 +113,13 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 def test_section_of_the_wrong_type_is_named() -> None:
     with pytest.raises(ConfigError, match=r"control: Input should be a valid dictionary"):
         parse_config({"control": [1]}, Path("/"))
+
+
+def test_a_setting_error_is_a_config_error_of_one_line_naming_its_key() -> None:
+    error = SettingError("inference.models[0]", "vLLM could not load /m:\n  bad\tconfig.json")
+    assert isinstance(error, ConfigError)
+    assert error.key == "inference.models[0]"
+    assert str(error) == "inference.models[0]: vLLM could not load /m: bad config.json"
+    denied = PermissionError(13, "Denied")
+    refused = SettingError.cannot_listen("http.listen", "127.0.0.1:1", denied)
+    assert str(refused) == "http.listen: cannot listen on 127.0.0.1:1: Denied"

@@ -27,9 +27,9 @@ from joynode.inference.models import model_id
 from joynode.keys import NodeKey
 from tests.chain_fixtures import Chain, anvil_url, chain, deployed, dev_account
 from tests.factories import NodeHome, NodeProcess, fast_p2p, make_home, wait_for
-from tests.inference_fixtures import tiny_model
+from tests.inference_fixtures import small_engine, tiny_model
 from tests.test_consensus_chain import node_info, register_model, stake
-from tests.test_storage_processes import addrs, small_engine
+from tests.test_storage_processes import addrs
 
 __all__ = ["anvil_url", "chain", "deployed", "tiny_model"]
 

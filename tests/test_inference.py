@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
-from joynode.inference.engine import VllmEngine
+from joynode.inference.engine import STOP_TIMEOUT_S, EngineSpec, VllmEngine
 from joynode.inference.models import model_id, prepare
 from joynode.inference.service import InferenceClient, InferenceFailed, InferenceService
 from joynode.messages import (
@@ -24,7 +26,7 @@ from joynode.messages import (
     TokenDelta,
     output_hash,
 )
-from tests.factories import wait_for
+from tests.factories import descendants, wait_for
 from tests.inference_fixtures import TINY_MAX_MODEL_LEN, tiny_engine, tiny_model, tiny_settings
 
 __all__ = ["tiny_engine", "tiny_model"]  # fixtures used by name below
@@ -269,3 +271,28 @@ def test_tiny_model_is_byte_identical_when_prepared_again(tmp_path: Path, tiny_m
     again = tmp_path / "tiny"
     assert prepare("tiny", again, report=lambda _: None) == model_id(tiny_model)
     assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in tiny_model.iterdir())
+
+
+async def test_stop_keeps_its_deadline_when_vllm_hangs_and_leaves_no_engine_core(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    before = {p.pid for p in descendants(os.getpid())}
+    engine = VllmEngine(
+        EngineSpec(tiny_model, "float32", "auto", 4, TINY_MAX_MODEL_LEN, kv_cache_gib=0.25)
+    )
+    await engine.start()
+    started = [p for p in descendants(os.getpid()) if p.pid not in before]
+    (core,) = [p for p in started if "EngineCore" in p.command]
+    hang_s = 2 * STOP_TIMEOUT_S
+
+    def hung_shutdown(self: AsyncLLM, timeout: float | None = None) -> None:
+        time.sleep(hang_s)  # vLLM stuck in its shutdown, its engine core untouched
+
+    monkeypatch.setattr(AsyncLLM, "shutdown", hung_shutdown)
+    began = trio.current_time()
+    await engine.stop()
+    assert trio.current_time() - began < STOP_TIMEOUT_S + 0.5
+    # Once vLLM's thread gets to end, the engine core ends with it (it is tied to that thread).
+    await wait_for(lambda: not core.alive(), hang_s + 30, "the engine core gone")

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,18 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from joynode import __version__
 from joynode.control.client import ControlClient, open_control_websocket
-from tests.factories import NodeHome, NodeProcess, make_home, node_process, run_cli
+from tests.factories import (
+    NodeHome,
+    NodeProcess,
+    descendants,
+    make_home,
+    node_process,
+    run_cli,
+)
+from tests.inference_fixtures import small_engine, tiny_model
+from tests.test_zk_market import quantized_weights
+
+__all__ = ["tiny_model"]  # a fixture used by name below
 
 pytestmark = pytest.mark.slow
 
@@ -166,21 +182,152 @@ def test_ctl_shutdown_stops_the_process(home: NodeHome) -> None:
         process.kill()
 
 
-def test_actor_failure_stops_the_node_with_exit_1(home: NodeHome) -> None:
+@contextmanager
+def busy_port() -> Iterator[int]:
+    """A loopback port something else listens on."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        port = busy.getsockname()[1]
-        home.set("control", "listen", f'"127.0.0.1:{port}"')
-        process = NodeProcess(home)
-        try:
-            code = process.proc.wait(30)
-        finally:
-            process.kill()
-    assert code == 1
-    log = process.log()
-    assert "actor control failed" in log
-    assert "node stopped because actor control failed" in log
+        yield busy.getsockname()[1]
+
+
+def listen_on_busy_port(section: str, home: NodeHome, port: int, _: Path) -> str:
+    home.set(section, "listen", f'"127.0.0.1:{port}"')
+    return f"{section}.listen: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def p2p_on_busy_port(home: NodeHome, port: int, _: Path) -> str:
+    home.set("p2p", "listen", f'["/ip4/127.0.0.1/tcp/{port}"]')
+    return f"p2p.listen: cannot listen on /ip4/127.0.0.1/tcp/{port}: Address already in use"
+
+
+def p2p_on_an_address_not_here(home: NodeHome, _: int, __: Path) -> str:
+    home.set("p2p", "listen", '["/ip4/192.0.2.1/tcp/0"]')  # TEST-NET-1: never local
+    return "p2p.listen: cannot listen on /ip4/192.0.2.1/tcp/0: Cannot assign requested address"
+
+
+def http_on_an_address_not_here(home: NodeHome, _: int, __: Path) -> str:
+    home.set("http", "listen", '"192.0.2.1:0"')
+    return "http.listen: cannot listen on 192.0.2.1:0: Cannot assign requested address"
+
+
+def data_dir_inside_a_file(home: NodeHome, _: int, tmp_path: Path) -> str:
+    (tmp_path / "a-file").write_text("")
+    home.set("node", "data_dir", f'"{tmp_path}/a-file/data"')
+    return f"node.data_dir: cannot create {tmp_path}/a-file/data: Not a directory"
+
+
+def model_path_not_a_model(home: NodeHome, _: int, tmp_path: Path) -> str:
+    (tmp_path / "empty").mkdir()
+    home.set("inference", "models", f'[{{name = "m", path = "{tmp_path}/empty"}}]')
+    return f"inference.models[0].path: {tmp_path}/empty is not a model folder (no config.json)"
+
+
+def zk_weights_missing(home: NodeHome, _: int, tmp_path: Path) -> str:
+    home.set("zk", "models", f'[{{name = "m", weights = "{tmp_path}/none.json"}}]')
+    return (
+        f"zk.models[0].weights: zk model m: {tmp_path}/none.json: [Errno 2] "
+        f"No such file or directory: '{tmp_path}/none.json'"
+    )
+
+
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        partial(listen_on_busy_port, "http"),
+        partial(listen_on_busy_port, "control"),
+        p2p_on_busy_port,
+        p2p_on_an_address_not_here,
+        http_on_an_address_not_here,
+        data_dir_inside_a_file,
+        model_path_not_a_model,
+        zk_weights_missing,
+    ],
+    ids=lambda mistake: getattr(mistake, "__name__", None) or mistake.args[0] + "_busy_port",
+)
+def test_a_setting_this_machine_cannot_honour_ends_in_one_line_and_exit_2(
+    home: NodeHome, tmp_path: Path, mistake: Callable[[NodeHome, int, Path], str]
+) -> None:
+    with busy_port() as port:
+        message = mistake(home, port, tmp_path)
+        result = run_cli("run", "--config", str(home.config_path), "--log-level", "warning")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"joynode: {message}"]
+
+
+def test_a_busy_port_at_the_default_log_level_still_ends_in_one_clear_line(
+    home: NodeHome, tmp_path: Path
+) -> None:
+    with busy_port() as port:
+        message = listen_on_busy_port("http", home, port, tmp_path)
+        result = run_cli("run", "--config", str(home.config_path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert " ERROR " not in result.stderr  # said once, by the command line
+    assert result.stderr.splitlines()[-1] == f"joynode: {message}"
+    assert "actor p2p ready" in result.stderr  # it got that far, and stopped what it started
+
+
+INJECTED_FAILURE = """
+import sys
+from joynode.http import HttpServer
+
+async def broken(self, *, task_status):
+    task_status.started()
+    raise RuntimeError("a bug in the http actor")
+
+HttpServer.run = broken
+from joynode.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_actor_failing_while_running_stops_the_node_with_exit_1(home: NodeHome) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", INJECTED_FAILURE, "run", "--config", str(home.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "actor http failed" in result.stderr
+    assert "RuntimeError: a bug in the http actor" in result.stderr  # a bug keeps its traceback
+    assert result.stderr.splitlines()[-1].endswith("node stopped because actor http failed")
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_node_killed_with_sigkill_leaves_no_process_behind(
+    home: NodeHome,
+    tmp_path: Path,
+    tiny_model: Path,
+    start_method: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # vLLM forks its engine core on CPU and spawns it once CUDA is up (GPUs): both are tied.
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", start_method)
+    small_engine(home).set("inference", "models", f'[{{name = "tiny", path = "{tiny_model}"}}]')
+    expected = ["VLLM::EngineCore"]
+    if start_method == "fork":  # and the programs the node runs: anvil, the ZoKrates worker
+        weights, _ = trio.run(quantized_weights, tmp_path)
+        home.set("zk", "models", f'[{{name = "mlp", weights = "{weights}"}}]')
+        home.set("chain", "mode", '"local"')
+        expected += ["anvil", "zokrates.mjs worker"]
+    process = NodeProcess(home)
+    try:
+        process.wait_ready(within_s=240)
+        tree = descendants(process.proc.pid)
+        commands = "\n".join(p.command for p in tree)
+        for name in expected:
+            assert name in commands
+        os.kill(process.proc.pid, signal.SIGKILL)  # the node alone, not its process group
+        process.proc.wait()
+        deadline = time.monotonic() + 30
+        while (left := [p for p in tree if p.alive()]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert left == [], f"outlived the node: {left}"
+    finally:
+        process.kill()
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])

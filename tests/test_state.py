@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from joynode.state import MIGRATIONS, StateError, StateStore
+from joynode.config import SettingError
+from joynode.state import MIGRATIONS, StateStore
 
 
 async def open_store(nursery: trio.Nursery, path: Path) -> StateStore:
@@ -48,7 +49,7 @@ async def test_database_from_a_newer_joynode_is_refused(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     conn.close()
-    with pytest.raises(StateError, match="newer than this joynode"):
+    with pytest.raises(SettingError, match=r"^node.data_dir: .* newer than this joynode"):
         await StateStore(path, "test").run()
 
 

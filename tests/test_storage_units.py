@@ -9,7 +9,10 @@ import contextlib
 import io
 import os
 import random
+import shutil
 import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import base58
@@ -59,6 +62,7 @@ from joynode.storage.unixfs import (
     encode_pbnode,
     encode_unixfs,
     file_data,
+    first_difference,
     iter_file,
 )
 
@@ -645,6 +649,61 @@ def test_imported_directories_are_readable(tmp_path: Path) -> None:
     # Refused when added, since every reader (this node's too) refuses it.
     with pytest.raises(UnixfsError, match="cannot add the entry"):
         Importer(store.put).import_path(tmp_path / "tree")
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_first_difference_finds_any_change_to_a_copy(tmp_path: Path, version: int) -> None:
+    tree = tmp_path / "model"
+    (tree / "sub").mkdir(parents=True)
+    weights = pseudo_random(3 * CHUNK_SIZE + 7, seed=7)
+    (tree / "weights.bin").write_bytes(weights)
+    (tree / "sub" / "config.json").write_bytes(b"{}")
+    store = DictStore()
+    root = Importer(store.put, cid_version=version).import_path(tree).cid
+    assert first_difference(store.get, root, tree) is None
+    copy = tmp_path / "copy"
+
+    def after(change: Callable[[], object]) -> str | None:
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(tree, copy)
+        change()
+        return first_difference(store.get, root, copy)
+
+    def flip_a_bit(at: int) -> None:
+        data = bytearray(weights)
+        data[at] ^= 1
+        (copy / "weights.bin").write_bytes(bytes(data))
+
+    def same_bytes_behind_a_symlink() -> None:
+        (copy / "weights.bin").rename(tmp_path / "elsewhere.bin")
+        (copy / "weights.bin").symlink_to(tmp_path / "elsewhere.bin")
+
+    def a_file_for_a_folder() -> None:
+        shutil.rmtree(copy / "sub")
+        (copy / "sub").write_bytes(b"")
+
+    last = 3 * CHUNK_SIZE
+    expected: dict[Callable[[], object], str] = {
+        partial(flip_a_bit, 2 * CHUNK_SIZE + 5): (
+            f"weights.bin differs within bytes {2 * CHUNK_SIZE}-{last - 1}"
+        ),
+        partial((copy / "weights.bin").write_bytes, weights[:-1]): (
+            f"weights.bin differs within bytes {last}-{last + 6}"
+        ),
+        partial((copy / "weights.bin").write_bytes, weights + b"!"): (
+            f"weights.bin is longer than {len(weights)} bytes"
+        ),
+        partial((copy / "extra.bin").write_bytes, b""): "extra.bin is not part of it",
+        (copy / "sub" / "config.json").unlink: "sub/config.json is missing",
+        same_bytes_behind_a_symlink: "weights.bin is not a regular file",
+        a_file_for_a_folder: "sub is not a folder",
+    }
+    for change, difference in expected.items():
+        assert after(change) == f"{copy}/{difference}"
+    # Blocks the store no longer holds cannot vouch for anything.
+    del store.blocks[root]
+    with pytest.raises(KeyError):
+        first_difference(store.get, root, tree)
 
 
 # ---- unixfs: decoders

@@ -21,13 +21,13 @@ from web3.logs import DISCARD
 from joynode import wire
 from joynode.chain.deploy import JOY
 from joynode.cli import main as joynode_main
+from joynode.config import SettingError
 from joynode.control.client import ControlClient
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.keys import NodeKey
 from joynode.messages import RequestStatus
 from joynode.node import Node
 from joynode.p2p.gossip import ZK_JOBS
-from joynode.supervisor import ActorFailed
 from joynode.zk.mlp import HIDDEN, IN, OUT, WeightsFileError, load_weights
 from joynode.zk.service import ZK_ERROR
 from tests.chain_fixtures import Chain, anvil_url, chain, deployed, dev_account, rpc_proxy
@@ -274,11 +274,14 @@ async def test_a_bad_weights_file_stops_the_node_with_a_clear_error(
     home.set("zk", "models", f'[{{name = "{MODEL}", weights = "{weights}"}}]')
     node = Node(home.config, home.key, home.token)
 
-    def zk_failed(exc: ActorFailed) -> bool:
-        return exc.actor == "zk" and message in str(exc.__cause__)
+    def names_the_weights(exc: SettingError) -> bool:
+        return exc.key == "zk.models[0].weights" and message in str(exc)
 
-    with pytest.RaisesGroup(pytest.RaisesExc(ActorFailed, check=zk_failed), flatten_subgroups=True):
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(SettingError, check=names_the_weights), flatten_subgroups=True
+    ):
         await node.run()
+    assert node.status()["actors"]["zk"]["state"] == "failed"
 
 
 def test_quantize_refuses_float_weights_of_the_wrong_shape(

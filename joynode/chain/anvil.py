@@ -5,6 +5,7 @@ by ``make`` from package-lock.json, no download at run time). It listens on
 127.0.0.1 only; ``--port 0`` lets it pick a free port, which we read from its
 "Listening on" line. With a state file it loads its state at start and writes
 it back periodically and at exit, so balances and contracts survive restarts.
+It runs ``tethered`` to whoever starts it, so it never outlives a killed node.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 import trio
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+
+from joynode.tether import tethered
 
 ROOT = Path(__file__).resolve().parents[2]
 ANVIL_BINARY = ROOT / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil"
@@ -100,7 +103,7 @@ async def running_anvil(
     state_file: Path | None = None,
 ) -> AsyncIterator[RunningAnvil]:
     """Run anvil for the duration of the block; stop it (state saved) on exit."""
-    command = anvil_command(chain_id=chain_id, port=port, state_file=state_file)
+    command = tethered(anvil_command(chain_id=chain_id, port=port, state_file=state_file))
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
             partial(

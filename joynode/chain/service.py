@@ -18,7 +18,7 @@ actor shows as degraded (``node.status``, ``/healthz``, ``joynode_chain_reachabl
 Each time the RPC answers again the actor first checks that it is still the
 chain it followed: the deployment's chain id, the chain id the state database
 recorded, and the contracts' code. A mismatch stops the node with one line
-(``ConfigError``, exit 2): following another chain with this database would mix
+(``SettingError``, exit 2): following another chain with this database would mix
 two chains' events and jobs.
 """
 
@@ -53,7 +53,7 @@ from joynode.chain.deploy import JOY, Deployment, local_deployment
 from joynode.chain.rpc import Backoff, ChainUnreachable, RpcLink
 from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender
 from joynode.chain.watcher import ChainWatcher, RegistryMirror
-from joynode.config import ChainSection, ConfigError
+from joynode.config import ChainSection, SettingError
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession, NoParams
 from joynode.keys import NodeKey
@@ -250,15 +250,14 @@ class ChainService:
         votes are signed in, so the node can start without the chain)."""
         path = self.deployment_path
         if not path.is_file():
-            raise ConfigError(
-                f"chain.deployment_file: no deployment file at {path}: "
-                "run `joynode deploy --config ...`"
+            raise SettingError(
+                "chain.deployment_file", f"no file at {path}: run `joynode deploy --config ...`"
             )
         try:
             deployment = Deployment.read(path)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(
-                f"chain.deployment_file: {path} is not a deployment file ({exc})"
+            raise SettingError(
+                "chain.deployment_file", f"{path} is not a deployment file ({exc})"
             ) from None
         wrong = [
             name
@@ -266,8 +265,8 @@ class ChainService:
             if not Web3.is_address(deployment.addresses.get(name, "missing"))
         ]
         if wrong:
-            raise ConfigError(
-                f"chain.deployment_file: {path} has no valid address for {', '.join(wrong)}"
+            raise SettingError(
+                "chain.deployment_file", f"{path} has no valid address for {', '.join(wrong)}"
             )
         return deployment
 
@@ -287,28 +286,31 @@ class ChainService:
 
     async def _check_chain(self) -> None:
         """That the RPC serves the chain of the deployment file and of the state database, with
-        the contracts on it; ``ConfigError`` if not (the operator must choose which is right)."""
+        the contracts on it; ``SettingError`` if not (the operator must choose which is right)."""
         w3, deployment = self._connected()
         path, url = self.deployment_path, self._link.url
         chain_id = await self._call(lambda: int(w3.eth.chain_id))
         if chain_id != deployment.chain_id:
-            raise ConfigError(
-                f"chain.rpc_url {url} serves chain {chain_id}, but chain.deployment_file "
-                f"{path} is for chain {deployment.chain_id}"
+            raise SettingError(
+                "chain.rpc_url",
+                f"{url} serves chain {chain_id}, but chain.deployment_file "
+                f"{path} is for chain {deployment.chain_id}",
             )
         followed = await self._state.read(
             lambda c: c.execute("SELECT chain_id FROM chain_cursor WHERE id = 1").fetchone()
         )
         if followed is not None and int(followed[0]) != chain_id:
-            raise ConfigError(
+            raise SettingError(
+                "chain.rpc_url",
                 f"the state database {self._state.path} follows chain {followed[0]}, but "
                 f"chain.rpc_url {url} serves chain {chain_id}: point chain.rpc_url back at "
-                f"chain {followed[0]}, or give chain {chain_id} its own node.data_dir"
+                f"chain {followed[0]}, or give chain {chain_id} its own node.data_dir",
             )
         if not await self._call(deployment.is_live_on, w3):
-            raise ConfigError(
-                f"the contracts of chain.deployment_file {path} are not on chain {chain_id} at "
-                f"{url} (was the chain reset? `joynode deploy` deploys them again)"
+            raise SettingError(
+                "chain.deployment_file",
+                f"the contracts of {path} are not on chain {chain_id} at "
+                f"{url} (was the chain reset? `joynode deploy` deploys them again)",
             )
         coordinator = deployment.contract(w3, "NodeCoordinator")
         self._min_stake = int(await self._call(coordinator.functions.minStake().call))

@@ -23,7 +23,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from joynode.config import ControlSection, split_host_port, url
+from joynode.config import ControlSection, SettingError, split_host_port, url
 from joynode.control import jsonrpc
 from joynode.control.jsonrpc import RpcError
 from joynode.control.methods import MethodTable, Reply
@@ -87,19 +87,24 @@ class ControlServer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         host, port = split_host_port(self.settings.listen)
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                lambda task_status: serve_websocket(
-                    self._accept,
-                    host,
-                    port,
-                    None,
-                    handler_nursery=nursery,
-                    max_message_size=self.settings.max_frame_bytes * HARD_CAP_FACTOR,
-                    connect_timeout=10,
-                    disconnect_timeout=2,
-                    task_status=task_status,
+            try:
+                server = await nursery.start(
+                    lambda task_status: serve_websocket(
+                        self._accept,
+                        host,
+                        port,
+                        None,
+                        handler_nursery=nursery,
+                        max_message_size=self.settings.max_frame_bytes * HARD_CAP_FACTOR,
+                        connect_timeout=10,
+                        disconnect_timeout=2,
+                        task_status=task_status,
+                    )
                 )
-            )
+            except OSError as exc:
+                raise SettingError.cannot_listen(
+                    "control.listen", self.settings.listen, exc
+                ) from None
             self.url = url("ws", host, server.port)
             log.info("control listening on %s", self.url)
             task_status.started()

@@ -411,7 +411,12 @@
     const models = result.value || [];
     modelNames = new Map(models.map((m) => [m.id, m.name]));
     $("#model-empty").hidden = models.length > 0;
-    setRows(tbody, models.map((m) => el("tr", { class: "model", "data-model-id": m.id },
+    setRows(tbody, models.map((m) => m.state === "refused"
+      ? el("tr", { class: "model refused", "data-model-id": m.id },
+        el("td", null, m.name),
+        el("td", null, short(m.id, 8, 6)),
+        el("td", { colspan: 4, class: "error", title: m.reason }, badge("refused"), " " + m.reason))
+      : el("tr", { class: "model", "data-model-id": m.id },
       el("td", { title: m.path }, m.name),
       el("td", null, short(m.id, 8, 6)),
       el("td", null, m.dtype),

@@ -12,16 +12,25 @@ vLLM reads its settings from the environment when it is imported, so
 ``configure_environment`` runs first: offline (no hub, no usage stats), bound
 to 127.0.0.1, its logs through ours. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is
 set, yet vLLM 0.32's ``AsyncLLM`` still starts its engine core as a child
-process (``VLLM::EngineCore``), so whatever starts an engine needs an
-``if __name__ == "__main__":`` guard, and a node killed with SIGKILL leaves
-that child behind (the tests kill a node's whole process group).
+process (``VLLM::EngineCore``, by fork on CPU, by spawn once CUDA is up), so
+whatever starts an engine needs an ``if __name__ == "__main__":`` guard. That
+child must not outlive the node, which may be killed with SIGKILL: its entry
+point is wrapped so that it first asks the kernel for SIGKILL when its parent
+thread, the engine's asyncio thread, ends (``joynode.tether``). That thread
+lives until the engine is stopped, and ends with the node's process.
+
+``stop`` has a deadline: vLLM's shutdown gives the engine core a short grace
+after SIGTERM, then kills it; if vLLM itself does not return in time, ``stop``
+returns anyway (the engine core still dies with the node).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
+import multiprocessing
 import os
 import threading
 import uuid
@@ -32,6 +41,10 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import trio
+
+from joynode.tether import die_with_parent
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -45,6 +58,13 @@ VLLM_ENVIRONMENT = {
     "VLLM_CONFIGURE_LOGGING": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+# vLLM's grace for its engine core after SIGTERM, then SIGKILL; and our deadline for it all.
+ENGINE_CORE_GRACE_S = 2.0
+STOP_TIMEOUT_S = 3.0
+
+_vllm_run_engine_core: Any = None  # vLLM's engine core entry point, once wrapped
 
 
 class EngineError(Exception):
@@ -101,6 +121,7 @@ class VllmEngine:
         self._thread.start()
 
         async def build() -> Any:
+            _tie_engine_core_to_node()
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -183,20 +204,29 @@ class VllmEngine:
         return await trio.to_thread.run_sync(self._run, count())
 
     async def stop(self) -> None:
+        """Shut vLLM down; returns within ``STOP_TIMEOUT_S`` whatever vLLM does."""
         engine, self._engine = self._engine, None
-        if engine is not None:
+        with trio.move_on_after(STOP_TIMEOUT_S) as deadline:
+            if engine is not None:
 
-            async def shutdown() -> None:
-                engine.shutdown()
-                # AsyncLLM.__del__ calls shutdown() again, possibly at interpreter
-                # exit when vLLM's module globals are already gone; it is done.
-                engine.shutdown = _already_shut_down
+                async def shutdown() -> None:
+                    engine.shutdown(timeout=ENGINE_CORE_GRACE_S)
+                    # AsyncLLM.__del__ calls shutdown() again, possibly at interpreter
+                    # exit when vLLM's module globals are already gone; it is done.
+                    engine.shutdown = _already_shut_down
 
-            await trio.to_thread.run_sync(self._run, shutdown())
-        self._stop_loop()
-        await trio.to_thread.run_sync(self._thread.join, 10)
-        if not self._thread.is_alive():
+                await trio.to_thread.run_sync(self._run, shutdown(), abandon_on_cancel=True)
+            self._stop_loop()
+            await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
             self._loop.close()
+        if deadline.cancelled_caught:
+            # Its loop stops once vLLM lets go; the thread then ends, and the engine core with it.
+            self._stop_loop()
+            log.warning(
+                "vLLM (%s) did not stop within %.0f s; it ends when it lets go, or with the node",
+                self.spec.path.name,
+                STOP_TIMEOUT_S,
+            )
 
     def _stop_loop(self) -> None:
         if self._thread.is_alive():
@@ -205,6 +235,33 @@ class VllmEngine:
 
 def _already_shut_down(*_: Any, **__: Any) -> None:
     return None
+
+
+def _tie_engine_core_to_node() -> None:
+    """Make vLLM start its engine core process through ``_run_engine_core`` (idempotent).
+
+    vLLM hands ``EngineCoreProc.run_engine_core`` to multiprocessing as the
+    child's target when the engine is built; a spawned child finds the
+    wrapper by its module and name, a forked one inherits it.
+    """
+    global _vllm_run_engine_core
+    from vllm.v1.engine.core import EngineCoreProc
+
+    if _vllm_run_engine_core is None:
+        _vllm_run_engine_core = EngineCoreProc.run_engine_core
+        EngineCoreProc.run_engine_core = staticmethod(_run_engine_core)
+
+
+def _run_engine_core(*args: Any, **kwargs: Any) -> None:
+    """The engine core process: tied to the node (SIGKILL when it goes), then vLLM's own."""
+    parent = multiprocessing.parent_process()
+    die_with_parent(parent=parent.pid if parent is not None else None)
+    run = _vllm_run_engine_core  # inherited by a forked child
+    if run is None:  # a spawned child imported this module afresh
+        from vllm.v1.engine.core import EngineCoreProc
+
+        run = EngineCoreProc.run_engine_core
+    run(*args, **kwargs)
 
 
 class _Outputs:

@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from joynode.storage.unixfs import Importer
+from joynode.storage.unixfs import Importer, UnixfsError
 
 CHUNK = 1 << 20
 PREPARABLE = ("tiny", "smollm2")
@@ -42,7 +42,10 @@ def model_id(folder: Path) -> str:
     """The folder's CID as ``ipfs add -r`` (kubo defaults) computes it: what peers fetch it by."""
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder} is not a model folder (no config.json)")
-    return str(Importer(lambda cid, block: None).import_path(folder).cid)
+    try:
+        return str(Importer(lambda cid, block: None).import_path(folder).cid)
+    except (UnixfsError, OSError) as exc:
+        raise ModelError(f"cannot read the model folder {folder}: {exc}") from None
 
 
 def prepare(name: str, out: Path, report: Report = print) -> str:

@@ -23,7 +23,8 @@ import pydantic
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from joynode.config import InferenceSection, ModelEntry
+from joynode.abc import ModelFetcher, ModelUnavailable
+from joynode.config import InferenceSection, ModelEntry, SettingError
 from joynode.control import jsonrpc
 from joynode.control.jsonrpc import RpcError
 from joynode.control.methods import ControlMethod, ControlSession, NoParams
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 
 REPLY_BUFFER = 64
 EngineStarter = Callable[[EngineSpec], Awaitable[VllmEngine]]
-ModelFetcher = Callable[[str], Awaitable[Path]]
 
 
 async def start_engine(spec: EngineSpec) -> VllmEngine:
@@ -73,7 +73,20 @@ class LoadedModel:
             "max_num_seqs": spec.max_num_seqs,
             "inflight": self.inflight,
             "chat": bool(getattr(self.engine.tokenizer, "chat_template", None)),
+            "state": "serving",
         }
+
+
+@dataclass(frozen=True)
+class RefusedModel:
+    """A configured model this node does not serve, and why (``models.list`` shows it)."""
+
+    name: str
+    model_id: str
+    reason: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "id": self.model_id, "state": "refused", "reason": self.reason}
 
 
 class InferenceFailed(Exception):
@@ -102,6 +115,7 @@ class InferenceService:
         self._start = start
         self._materialize = materialize
         self.models: dict[str, LoadedModel] = {}
+        self.refused: dict[str, RefusedModel] = {}
         self._metrics = _InferenceMetrics(registry)
 
     def spec(self, path: Path) -> EngineSpec:
@@ -110,8 +124,8 @@ class InferenceService:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            for entry in self._settings.models:
-                await self._load(entry)
+            for index, entry in enumerate(self._settings.models):
+                await self._load(f"inference.models[{index}]", entry)
             task_status.started()
             async with trio.open_nursery() as nursery:
                 async for request in self._requests:
@@ -122,19 +136,39 @@ class InferenceService:
                     if model.owned:
                         await model.engine.stop()
 
-    async def _load(self, entry: ModelEntry) -> None:
+    async def _load(self, key: str, entry: ModelEntry) -> None:
+        """Start serving ``entry`` (config key ``key``).
+
+        The operator's mistakes (a folder that is not a model, one vLLM cannot
+        load with these settings) stop the node with a ``SettingError``; a model
+        by CID that cannot be had intact (no peer has it) is refused and the
+        node serves the rest.
+        """
         began = trio.current_time()
         if entry.cid is not None:
             if self._materialize is None:
                 raise ModelError(f"model {entry.name} is given by CID but there is no store")
-            path = await self._materialize(entry.cid)
-            identity = entry.cid  # the store verified every block against it
+            try:
+                path = await self._materialize(entry.cid)
+            except ModelUnavailable as exc:
+                if exc.setting is not None:
+                    raise SettingError(exc.setting, f"{exc} ({key}, model {entry.name})") from None
+                self.refused[entry.name] = RefusedModel(entry.name, entry.cid, str(exc))
+                log.error("model %s is not served: %s", entry.name, exc)
+                return
+            identity = entry.cid  # the store checked the folder against it
         else:
             assert entry.path is not None  # the config allows exactly one of the two
             path = entry.path
-            identity = await trio.to_thread.run_sync(model_id, path)
+            try:
+                identity = await trio.to_thread.run_sync(model_id, path)
+            except ModelError as exc:
+                raise SettingError(f"{key}.path", str(exc)) from None
         borrowed = self._borrowed.get(entry.name)
-        engine = borrowed or await self._start(self.spec(path))
+        try:
+            engine = borrowed or await self._start(self.spec(path))
+        except EngineError as exc:
+            raise SettingError(key, str(exc)) from None
         self.models[entry.name] = LoadedModel(entry.name, identity, engine, borrowed is None)
         log.info("model %s ready in %.1f s: %s", entry.name, trio.current_time() - began, identity)
 
@@ -287,7 +321,8 @@ class InferenceService:
 
     def control_methods(self, client: InferenceClient) -> list[ControlMethod]:
         async def models_list(_: NoParams, __: ControlSession) -> list[dict[str, object]]:
-            return [m.to_json() for m in self.models.values()]
+            served = [m.to_json() for m in self.models.values()]
+            return served + [m.to_json() for m in self.refused.values()]
 
         async def infer_local(params: InferLocalParams, session: ControlSession) -> dict[str, Any]:
             messages = tuple(params.messages) if params.messages is not None else None
@@ -306,7 +341,12 @@ class InferenceService:
             raise RpcError(jsonrpc.INTERNAL_ERROR, "inference ended without a result")
 
         return [
-            ControlMethod("models.list", NoParams, models_list, "Models this node serves."),
+            ControlMethod(
+                "models.list",
+                NoParams,
+                models_list,
+                "Models this node serves, then those it refused (with the reason).",
+            ),
             ControlMethod(
                 "infer.local",
                 InferLocalParams,

@@ -70,6 +70,11 @@ setup.cfg because item 1 touches a private name.
    included, and sees no subscriber. It works against a node under js-libp2p
    2. py-libp2p speaks meshsub 1.0 and 1.1, which js negotiates (1.2 adds
    IDONTWANT, not needed). Revisit if the js test fails after an upgrade.
+13. ``Swarm.listen`` logs a bind failure (a port in use, an address not on this
+   machine) at debug level and carries on, so the node would run with no
+   listen address. ``unbound_listen_address`` finds a listen address without
+   a listener and binds it once itself to learn the system's reason. Keep
+   until the swarm reports it.
 """
 
 from __future__ import annotations
@@ -201,6 +206,31 @@ async def running_stack(
             # 7.
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
                 await host.close()
+
+
+async def unbound_listen_address(host: IHost, listen: Sequence[str]) -> tuple[str, str] | None:
+    """13. The first of ``listen`` the host is not listening on, and why; None if all are bound."""
+    listeners = host.get_network().listeners
+    for address in listen:
+        if str(multiaddr.Multiaddr(address)) in listeners:
+            continue
+        return address, await _bind_error(multiaddr.Multiaddr(address))
+    return None
+
+
+async def _bind_error(address: multiaddr.Multiaddr) -> str:
+    protocols = {p.name for p in address.protocols()}
+    family = trio.socket.AF_INET6 if "ip6" in protocols else trio.socket.AF_INET
+    if not {"ip4", "tcp"} <= protocols and not {"ip6", "tcp"} <= protocols:
+        return "the node listens on TCP over IPv4 or IPv6 only"
+    ip = address.value_for_protocol("ip6" if "ip6" in protocols else "ip4")
+    with trio.socket.socket(family) as probe:
+        probe.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        try:
+            await probe.bind((ip, int(address.value_for_protocol("tcp"))))
+        except OSError as exc:
+            return str(exc.strerror or exc)
+    return "the libp2p transport refused it"
 
 
 def quiet_library_logs(debug: bool) -> None:

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from joynode import __version__, wire
 from joynode.abc import NetStream, StreamHandler
-from joynode.config import P2PSection
+from joynode.config import P2PSection, SettingError
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession, NoParams
 from joynode.keys import NodeKey
@@ -187,6 +187,12 @@ class P2PService:
         ) as stack:
             self._stack = stack
             try:
+                unbound = await libp2p_compat.unbound_listen_address(
+                    stack.host, self._settings.listen
+                )
+                if unbound is not None:
+                    address, reason = unbound
+                    raise SettingError("p2p.listen", f"cannot listen on {address}: {reason}")
                 stack.host.set_stream_handler(rpc.PROTOCOL_ID, self._serve_request)  # type: ignore[arg-type]
                 stack.host.get_network().register_notifee(_ConnectionEvents(self._events_send))
                 async with trio.open_nursery() as nursery:

@@ -13,7 +13,9 @@ fetches by itself when it starts. ``gc`` never runs beside an add or a fetch:
 it waits for them, and they wait for it.
 
 Models: ``publish_model`` adds a model folder; ``materialize_model`` fetches
-one by CID and writes it, once, into ``DATA_DIR/models/<cid>`` for vLLM.
+one by CID and writes it into ``DATA_DIR/models/<cid>`` for vLLM, and before
+handing out a folder already there compares it with the model's blocks, so an
+altered cache is written again rather than served under the CID.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import AfterValidator
 
-from joynode.abc import ContentNetwork
-from joynode.config import StorageSection
+from joynode.abc import ContentNetwork, ModelUnavailable
+from joynode.config import SettingError, StorageSection
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession, NoParams
 from joynode.state import StateStore
@@ -48,6 +50,7 @@ from joynode.storage.unixfs import (
     Importer,
     UnixfsError,
     directory_entries,
+    first_difference,
     iter_file,
     links_of,
 )
@@ -64,6 +67,10 @@ T = TypeVar("T")
 
 class StorageError(Exception):
     """An add, fetch, export or pin that could not be done; the message says why."""
+
+
+class QuotaReached(StorageError):
+    """The block store is full (``storage.quota_gib``)."""
 
 
 @dataclass(frozen=True)
@@ -121,12 +128,18 @@ class StorageService:
         self._writers = 0
         self._collecting = False
         self._root_locks: dict[str, trio.Lock] = {}
+        self._model_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
 
     # ---- running
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await trio.to_thread.run_sync(self.store.open)
+        try:
+            await trio.to_thread.run_sync(self.store.open)
+        except OSError as exc:
+            raise SettingError(
+                "node.data_dir", f"cannot open the block store {self.store.root}: {exc}"
+            ) from None
         async with trio.open_nursery() as nursery:
             await nursery.start(self.bitswap.run)
             self._nursery = nursery
@@ -228,7 +241,9 @@ class StorageService:
         async with self._writing():
             try:
                 link = await trio.to_thread.run_sync(importer.import_path, path)
-            except (UnixfsError, StoreFull) as exc:
+            except StoreFull as exc:
+                raise QuotaReached(str(exc)) from None
+            except UnixfsError as exc:
                 raise StorageError(str(exc)) from None
             except OSError as exc:
                 raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -272,7 +287,9 @@ class StorageService:
                 progress = await session.run()
             except (FetchFailed, StoreFull) as exc:
                 self._metrics.fetches.labels("failed").inc()
-                raise StorageError(str(exc)) from None
+                raise (QuotaReached if isinstance(exc, StoreFull) else StorageError)(
+                    str(exc)
+                ) from None
             if pin:
                 await self._pin(root, name, complete=True, size=progress.bytes)
         self._metrics.fetches.labels("ok").inc()
@@ -439,26 +456,67 @@ class StorageService:
     async def materialize_model(
         self, cid_text: str, on_progress: ProgressCallback | None = None
     ) -> Path:
-        """The model folder for ``cid_text``, fetched and written once into the model cache."""
+        """The model folder for ``cid_text`` in the model cache, checked to hold exactly its bytes.
+
+        A folder already there is compared with the model's blocks (Proof of
+        Integrity at rest: a cache altered on disk is never served under the
+        CID). One that differs is written again from verified blocks; blocks
+        missing or damaged in the store are fetched from peers first. Raises
+        ``ModelUnavailable`` when that cannot be done.
+        """
         try:
             root = Cid.parse(cid_text)
         except CidError as exc:
-            raise StorageError(str(exc)) from None
-        target = trio.Path(self.models_dir / str(root))
-        if await target.is_dir():
-            return Path(target)
-        log.info("fetching model %s from peers", root)
-        await self.fetch(root, name=f"model {root}", on_progress=on_progress or _log_progress())
+            raise ModelUnavailable(str(exc)) from None
+        target = self.models_dir / str(root)
+        async with self._model_locks.setdefault(str(root), trio.Lock()):
+            try:
+                if await trio.Path(target).is_dir():
+                    difference = await self._model_difference(root, target)
+                    if difference is None:
+                        return target
+                    log.warning(
+                        "model cache %s does not match its CID (%s): writing it again "
+                        "from verified blocks",
+                        target,
+                        difference,
+                    )
+                await self._write_model(root, target, on_progress or _log_progress())
+            except QuotaReached as exc:
+                raise ModelUnavailable(f"model {root}: {exc}", "storage.quota_gib") from None
+            except (StorageError, OSError) as exc:
+                raise ModelUnavailable(f"model {root}: {exc}") from None
+        return target
+
+    async def _model_difference(self, root: Cid, folder: Path) -> str | None:
+        """Where ``folder`` differs from the DAG ``root`` (blocks missing count), or None."""
+
+        def get(cid: Cid) -> bytes:
+            trio.from_thread.check_cancelled()
+            return self.store.get(cid)
+
+        began = time.monotonic()
+        try:
+            difference = await trio.to_thread.run_sync(first_difference, get, root, folder)
+        except BlockNotFound as exc:
+            return f"{_describe(exc)} in the block store"
+        except UnixfsError as exc:
+            return str(exc)
+        if difference is None:
+            log.info("model %s matches its CID (checked in %.1f s)", root, time.monotonic() - began)
+        return difference
+
+    async def _write_model(self, root: Cid, target: Path, on_progress: ProgressCallback) -> None:
+        """Make every block local (checked, or fetched), then (re)write the folder from them."""
+        log.info("fetching model %s (local blocks are checked, missing ones come from peers)", root)
+        await self.fetch(root, name=f"model {root}", on_progress=on_progress)
         await trio.Path(self.models_dir).mkdir(parents=True, exist_ok=True)
-        lock = self._root_locks.setdefault(str(root), trio.Lock())
-        async with lock:
-            if not await target.is_dir():
-                await self.export(root, Path(target))
-        if not await (target / "config.json").is_file():
+        await trio.to_thread.run_sync(_remove, target)
+        await self.export(root, target)
+        if not await trio.Path(target / "config.json").is_file():
             await trio.to_thread.run_sync(shutil.rmtree, target, True)
             raise StorageError(f"{root} is not a model folder (no config.json)")
         log.info("model %s is in the model cache: %s", root, target)
-        return Path(target)
 
     def statistics(self) -> dict[str, Any]:
         stats = self.store.statistics()
@@ -543,9 +601,12 @@ class StorageService:
 
         async def models_fetch(params: CidParams, session: ControlSession) -> dict[str, object]:
             root = _parse_cid(params.cid)
-            path = await _answer(
-                self.materialize_model(str(root), _notify_progress(session, "models.fetch"))
-            )
+            try:
+                path = await self.materialize_model(
+                    str(root), _notify_progress(session, "models.fetch")
+                )
+            except ModelUnavailable as exc:
+                raise RpcError(STORAGE_ERROR, str(exc)) from None
             return {"cid": str(root), "path": str(path)}
 
         return [
@@ -669,6 +730,14 @@ def _log_progress(every_s: float = 5.0) -> ProgressCallback:
             )
 
     return log_it
+
+
+def _remove(path: Path) -> None:
+    """Remove whatever is at ``path`` (a folder, a file, a symlink), if anything."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _describe(exc: Exception) -> str:

@@ -351,6 +351,44 @@ def directory_entries(cid: Cid, block: bytes) -> tuple[Link, ...] | None:
     return node.links
 
 
+def first_difference(get: GetBlock, cid: Cid, path: Path) -> str | None:
+    """Where the file or folder at ``path`` differs from the DAG ``cid``; None if it is its copy.
+
+    Every block is read through ``get`` (the block store checks each against
+    its hash) and every byte under ``path`` is compared with it, so None means
+    ``path`` holds exactly the bytes ``cid`` names, whatever chunking made it.
+    An entry that is missing, extra, a symlink or of the wrong kind differs.
+    """
+    entries = directory_entries(cid, get(cid))
+    if entries is None:
+        return _file_difference(get, cid, path)
+    if path.is_symlink() or not path.is_dir():
+        return f"{path} is not a folder"
+    names, present = {entry.name for entry in entries}, set(os.listdir(path))
+    if extra := sorted(present - names):
+        return f"{path / extra[0]} is not part of it"
+    if missing := sorted(names - present):
+        return f"{path / missing[0]} is missing"
+    for entry in entries:
+        if (found := first_difference(get, entry.cid, path / entry.name)) is not None:
+            return found
+    return None
+
+
+def _file_difference(get: GetBlock, cid: Cid, path: Path) -> str | None:
+    if path.is_symlink() or not path.is_file():
+        return f"{path} is not a regular file"
+    offset = 0
+    with path.open("rb") as handle:
+        for data in iter_file(get, cid):
+            if handle.read(len(data)) != data:
+                return f"{path} differs within bytes {offset}-{offset + len(data) - 1}"
+            offset += len(data)
+        if handle.read(1):
+            return f"{path} is longer than {offset} bytes"
+    return None
+
+
 def check_entry_name(name: str) -> None:
     """Refuse names that would escape the target folder when written to disk."""
     if (

@@ -42,7 +42,7 @@ from joynode.chain.deploy import JOY
 from joynode.chain.rpc import ChainUnreachable
 from joynode.chain.sender import TransactionFailed
 from joynode.chain.service import ZK_MODEL_NAME, model_key
-from joynode.config import ZkSection
+from joynode.config import SettingError, ZkSection
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession
 from joynode.messages import ChainEvent, OnchainRequest, RequestStatus
@@ -153,19 +153,22 @@ class ZkInferenceService:
         if not self._settings.models:
             return
         if unbuilt := [c.name for c in circuits.ALL if not c.built()]:
-            raise RuntimeError(
-                f"zk.models needs the circuits ({', '.join(unbuilt)}): run `joynode circuits build`"
+            raise SettingError(
+                "zk.models",
+                f"needs the circuits ({', '.join(unbuilt)}): run `joynode circuits build`",
             )
-        for entry in self._settings.models:
+        for index, entry in enumerate(self._settings.models):
+            key = f"zk.models[{index}].weights"
             try:
                 model, claimed = load_weights(entry.weights)
             except WeightsFileError as exc:
-                raise RuntimeError(f"zk model {entry.name}: {exc}") from None
+                raise SettingError(key, f"zk model {entry.name}: {exc}") from None
             commitment = (await self._witness(commitments, model, [0] * IN))[0]
             if commitment != claimed:
-                raise RuntimeError(
+                raise SettingError(
+                    key,
                     f"zk model {entry.name}: {entry.weights} claims commitment 0x{claimed:064x} "
-                    f"but its weights commit to 0x{commitment:064x}"
+                    f"but its weights commit to 0x{commitment:064x}",
                 )
             self._served[entry.name] = ServedZkModel(entry.name, model, commitment)
             log.info("serving zk model %s (weights commitment 0x%064x)", entry.name, commitment)

@@ -6,6 +6,7 @@ wraps it as a command line and as a worker reading one JSON request per line.
 Starting Node and the wasm costs 0.6 to 1.3 s here, so the node keeps one
 worker and sends it every request; the wasm runs one request at a time, so
 requests are serialised here too. Field elements travel as decimal strings.
+The worker runs ``tethered`` to the node, so it never outlives a killed node.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from types import TracebackType
 from typing import Any
 
 import trio
+
+from joynode.tether import tethered
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ class ZokratesWorker:
 
     async def start(self) -> None:
         self._process = await trio.lowlevel.open_process(
-            ["node", str(self._cli), "worker"],
+            tethered(["node", str(self._cli), "worker"]),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=REPO,
