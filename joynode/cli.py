@@ -144,7 +144,13 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "devnet",
         help="a whole JoyNet here: anvil, contracts, N staked nodes serving a model; "
-        "Ctrl-C stops it, running it again reuses it",
+        "a node that dies is restarted; Ctrl-C stops it, running it again reuses it",
+    )
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["status"],
+        help="status: the state of the devnet running in --dir (nodes up, down, restarts)",
     )
     p.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
     p.add_argument("--dir", type=Path, default=Path(".joynode/devnet"), help="devnet home")
@@ -154,6 +160,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--demo", action="store_true", help="once up, run one paid verified inference and show it"
+    )
+    p.add_argument(
+        "--netns",
+        action="store_true",
+        help="each node in its own network namespace on a private bridge (root), "
+        "so partitions can be made with `ip`",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a config key for every node, e.g. --set consensus.commit_timeout_s=20 (repeatable)",
     )
 
     commands.add_parser("version", help="print the joynode version")
@@ -290,13 +309,36 @@ def cmd_zk(args: argparse.Namespace) -> int:
 
 
 def cmd_devnet(args: argparse.Namespace) -> int:
-    from joynode.devnet import DevnetOptions, run_until_signal
+    from joynode.devnet import (
+        DevnetOptions,
+        check_overrides,
+        devnet_status,
+        parse_override,
+        run_until_signal,
+    )
 
+    if args.action == "status":
+        running, lines = devnet_status(args.dir.resolve())
+        print("\n".join(lines))
+        return EXIT_OK if running else EXIT_FAILURE
     if not 1 <= args.nodes <= 16:
         raise UsageError("--nodes must be 1 to 16")
+    if args.netns and os.geteuid() != 0:
+        raise UsageError("--netns needs root (it makes network namespaces and a bridge)")
+    try:
+        overrides = tuple(parse_override(text) for text in args.set)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     options = DevnetOptions(
-        args.dir.resolve(), args.nodes, args.model, args.models_dir.resolve(), args.demo
+        args.dir.resolve(),
+        args.nodes,
+        args.model,
+        args.models_dir.resolve(),
+        args.demo,
+        args.netns,
+        overrides,
     )
+    check_overrides(options)
     return run_until_signal(options)
 
 

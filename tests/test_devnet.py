@@ -4,20 +4,24 @@ The first test starts a 2-node devnet on the tiny model, sends a paid
 verified inference with ``joynode ctl infer``, opens node 0's dashboard in
 headless Chromium (Debian's, driven by Playwright) until it shows the peer and
 the certified job, and stops the devnet with SIGINT. The second starts the
-same devnet again and checks that it reused everything.
+same devnet again and checks that it reused everything. The third SIGKILLs a
+node, then anvil, of the running devnet: each shows as down in one line, the
+rest keeps running, each comes back, and the restarted node serves a paid job.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -28,6 +32,7 @@ from joynode.chain.deploy import JOY, Deployment
 from joynode.devnet import STAKE_JOY
 from joynode.endpoints import Endpoints
 from joynode.keys import ControlToken, NodeKey
+from tests.factories import run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -64,6 +69,22 @@ class Devnet:
         assert endpoints is not None
         return endpoints
 
+    def status(self) -> dict[str, Any]:
+        """The devnet's own account of its processes (DIR/devnet.json)."""
+        data: dict[str, Any] = json.loads((self.dir / "devnet.json").read_text())
+        return data
+
+    def wait_until(
+        self, condition: Callable[[], bool], what: str, within_s: float = READY_S
+    ) -> None:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            assert self.process.poll() is None, f"devnet exited:\n{self.output.read_text()}"
+            time.sleep(0.2)
+        raise AssertionError(f"not within {within_s} s: {what}\n{self.output.read_text()}")
+
     def stop(self) -> str:
         self.process.send_signal(signal.SIGINT)
         assert self.process.wait(timeout=60) == 0, self.output.read_text()
@@ -86,9 +107,34 @@ def devnet(devnet_dir: Path) -> Iterator[Devnet]:
     try:
         yield running
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        if process.poll() is None:  # a failed test: stop it as Ctrl-C would, nodes first
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def ctl(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "joynode", "ctl", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def in_session(session: int) -> list[int]:
+    """Live processes in ``session`` (what a node started, e.g. vLLM's engine core)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) == session:
+                found.append(int(pid))
+        except ProcessLookupError:
+            continue
+    return found
 
 
 def joynode_processes(devnet_dir: Path) -> list[str]:
@@ -111,12 +157,7 @@ def test_devnet_serves_a_paid_inference_and_a_live_dashboard_then_stops_cleanly(
     node0 = devnet.endpoints(0)
     config = devnet.dir / "node0" / "joynode.toml"
 
-    infer = subprocess.run(
-        [sys.executable, "-m", "joynode", "ctl", "--config", str(config), "infer", "Hello"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    infer = ctl(config, "infer", "Hello")
     assert infer.returncode == 0, infer.stderr
     assert re.search(r"certificate\s+2 of 2 signed", infer.stdout), infer.stdout
     assert re.search(r"settlement\s+settled, tx\s+0x[0-9a-f]{64}", infer.stdout), infer.stdout
@@ -167,3 +208,104 @@ def test_devnet_started_again_reuses_its_chain_homes_and_stake(devnet: Devnet) -
     assert (devnet.dir / "node0" / "data" / "state.db").exists()
     devnet.stop()
     assert joynode_processes(devnet.dir) == []
+
+
+def test_devnet_restarts_a_killed_node_and_anvil_while_the_rest_keeps_running(
+    devnet: Devnet,
+) -> None:
+    devnet.wait_ready()
+    before = devnet.status()
+    node0_pid, victim = before["nodes"][0]["pid"], before["nodes"][1]["pid"]
+    assert before["nodes"][1]["state"] == "up"
+    assert in_session(victim)  # the node and its engine core
+
+    os.kill(victim, signal.SIGKILL)
+    devnet.wait_until(
+        lambda: devnet.status()["nodes"][1]["state"] != "up", "the devnet sees node 1 down", 30
+    )
+    log = devnet.dir / "node1" / "node.log"
+    down = [line for line in devnet.output.read_text().splitlines() if "node 1 is down" in line]
+    assert len(down) == 1, down
+    # (what it left running, e.g. vLLM's engine core, is killed and counted)
+    left = r"(; \d+ process\(es\) it left running killed)?"
+    assert re.fullmatch(
+        rf"node 1 is down: killed by SIGKILL; log {re.escape(str(log))}{left}; restarting in 1 s",
+        down[0],
+    ), down[0]
+    # Node 0 keeps running and answering while node 1 is away.
+    node0 = devnet.dir / "node0" / "joynode.toml"
+    answered = ctl(node0, "node.status")
+    assert answered.returncode == 0, answered.stderr
+    assert json.loads(answered.stdout)["address"] == before["nodes"][0]["address"]
+
+    devnet.wait_until(
+        lambda: devnet.status()["nodes"][1]["state"] == "up", "node 1 is up again", READY_S
+    )
+    after = devnet.status()
+    restarted = after["nodes"][1]
+    # (a second try, on new ports, if one of its ports was taken while it was down)
+    assert restarted["restarts"] >= 1
+    assert restarted["pid"] != victim
+    assert restarted["exits"][0]["status"] == "killed by SIGKILL"
+    assert restarted["exits"][0]["pid"] == victim
+    assert in_session(victim) == []  # nothing of the dead node is left running
+    assert after["nodes"][0]["pid"] == node0_pid
+    assert after["nodes"][0]["restarts"] == 0
+    status = subprocess.run(
+        [sys.executable, "-m", "joynode", "devnet", "status", "--dir", str(devnet.dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 0, status.stderr
+    assert re.search(
+        r"node 1 +up for \d+ s \(pid \d+\), \d restart\(s\), last exit: ",
+        status.stdout,
+    ), status.stdout
+
+    # anvil dies too: restarted on the same address from its saved state.
+    chain = after["chain"]
+    os.kill(chain["pid"], signal.SIGKILL)
+    devnet.wait_until(
+        lambda: (
+            devnet.status()["chain"]["restarts"] == 1 and devnet.status()["chain"]["state"] == "up"
+        ),
+        "anvil is up again",
+        60,
+    )
+    assert devnet.status()["chain"]["url"] == chain["url"]
+    assert "anvil is down: killed by SIGKILL" in devnet.output.read_text()
+
+    # The restarted node serves a paid job with node 0, on the restarted chain.
+    node1 = devnet.dir / "node1" / "joynode.toml"
+    devnet.wait_until(
+        lambda: all('"up"' in ctl(config, "peers.list").stdout for config in (node0, node1)),
+        "nodes 0 and 1 see each other up",
+        120,
+    )
+    infer = ctl(node1, "infer", "Hello again")
+    assert infer.returncode == 0, infer.stderr
+    assert re.search(r"certificate\s+2 of 2 signed", infer.stdout), infer.stdout
+    assert re.search(r"settlement\s+settled, tx\s+0x[0-9a-f]{64}", infer.stdout), infer.stdout
+
+    output = devnet.stop()
+    assert "Traceback" not in output
+    assert joynode_processes(devnet.dir) == []
+
+
+def test_devnet_refuses_a_bad_setting_in_one_line_and_status_says_none_runs(
+    tmp_path: Path,
+) -> None:
+    for setting, error in (
+        ("consensus.nope=1", "consensus.nope: unknown key"),
+        ("consensus.commit_timeout_s=-1", "consensus.commit_timeout_s: Input should be greater"),
+        ("nodot", "--set 'nodot': expected SECTION.KEY=VALUE"),
+    ):
+        refused = run_cli("devnet", "--dir", str(tmp_path), "--set", setting)
+        assert refused.returncode == 2, refused.stderr
+        assert error in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "node0").exists()  # nothing was started
+    status = run_cli("devnet", "status", "--dir", str(tmp_path))
+    assert status.returncode == 1
+    assert status.stdout.strip() == f"no devnet has run in {tmp_path}"

@@ -3,8 +3,10 @@
 anvil ships as a binary inside the npm package ``@foundry-rs/anvil`` (installed
 by ``make`` from package-lock.json, no download at run time). It listens on
 127.0.0.1 only; ``--port 0`` lets it pick a free port, which we read from its
-"Listening on" line. With a state file it loads its state at start and writes
-it back periodically and at exit, so balances and contracts survive restarts.
+"Listening on" line (a devnet in network namespaces has it listen on its
+bridge's address instead). With a state file it loads its state at start and
+writes it back every few seconds and at exit (SIGTERM), so balances, contracts
+and blocks survive restarts; a SIGKILLed anvil restarts from its last save.
 It runs ``tethered`` to whoever starts it, so it never outlives a killed node.
 """
 
@@ -26,7 +28,7 @@ from joynode.tether import tethered
 
 ROOT = Path(__file__).resolve().parents[2]
 ANVIL_BINARY = ROOT / "node_modules" / "@foundry-rs" / "anvil-linux-amd64" / "bin" / "anvil"
-LISTENING = re.compile(rb"Listening on (127\.0\.0\.1):(\d+)")
+LISTENING = re.compile(rb"Listening on (\d+\.\d+\.\d+\.\d+):(\d+)")
 START_TIMEOUT_S = 20.0
 # anvil's default dev accounts come from this well-known mnemonic; they are
 # public test keys, never to be used on a real network.
@@ -61,17 +63,18 @@ def anvil_binary() -> Path:
 
 def anvil_command(
     *,
+    host: str = "127.0.0.1",
     chain_id: int = 31337,
     port: int = 0,
     state_file: Path | None = None,
     accounts: int = 10,
     balance_eth: int = 10_000,
 ) -> list[str]:
-    """The anvil command line: loopback only, dev accounts, optional persisted state."""
+    """The anvil command line: loopback (or ``host``), dev accounts, optional persisted state."""
     command = [
         str(anvil_binary()),
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "--chain-id",
@@ -98,12 +101,19 @@ def listening_url(output: bytes) -> str | None:
 @asynccontextmanager
 async def running_anvil(
     *,
+    host: str = "127.0.0.1",
     chain_id: int = 31337,
     port: int = 0,
     state_file: Path | None = None,
+    log_file: Path | None = None,
 ) -> AsyncIterator[RunningAnvil]:
-    """Run anvil for the duration of the block; stop it (state saved) on exit."""
-    command = tethered(anvil_command(chain_id=chain_id, port=port, state_file=state_file))
+    """Run anvil for the duration of the block; stop it (state saved) on exit.
+
+    Its output after the "Listening on" line goes to ``log_file`` (appended), or nowhere.
+    """
+    command = tethered(
+        anvil_command(host=host, chain_id=chain_id, port=port, state_file=state_file)
+    )
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
             partial(
@@ -118,7 +128,7 @@ async def running_anvil(
             url = await _wait_listening(process)
             assert process.stdout is not None
             # Keep reading its output so anvil never blocks on a full pipe.
-            nursery.start_soon(_drain, process.stdout)
+            nursery.start_soon(_drain, process.stdout, log_file)
             yield RunningAnvil(url, chain_id, process)
         finally:
             # SIGTERM makes anvil write its state file before exiting.
@@ -143,9 +153,16 @@ async def _wait_listening(process: trio.Process) -> str:
     raise AnvilError(f"anvil did not start: {seen.decode(errors='replace')[-2000:]}")
 
 
-async def _drain(stream: trio.abc.ReceiveStream) -> None:
+async def _drain(stream: trio.abc.ReceiveStream, log_file: Path | None) -> None:
+    log = await trio.open_file(log_file, "ab") if log_file is not None else None
     try:
-        while await stream.receive_some(65536):
-            pass
+        while chunk := await stream.receive_some(65536):
+            if log is not None:
+                await log.write(chunk)
+                await log.flush()
     except (trio.ClosedResourceError, trio.BrokenResourceError):
         pass
+    finally:
+        if log is not None:
+            with trio.CancelScope(shield=True):
+                await log.aclose()
