@@ -12,7 +12,7 @@ CONFIG ?= joynode.toml
 BACKEND ?= cpu
 MODELS := .joynode/models
 
-.PHONY: install system-deps browser contracts circuits run node test lint typecheck pytest clean
+.PHONY: install system-deps browser contracts circuits run node test lint typecheck pytest chaos clean
 
 install: $(STAMP) $(NODE_STAMP)
 
@@ -84,6 +84,11 @@ typecheck: install
 
 pytest: install circuits browser
 	$(BIN)/pytest
+
+# The full chaos run (tests/chaos; make test runs a bounded one): 100 jobs, 10 kills,
+# an anvil restart and a partition; its figures are in docs/benchmarks.md.
+chaos: install circuits
+	CHAOS_JOBS=100 CHAOS_KILLS=10 $(BIN)/pytest tests/chaos -s --timeout 3600
 
 # pytest exits 5 when it collects no tests; make treats that as a failure too.
 test: lint typecheck pytest

@@ -9,7 +9,7 @@ tied in a way that survives the node's threads coming and going:
   from the engine's own asyncio thread, which lives until the engine is
   stopped. Its first act is ``die_with_parent()`` (see
   ``joynode.inference.engine``): SIGKILL when the node goes.
-- Programs the node runs (anvil, the ZoKrates worker) are started by trio from
+- Programs the node runs (anvil, the ZoKrates worker; a devnet's nodes) are started by trio from
   worker threads that end when idle, so they run under ``tethered(command)``:
   this module as a small single-threaded process that runs the program with
   SIGKILL as its parent-death signal (its parent thread is then this process

@@ -962,16 +962,44 @@ class ConsensusService:
         """The certificate as it landed, from the event's signers and the reveals we hold."""
         signers = event.args.get("signers")
         output = event.args.get("outputHash")
-        if job.certificate is None or not isinstance(signers, list) or not isinstance(output, str):
+        if not isinstance(signers, list) or not isinstance(output, str):
             return None
         reveals = [job.tally.reveals.get(to_checksum_address(str(s))) for s in signers]
         if any(r is None or r.output_hash.hex() != output.removeprefix("0x") for r in reveals):
             return None  # not every signer's reveal reached this node
-        return dataclasses.replace(
-            job.certificate,
-            signers=tuple(r.member for r in reveals if r is not None),
-            signatures=tuple(r.signature for r in reveals if r is not None),
+        return Certificate(
+            job.request_id,
+            job.tally.model,
+            bytes.fromhex(output.removeprefix("0x")),
+            job.tally.committee,
+            tuple(r.member for r in reveals if r is not None),
+            tuple(r.signature for r in reveals if r is not None),
         )
+
+    def _certified_on_chain(self, event: ChainEvent) -> Callable[[Job], Awaitable[None]]:
+        """The chain's verdict overrules this node's: a job it failed or still follows
+        (it was down or cut off while the others voted) is certified as it landed."""
+
+        async def take_the_chains_certificate(job: Job) -> None:
+            landed = self._landed_certificate(job, event)
+            if landed is None:  # ask the members for the reveals this node missed
+                await self._ask_for_votes(job)
+                landed = self._landed_certificate(job, event)
+            if job.status == "certified":
+                return  # the votes just asked for decided it
+            was = f"{job.status}: {job.reason}" if job.reason else job.status
+            job.status, job.certificate = "certified", landed
+            job.reason = f"certified on-chain; this node had it {was}"
+            if landed is None:
+                job.reason += "; it has not every signer's reveal"
+            job.finished_at = job.finished_at or time.time()
+            job.done.set()
+            job.touch()
+            await self._state.write(lambda conn: _save_job(conn, job))
+            self._metrics.jobs.labels("certified_on_chain").inc()
+            log.info("job %s: %s", _short(job), job.reason)
+
+        return take_the_chains_certificate
 
     async def _read_chain_events(self) -> None:
         assert self._chain_events is not None
@@ -990,7 +1018,9 @@ class ConsensusService:
                 continue
             if event.name == "InferenceVerified":
                 landed = self._landed_certificate(job, event)
-                if landed is not None and job.payment.status == "escrowed":
+                if job.status != "certified":
+                    self._spawn(self._certified_on_chain(event), job)
+                elif landed is not None and job.payment.status == "escrowed":
                     job.certificate = landed  # (saved with the payment just below)
                 await self._pay(job, "settled", event.tx_hash, "certificate verified on-chain")
             else:
@@ -1041,26 +1071,28 @@ class ConsensusService:
             await trio.sleep(delay)
             if job.finished():
                 return
-            for member in job.tally.committee:
-                peer = self._peer_of(member)
-                if peer is None or member == self.address:
-                    continue
+            await self._ask_for_votes(job)
+
+    async def _ask_for_votes(self, job: Job) -> None:
+        """Ask every other member that is up for the job's votes it holds, and count them."""
+        for member in job.tally.committee:
+            peer = self._peer_of(member)
+            if peer is None or member == self.address:
+                continue
+            try:
+                reply = await self._p2p.request(peer, wire.JobVotesRequest(job.request_id))
+            except RpcFailure as exc:
+                log.debug("job %s: no votes from %s: %s", _short(job), member, exc)
+                continue
+            if not isinstance(reply, wire.JobVotesReply):
+                continue
+            votes: list[wire.VoteCommit | wire.VoteReveal] = [*reply.commits, *reply.reveals]
+            for vote in votes:
                 try:
-                    reply = await self._p2p.request(peer, wire.JobVotesRequest(job.request_id))
-                except RpcFailure as exc:
-                    log.debug("job %s: no votes from %s: %s", _short(job), member, exc)
+                    signer = job.tally.signer_of(vote)
+                except VoteRejected:
                     continue
-                if not isinstance(reply, wire.JobVotesReply):
-                    continue
-                votes: list[wire.VoteCommit | wire.VoteReveal] = [*reply.commits, *reply.reveals]
-                for vote in votes:
-                    if job.finished():
-                        return
-                    try:
-                        signer = job.tally.signer_of(vote)
-                    except VoteRejected:
-                        continue
-                    await self._count_vote(job, signer, vote)
+                await self._count_vote(job, signer, vote)
 
     def _peer_of(self, address: str) -> str | None:
         for record in self._p2p.peers.records():

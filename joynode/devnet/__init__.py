@@ -6,7 +6,9 @@ demo model published to the store by node 0 and fetched from it by the others
 by CID, the model registered in the marketplace, and N ``joynode run``
 processes bootstrapped from node 0. Running it again reuses all of it (keys,
 chain state, the model in each node's cache). SIGINT or SIGTERM stops the
-nodes first (each stops cleanly on SIGINT), then anvil, which saves its state.
+nodes first (each stops cleanly on SIGTERM), then anvil, which saves its state.
+Every process it starts is tethered (``joynode.tether``): a devnet killed with
+SIGKILL takes its nodes and anvil with it.
 
 It is where fault tolerance is tried: a node or anvil that dies is shown as
 down in one line and started again (``processes``), the others keep running,

@@ -35,6 +35,7 @@ from joynode.console import stderr
 from joynode.devnet.network import DevnetNetwork
 from joynode.endpoints import Endpoints
 from joynode.keys import ControlToken, NodeKey
+from joynode.tether import tethered
 
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE_S = 60.0  # up this long, a process's next exit starts the backoff over
@@ -190,6 +191,14 @@ async def kill_session(session: int) -> int:
     return len(left)
 
 
+def _in_session(pid: int, session: int) -> bool:
+    """Whether ``pid`` runs in ``session``: the node of this start, not one from before."""
+    try:
+        return os.getsid(pid) == session
+    except ProcessLookupError:
+        return False
+
+
 def _backoff(supervised: Supervised, failures: int) -> tuple[float, int]:
     """The wait before the next start, and the failure count it makes."""
     if supervised.state == "up" and time.time() - supervised.since >= STABLE_S:
@@ -257,7 +266,8 @@ class NodeSupervisor:
         argv = [sys.executable, "-m", "joynode", "run", "--config", str(node.config_path)]
         with node.log_path.open("ab") as log:
             node.process = process = await trio.lowlevel.open_process(
-                self._network.command(node.index, argv),
+                # Tethered: a devnet killed with SIGKILL takes its nodes with it.
+                tethered(self._network.command(node.index, argv)),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # Its own session: Ctrl-C reaches the devnet only, which then stops the
@@ -267,8 +277,8 @@ class NodeSupervisor:
         supervised.set_state("starting", process.pid)
         self._changed()
         with trio.move_on_after(START_TIMEOUT_S):
-            while (endpoints := Endpoints.read(node.data_dir)) is None or (
-                endpoints.pid != process.pid
+            while (endpoints := Endpoints.read(node.data_dir)) is None or not _in_session(
+                endpoints.pid, process.pid
             ):
                 if process.returncode is not None:
                     raise DevnetError(
@@ -316,12 +326,12 @@ class NodeSupervisor:
             )
 
     async def _stop_all(self) -> None:
-        """SIGINT to every node (each stops cleanly), then SIGKILL what is left of them."""
+        """SIGTERM to every node (each stops cleanly), then SIGKILL what is left of them."""
         self._stopping = True
         running = [n for n in self._nodes if n.process is not None and n.process.returncode is None]
         for node in running:
             assert node.process is not None
-            node.process.send_signal(signal.SIGINT)
+            node.process.send_signal(signal.SIGTERM)  # (the tether passes it on)
         with trio.move_on_after(STOP_TIMEOUT_S):
             for node in running:
                 assert node.process is not None

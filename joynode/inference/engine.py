@@ -101,10 +101,23 @@ class VllmEngine:
         self.spec = spec
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
-            target=self._loop.run_forever, name=f"vllm-{spec.path.name}", daemon=True
+            target=self._serve, name=f"vllm-{spec.path.name}", daemon=True
         )
         self._engine: Any = None
+        self._built: Any = None  # the AsyncLLM, kept after stop for _serve's cleanup
         self.tokenizer: Any = None
+
+    def _serve(self) -> None:
+        """The engine's thread: its loop. Once the loop stops, what vLLM left of itself is
+        released here, on its own thread, whether ``stop`` waited for it or gave up."""
+        loop = self._loop
+        loop.run_forever()
+        try:
+            if self._built is not None:
+                _release(self._built, loop)
+                self._built = None
+        finally:
+            loop.close()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the engine's loop and wait for it (call from a worker thread)."""
@@ -114,6 +127,7 @@ class VllmEngine:
         configure_environment(self.spec.kv_cache_gib)
         device = await trio.to_thread.run_sync(installed_device)
         if self.spec.device not in ("auto", device):
+            self._loop.close()  # (its thread never started)
             raise EngineError(
                 f"inference.device is {self.spec.device!r} but the installed vLLM runs on "
                 f"{device!r} (GPU: pip install '.[gpu]'; CPU: '.[cpu]')"
@@ -140,10 +154,10 @@ class VllmEngine:
 
         try:
             self._engine, self.tokenizer = await trio.to_thread.run_sync(self._run, build())
+            self._built = self._engine
         except Exception as exc:
             self._stop_loop()
             await trio.to_thread.run_sync(self._thread.join, 10)
-            self._loop.close()
             raise EngineError(f"vLLM could not load {self.spec.path}: {exc}") from exc
 
     @asynccontextmanager
@@ -218,7 +232,6 @@ class VllmEngine:
                 await trio.to_thread.run_sync(self._run, shutdown(), abandon_on_cancel=True)
             self._stop_loop()
             await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
-            self._loop.close()
         if deadline.cancelled_caught:
             # Its loop stops once vLLM lets go; the thread then ends, and the engine core with it.
             self._stop_loop()
@@ -235,6 +248,39 @@ class VllmEngine:
 
 def _already_shut_down(*_: Any, **__: Any) -> None:
     return None
+
+
+def _release(engine: Any, loop: asyncio.AbstractEventLoop) -> None:
+    """What vLLM leaves behind once its loop has stopped: released on the engine's thread.
+
+    vLLM 0.32 leaves its engine client's zmq context to the garbage collector
+    after a clean shutdown, and the client's engine manager, tasks and sockets
+    too when its shutdown hangs or is abandoned (``stop``'s deadline). A zmq
+    context collected with a socket still open blocks the collecting thread
+    forever in ``zmq_ctx_term``: some later, unrelated garbage collection would
+    hang the node (or a test session). So: the client's own shutdown (a no-op
+    after a clean one; it reaps the engine core), the loop's tasks cancelled,
+    every socket closed without linger, the context terminated.
+    """
+    client = getattr(engine, "engine_core", None)
+    shadow = getattr(client, "ctx", None)  # zmq.asyncio's view of the same context
+    context = getattr(getattr(client, "resources", None), "ctx", None)
+    try:
+        if client is not None:
+            client.shutdown(timeout=ENGINE_CORE_GRACE_S)
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.wait(tasks, timeout=1.0))
+        for ctx in (shadow, context):
+            for socket in list(getattr(ctx, "_sockets", None) or ()):
+                if not socket.closed:
+                    socket.close(linger=0)
+        if context is not None and not context.closed:
+            context.destroy(linger=0)
+    except Exception:  # vLLM's own objects, in whatever state it left them
+        log.warning("vLLM's engine client could not be released", exc_info=True)
 
 
 def _tie_engine_core_to_node() -> None:
