@@ -379,6 +379,45 @@ async def test_a_paid_job_without_a_majority_fails_and_its_escrow_is_refunded(
         )  # Refunded
 
 
+async def test_a_member_that_missed_the_votes_takes_the_certificate_the_chain_verified(
+    tmp_path: Path, tiny_model: Path, tiny_engine: VllmEngine, chain: Chain
+) -> None:
+    """Found by the chaos suite: a member cut off while the others voted failed the job at
+    its deadline though the chain had settled it, so its database disagreed with the chain."""
+    async with paid_committee(
+        tmp_path, tiny_model, tiny_engine, chain, commit_timeout_s=4, settle_timeout_s=30
+    ) as (nodes, _):
+        a, c = nodes[0], nodes[2]
+        c.consensus._inference = Slow(c.inference_client, 30.0)  # type: ignore[assignment]
+
+        async def deaf(_: object) -> None:
+            return None  # C hears no vote gossip (cut off, or down while they were sent)
+
+        c.consensus._on_vote = deaf  # type: ignore[method-assign,assignment]
+        job = await a.consensus.submit(paid())
+        result = await settled(a, job.request_id)
+        assert result["status"] == "certified", result["reason"]
+        assert result["payment"]["status"] == "settled"
+        assert len(result["certificate"]["signers"]) == 2  # A and B
+
+        theirs = c.consensus.jobs[job.request_id]
+        # C fails the job at its reveal deadline (it heard no reveal), then the chain's
+        # InferenceVerified overrules it.
+        await wait_for(lambda: theirs.status == "certified", 40, "C takes the chain's verdict")
+        assert theirs.reason.startswith("certified on-chain; this node had it "), theirs.reason
+        # C asked the members for the reveals it missed: the certificate as it landed.
+        assert theirs.certificate is not None
+        certificate = result["certificate"]
+        assert theirs.certificate.to_json()["output_hash"] == certificate["output_hash"]
+        assert sorted(theirs.certificate.signers) == sorted(certificate["signers"])
+        await wait_for(
+            lambda: theirs.payment is not None and theirs.payment.status == "settled",
+            30,
+            "C sees the settlement",
+        )
+        assert theirs.to_json()["output"]["output_hash"] == certificate["output_hash"]
+
+
 async def test_paid_submissions_the_marketplace_refuses_get_its_reason(
     tmp_path: Path, tiny_model: Path, tiny_engine: VllmEngine, chain: Chain
 ) -> None:

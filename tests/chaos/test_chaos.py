@@ -24,6 +24,7 @@ kills). CHAOS_SEED replays a run; the summary line at the end gives the seed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -56,7 +57,7 @@ pytestmark = [
 ]
 
 NODES = 3
-PHASES = ("before_commit", "between_commit_and_reveal", "settling")
+PHASES = ("between_commit_and_reveal", "settling", "before_commit", "offerer")
 CLIENTS = 3
 # Short phases, so that a failed paid job is refunded within a minute.
 CONSENSUS = {
@@ -99,6 +100,7 @@ class Kill:
     victim: int
     pid: int
     at: float
+    job: str = ""  # the request id it was made in
     recovered_s: float | None = None
 
 
@@ -139,34 +141,41 @@ async def call(node: DevnetNode, method: str, params: dict[str, Any] | None = No
         return None
 
 
-async def submit_jobs(chaos: Chaos, client: int, numbers: list[int]) -> None:
+def job_params(number: int, paid: bool) -> dict[str, Any]:
+    return {
+        "model": "tiny",
+        "prompt": f"chaos job {number}",
+        "max_tokens": 8,
+        "ignore_eos": True,
+        "nonce": number,
+        **({"paid": True} if paid else {"committee_size": NODES}),
+    }
+
+
+async def submit(chaos: Chaos, number: int, paid: bool) -> Submitted:
+    """Job ``number`` offered through a node that is up (another one if that one goes down)."""
+    while True:
+        index = chaos.rng.choice(chaos.up() or [0])
+        result = await call(chaos.node(index), "infer.submit", job_params(number, paid))
+        if result is not None:
+            job = Submitted(result["request_id"], paid, index, result["committee"])
+            chaos.jobs.append(job)
+            return job
+        chaos.refused[f"node {index}"] += 1
+        await trio.sleep(1)
+
+
+async def submit_jobs(chaos: Chaos, numbers: list[int], pause_s: float) -> None:
     """One client: each job to a node that is up, then waits until it is decided (or 60 s)."""
     for number in numbers:
-        paid = number % 2 == 0
-        params = {
-            "model": "tiny",
-            "prompt": f"chaos job {number}",
-            "max_tokens": 8,
-            "ignore_eos": True,
-            "nonce": number,
-            **({"paid": True} if paid else {"committee_size": NODES}),
-        }
-        while True:
-            index = chaos.rng.choice(chaos.up() or [0])
-            result = await call(chaos.node(index), "infer.submit", params)
-            if result is not None:
-                break
-            chaos.refused[f"node {index}"] += 1
-            await trio.sleep(1)
-        job = Submitted(result["request_id"], paid, index, result["committee"])
-        chaos.jobs.append(job)
+        job = await submit(chaos, number, paid=number % 2 == 0)
         with trio.move_on_after(60):
             while True:
-                state = await call(chaos.node(index), "job.get", {"request_id": job.request_id})
+                state = await job_state(chaos, job)
                 if state is not None and state["status"] != "pending":
                     break
                 await trio.sleep(0.5)
-        await trio.sleep(chaos.rng.uniform(0, 1))
+        await trio.sleep(chaos.rng.uniform(0, 2 * pause_s))
 
 
 async def job_state(chaos: Chaos, job: Submitted) -> dict[str, Any] | None:
@@ -177,45 +186,66 @@ async def job_state(chaos: Chaos, job: Submitted) -> dict[str, Any] | None:
     return result
 
 
-def reached(phase: str, job: dict[str, Any]) -> bool:
-    payment = job.get("payment") or {}
-    if phase == "before_commit":
-        return not job["commits"]
+def reached(phase: str, progress: dict[str, Any]) -> bool:
+    """Whether a job's ``job.progress`` shows it at ``phase`` (the kill's moment)."""
     if phase == "between_commit_and_reveal":
-        return bool(job["commits"]) and not job["reveals"]
-    return job["status"] == "certified" and payment.get("status") == "escrowed"
+        return bool(progress["commits"]) and not progress["reveals"]
+    return bool(progress["status"] == "certified" and progress["payment"] == "escrowed")
 
 
-async def kill_members(chaos: Chaos, kills: int) -> None:
-    """SIGKILL a committee member at a chosen phase of a running job, one node down at a time."""
+async def kill_in_a_job(chaos: Chaos, number: int, phase: str) -> None:
+    """Offer job ``number`` and SIGKILL a node at ``phase`` of it, as its offerer reports it.
+
+    ``offerer``: the node that offered a paid job, at once; ``before_commit``:
+    another member, at once; ``between_commit_and_reveal``: another member at
+    the first commit the offerer hears; ``settling``: the member ranked first
+    to land the certificate (else the next) once the job is certified.
+    """
+    paid = phase in ("offerer", "settling") or number % 2 == 0
+    job = await submit(chaos, number, paid)
+    members = [chaos.index_of(m) for m in job.committee]
+    others = [m for m in members if m != job.submitter and m in chaos.up()] or [job.submitter]
+    victim = job.submitter if phase == "offerer" else others[0]
+    if phase in ("offerer", "before_commit"):
+        kill(chaos, phase, victim)
+    else:
+
+        def on_progress(notification: dict[str, Any]) -> None:
+            done = any(k.job == job.request_id for k in chaos.kills)
+            if not done and reached(phase, notification["params"]):
+                kill(chaos, phase, victim, job.request_id)
+
+        with contextlib.suppress(Exception):  # the offerer's socket, when a node goes
+            node = chaos.node(job.submitter)
+            async with ControlClient.connect(
+                node.control_url(), node.token.value, on_notification=on_progress
+            ) as client:
+                await client.call("job.wait", {"request_id": job.request_id, "timeout_s": 60})
+        if not any(k.job == job.request_id for k in chaos.kills):
+            kill(chaos, f"{phase} (missed: after the job)", victim, job.request_id)
+    last = chaos.kills[-1]
+    node = chaos.node(last.victim)
+    await wait_for(partial(restarted, node, last.pid), RECOVERY_S, f"node {last.victim} up")
+    last.recovered_s = time.monotonic() - last.at
+    left = in_session(last.pid)
+    assert left == [], f"node {last.victim} left processes running: {left}"
+    chaos.say(f"node {last.victim} up again after {last.recovered_s:.1f} s")
+
+
+def kill(chaos: Chaos, phase: str, victim: int, job: str = "") -> None:
+    node = chaos.node(victim)
+    assert node.process is not None
+    pid = node.process.pid
+    os.kill(pid, signal.SIGKILL)
+    chaos.kills.append(Kill(phase, victim, pid, time.monotonic(), job))
+    chaos.say(f"kill {len(chaos.kills)}: node {victim} (pid {pid}), {phase}")
+
+
+async def kill_in_jobs(chaos: Chaos, kills: int, first_number: int) -> None:
+    """One node down at a time: each kill in a job of its own, at the next phase in turn."""
     for number in range(kills):
-        phase = PHASES[number % len(PHASES)]
-        await trio.sleep(chaos.rng.uniform(2, 6))
-        victim: int | None = None
-        with trio.move_on_after(30):  # no job in that phase for 30 s: any member will do
-            while victim is None:
-                for job in [j for j in chaos.jobs[-6:] if j.paid or phase != "settling"]:
-                    state = await job_state(chaos, job)
-                    if state is not None and reached(phase, state):
-                        members = [chaos.index_of(m) for m in job.committee]
-                        others = [m for m in members if m != job.submitter and m in chaos.up()]
-                        if others:
-                            victim = chaos.rng.choice(others)
-                            break
-                await trio.sleep(0.05)
-        if victim is None:
-            phase, victim = "any", chaos.rng.choice(chaos.up())
-        node = chaos.node(victim)
-        assert node.process is not None
-        pid = node.process.pid
-        kill = Kill(phase, victim, pid, time.monotonic())
-        os.kill(pid, signal.SIGKILL)
-        chaos.kills.append(kill)
-        chaos.say(f"kill {len(chaos.kills)}: node {victim} (pid {pid}) {phase}")
-        await wait_for(partial(restarted, node, pid), RECOVERY_S, f"node {victim} up again")
-        kill.recovered_s = time.monotonic() - kill.at
-        assert in_session(pid) == [], f"node {victim} left processes running: {in_session(pid)}"
-        chaos.say(f"node {victim} up again after {kill.recovered_s:.1f} s")
+        await trio.sleep(chaos.rng.uniform(1, 4))
+        await kill_in_a_job(chaos, first_number + number, PHASES[number % len(PHASES)])
 
 
 def restarted(node: DevnetNode, old_pid: int) -> bool:
@@ -361,10 +391,12 @@ async def test_jobs_survive_kills_an_anvil_restart_and_a_partition(tmp_path: Pat
         chaos = Chaos(devnet, directory, random.Random(plan.seed))
         chaos.say(f"chaos: {plan.jobs} jobs, {plan.kills} kills, seed {plan.seed}")
         async with trio.open_nursery() as clients:
-            numbers = list(range(plan.jobs))
+            numbers = list(range(plan.jobs - plan.kills))
+            # Spread the clients' jobs over the kills (a restart takes about 20 s).
+            pause_s = plan.kills * 20 / max(1, len(numbers) / CLIENTS)
             for client in range(CLIENTS):
-                clients.start_soon(submit_jobs, chaos, client, numbers[client::CLIENTS])
-            clients.start_soon(kill_members, chaos, plan.kills)
+                clients.start_soon(submit_jobs, chaos, numbers[client::CLIENTS], pause_s)
+            clients.start_soon(kill_in_jobs, chaos, plan.kills, len(numbers))
 
             async def hurt_the_network() -> None:
                 await wait_for(lambda: len(chaos.jobs) >= plan.jobs // 3, 3600, "a third")
