@@ -49,6 +49,7 @@ from joynode.devnet import DevnetOptions, RunningDevnet, run_devnet
 from joynode.devnet.processes import DevnetNode
 from joynode.devnet.status import read_status
 from tests.factories import wait_for
+from tests.test_devnet import in_session, joynode_processes
 
 pytestmark = [
     pytest.mark.chaos,
@@ -314,30 +315,6 @@ async def wait_until_over(chaos: Chaos) -> dict[str, dict[str, Any]]:
     return over
 
 
-def in_session(session: int) -> list[int]:
-    """Live processes in ``session`` (a node and what it started: vLLM's engine core)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.getsid(int(pid)) == session:
-                found.append(int(pid))
-        except ProcessLookupError:
-            continue
-    return found
-
-
-def devnet_processes(directory: Path) -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if str(directory) in cmdline and "pytest" not in cmdline:
-            found.append(cmdline)
-    return found
-
-
 def chain_outcomes(devnet: RunningDevnet, jobs: list[Submitted]) -> dict[str, tuple[str, str]]:
     """Each paid request's on-chain status and verified output hash; the escrow invariants."""
     w3 = Web3(Web3.HTTPProvider(devnet.rpc_url))
@@ -434,7 +411,7 @@ async def test_jobs_survive_kills_an_anvil_restart_and_a_partition(tmp_path: Pat
             if onchain == "settled":
                 assert status == "certified", where
                 assert certified == output, where
-    assert devnet_processes(directory) == []
+    assert joynode_processes(directory) == []
     for session in sessions:
         assert in_session(session) == []
 
