@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity 0.8.37;
 
-import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
-import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 
+import {JoyGoverned} from "./JoyGoverned.sol";
 import {NodeCoordinator} from "./NodeCoordinator.sol";
 import {ProofOfUse} from "./ProofOfUse.sol";
 
@@ -18,11 +18,10 @@ import {ProofOfUse} from "./ProofOfUse.sol";
 /// verified request: the platform fee (`feeBps` of the price) is split between
 /// the certificate's signers, the stakers and the treasury; the rest goes to the
 /// royalty recipients and the owner. After the deadline an unsettled request is
-/// refunded to its requester.
-contract ModelMarketplace is AccessControl, ReentrancyGuard {
+/// refunded to its requester. Fee and split are set by governance, within bounds.
+contract ModelMarketplace is JoyGoverned, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
-    bytes32 public constant PARAMS_ROLE = keccak256("PARAMS_ROLE");
     bytes32 public constant SETTLER_ROLE = keccak256("SETTLER_ROLE");
 
     uint16 public constant MAX_FEE_BPS = 1000;
@@ -63,14 +62,14 @@ contract ModelMarketplace is AccessControl, ReentrancyGuard {
         address[] committee;
     }
 
-    IERC20 public immutable token;
-    NodeCoordinator public immutable coordinator;
-    ProofOfUse public immutable proofOfUse;
+    IERC20 public token;
+    NodeCoordinator public coordinator;
+    ProofOfUse public proofOfUse;
     address public treasury;
 
-    uint16 public feeBps = 250; // 2.5 % of the price
-    uint16 public signersBps = 4000; // of the fee
-    uint16 public stakersBps = 3000; // of the fee; the treasury gets the rest
+    uint16 public feeBps; // of the price
+    uint16 public signersBps; // of the fee
+    uint16 public stakersBps; // of the fee; the treasury gets the rest
 
     mapping(bytes32 => Model) private _models;
     mapping(bytes32 => Request) private _requests;
@@ -100,15 +99,20 @@ contract ModelMarketplace is AccessControl, ReentrancyGuard {
     error NoCommittee(bytes32 model);
     error NotPending(bytes32 requestId);
     error DeadlineNotReached(uint64 deadline);
-    error OutOfBounds(string parameter);
 
-    constructor(IERC20 token_, NodeCoordinator coordinator_, ProofOfUse proofOfUse_, address admin, address treasury_) {
+    function initialize(
+        IERC20 token_,
+        NodeCoordinator coordinator_,
+        ProofOfUse proofOfUse_,
+        address governance,
+        address treasury_
+    ) external initializer {
+        __JoyGoverned_init(governance);
         token = token_;
         coordinator = coordinator_;
         proofOfUse = proofOfUse_;
-        treasury = treasury_;
-        _grantRole(DEFAULT_ADMIN_ROLE, admin);
-        _grantRole(PARAMS_ROLE, admin);
+        // 2.5 % of the price; of it, 40 % to the signers, 30 % to the stakers, 30 % to the treasury
+        _setParameters(250, 4000, 3000, treasury_);
     }
 
     // ---- models
@@ -294,12 +298,16 @@ contract ModelMarketplace is AccessControl, ReentrancyGuard {
         return (r.model, r.requester, r.inputHash, r.price, r.deadline, r.status, r.committee);
     }
 
-    // ---- parameters (admin; a timelock later)
+    // ---- parameters (governance)
 
     function setParameters(uint16 feeBps_, uint16 signersBps_, uint16 stakersBps_, address treasury_)
         external
-        onlyRole(PARAMS_ROLE)
+        onlyGovernance
     {
+        _setParameters(feeBps_, signersBps_, stakersBps_, treasury_);
+    }
+
+    function _setParameters(uint16 feeBps_, uint16 signersBps_, uint16 stakersBps_, address treasury_) private {
         if (feeBps_ > MAX_FEE_BPS) revert OutOfBounds("feeBps");
         if (uint256(signersBps_) + stakersBps_ > 10_000) revert OutOfBounds("split");
         if (treasury_ == address(0)) revert OutOfBounds("treasury");

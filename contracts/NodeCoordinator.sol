@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity 0.8.37;
 
-import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
-import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
+
+import {JoyGoverned} from "./JoyGoverned.sol";
+import {StakedJoy} from "./StakedJoy.sol";
 
 /// @title The node registry: stake, registration, reputation, rewards, slashing,
 /// and the committee each inference request is answered by.
@@ -15,11 +17,13 @@ import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol
 /// contract, SLASHER_ROLE) takes the whole stake: part to the reporter, the rest
 /// to the treasury, and deregisters the node. Stakers earn a share of platform
 /// fees pro rata to active stake (reward-per-token accounting); certificate
-/// signers are credited their share; both are claimed with `claimRewards`.
-contract NodeCoordinator is AccessControl, ReentrancyGuard {
+/// signers are credited their share; both are claimed with `claimRewards`. Active
+/// stake is mirrored 1:1 in stJOY (StakedJoy), so stakers vote with it. A dispute the
+/// DAO upholds slashes the certificate's signers (DisputeResolver, SLASHER_ROLE), the
+/// requester's refund first.
+contract NodeCoordinator is JoyGoverned, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
-    bytes32 public constant PARAMS_ROLE = keccak256("PARAMS_ROLE");
     bytes32 public constant REPUTATION_ROLE = keccak256("REPUTATION_ROLE");
     bytes32 public constant SLASHER_ROLE = keccak256("SLASHER_ROLE");
     bytes32 public constant DISTRIBUTOR_ROLE = keccak256("DISTRIBUTOR_ROLE");
@@ -30,7 +34,9 @@ contract NodeCoordinator is AccessControl, ReentrancyGuard {
     uint256 public constant MAX_NODES_PER_MODEL = 128;
     uint256 public constant MAX_COMMITTEE = 16;
     uint256 public constant MAX_MODELS_PER_NODE = 32;
+    uint256 public constant MIN_UNBONDING_DELAY = 1 days; // 1 minute on the devnet
     uint256 public constant MAX_UNBONDING_DELAY = 30 days;
+    uint16 public constant MAX_REPORTER_SHARE_BPS = 5000;
     uint256 private constant PRECISION = 1e18;
 
     struct Node {
@@ -46,11 +52,12 @@ contract NodeCoordinator is AccessControl, ReentrancyGuard {
         bytes32[] models;
     }
 
-    IERC20 public immutable token;
+    IERC20 public token;
+    StakedJoy public stakedJoy;
     address public treasury;
     uint256 public minStake;
     uint256 public unbondingDelay;
-    uint16 public reporterShareBps = 1000; // of a slashed stake, to whoever proved equivocation
+    uint16 public reporterShareBps; // of a slashed stake, to whoever proved equivocation
 
     mapping(address => Node) private _nodes;
     mapping(bytes32 => address[]) private _modelNodes;
@@ -77,14 +84,19 @@ contract NodeCoordinator is AccessControl, ReentrancyGuard {
     error TooMany(string what, uint256 limit);
     error NothingToWithdraw();
     error StillUnbonding(uint256 releaseAt);
-    error OutOfBounds(string parameter);
 
-    constructor(IERC20 token_, address admin, address treasury_, uint256 minStake_, uint256 unbondingDelay_) {
+    function initialize(
+        IERC20 token_,
+        StakedJoy stakedJoy_,
+        address governance,
+        address treasury_,
+        uint256 minStake_,
+        uint256 unbondingDelay_
+    ) external initializer {
+        __JoyGoverned_init(governance);
         token = token_;
-        treasury = treasury_;
-        _grantRole(DEFAULT_ADMIN_ROLE, admin);
-        _grantRole(PARAMS_ROLE, admin);
-        _setParameters(minStake_, unbondingDelay_, reporterShareBps, treasury_);
+        stakedJoy = stakedJoy_;
+        _setParameters(minStake_, unbondingDelay_, 1000, treasury_);
     }
 
     // ---- staking and registration
@@ -95,6 +107,7 @@ contract NodeCoordinator is AccessControl, ReentrancyGuard {
         Node storage node = _nodes[msg.sender];
         node.stake += amount;
         totalStaked += amount;
+        stakedJoy.mint(msg.sender, amount);
         emit Staked(msg.sender, amount, node.stake);
     }
 
@@ -139,6 +152,7 @@ contract NodeCoordinator is AccessControl, ReentrancyGuard {
         _settleRewards(msg.sender);
         node.stake -= amount;
         totalStaked -= amount;
+        stakedJoy.burn(msg.sender, amount);
         node.unbonding += amount;
         node.unbondingReleaseAt = block.timestamp + unbondingDelay;
         emit UnbondingStarted(msg.sender, amount, node.unbondingReleaseAt);
@@ -167,22 +181,42 @@ contract NodeCoordinator is AccessControl, ReentrancyGuard {
         emit ReputationChanged(account, node.reputation);
     }
 
+    /// Equivocation: the whole stake, `reporterShareBps` of it to the reporter.
     function slash(address account, address reporter) external onlyRole(SLASHER_ROLE) nonReentrant {
+        uint256 amount = _nodes[account].stake + _nodes[account].unbonding;
+        // A node reporting itself gets no reporter share.
+        uint256 toReporter = reporter == account ? 0 : (amount * reporterShareBps) / 10_000;
+        _slash(account, reporter, toReporter);
+    }
+
+    /// An upheld dispute: the whole stake, up to `owed` of it to `payee` (the
+    /// requester's refund). Returns what `payee` got.
+    function slashOwing(address account, address payee, uint256 owed)
+        external
+        onlyRole(SLASHER_ROLE)
+        nonReentrant
+        returns (uint256 paid)
+    {
+        uint256 amount = _nodes[account].stake + _nodes[account].unbonding;
+        paid = owed < amount ? owed : amount;
+        _slash(account, payee, paid);
+    }
+
+    function _slash(address account, address payee, uint256 toPayee) private {
         Node storage node = _nodes[account];
         _settleRewards(account);
         uint256 amount = node.stake + node.unbonding;
         uint256 forfeited = _rewards[account]; // unclaimed rewards go with the stake
         _rewards[account] = 0;
         totalStaked -= node.stake;
+        if (node.stake > 0) stakedJoy.burn(account, node.stake);
         node.stake = 0;
         node.unbonding = 0;
         node.reputation = 0;
         if (node.registered) _deregister(account, node);
-        // A node reporting itself gets no reporter share.
-        uint256 toReporter = reporter == account ? 0 : (amount * reporterShareBps) / 10_000;
-        if (toReporter > 0) token.safeTransfer(reporter, toReporter);
-        if (amount + forfeited > toReporter) token.safeTransfer(treasury, amount + forfeited - toReporter);
-        emit Slashed(account, reporter, amount, toReporter);
+        if (toPayee > 0) token.safeTransfer(payee, toPayee);
+        if (amount + forfeited > toPayee) token.safeTransfer(treasury, amount + forfeited - toPayee);
+        emit Slashed(account, payee, amount, toPayee);
     }
 
     // ---- rewards (marketplace)
@@ -318,11 +352,11 @@ contract NodeCoordinator is AccessControl, ReentrancyGuard {
         return node.registered && node.stake >= minStake;
     }
 
-    // ---- parameters (admin; a timelock later)
+    // ---- parameters (governance)
 
     function setParameters(uint256 minStake_, uint256 unbondingDelay_, uint16 reporterShareBps_, address treasury_)
         external
-        onlyRole(PARAMS_ROLE)
+        onlyGovernance
     {
         _setParameters(minStake_, unbondingDelay_, reporterShareBps_, treasury_);
     }
@@ -331,8 +365,9 @@ contract NodeCoordinator is AccessControl, ReentrancyGuard {
         private
     {
         if (minStake_ == 0) revert OutOfBounds("minStake");
+        _atLeast(unbondingDelay_, MIN_UNBONDING_DELAY, 1 minutes, "unbondingDelay");
         if (unbondingDelay_ > MAX_UNBONDING_DELAY) revert OutOfBounds("unbondingDelay");
-        if (reporterShareBps_ > 5000) revert OutOfBounds("reporterShareBps");
+        if (reporterShareBps_ > MAX_REPORTER_SHARE_BPS) revert OutOfBounds("reporterShareBps");
         if (treasury_ == address(0)) revert OutOfBounds("treasury");
         minStake = minStake_;
         unbondingDelay = unbondingDelay_;

@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity 0.8.37;
 
-import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {EIP712Upgradeable} from "@openzeppelin/contracts-upgradeable/utils/cryptography/EIP712Upgradeable.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
-import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 
+import {JoyGoverned} from "./JoyGoverned.sol";
 import {ModelMarketplace} from "./ModelMarketplace.sol";
 import {NodeCoordinator} from "./NodeCoordinator.sol";
 
@@ -40,20 +40,26 @@ interface IZkInferenceVerifier {
 /// them and the node's stake is slashed. A request for a zk model needs no
 /// committee: `submitZkResult` checks a Groth16 proof that the model's committed
 /// weights, run on the request's input, give the outputs, and settles with the
-/// prover as the only signer.
-contract ProofOfInference is EIP712, AccessControl {
-    bytes32 public constant PARAMS_ROLE = keccak256("PARAMS_ROLE");
+/// prover as the only signer. Each certificate's time and signers are kept for
+/// the dispute window (DisputeResolver).
+contract ProofOfInference is JoyGoverned, EIP712Upgradeable {
     bytes32 public constant RESULT_TYPEHASH = keccak256("Result(bytes32 requestId,bytes32 outputHash)");
     bytes32 public constant COMMIT_TYPEHASH = keccak256("Commit(bytes32 requestId,bytes32 commitment)");
     int256 public constant MAX_REPUTATION_STEP = 1000;
 
-    NodeCoordinator public immutable coordinator;
-    ModelMarketplace public immutable marketplace;
+    struct Certified {
+        uint64 certifiedAt; // block timestamp of the certificate
+        bytes24 signers; // leading bytes of keccak256(abi.encode(signers))
+    }
 
-    int256 public agreeReward = 10;
-    int256 public missPenalty = 20;
+    NodeCoordinator public coordinator;
+    ModelMarketplace public marketplace;
+
+    int256 public agreeReward;
+    int256 public missPenalty;
 
     mapping(bytes32 => bytes32) public verifiedOutput; // request id => output hash
+    mapping(bytes32 => Certified) public certified; // request id => committee certificate
     mapping(address => mapping(bytes32 => bool)) public equivocationReported;
 
     event InferenceVerified(bytes32 indexed requestId, bytes32 outputHash, address[] signers);
@@ -70,17 +76,23 @@ contract ProofOfInference is EIP712, AccessControl {
     error BadSignature(address signer);
     error SameCommitment();
     error AlreadyReported(address node, bytes32 requestId);
-    error OutOfBounds(string parameter);
     error NotZkModel(bytes32 model);
     error BadProof(bytes32 requestId);
 
-    constructor(NodeCoordinator coordinator_, ModelMarketplace marketplace_, address admin)
-        EIP712("JoyNet", "1")
+    function initialize(NodeCoordinator coordinator_, ModelMarketplace marketplace_, address governance)
+        external
+        initializer
     {
+        __JoyGoverned_init(governance);
+        __EIP712_init("JoyNet", "1");
         coordinator = coordinator_;
         marketplace = marketplace_;
-        _grantRole(DEFAULT_ADMIN_ROLE, admin);
-        _grantRole(PARAMS_ROLE, admin);
+        _setParameters(10, 20);
+    }
+
+    /// The key `certified` keeps a certificate's signers under.
+    function signersKey(address[] memory signers) public pure returns (bytes24) {
+        return bytes24(keccak256(abi.encode(signers)));
     }
 
     function resultDigest(bytes32 requestId, bytes32 outputHash) public view returns (bytes32) {
@@ -114,6 +126,7 @@ contract ProofOfInference is EIP712, AccessControl {
             if (recoverError != ECDSA.RecoverError.NoError || recovered != signers[i]) revert BadSignature(signers[i]);
         }
         verifiedOutput[requestId] = outputHash;
+        certified[requestId] = Certified(uint64(block.timestamp), signersKey(signers));
         for (uint256 i = 0; i < committee.length; i++) {
             coordinator.adjustReputation(committee[i], signed & (1 << i) != 0 ? agreeReward : -missPenalty);
         }
@@ -160,7 +173,11 @@ contract ProofOfInference is EIP712, AccessControl {
         emit EquivocationReported(node, requestId, msg.sender);
     }
 
-    function setParameters(int256 agreeReward_, int256 missPenalty_) external onlyRole(PARAMS_ROLE) {
+    function setParameters(int256 agreeReward_, int256 missPenalty_) external onlyGovernance {
+        _setParameters(agreeReward_, missPenalty_);
+    }
+
+    function _setParameters(int256 agreeReward_, int256 missPenalty_) private {
         if (agreeReward_ < 0 || agreeReward_ > MAX_REPUTATION_STEP) revert OutOfBounds("agreeReward");
         if (missPenalty_ < 0 || missPenalty_ > MAX_REPUTATION_STEP) revert OutOfBounds("missPenalty");
         agreeReward = agreeReward_;

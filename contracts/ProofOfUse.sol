@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity 0.8.37;
 
-import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {JoyGoverned} from "./JoyGoverned.sol";
 
 /// @title Append-only log of settled usage: who used which model, how much.
 /// @notice Written by the marketplace (RECORDER_ROLE) when a request settles;
 /// one record per request id.
-contract ProofOfUse is AccessControl {
+contract ProofOfUse is JoyGoverned {
     bytes32 public constant RECORDER_ROLE = keccak256("RECORDER_ROLE");
 
     struct Usage {
@@ -27,8 +27,8 @@ contract ProofOfUse is AccessControl {
 
     error AlreadyRecorded(bytes32 requestId);
 
-    constructor(address admin) {
-        _grantRole(DEFAULT_ADMIN_ROLE, admin);
+    function initialize(address governance) external initializer {
+        __JoyGoverned_init(governance);
     }
 
     function record(bytes32 model, address user, uint256 units, bytes32 requestId) external onlyRole(RECORDER_ROLE) {

@@ -31,6 +31,12 @@ for (const file of files) {
   sources[file] = { content };
   digest.update(file + "\0" + content + "\0");
 }
+// OpenZeppelin contracts JoyNet deploys as they are (imports of ours are compiled anyway,
+// but only what is listed here is written out).
+const LIBRARY = { "@openzeppelin/contracts/proxy/ERC1967/ERC1967Proxy.sol": ["ERC1967Proxy"] };
+for (const file of Object.keys(LIBRARY)) {
+  sources[file] = { content: fs.readFileSync(path.join(nodeModules, file), "utf8") };
+}
 digest.update(`solc=${solc.version()};evm=${EVM_VERSION};runs=${OPTIMIZER_RUNS}`);
 
 function findImports(importPath) {
@@ -67,6 +73,12 @@ if (failed) process.exit(1);
 const contracts = {};
 for (const file of files) {
   for (const [name, compiled] of Object.entries(output.contracts[file] || {})) {
+    contracts[name] = { abi: compiled.abi, bytecode: "0x" + compiled.evm.bytecode.object };
+  }
+}
+for (const [file, names] of Object.entries(LIBRARY)) {
+  for (const name of names) {
+    const compiled = output.contracts[file][name];
     contracts[name] = { abi: compiled.abi, bytecode: "0x" + compiled.evm.bytecode.object };
   }
 }

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -30,12 +30,14 @@ import trio
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.contract import Contract
+from web3.exceptions import ContractLogicError
+from web3.types import TxReceipt
 
 from joynode.chain.anvil import anvil_command, listening_url
 from joynode.chain.anvil import dev_account as dev_account  # re-exported for the tests
 from joynode.chain.artifacts import load_artifacts
 from joynode.chain.deploy import JOY, Deployment, DeployParams, deploy_all
-from joynode.chain.sender import RevertDecoder, TransactionSender
+from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender
 from joynode.keys import NodeKey
 
 
@@ -48,8 +50,8 @@ class Chain:
     w3: Web3
     url: str
     deployment: Deployment
-    admin: LocalAccount
-    treasury: LocalAccount
+    admin: LocalAccount  # the deployer: it holds no role once deployed
+    treasury: str  # the timelock's address
     decoder: RevertDecoder
 
     def contract(self, name: str) -> Contract:
@@ -60,6 +62,22 @@ class Chain:
 
     def balance(self, address: str) -> int:
         return int(self.contract("JoyToken").functions.balanceOf(address).call())
+
+    def as_timelock(self, call: Any) -> TxReceipt:
+        """Send ``call`` from the DAO's timelock (anvil impersonation): the contract unit
+        tests' shortcut past a vote; tests/test_governance.py goes through the real one."""
+        timelock = self.treasury
+        rpc = self.w3.provider.make_request
+        rpc("anvil_impersonateAccount", [timelock])  # type: ignore[arg-type]
+        rpc("anvil_setBalance", [timelock, hex(10**20)])  # type: ignore[arg-type]
+        try:
+            try:
+                tx_hash = call.transact({"from": timelock})
+            except ContractLogicError as exc:
+                raise TransactionFailed(self.decoder.describe(bytes.fromhex(str(exc.data)[2:])))
+            return self.w3.eth.wait_for_transaction_receipt(tx_hash)
+        finally:
+            rpc("anvil_stopImpersonatingAccount", [timelock])  # type: ignore[arg-type]
 
     def advance(self, seconds: int) -> None:
         self.w3.provider.make_request("evm_increaseTime", [seconds])  # type: ignore[arg-type]
@@ -134,13 +152,14 @@ class AnvilProcess:
 
 
 def deploy_chain(url: str) -> Chain:
-    """JoyNet deployed by dev account 0 (treasury: 1); dev accounts 2-19 get JOY to use."""
+    """JoyNet deployed by dev account 0 with the devnet's settings (the treasury is the
+    DAO's timelock); dev accounts 2-19 get JOY to use."""
     w3 = Web3(Web3.HTTPProvider(url))
-    admin, treasury = dev_account(0), dev_account(1)
+    admin = dev_account(0)
     decoder = RevertDecoder(load_artifacts().contracts.values())
     sender = TransactionSender(w3, admin, decoder)
-    deployment = deploy_all(sender, DeployParams(treasury=treasury.address, unbonding_delay_s=3600))
-    chain = Chain(w3, url, deployment, admin, treasury, decoder)
+    deployment = deploy_all(sender, DeployParams.for_chain(int(w3.eth.chain_id)))
+    chain = Chain(w3, url, deployment, admin, deployment.treasury, decoder)
     token = chain.contract("JoyToken")
     for index in range(2, 20):
         sender.transact(token.functions.transfer(dev_account(index).address, 100_000 * JOY))

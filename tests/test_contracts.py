@@ -277,7 +277,7 @@ def test_settlement_splits_price_exactly(chain: Chain) -> None:
         w.join(node, amount)
     royalty_a, royalty_b = account(ROYALTY_A).address, account(ROYALTY_B).address
     model = w.add_model(royalties=[(royalty_a, 1500), (royalty_b, 250)])
-    owner, requester, treasury = account(OWNER), account(REQUESTER), chain.treasury.address
+    owner, requester, treasury = account(OWNER), account(REQUESTER), chain.treasury
     watched = [owner.address, royalty_a, royalty_b, treasury, w.coordinator.address]
     before = {a: chain.balance(a) for a in watched}
     requester_before = chain.balance(requester.address)
@@ -332,14 +332,14 @@ def test_settlement_splits_price_exactly(chain: Chain) -> None:
 def test_signer_share_remainder_goes_to_the_treasury(chain: Chain) -> None:
     w = World.of(chain)
     req = w.pending([1000 * JOY] * 3)
-    treasury_before = chain.balance(chain.treasury.address)
+    treasury_before = chain.balance(chain.treasury)
     w.certify(req.request_id, req.committee)  # 3 signers: 10 JOY does not divide by 3
     each = 10 * JOY // 3
     for address in req.committee:
         assert w.earned(address) == each + 7_500 * JOY // 1000 // 3
     dust = 10 * JOY - 3 * each
     assert dust == 1
-    assert chain.balance(chain.treasury.address) - treasury_before == 7_500 * JOY // 1000 + dust
+    assert chain.balance(chain.treasury) - treasury_before == 7_500 * JOY // 1000 + dust
 
 
 def test_odd_price_is_paid_out_to_the_last_wei(chain: Chain) -> None:
@@ -351,7 +351,7 @@ def test_odd_price_is_paid_out_to_the_last_wei(chain: Chain) -> None:
         w.join(node, 1000 * JOY)
     royalty_a, royalty_b = account(ROYALTY_A).address, account(ROYALTY_B).address
     model = w.add_model(price=price, royalties=[(royalty_a, 1501), (royalty_b, 333)])
-    watched = [account(OWNER).address, royalty_a, royalty_b, chain.treasury.address]
+    watched = [account(OWNER).address, royalty_a, royalty_b, chain.treasury]
     watched.append(w.coordinator.address)
     before = {a: chain.balance(a) for a in watched}
     req = w.request(model, price=price)
@@ -475,10 +475,10 @@ def test_certificate_accepted_updates_reputation_and_usage(chain: Chain) -> None
     # Recorded once: the certificate cannot be replayed, nor the record repeated.
     with reverts(f"NotPending(requestId=0x{req.request_id.hex()})"):
         w.certify(req.request_id, signers)
-    admin = chain.admin
-    w.tx(admin, w.pou.functions.grantRole(role("RECORDER_ROLE"), admin.address))
+    recorder = account(OUTSIDER)
+    chain.as_timelock(w.pou.functions.grantRole(role("RECORDER_ROLE"), recorder.address))
     with reverts(f"ProofOfUse.AlreadyRecorded(requestId=0x{req.request_id.hex()})"):
-        w.tx(admin, w.pou.functions.record(req.model, requester, 1, req.request_id))
+        w.tx(recorder, w.pou.functions.record(req.model, requester, 1, req.request_id))
     assert counters() == (1, 1, 1, 1, 1)
     assert all(w.reputation(a) == 1000 + (agree if a in signers else -miss) for a in req.committee)
 
@@ -599,7 +599,7 @@ def test_equivocation_slashes_the_whole_stake(chain: Chain) -> None:
     rid = req.request_id
     commit_a, commit_b = keccak(b"commitment a"), keccak(b"commitment b")
     sig_a, sig_b = w.commit(cheat, rid, commit_a), w.commit(cheat, rid, commit_b)
-    reporter, treasury = account(REPORTER), chain.treasury.address
+    reporter, treasury = account(REPORTER), chain.treasury
 
     def report(a: bytes, sa: bytes, b: bytes, sb: bytes) -> TxReceipt:
         call = w.poi.functions.reportEquivocation(cheat.address, rid, a, sa, b, sb)
@@ -686,9 +686,9 @@ def test_registering_again_does_not_restore_reputation(chain: Chain) -> None:
     rid, a, b = keccak(b"any request"), keccak(b"a"), keccak(b"b")
     evidence = (a, w.commit(cheat, rid, a), b, w.commit(cheat, rid, b))
     w.tx(account(REPORTER), w.poi.functions.reportEquivocation(cheat.address, rid, *evidence))
-    admin, coordinator = chain.admin, w.coordinator.functions
-    w.tx(admin, coordinator.grantRole(role("REPUTATION_ROLE"), admin.address))
-    w.tx(admin, coordinator.adjustReputation(sloppy.address, -1000))  # as 50 missed votes would
+    adjuster, coordinator = account(OUTSIDER), w.coordinator.functions
+    chain.as_timelock(coordinator.grantRole(role("REPUTATION_ROLE"), adjuster.address))
+    w.tx(adjuster, coordinator.adjustReputation(sloppy.address, -1000))  # as 50 missed votes would
     w.tx(sloppy, coordinator.unstake(1000 * JOY))  # leaves (deregistered) ...
     assert w.node(sloppy.address)["registered"] is False
 
@@ -819,16 +819,16 @@ def test_request_validation(chain: Chain) -> None:
 # ------------------------------------------------------- 7. access control
 
 
-def test_parameters_need_the_params_role(chain: Chain) -> None:
+def test_parameters_need_governance(chain: Chain) -> None:
     w = World.of(chain)
-    intruder, treasury = account(OUTSIDER), chain.treasury.address
+    intruder, treasury = account(OUTSIDER), chain.treasury
     calls = [
         w.coordinator.functions.setParameters(MIN_STAKE, UNBONDING_S, 1000, intruder.address),
         w.marketplace.functions.setParameters(1000, 10_000, 0, intruder.address),
         w.poi.functions.setParameters(1000, 0),
     ]
     for call in calls:
-        with reverts(unauthorized(intruder, "PARAMS_ROLE")):
+        with reverts(unauthorized(intruder, "DEFAULT_ADMIN_ROLE")):
             w.tx(intruder, call)
     assert w.coordinator.functions.treasury().call() == treasury
     assert w.marketplace.functions.feeBps().call() == 250
@@ -839,6 +839,7 @@ def test_parameters_need_the_params_role(chain: Chain) -> None:
     [
         ("coordinator", (0, UNBONDING_S, 1000, "treasury"), "minStake"),
         ("coordinator", (MIN_STAKE, 30 * 86400 + 1, 1000, "treasury"), "unbondingDelay"),
+        ("coordinator", (MIN_STAKE, 59, 1000, "treasury"), "unbondingDelay"),
         ("coordinator", (MIN_STAKE, UNBONDING_S, 5001, "treasury"), "reporterShareBps"),
         ("coordinator", (MIN_STAKE, UNBONDING_S, 1000, ZERO_ADDRESS), "treasury"),
         ("marketplace", (1001, 4000, 3000, "treasury"), "feeBps"),
@@ -855,17 +856,17 @@ def test_parameters_out_of_bounds(
 ) -> None:
     w = World.of(chain)
     target: Contract = getattr(w, contract)
-    args = [chain.treasury.address if a == "treasury" else a for a in call]
+    args = [chain.treasury if a == "treasury" else a for a in call]
     with reverts(f"OutOfBounds(parameter={reason})"):
-        w.tx(chain.admin, target.functions.setParameters(*args))
+        chain.as_timelock(target.functions.setParameters(*args))
 
 
 def test_parameters_at_their_bounds_are_accepted(chain: Chain) -> None:
     w = World.of(chain)
-    admin, treasury = chain.admin, chain.treasury.address
-    w.tx(admin, w.coordinator.functions.setParameters(1, 30 * 86400, 5000, treasury))
-    w.tx(admin, w.marketplace.functions.setParameters(1000, 10_000, 0, treasury))
-    w.tx(admin, w.poi.functions.setParameters(1000, 1000))
+    treasury = chain.treasury
+    chain.as_timelock(w.coordinator.functions.setParameters(1, 30 * 86400, 5000, treasury))
+    chain.as_timelock(w.marketplace.functions.setParameters(1000, 10_000, 0, treasury))
+    chain.as_timelock(w.poi.functions.setParameters(1000, 1000))
     assert w.coordinator.functions.minStake().call() == 1
     assert w.coordinator.functions.unbondingDelay().call() == 30 * 86400
     assert w.coordinator.functions.reporterShareBps().call() == 5000
@@ -875,9 +876,8 @@ def test_parameters_at_their_bounds_are_accepted(chain: Chain) -> None:
 
 def test_changed_parameters_apply_to_the_next_settlement(chain: Chain) -> None:
     w = World.of(chain)
-    admin = chain.admin
     new_treasury = account(STRANGER).address
-    receipt = w.tx(admin, w.marketplace.functions.setParameters(500, 5000, 2000, new_treasury))
+    receipt = chain.as_timelock(w.marketplace.functions.setParameters(500, 5000, 2000, new_treasury))
     (changed,) = w.events(w.marketplace, "ParametersChanged", receipt)
     assert changed == {
         "feeBps": 500,
@@ -885,8 +885,8 @@ def test_changed_parameters_apply_to_the_next_settlement(chain: Chain) -> None:
         "stakersBps": 2000,
         "treasury": new_treasury,
     }
-    w.tx(admin, w.poi.functions.setParameters(7, 3))
-    w.tx(admin, w.coordinator.functions.setParameters(MIN_STAKE, 60, 2500, new_treasury))
+    chain.as_timelock(w.poi.functions.setParameters(7, 3))
+    chain.as_timelock(w.coordinator.functions.setParameters(MIN_STAKE, 60, 2500, new_treasury))
     assert w.coordinator.functions.unbondingDelay().call() == 60
     req = w.pending([1000 * JOY] * 4)
     owner = account(OWNER).address
@@ -927,25 +927,26 @@ def test_internal_calls_need_their_roles(chain: Chain) -> None:
         (market.settle(req.request_id, [node], 1), "SETTLER_ROLE"),
         (w.pou.functions.record(req.model, node, 1, req.request_id), "RECORDER_ROLE"),
     ]
-    # Neither an outsider nor the admin (who can grant roles but holds none of these)
+    # Neither an outsider nor the deployer (which renounced every role)
     for caller in (account(OUTSIDER), chain.admin):
         for call, role_name in calls:
             with reverts(unauthorized(caller, role_name)):
                 w.tx(caller, call)
     for grant in (coordinator.grantRole, market.grantRole, w.pou.functions.grantRole):
         with reverts(unauthorized(account(OUTSIDER), "DEFAULT_ADMIN_ROLE")):
-            w.tx(account(OUTSIDER), grant(role("PARAMS_ROLE"), account(OUTSIDER).address))
+            w.tx(account(OUTSIDER), grant(role("SETTLER_ROLE"), account(OUTSIDER).address))
     assert w.reputation(node) == 1000
     assert w.status(req.request_id) == 1
     assert w.node(node)["stake"] == 1000 * JOY
 
-    # A role holder can: the admin grants itself the reputation role.
-    w.tx(chain.admin, coordinator.grantRole(role("REPUTATION_ROLE"), chain.admin.address))
-    w.tx(chain.admin, coordinator.adjustReputation(node, 500))
+    # A role holder can: governance grants the reputation role.
+    holder = account(OUTSIDER)
+    chain.as_timelock(coordinator.grantRole(role("REPUTATION_ROLE"), holder.address))
+    w.tx(holder, coordinator.adjustReputation(node, 500))
     assert w.reputation(node) == 1500
-    w.tx(chain.admin, coordinator.adjustReputation(node, 20_000))
+    w.tx(holder, coordinator.adjustReputation(node, 20_000))
     assert w.reputation(node) == 10_000  # capped at MAX_REPUTATION
-    w.tx(chain.admin, coordinator.adjustReputation(node, -20_000))
+    w.tx(holder, coordinator.adjustReputation(node, -20_000))
     assert w.reputation(node) == 0
 
 
@@ -990,7 +991,7 @@ def test_request_with_permit(chain: Chain) -> None:
     # A permit signed by someone else, or expired, gives no allowance, so the escrow fails.
     def no_allowance(allowed: int) -> str:
         return (
-            f"JoyToken.ERC20InsufficientAllowance(spender={w.marketplace.address.lower()}, "
+            f"ERC20InsufficientAllowance(spender={w.marketplace.address.lower()}, "
             f"allowance={allowed}, needed={PRICE})"
         )
 
@@ -1035,13 +1036,13 @@ NODE_DRAW = st.tuples(
 
 @pytest.fixture
 def committee_world(chain: Chain) -> World:
-    """Node accounts with allowances and an admin that may change reputation."""
+    """Node accounts with allowances, and the deployer's key allowed to change reputation."""
     w = World.of(chain)
     for node in node_accounts(MAX_NODES):
         w.tx(node, w.token.functions.approve(w.coordinator.address, 10**30))
     w.tx(account(REQUESTER), w.token.functions.approve(w.marketplace.address, 10**30))
     grant = w.coordinator.functions.grantRole(role("REPUTATION_ROLE"), chain.admin.address)
-    w.tx(chain.admin, grant)
+    chain.as_timelock(grant)
     return w
 
 
@@ -1076,8 +1077,8 @@ def test_committee_matches_off_chain_selection(
             if change:
                 w.tx(admin, coordinator.adjustReputation(node.address, change))
         if min_stake != MIN_STAKE:  # leaves the smaller stakes registered but inactive
-            treasury = w.chain.treasury.address
-            w.tx(admin, coordinator.setParameters(min_stake, UNBONDING_S, 1000, treasury))
+            treasury = w.chain.treasury
+            w.chain.as_timelock(coordinator.setParameters(min_stake, UNBONDING_S, 1000, treasury))
 
         candidates = []
         for address in coordinator.nodesServing(model).call():

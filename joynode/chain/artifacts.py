@@ -15,7 +15,17 @@ from pathlib import Path
 from typing import Any
 
 ARTIFACTS = Path(__file__).with_name("artifacts.json")
-CONTRACTS = ("JoyToken", "NodeCoordinator", "ProofOfUse", "ModelMarketplace", "ProofOfInference")
+CONTRACTS = (
+    "JoyToken",
+    "StakedJoy",
+    "JoyTimelock",
+    "JoyGovernor",
+    "NodeCoordinator",
+    "ProofOfUse",
+    "ModelMarketplace",
+    "ProofOfInference",
+    "DisputeResolver",
+)
 
 
 @dataclass(frozen=True)

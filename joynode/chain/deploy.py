@@ -1,10 +1,12 @@
 """Deploying JoyNet's contracts and recording where they are.
 
-``deploy_all`` deploys the five contracts and the zk models' verifier
-(``MlpInferenceVerifier``), wires their roles, and returns a
-``Deployment`` (chain id, addresses, start block) that ``joynode deploy``
-writes to a JSON file and nodes read. Deploying again to a chain that already
-has the recorded contracts (code at every address) is a no-op.
+``deploy_all`` deploys JoyNet's contracts (the token, stJOY, the DAO's governor
+and timelock, the contracts with state behind UUPS proxies, the zk models'
+verifier), wires their roles, hands every admin role to the timelock and
+renounces the deployer's, and returns a ``Deployment`` (chain id, addresses,
+start block) that ``joynode deploy`` writes to a JSON file and nodes read.
+Deploying again to a chain that already has the recorded contracts (code at
+every address) is a no-op.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +29,63 @@ from joynode.signatures import Eip712Domain
 log = logging.getLogger(__name__)
 
 JOY = 10**18
+ZERO_ADDRESS = "0x" + "00" * 20
+# Contracts behind an ERC-1967 proxy (UUPS): their recorded address is the proxy's.
+# Every contract with an admin role: after deployment the timelock is the only admin.
+ADMINISTERED = (
+    "StakedJoy",
+    "JoyTimelock",
+    "NodeCoordinator",
+    "ProofOfUse",
+    "ModelMarketplace",
+    "ProofOfInference",
+    "DisputeResolver",
+)
+UPGRADEABLE = ("NodeCoordinator", "ProofOfUse", "ModelMarketplace", "ProofOfInference", "DisputeResolver")
+
+
+DAY = 24 * 3600
+DEVNET_CHAIN_ID = 31337
+
+
+@dataclass(frozen=True)
+class GovernanceParams:
+    """The DAO's settings (JoyGovernor and JoyTimelock); every one has bounds in the contracts."""
+
+    voting_delay_s: int
+    voting_period_s: int
+    proposal_threshold: int  # votes (wei of JOY) a proposer needs
+    quorum_percent: int  # of JOY's total supply
+    late_quorum_extension_s: int
+    timelock_delay_s: int
+    guardian: str = ZERO_ADDRESS  # the security council that may cancel queued proposals
+
+    @classmethod
+    def production(cls) -> GovernanceParams:
+        """Compound's and Uniswap's settings, by time (docs/operator.md explains each)."""
+        return cls(2 * DAY, 7 * DAY, 1_000_000 * JOY, 4, 2 * DAY, 2 * DAY)
+
+    @classmethod
+    def devnet(cls) -> GovernanceParams:
+        """Short enough to watch a proposal through on a laptop."""
+        return cls(1, 120, 0, 4, 30, 10)
 
 
 @dataclass(frozen=True)
 class DeployParams:
-    treasury: str
     token_supply: int = 1_000_000_000 * JOY
     min_stake: int = 100 * JOY
-    unbonding_delay_s: int = 7 * 24 * 3600
+    unbonding_delay_s: int = 7 * DAY
+    dispute_window_s: int = 2 * DAY
+    dispute_bond: int = 100 * JOY
+    governance: GovernanceParams = field(default_factory=GovernanceParams.production)
+
+    @classmethod
+    def for_chain(cls, chain_id: int) -> DeployParams:
+        """Production values, or the devnet's on its chain id (where the bounds allow them)."""
+        if chain_id != DEVNET_CHAIN_ID:
+            return cls()
+        return cls(unbonding_delay_s=3600, dispute_window_s=3600, governance=GovernanceParams.devnet())
 
 
 @dataclass(frozen=True)
@@ -81,67 +132,128 @@ class Deployment:
 
 
 def deploy_all(sender: TransactionSender, params: DeployParams) -> Deployment:
-    """Deploy and wire everything from ``sender``'s account (the admin)."""
+    """Deploy and wire everything from ``sender``'s account, then hand every power to the
+    DAO: the timelock becomes the only admin of every contract and the treasury, and
+    ``sender`` renounces every role it held (``admin_holders`` shows who holds what)."""
     artifacts = load_artifacts()
     w3 = sender.w3
-    admin = sender.address
+    deployer = sender.address
     start_block = int(w3.eth.block_number)
-    token, _ = sender.deploy(artifacts["JoyToken"], admin, params.token_supply)
-    coordinator, _ = sender.deploy(
-        artifacts["NodeCoordinator"],
+    gov = params.governance
+    token, _ = sender.deploy(artifacts["JoyToken"], deployer, params.token_supply)
+    staked_joy, _ = sender.deploy(artifacts["StakedJoy"], deployer)
+    timelock, _ = sender.deploy(
+        artifacts["JoyTimelock"], gov.timelock_delay_s, [], [ZERO_ADDRESS], deployer
+    )
+    governor, _ = sender.deploy(
+        artifacts["JoyGovernor"],
         token,
-        admin,
-        params.treasury,
+        staked_joy,
+        timelock,
+        (
+            gov.voting_delay_s,
+            gov.voting_period_s,
+            gov.proposal_threshold,
+            gov.quorum_percent,
+            gov.late_quorum_extension_s,
+            gov.guardian,
+        ),
+    )
+    coordinator = _deploy_proxy(
+        sender,
+        "NodeCoordinator",
+        token,
+        staked_joy,
+        deployer,
+        timelock,
         params.min_stake,
         params.unbonding_delay_s,
     )
-    proof_of_use, _ = sender.deploy(artifacts["ProofOfUse"], admin)
-    marketplace, _ = sender.deploy(
-        artifacts["ModelMarketplace"], token, coordinator, proof_of_use, admin, params.treasury
+    proof_of_use = _deploy_proxy(sender, "ProofOfUse", deployer)
+    marketplace = _deploy_proxy(
+        sender, "ModelMarketplace", token, coordinator, proof_of_use, deployer, timelock
     )
-    proof_of_inference, _ = sender.deploy(
-        artifacts["ProofOfInference"], coordinator, marketplace, admin
+    proof_of_inference = _deploy_proxy(
+        sender, "ProofOfInference", coordinator, marketplace, deployer
+    )
+    disputes = _deploy_proxy(
+        sender,
+        "DisputeResolver",
+        token,
+        proof_of_inference,
+        deployer,
+        params.dispute_window_s,
+        params.dispute_bond,
     )
     mlp_verifier, _ = sender.deploy(artifacts["MlpInferenceVerifier"])
     deployment = Deployment(
         chain_id=int(w3.eth.chain_id),
         start_block=start_block,
-        deployer=admin,
-        treasury=params.treasury,
+        deployer=deployer,
+        treasury=timelock,
         addresses={
             "JoyToken": token,
+            "StakedJoy": staked_joy,
+            "JoyTimelock": timelock,
+            "JoyGovernor": governor,
             "NodeCoordinator": coordinator,
             "ProofOfUse": proof_of_use,
             "ModelMarketplace": marketplace,
             "ProofOfInference": proof_of_inference,
+            "DisputeResolver": disputes,
             "MlpInferenceVerifier": mlp_verifier,
         },
     )
     _grant_roles(sender, deployment)
+    _hand_over(sender, deployment)
     return deployment
 
 
+def _deploy_proxy(sender: TransactionSender, name: str, *init_args: Any) -> str:
+    """An implementation of ``name`` and an ERC-1967 proxy to it, initialized with ``init_args``."""
+    artifacts = load_artifacts()
+    implementation, _ = sender.deploy(artifacts[name])
+    init = sender.w3.eth.contract(abi=artifacts[name].abi).encode_abi("initialize", args=init_args)
+    proxy, _ = sender.deploy(artifacts["ERC1967Proxy"], implementation, init)
+    return proxy
+
+
 def _grant_roles(sender: TransactionSender, deployment: Deployment) -> None:
+    """The roles contracts hold in each other: who settles, slashes, records, mints."""
     w3 = sender.w3
-    coordinator = deployment.contract(w3, "NodeCoordinator")
-    marketplace = deployment.contract(w3, "ModelMarketplace")
-    proof_of_use = deployment.contract(w3, "ProofOfUse")
-    poi = deployment.addresses["ProofOfInference"]
-    grants: list[tuple[Contract, str, str]] = [
-        (coordinator, "REPUTATION_ROLE", poi),
-        (coordinator, "SLASHER_ROLE", poi),
-        (coordinator, "DISTRIBUTOR_ROLE", deployment.addresses["ModelMarketplace"]),
-        (marketplace, "SETTLER_ROLE", poi),
-        (proof_of_use, "RECORDER_ROLE", deployment.addresses["ModelMarketplace"]),
+    at = deployment.addresses
+    grants: list[tuple[str, str, str]] = [
+        ("NodeCoordinator", "REPUTATION_ROLE", at["ProofOfInference"]),
+        ("NodeCoordinator", "SLASHER_ROLE", at["ProofOfInference"]),
+        ("NodeCoordinator", "SLASHER_ROLE", at["DisputeResolver"]),
+        ("NodeCoordinator", "DISTRIBUTOR_ROLE", at["ModelMarketplace"]),
+        ("ModelMarketplace", "SETTLER_ROLE", at["ProofOfInference"]),
+        ("ProofOfUse", "RECORDER_ROLE", at["ModelMarketplace"]),
+        ("StakedJoy", "MINTER_ROLE", at["NodeCoordinator"]),
+        ("JoyTimelock", "PROPOSER_ROLE", at["JoyGovernor"]),
+        ("JoyTimelock", "CANCELLER_ROLE", at["JoyGovernor"]),
     ]
-    for contract, role, grantee in grants:
+    for name, role, grantee in grants:
+        contract = deployment.contract(w3, name)
         role_id: Any = getattr(contract.functions, role)().call()
         sender.transact(contract.functions.grantRole(role_id, grantee))
 
 
+def _hand_over(sender: TransactionSender, deployment: Deployment) -> None:
+    """The timelock becomes every contract's admin; the deployer renounces its roles."""
+    w3 = sender.w3
+    timelock = deployment.addresses["JoyTimelock"]
+    for name in ADMINISTERED:
+        contract = deployment.contract(w3, name)
+        admin_role: Any = contract.functions.DEFAULT_ADMIN_ROLE().call()
+        if name != "JoyTimelock":  # the timelock administers itself from its constructor
+            sender.transact(contract.functions.grantRole(admin_role, timelock))
+        sender.transact(contract.functions.renounceRole(admin_role, sender.address))
+
+
 def local_deployment(w3: Web3, path: Path) -> Deployment:
     """A local chain's deployment: the one recorded at ``path`` while it is live on ``w3``,
-    else a new one by anvil's dev account 0 (treasury: dev account 1), recorded there."""
+    else a new one by anvil's dev account 0, recorded there."""
     if path.is_file():
         deployment = Deployment.read(path)
         if deployment.is_live_on(w3):
@@ -150,7 +262,7 @@ def local_deployment(w3: Web3, path: Path) -> Deployment:
     sender = TransactionSender(
         w3, dev_account(0), RevertDecoder(load_artifacts().contracts.values())
     )
-    deployment = deploy_all(sender, DeployParams(treasury=dev_account(1).address))
+    deployment = deploy_all(sender, DeployParams.for_chain(int(w3.eth.chain_id)))
     path.parent.mkdir(parents=True, exist_ok=True)
     deployment.write(path)
     return deployment
