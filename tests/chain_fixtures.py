@@ -74,7 +74,8 @@ class Chain:
             try:
                 tx_hash = call.transact({"from": timelock})
             except ContractLogicError as exc:
-                raise TransactionFailed(self.decoder.describe(bytes.fromhex(str(exc.data)[2:])))
+                reason = self.decoder.describe(bytes.fromhex(str(exc.data)[2:]))
+                raise TransactionFailed(reason) from None
             return self.w3.eth.wait_for_transaction_receipt(tx_hash)
         finally:
             rpc("anvil_stopImpersonatingAccount", [timelock])  # type: ignore[arg-type]

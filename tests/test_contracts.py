@@ -877,7 +877,9 @@ def test_parameters_at_their_bounds_are_accepted(chain: Chain) -> None:
 def test_changed_parameters_apply_to_the_next_settlement(chain: Chain) -> None:
     w = World.of(chain)
     new_treasury = account(STRANGER).address
-    receipt = chain.as_timelock(w.marketplace.functions.setParameters(500, 5000, 2000, new_treasury))
+    receipt = chain.as_timelock(
+        w.marketplace.functions.setParameters(500, 5000, 2000, new_treasury)
+    )
     (changed,) = w.events(w.marketplace, "ParametersChanged", receipt)
     assert changed == {
         "feeBps": 500,

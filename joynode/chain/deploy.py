@@ -41,7 +41,13 @@ ADMINISTERED = (
     "ProofOfInference",
     "DisputeResolver",
 )
-UPGRADEABLE = ("NodeCoordinator", "ProofOfUse", "ModelMarketplace", "ProofOfInference", "DisputeResolver")
+UPGRADEABLE = (
+    "NodeCoordinator",
+    "ProofOfUse",
+    "ModelMarketplace",
+    "ProofOfInference",
+    "DisputeResolver",
+)
 
 
 DAY = 24 * 3600
@@ -85,7 +91,9 @@ class DeployParams:
         """Production values, or the devnet's on its chain id (where the bounds allow them)."""
         if chain_id != DEVNET_CHAIN_ID:
             return cls()
-        return cls(unbonding_delay_s=3600, dispute_window_s=3600, governance=GovernanceParams.devnet())
+        return cls(
+            unbonding_delay_s=3600, dispute_window_s=3600, governance=GovernanceParams.devnet()
+        )
 
 
 @dataclass(frozen=True)
