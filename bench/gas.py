@@ -4,7 +4,9 @@ Starts anvil (the binary ``joynode.chain.anvil`` runs, 140 funded dev accounts),
 deploys with ``deploy_all`` and drives the whole protocol: 128 nodes stake and
 register, models are registered, requests made (with and without a permit),
 certificates submitted, an equivocation reported, stake unbonded and withdrawn,
-rewards claimed, a request refunded. Each figure is the ``gasUsed`` of the
+rewards claimed, a request refunded; then the DAO: a delegation, a fee change
+proposed, voted, queued and executed, a certificate disputed and the dispute
+upheld by a second proposal. Each figure is the ``gasUsed`` of the
 call's receipt (21 000 intrinsic gas included), next to its ratio to the
 in-process baseline, a JOY ``transfer`` between two accounts that both hold JOY.
 
@@ -40,14 +42,14 @@ from web3.types import TxReceipt
 
 from joynode.chain.anvil import DEV_MNEMONIC, anvil_binary, anvil_command, listening_url
 from joynode.chain.artifacts import CONTRACTS, load_artifacts
-from joynode.chain.deploy import JOY, Deployment, DeployParams, deploy_all
+from joynode.chain.deploy import DEVNET_CHAIN_ID, JOY, Deployment, DeployParams, deploy_all
 from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.keys import NodeKey
 from joynode.signatures import Eip712Domain, Permit, sign, sign_permit
 
 NODES = 128  # NodeCoordinator.MAX_NODES_PER_MODEL
 ACCOUNTS = NODES + 12
-FIRST_NODE = 2  # dev accounts 0 (admin) and 1 (treasury) come first
+FIRST_NODE = 2  # dev accounts 0 (the deployer) and 1 (unused) come first
 PRICE = 1000 * JOY
 STAKE = 1000 * JOY
 UNBONDING_S = 3600
@@ -55,6 +57,14 @@ ZERO_HASH = b"\0" * 32
 ZERO_ADDRESS = "0x" + "00" * 20
 REGISTRY_SIZES = (10, 50, NODES)
 COMMITTEES = (3, 5)
+UPGRADEABLE = (
+    "NodeCoordinator",
+    "ProofOfUse",
+    "ModelMarketplace",
+    "ProofOfInference",
+    "DisputeResolver",
+)
+IMPLEMENTATION_SLOT = int("360894a13ba1a3210667c828492db98dca3e2076cc3735a920a3ca505d382bbc", 16)
 
 
 def dev_accounts(count: int) -> list[LocalAccount]:
@@ -103,10 +113,11 @@ class Bench:
         self.w3 = Web3(Web3.HTTPProvider(url))
         self.decoder = RevertDecoder(load_artifacts().contracts.values())
         self.accounts = dev_accounts(ACCOUNTS)
-        self.admin, self.treasury = self.accounts[0], self.accounts[1]
+        self.admin = self.accounts[0]
         self.senders: dict[str, TransactionSender] = {}
         self.rows: list[tuple[str, int]] = []
         self.signed_before: set[str] = set()
+        self.signers: dict[bytes, list[str]] = {}
         self.deployment: Deployment | None = None
 
     # ---- plumbing
@@ -262,11 +273,76 @@ class Bench:
         self.advance(61)
         self.tx(late, market.functions.refund(rid), "ModelMarketplace.refund")
 
+        self.govern(requester, holder, self.accounts[NODES + 11])
+
+    def govern(self, requester: LocalAccount, voter: LocalAccount, second: LocalAccount) -> None:
+        """The DAO's calls: delegate, a fee change through the whole path, a dispute upheld."""
+        token, governor = self.contract("JoyToken"), self.contract("JoyGovernor")
+        market, disputes = self.contract("ModelMarketplace"), self.contract("DisputeResolver")
+        settings = DeployParams.for_chain(DEVNET_CHAIN_ID).governance
+        self.tx(self.admin, token.functions.transfer(voter.address, 50_000_000 * JOY))
+        self.tx(self.admin, token.functions.transfer(second.address, 1000 * JOY))
+        self.tx(voter, token.functions.delegate(voter.address), "JoyToken.delegate (to self)")
+        self.tx(second, token.functions.delegate(second.address))
+        rid, committee = self.request(requester, model_cid(10, 3))
+        self.certify(rid, committee, 2)
+        signers = self.signers[rid]
+        self.tx(
+            requester,
+            disputes.functions.dispute(rid, signers, "the answer is made up"),
+            "DisputeResolver.dispute (by the requester, no bond)",
+        )
+        proposals = (
+            (
+                market,
+                market.encode_abi("setParameters", [500, 4000, 3000, self.treasury]),
+                "setParameters",
+            ),
+            (
+                disputes,
+                disputes.encode_abi("resolve", [rid, True]),
+                "resolve: upheld, 2 signers slashed",
+            ),
+        )
+        for index, (target, action, what) in enumerate(proposals):
+            first = index == 0  # the calls of the second proposal cost the same but execute
+
+            def label(call: str, first: bool = first) -> str | None:
+                return f"JoyGovernor.{call}" if first else None
+
+            args = ([target.address], [0], [bytes.fromhex(action[2:])])
+            description = f"bench: {what}"
+            receipt = self.tx(
+                voter, governor.functions.propose(*args, description), label("propose (1 action)")
+            )
+            (created,) = governor.events.ProposalCreated().process_receipt(receipt, errors=DISCARD)
+            proposal_id = created["args"]["proposalId"]
+            self.advance(settings.voting_delay_s + 1)
+            self.tx(
+                voter,
+                governor.functions.castVote(proposal_id, 1),
+                label("castVote (reaches the quorum)"),
+            )
+            self.tx(
+                second,
+                governor.functions.castVoteWithReason(proposal_id, 0, "too much"),
+                label("castVoteWithReason"),
+            )
+            self.advance(settings.voting_period_s + settings.late_quorum_extension_s)
+            described = (*args, keccak(text=description))
+            self.tx(voter, governor.functions.queue(*described), label("queue"))
+            self.advance(settings.timelock_delay_s)
+            self.tx(voter, governor.functions.execute(*described), f"JoyGovernor.execute ({what})")
+
     def deploy(self) -> None:
         sender = self.sender(self.admin)
-        params = DeployParams(treasury=self.treasury.address, unbonding_delay_s=UNBONDING_S)
+        params = DeployParams.for_chain(int(self.w3.eth.chain_id))
+        assert params.unbonding_delay_s == UNBONDING_S
         self.deployment = deploy_all(sender, params)
         names = {address.lower(): name for name, address in self.deployment.addresses.items()}
+        for name in UPGRADEABLE:
+            names[self.implementation(name).lower()] = f"{name} (implementation)"
+            names[self.deployment.addresses[name].lower()] = f"{name} (proxy)"
         granted = False
         first, last = self.deployment.start_block + 1, int(self.w3.eth.block_number)
         for number in range(first, last + 1):
@@ -278,8 +354,20 @@ class Bench:
                 elif not granted:
                     self.record("AccessControl.grantRole", int(receipt["gasUsed"]))
                     granted = True
-        deployed = {label for label, _ in self.rows}
+        deployed = {label.split(" (")[0] for label, _ in self.rows}
         assert deployed >= {f"deploy {name}" for name in CONTRACTS}, deployed
+
+    @property
+    def treasury(self) -> str:
+        assert self.deployment is not None
+        return self.deployment.treasury
+
+    def implementation(self, name: str) -> str:
+        """The implementation behind an upgradeable contract's proxy (ERC-1967 slot)."""
+        proxy = self.contract(name).address
+        return Web3.to_checksum_address(
+            self.w3.eth.get_storage_at(proxy, IMPLEMENTATION_SLOT)[-20:]
+        )
 
     def request(
         self, requester: LocalAccount, cid: str, label: str | None = None, deadline_s: int = 3600
@@ -313,6 +401,7 @@ class Bench:
         call = poi.functions.submitCertificate(request_id, output, signers, signatures)
         self.tx(self.accounts[NODES + 7], call, label)
         self.signed_before.update(signers)
+        self.signers[request_id] = signers
 
     def request_with_permit(self, user: LocalAccount, cid: str) -> None:
         token, market = self.contract("JoyToken"), self.contract("ModelMarketplace")

@@ -235,13 +235,11 @@ def anvil_chain(max_nodes: int) -> Iterator[Chain]:
         drain = threading.Thread(target=_drain, args=(process.stdout,), daemon=True)
         drain.start()
         w3 = Web3(Web3.HTTPProvider(url))
-        admin, treasury = dev_account(0), dev_account(1)
+        admin = dev_account(0)
         decoder = RevertDecoder(load_artifacts().contracts.values())
         sender = TransactionSender(w3, admin, decoder)
-        deployment = deploy_all(
-            sender, DeployParams(treasury=treasury.address, unbonding_delay_s=3600)
-        )
-        chain = Chain(w3, url, deployment, admin, treasury, decoder)
+        deployment = deploy_all(sender, DeployParams.for_chain(int(w3.eth.chain_id)))
+        chain = Chain(w3, url, deployment, admin, deployment.treasury, decoder)
         token = chain.contract("JoyToken")
         for i in range(max_nodes):
             account = dev_account(FIRST_NODE_ACCOUNT + i)
