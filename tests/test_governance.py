@@ -9,8 +9,10 @@ hands voters what they need. A quorum is 40M JOY of votes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,8 +24,9 @@ from web3.contract import Contract
 from web3.types import RPCEndpoint, TxReceipt
 
 from joynode.chain.artifacts import load_artifacts
-from joynode.chain.deploy import ADMINISTERED, JOY
-from tests.chain_fixtures import Chain, anvil_url, chain, deployed, dev_account
+from joynode.chain.deploy import ADMINISTERED, JOY, Deployment
+from tests.chain_fixtures import AnvilProcess, Chain, anvil_url, chain, deployed, dev_account
+from tests.factories import make_home, run_cli
 from tests.test_contracts import (
     OWNER,
     PRICE,
@@ -605,3 +608,42 @@ def test_governance_moves_to_a_new_timelock_only_through_the_old_one(dao: Dao) -
     dao.execute(dao.pass_([(market, "updateGovernance", (successor,))], "a new governor"))
     assert market.functions.hasRole(admin_role, successor).call()
     assert not market.functions.hasRole(admin_role, dao.chain.treasury).call()
+
+
+# ------------------------------------------------------------- joynode deploy
+
+
+def test_joynode_deploy_leaves_the_nodes_account_no_role(tmp_path: Path) -> None:
+    anvil = AnvilProcess()
+    url = anvil.start()
+    try:
+        home = make_home(tmp_path / "node")
+        home.set("chain", "mode", '"rpc"')
+        home.set("chain", "rpc_url", f'"{url}"')
+        node = home.key.address
+        w3 = Web3(Web3.HTTPProvider(url))
+        w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [node, hex(10**20)])
+        guardian = dev_account(GUARDIAN).address
+        config = str(home.config_path)
+
+        deployed = run_cli("deploy", "--config", config, "--guardian", guardian, timeout=120)
+        assert deployed.returncode == 0, deployed.stderr
+        deployment = Deployment.read(home.config.chain.deployment_file)
+        assert json.loads(deployed.stdout)["treasury"] == deployment.addresses["JoyTimelock"]
+        assert deployment.deployer == node
+        governor = deployment.contract(w3, "JoyGovernor")
+        assert governor.functions.proposalGuardian().call() == guardian
+        assert governor.functions.votingPeriod().call() == VOTING_PERIOD_S  # the devnet's
+        for name in ADMINISTERED:
+            contract = deployment.contract(w3, name)
+            for role_id in roles_of(contract).values():
+                assert not contract.functions.hasRole(role_id, node).call(), name
+
+        again = run_cli("deploy", "--config", config)
+        assert again.returncode == 0
+        assert "already deployed" in again.stdout
+        wrong = run_cli("deploy", "--config", config, "--force", "--guardian", "nobody")
+        assert wrong.returncode == 2
+        assert wrong.stderr == "joynode: --guardian: not an address: nobody\n"
+    finally:
+        anvil.stop()
