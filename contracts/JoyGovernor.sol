@@ -13,6 +13,7 @@ import {GovernorVotesQuorumFraction} from
     "@openzeppelin/contracts/governance/extensions/GovernorVotesQuorumFraction.sol";
 import {TimelockController} from "@openzeppelin/contracts/governance/TimelockController.sol";
 import {IERC5805} from "@openzeppelin/contracts/interfaces/IERC5805.sol";
+import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 
 /// @title The JoyNet DAO: JOY holders and stakers propose and vote; the timelock executes.
 /// @notice OpenZeppelin's Governor, counting For/Against/Abstain, with a quorum as a
@@ -96,8 +97,8 @@ contract JoyGovernor is
     }
 
     function _setProposalThreshold(uint256 value) internal override {
-        // at most 1 % of the supply, so no single whale decides who may propose
-        if (value > token().getPastTotalSupply(clock() - 1) / 100) revert OutOfBounds("proposalThreshold");
+        // At most 1 % of the supply (JOY's is fixed), so no few holders decide who may propose.
+        if (value > IERC20(address(token())).totalSupply() / 100) revert OutOfBounds("proposalThreshold");
         super._setProposalThreshold(value);
     }
 

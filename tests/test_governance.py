@@ -24,8 +24,16 @@ from web3.contract import Contract
 from web3.types import RPCEndpoint, TxReceipt
 
 from joynode.chain.artifacts import load_artifacts
-from joynode.chain.deploy import ADMINISTERED, JOY, Deployment
-from tests.chain_fixtures import AnvilProcess, Chain, anvil_url, chain, deployed, dev_account
+from joynode.chain.deploy import ADMINISTERED, JOY, Deployment, GovernanceParams
+from tests.chain_fixtures import (
+    AnvilProcess,
+    Chain,
+    anvil_url,
+    chain,
+    deploy_chain,
+    deployed,
+    dev_account,
+)
 from tests.factories import make_home, run_cli
 from tests.test_contracts import (
     OWNER,
@@ -645,5 +653,39 @@ def test_joynode_deploy_leaves_the_nodes_account_no_role(tmp_path: Path) -> None
         wrong = run_cli("deploy", "--config", config, "--force", "--guardian", "nobody")
         assert wrong.returncode == 2
         assert wrong.stderr == "joynode: --guardian: not an address: nobody\n"
+    finally:
+        anvil.stop()
+
+
+def test_a_real_network_gets_production_settings_and_refuses_the_devnets() -> None:
+    anvil = AnvilProcess(chain_id=1337)
+    try:
+        chain = deploy_chain(anvil.start())
+        governor = chain.contract("JoyGovernor")
+        production = GovernanceParams.production()
+        assert governor.functions.votingDelay().call() == production.voting_delay_s
+        assert governor.functions.votingPeriod().call() == 7 * 86400
+        assert governor.functions.proposalThreshold().call() == 1_000_000 * JOY
+        assert chain.contract("JoyTimelock").functions.getMinDelay().call() == 2 * 86400
+        assert chain.contract("NodeCoordinator").functions.unbondingDelay().call() == 7 * 86400
+        # Off the devnet's chain id, the devnet's short periods are out of bounds.
+        artifacts = load_artifacts()
+        sender = chain.sender(chain.admin)
+        with reverts("OutOfBounds(parameter=timelockDelay)"):
+            sender.deploy(artifacts["JoyTimelock"], TIMELOCK_S, [], [], chain.admin.address)
+        devnet = GovernanceParams.devnet()
+        settings = (
+            devnet.voting_delay_s,
+            devnet.voting_period_s,
+            0,
+            4,
+            devnet.late_quorum_extension_s,
+            devnet.guardian,
+        )
+        token, staked, timelock = (
+            chain.deployment.addresses[n] for n in ("JoyToken", "StakedJoy", "JoyTimelock")
+        )
+        with reverts("OutOfBounds(parameter=votingDelay)"):
+            sender.deploy(artifacts["JoyGovernor"], token, staked, timelock, settings)
     finally:
         anvil.stop()
