@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
 if TYPE_CHECKING:
+    from web3 import Web3
+
     from joynode import wire
     from joynode.chain.committee import Candidate
+    from joynode.chain.deploy import Deployment
     from joynode.consensus.tally import Certificate, Equivocation
     from joynode.messages import OnchainRequest, ZkModelInfo, ZkSettlement
     from joynode.p2p.gossip import Topic
     from joynode.p2p.scoring import Offence
     from joynode.zk.mlp import MlpProof
+
+T = TypeVar("T")
 
 
 class Actor(Protocol):
@@ -146,3 +151,29 @@ class ZkMarketChain(Protocol):
     async def zk_settlement(self, request_id: bytes) -> ZkSettlement | None: ...
 
     async def refund(self, request_id: bytes) -> str: ...
+
+
+class GovernanceChain(Protocol):
+    """What the governance methods need of the chain actor (``ChainService`` provides it).
+
+    ``deployment`` is None until the actor has read it. ``call`` runs a blocking
+    web3 read; both it and ``transact`` raise ``joynode.chain.rpc.ChainUnreachable``
+    while the RPC is down, and ``transact`` raises
+    ``joynode.chain.sender.TransactionFailed`` (with the decoded ``revert``) when
+    the transaction reverts.
+    """
+
+    @property
+    def address(self) -> str:
+        """This node's account on the chain."""
+        ...
+
+    @property
+    def deployment(self) -> Deployment | None: ...
+
+    @property
+    def w3(self) -> Web3: ...
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    async def transact(self, call: Any, gas: int | None = None) -> Any: ...

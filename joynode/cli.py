@@ -1,4 +1,4 @@
-"""The ``joynode`` command line: init, run, ctl, keys, version.
+"""The ``joynode`` command line: init, run, ctl, gov, keys, version.
 
 Exit codes: 0 success, 1 runtime failure (an actor failed, a control call
 returned an error), 2 usage or configuration error (with one clear message,
@@ -14,7 +14,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,10 @@ def _parser() -> argparse.ArgumentParser:
         "deploy", help="deploy the contracts to chain.rpc_url and write chain.deployment_file"
     )
     _config_arg(p)
-    p.add_argument("--treasury", help="treasury address (default: the node's own account)")
+    p.add_argument(
+        "--guardian",
+        help="security council address that may cancel queued proposals (default: none)",
+    )
     p.add_argument("--force", action="store_true", help="deploy again even if the file is live")
 
     p = commands.add_parser("models", help="prepare, identify, publish and fetch models")
@@ -124,6 +128,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_arg(m)
     m.add_argument("cid")
+
+    p = commands.add_parser(
+        "gov", help="the JoyNet DAO from this node's account: delegate, propose, vote, execute"
+    )
+    gov = p.add_subparsers(dest="gov_command", required=True, metavar="ACTION")
+    g = gov.add_parser("status", help="the governor, timelock, settings and this node's votes")
+    _gov_args(g)
+    g = gov.add_parser("delegate", help="delegate this node's JOY and stJOY votes")
+    _gov_args(g)
+    g.add_argument("to", nargs="?", help="the delegatee's address (default: this node)")
+    g = gov.add_parser("propose", help="propose the actions of a TOML file (docs/operator.md)")
+    _gov_args(g)
+    g.add_argument("file", type=Path, help="the proposal: description and [[actions]]")
+    g = gov.add_parser("list", help="the newest proposals, with state and votes")
+    _gov_args(g)
+    g.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    for action, text in (
+        ("show", "one proposal: state, votes, quorum, times, actions in words, voters"),
+        ("queue", "queue a passed proposal in the timelock"),
+        ("execute", "execute a queued proposal once the timelock delay has passed"),
+        ("cancel", "cancel a proposal (its proposer while Pending)"),
+    ):
+        g = gov.add_parser(action, help=text)
+        _gov_args(g)
+        g.add_argument("proposal", help="its id, or the first digits of one")
+    g = gov.add_parser("vote", help="vote on a proposal")
+    _gov_args(g)
+    g.add_argument("proposal", help="its id, or the first digits of one")
+    g.add_argument("support", choices=["for", "against", "abstain"])
+    g.add_argument("--reason", default="", help="why, recorded on-chain with the vote")
 
     p = commands.add_parser("circuits", help="build the ZoKrates circuits (keys, verifiers)")
     circuits_actions = p.add_subparsers(dest="circuits_command", required=True, metavar="ACTION")
@@ -189,6 +223,11 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _gov_args(parser: argparse.ArgumentParser) -> None:
+    _config_arg(parser)
+    parser.add_argument("--json", action="store_true", help="print the JSON result instead")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -210,6 +249,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from joynode.chain.deploy import Deployment, DeployParams, deploy_all
     from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender
 
+    if args.guardian and not Web3.is_address(args.guardian):
+        print(f"joynode: --guardian: not an address: {args.guardian}", file=sys.stderr)
+        return EXIT_USAGE
     config = load_config(args.config)
     key = NodeKey.load(config.node.key_file, password_file=config.node.key_password_file)
     path = config.chain.deployment_file
@@ -223,7 +265,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         sender = TransactionSender(
             w3, Account.from_key(key.secret), RevertDecoder(load_artifacts().contracts.values())
         )
-        deployment = deploy_all(sender, DeployParams(treasury=args.treasury or key.address))
+        params = DeployParams.for_chain(int(w3.eth.chain_id))
+        if args.guardian:
+            guardian = Web3.to_checksum_address(args.guardian)
+            params = replace(params, governance=replace(params.governance, guardian=guardian))
+        deployment = deploy_all(sender, params)
     except (OSError, TransactionFailed, ValueError) as exc:
         print(f"joynode: deploy to {config.chain.rpc_url} failed: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -251,6 +297,44 @@ def cmd_models(args: argparse.Namespace) -> int:
     except ModelError as exc:
         raise UsageError(str(exc)) from None
     return EXIT_OK
+
+
+def cmd_gov(args: argparse.Namespace) -> int:
+    """``joynode gov ACTION``: a ``gov.*`` control call, shown for people (or ``--json``)."""
+    from joynode.governance import display
+    from joynode.governance.actions import ProposalError, read_proposal_file
+
+    action = args.gov_command
+    method = f"gov.{action}"
+    params: dict[str, Any] = {}
+    if action == "delegate" and args.to:
+        params["to"] = args.to
+    elif action == "propose":
+        try:  # read here: the file is the operator's, on this machine
+            params = read_proposal_file(args.file).model_dump(exclude_none=True)
+        except ProposalError as exc:
+            raise UsageError(str(exc)) from None
+    elif action == "list":
+        params["limit"] = args.limit
+    elif action in ("show", "vote", "queue", "execute", "cancel"):
+        params["proposal"] = args.proposal
+        if action == "vote":
+            params.update(support=args.support, reason=args.reason)
+
+    def show(result: Any) -> None:
+        if args.json:
+            lines = [json.dumps(result, indent=2)]
+        elif action == "status":
+            lines = display.status_lines(result)
+        elif action == "list":
+            lines = display.list_lines(result)
+        elif action == "show":
+            lines = display.show_lines(result)
+        else:
+            lines = [display.outcome_line(method, result)]
+        print("\n".join(lines))
+
+    return _control_call(args.config, method, params, show)
 
 
 def cmd_circuits(_: argparse.Namespace) -> int:
@@ -452,8 +536,17 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     return _control_call(args.config, args.method, params)
 
 
-def _control_call(config_path: Path, method: str, params: dict[str, Any] | None) -> int:
-    """Call one control method on the running node; print the JSON result (exit 0) or error."""
+def _print_json(result: Any) -> None:
+    print(json.dumps(result, indent=2))
+
+
+def _control_call(
+    config_path: Path,
+    method: str,
+    params: dict[str, Any] | None,
+    show: Callable[[Any], None] = _print_json,
+) -> int:
+    """Call one control method on the running node; show the result (exit 0) or the error."""
     config = load_config(config_path)
     token = ControlToken.load(config.control.token_file)
     url = _control_url(config)
@@ -465,7 +558,7 @@ def _control_call(config_path: Path, method: str, params: dict[str, Any] | None)
     except (OSError, HandshakeError, ConnectionClosed) as exc:
         print(f"joynode: cannot reach the node's control socket at {url}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    print(json.dumps(result, indent=2))
+    show(result)
     return EXIT_OK
 
 
@@ -547,6 +640,7 @@ _COMMANDS = {
     "keys": cmd_keys,
     "deploy": cmd_deploy,
     "models": cmd_models,
+    "gov": cmd_gov,
     "circuits": cmd_circuits,
     "zk": cmd_zk,
     "devnet": cmd_devnet,

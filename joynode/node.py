@@ -31,6 +31,8 @@ Actor graph (arrows are memory channels, named by direction and payload)::
                                  <--ChainEvent-- chain (zk_chain_events_send: requests' changes)
                                  proves through prover, calls chain (ZkMarketChain) to pay,
                                  settle (submitZkResult) and refund; publishes ZkJob (zk.infer)
+    (gov.*)    GovernanceService (not an actor: the DAO's proposals from the mirror the chain
+                                  watcher keeps (GovernanceMirror), transactions through chain)
     http       HttpServer        (reads the metrics registry and the supervisor's health)
     control    ControlServer     --ShutdownRequest--> Node
 """
@@ -56,6 +58,8 @@ from joynode.consensus.service import ConsensusService
 from joynode.control.methods import ControlMethod, ControlSession, MethodTable, NoParams, Reply
 from joynode.control.server import ControlServer
 from joynode.endpoints import Endpoints
+from joynode.governance.mirror import GovernanceMirror
+from joynode.governance.service import GovernanceService
 from joynode.http import HttpServer
 from joynode.inference.engine import VllmEngine
 from joynode.inference.service import InferenceClient, InferenceService
@@ -144,9 +148,13 @@ class Node:
                 self.p2p.listen_addrs,
                 partial(self.supervisor.degraded, "chain"),
                 (chain_events_send, zk_chain_events_send),
+                mirrors=(GovernanceMirror,),
             )
             if config.chain.mode != "off"
             else None
+        )
+        self.governance = (
+            GovernanceService(self.state, self.chain) if self.chain is not None else None
         )
         self.consensus = ConsensusService(
             config.consensus,
@@ -187,6 +195,7 @@ class Node:
                     *self.inference.control_methods(self.inference_client),
                     *self.consensus.control_methods(),
                     *(self.chain.control_methods() if self.chain is not None else []),
+                    *(self.governance.control_methods() if self.governance is not None else []),
                     *self.prover.control_methods(self.prover_client),
                     *self.zk.control_methods(),
                 ]

@@ -162,6 +162,38 @@ MIGRATIONS: tuple[str, ...] = (
     ) STRICT;
     CREATE INDEX zk_jobs_updated ON zk_jobs (updated_at);
     """,
+    """
+    ALTER TABLE chain_cursor ADD COLUMN block_time INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE gov_proposals (
+        proposal_id    TEXT PRIMARY KEY,
+        proposer       TEXT NOT NULL,
+        targets        TEXT NOT NULL,
+        amounts        TEXT NOT NULL,
+        calldatas      TEXT NOT NULL,
+        description    TEXT NOT NULL,
+        snapshot       INTEGER NOT NULL,
+        deadline       INTEGER NOT NULL,
+        votes_against  TEXT NOT NULL,
+        votes_for      TEXT NOT NULL,
+        votes_abstain  TEXT NOT NULL,
+        quorum         TEXT NOT NULL,
+        eta            INTEGER NOT NULL,
+        state          INTEGER NOT NULL,
+        block          INTEGER NOT NULL,
+        tx_hash        TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX gov_proposals_block ON gov_proposals (block);
+    CREATE TABLE gov_votes (
+        proposal_id  TEXT NOT NULL,
+        voter        TEXT NOT NULL,
+        support      INTEGER NOT NULL,
+        weight       TEXT NOT NULL,
+        reason       TEXT NOT NULL,
+        block        INTEGER NOT NULL,
+        tx_hash      TEXT NOT NULL,
+        PRIMARY KEY (proposal_id, voter)
+    ) STRICT;
+    """,
 )
 
 

@@ -31,7 +31,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import ContractLogicError
-from web3.types import TxReceipt
+from web3.types import RPCEndpoint, TxReceipt
 
 from joynode.chain.anvil import anvil_command, listening_url
 from joynode.chain.anvil import dev_account as dev_account  # re-exported for the tests
@@ -81,8 +81,18 @@ class Chain:
             rpc("anvil_stopImpersonatingAccount", [timelock])  # type: ignore[arg-type]
 
     def advance(self, seconds: int) -> None:
-        self.w3.provider.make_request("evm_increaseTime", [seconds])  # type: ignore[arg-type]
-        self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+        """Mine a block ``seconds`` after the latest one. (Not ``evm_increaseTime``: it
+        counts from the wall clock, which a chain mining many blocks a second is ahead of.)"""
+        self.advance_to(int(self.w3.eth.get_block("latest")["timestamp"]) + seconds)
+
+    def advance_to(self, timestamp: int) -> None:
+        """Mine a block at ``timestamp``, unless the chain is already there; the clock
+        goes on from it."""
+        if int(self.w3.eth.get_block("latest")["timestamp"]) >= timestamp:
+            return
+        rpc = self.w3.provider.make_request
+        rpc(RPCEndpoint("evm_setNextBlockTimestamp"), [timestamp])
+        rpc(RPCEndpoint("evm_mine"), [])
 
 
 def _drain(stream: IO[bytes]) -> None:

@@ -11,7 +11,7 @@ import re
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -27,7 +27,7 @@ from joynode.chain.anvil import dev_account
 from joynode.chain.deploy import JOY
 from joynode.chain.rpc import CHAIN_UNREACHABLE, Backoff, RpcLink, public_url
 from joynode.chain.service import AmountParams, ModelRegistration
-from joynode.chain.watcher import ChainWatcher, RegistryMirror
+from joynode.chain.watcher import ChainWatcher, MirrorFactory, RegistryMirror
 from joynode.control.client import ControlClient
 from joynode.control.jsonrpc import RpcError
 from joynode.keys import NodeKey
@@ -99,15 +99,14 @@ async def catch_up(watcher: ChainWatcher, chain: Chain) -> list[ChainEvent]:
 
 @asynccontextmanager
 async def watching(
-    chain: Chain, db: Path, block_range: int
+    chain: Chain, db: Path, block_range: int, mirrors: Sequence[MirrorFactory] = (RegistryMirror,)
 ) -> AsyncIterator[tuple[StateStore, ChainWatcher]]:
-    """A watcher (with the registry mirror) on its own state store at ``db``."""
+    """A watcher (with the registry mirror, or ``mirrors``) on its own state store at ``db``."""
     async with trio.open_nursery() as nursery:
         state = StateStore(db, "test")
         await nursery.start(state.run)
         link = RpcLink()
         link.open(chain.url)
-        mirror = RegistryMirror(link, chain.deployment)
         yield (
             state,
             ChainWatcher(
@@ -116,7 +115,7 @@ async def watching(
                 state,
                 confirmations=0,
                 block_range=block_range,
-                mirror=mirror,
+                mirrors=[mirror(link, chain.deployment) for mirror in mirrors],
             ),
         )
         nursery.cancel_scope.cancel()

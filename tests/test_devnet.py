@@ -262,6 +262,7 @@ def test_devnet_restarts_a_killed_node_and_anvil_while_the_rest_keeps_running(
         r"node 1 +up for \d+ s \(pid \d+\), \d restart\(s\), last exit: ",
         status.stdout,
     ), status.stdout
+    assert "governance: JoyGovernor 0x" in status.stdout
 
     # anvil dies too: restarted on the same address from its saved state.
     chain = after["chain"]

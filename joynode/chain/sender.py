@@ -45,8 +45,25 @@ GAS_MARGIN = 1.2
 PRIORITY_FEE_WEI = 1_000_000_000  # 1 gwei
 
 
+@dataclass(frozen=True)
+class Revert:
+    """A contract's custom error, decoded: ``contract`` is empty when several declare it."""
+
+    contract: str
+    name: str
+    args: dict[str, Any]
+
+
 class TransactionFailed(Exception):
-    """A transaction that reverted (or could not be sent); the message says why."""
+    """A transaction that reverted (or could not be sent); the message says why.
+
+    ``revert`` is the contract's custom error when one of our contracts raised it,
+    for callers that explain it further (the governance actor does).
+    """
+
+    def __init__(self, message: str, revert: Revert | None = None) -> None:
+        super().__init__(message)
+        self.revert = revert
 
 
 @dataclass(frozen=True)
@@ -80,16 +97,30 @@ class RevertDecoder:
         signature = self._errors.get(data[:4])
         if signature is None:
             return f"reverted with unknown data 0x{data.hex()}"
-        try:
-            values = abi_decode(list(signature.types), data[4:])
-        except Exception:  # malformed error data: show what we know
+        revert = self.decode(data)
+        if revert is None:  # malformed error data: show what we know
             return f"{signature.name}(?)"
         args = ", ".join(
             f"{n}={_show(v)}" if n else _show(v)
-            for n, v in zip(signature.names, values, strict=True)
+            for n, v in zip(signature.names, revert.args.values(), strict=True)
         )
-        prefix = f"{signature.contract}." if signature.contract else ""
-        return f"{prefix}{signature.name}({args})"
+        prefix = f"{revert.contract}." if revert.contract else ""
+        return f"{prefix}{revert.name}({args})"
+
+    def decode(self, data: bytes) -> Revert | None:
+        """The custom error in revert ``data``; None if it is not one of ours or is malformed.
+
+        Unnamed arguments are keyed ``_0``, ``_1``... by position.
+        """
+        signature = self._errors.get(data[:4])
+        if signature is None:
+            return None
+        try:
+            values = abi_decode(list(signature.types), data[4:])
+        except Exception:
+            return None
+        names = [n or f"_{i}" for i, n in enumerate(signature.names)]
+        return Revert(signature.contract, signature.name, dict(zip(names, values, strict=True)))
 
 
 def _abi_type(item: dict[str, Any]) -> str:
@@ -152,7 +183,7 @@ class TransactionSender:
         try:
             tx: dict[str, Any] = dict(build(base))
         except ContractLogicError as exc:
-            raise TransactionFailed(self._reason(exc)) from None
+            raise TransactionFailed(*self._reason(exc)) from None
         tx["gas"] = int(tx.get("gas") or self.w3.eth.estimate_gas(tx))  # type: ignore[arg-type]
         tx["gas"] = int(tx["gas"] * GAS_MARGIN)
         return tx
@@ -206,7 +237,7 @@ class TransactionSender:
                 continue
             self._nonce += 1
             if receipt["status"] != 1:
-                raise TransactionFailed(self._replay_failure(tx, receipt))
+                raise TransactionFailed(*self._replay_failure(tx, receipt))
             return receipt
         self._nonce = None
         raise TransactionFailed(f"transaction not mined after {MAX_REPLACEMENTS} replacements")
@@ -224,19 +255,21 @@ class TransactionSender:
                 continue
         return None
 
-    def _replay_failure(self, tx: dict[str, Any], receipt: TxReceipt) -> str:
+    def _replay_failure(self, tx: dict[str, Any], receipt: TxReceipt) -> tuple[str, Revert | None]:
         """Re-run a reverted transaction as a call at its block to learn why."""
         call = {k: tx[k] for k in ("from", "to", "data", "value") if k in tx}
         try:
             self.w3.eth.call(call, receipt["blockNumber"] - 1)  # type: ignore[arg-type]
         except ContractLogicError as exc:
             return self._reason(exc)
-        return f"transaction {receipt['transactionHash'].to_0x_hex()} reverted"
+        return f"transaction {receipt['transactionHash'].to_0x_hex()} reverted", None
 
-    def _reason(self, exc: ContractLogicError) -> str:
+    def _reason(self, exc: ContractLogicError) -> tuple[str, Revert | None]:
+        """What the revert says, and the custom error when it is one of ours."""
         data = exc.data
         if isinstance(exc, ContractCustomError) or isinstance(data, str):
             raw = data if isinstance(data, str) else ""
             if raw.startswith("0x") and len(raw) >= 10:
-                return self._decoder.describe(bytes.fromhex(raw[2:]))
-        return str(exc.message or exc)
+                payload = bytes.fromhex(raw[2:])
+                return self._decoder.describe(payload), self._decoder.decode(payload)
+        return str(exc.message or exc), None

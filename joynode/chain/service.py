@@ -52,7 +52,7 @@ from joynode.chain.committee import Candidate
 from joynode.chain.deploy import JOY, Deployment, local_deployment
 from joynode.chain.rpc import Backoff, ChainUnreachable, RpcLink
 from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender
-from joynode.chain.watcher import ChainWatcher, RegistryMirror
+from joynode.chain.watcher import ChainWatcher, MirrorFactory, RegistryMirror
 from joynode.config import ChainSection, SettingError
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession, NoParams
@@ -167,8 +167,10 @@ class ChainService:
         listen_addrs: Callable[[], list[str]],
         degraded: Callable[[str | None], None] = lambda _: None,
         events_sends: Sequence[trio.MemorySendChannel[ChainEvent]] = (),
+        mirrors: Sequence[MirrorFactory] = (),
     ) -> None:
-        """``degraded``: told why the chain is unreachable, and None when it answers again."""
+        """``degraded``: told why the chain is unreachable, and None when it answers again.
+        ``mirrors``: kept by the watcher besides the registry (the DAO's proposals)."""
         self._settings = settings
         self._key = key
         self._account: LocalAccount = Account.from_key(key.secret)
@@ -177,6 +179,7 @@ class ChainService:
         self._serving_status = serving_status
         self._listen_addrs = listen_addrs
         self._events_sends = events_sends
+        self._mirrors = mirrors
         self._limiter = trio.CapacityLimiter(1)  # one transaction at a time: ordered nonces
         self._link = RpcLink(registry, degraded)
         self.deployment: Deployment | None = None
@@ -241,7 +244,7 @@ class ChainService:
                 await trio.sleep(0.1)
         if self._link.reachable is not True:
             raise ChainError(f"the local anvil did not answer in {LOCAL_START_S:g} s")
-        self._attach(await self._call(local_deployment, self.w3, self.deployment_path))
+        self._attach(await self.call(local_deployment, self.w3, self.deployment_path))
         await self._check_chain()
         await self._join_local_network()
 
@@ -281,7 +284,10 @@ class ChainService:
             self._state,
             confirmations=self._settings.confirmations,
             block_range=self._settings.block_range,
-            mirror=RegistryMirror(self._link, deployment),
+            mirrors=[
+                RegistryMirror(self._link, deployment),
+                *(mirror(self._link, deployment) for mirror in self._mirrors),
+            ],
         )
 
     async def _check_chain(self) -> None:
@@ -289,7 +295,7 @@ class ChainService:
         the contracts on it; ``SettingError`` if not (the operator must choose which is right)."""
         w3, deployment = self._connected()
         path, url = self.deployment_path, self._link.url
-        chain_id = await self._call(lambda: int(w3.eth.chain_id))
+        chain_id = await self.call(lambda: int(w3.eth.chain_id))
         if chain_id != deployment.chain_id:
             raise SettingError(
                 "chain.rpc_url",
@@ -306,14 +312,14 @@ class ChainService:
                 f"chain.rpc_url {url} serves chain {chain_id}: point chain.rpc_url back at "
                 f"chain {followed[0]}, or give chain {chain_id} its own node.data_dir",
             )
-        if not await self._call(deployment.is_live_on, w3):
+        if not await self.call(deployment.is_live_on, w3):
             raise SettingError(
                 "chain.deployment_file",
                 f"the contracts of {path} are not on chain {chain_id} at "
                 f"{url} (was the chain reset? `joynode deploy` deploys them again)",
             )
         coordinator = deployment.contract(w3, "NodeCoordinator")
-        self._min_stake = int(await self._call(coordinator.functions.minStake().call))
+        self._min_stake = int(await self.call(coordinator.functions.minStake().call))
 
     async def _follow(self) -> None:
         """Watch the chain for as long as the node runs: through outages, from the cursor.
@@ -370,8 +376,8 @@ class ChainService:
         """Local mode: fund this node's account, stake, and register what it serves."""
         w3, deployment = self._connected()
         me = self._account.address
-        if await self._call(w3.eth.get_balance, me) < JOY:
-            await self._call(
+        if await self.call(w3.eth.get_balance, me) < JOY:
+            await self.call(
                 w3.provider.make_request,
                 "anvil_setBalance",
                 [me, hex(LOCAL_FUNDING_ETH * JOY)],
@@ -379,16 +385,16 @@ class ChainService:
         token = deployment.contract(w3, "JoyToken")
         coordinator = deployment.contract(w3, "NodeCoordinator")
         stake = self._settings.local_stake_joy * JOY
-        if await self._call(token.functions.balanceOf(me).call) < stake:
+        if await self.call(token.functions.balanceOf(me).call) < stake:
             faucet = TransactionSender(w3, dev_account(0), RevertDecoder([]))
-            await self._call(faucet.transact, token.functions.transfer(me, LOCAL_FUNDING_JOY * JOY))
-        current = (await self._call(coordinator.functions.nodeInfo(me).call))[0]
+            await self.call(faucet.transact, token.functions.transfer(me, LOCAL_FUNDING_JOY * JOY))
+        current = (await self.call(coordinator.functions.nodeInfo(me).call))[0]
         if current < stake:
             await self.transact(token.functions.approve(coordinator.address, stake - current))
             await self.transact(coordinator.functions.stake(stake - current))
         await self.register()
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """A blocking web3 call, through the link (``ChainUnreachable`` while the RPC is down)."""
         return await self._link.call(fn, *args)
 
@@ -422,7 +428,7 @@ class ChainService:
     async def request_info(self, request_id: bytes) -> OnchainRequest | None:
         """The marketplace's record of a paid request; None if there is none."""
         w3 = self._connected()[0]
-        market = self._contract("ModelMarketplace")
+        market = self.contract("ModelMarketplace")
 
         def read() -> OnchainRequest | None:
             model, requester, input_hash, price, deadline, status, committee = (
@@ -443,7 +449,7 @@ class ChainService:
                 int(deadline) - now,
             )
 
-        return await self._call(read)
+        return await self.call(read)
 
     async def mirrored_request(self, request_id: bytes) -> OnchainRequest | None:
         """A paid request as the watcher last mirrored it (SQLite, no RPC); None if unseen.
@@ -485,8 +491,8 @@ class ChainService:
         with the contract's reason (unknown model, no committee, price...).
         """
         w3 = self._connected()[0]
-        market = self._contract("ModelMarketplace")
-        token = self._contract("JoyToken")
+        market = self.contract("ModelMarketplace")
+        token = self.contract("JoyToken")
         key = model_key(model_id)
 
         def quote() -> tuple[int, int, int]:
@@ -496,7 +502,7 @@ class ChainService:
             return price, allowance, now
 
         async with self._paying:  # one approve-then-request at a time: the allowance is shared
-            price, allowance, now = await self._call(quote)
+            price, allowance, now = await self.call(quote)
             limit = price if max_price is None else max_price
             if allowance < limit:
                 await self.transact(token.functions.approve(market.address, limit))
@@ -510,7 +516,7 @@ class ChainService:
 
     async def submit_certificate(self, certificate: Certificate) -> str:
         """Hand a certificate to ``ProofOfInference``; the transaction hash."""
-        proof = self._contract("ProofOfInference")
+        proof = self.contract("ProofOfInference")
         receipt = await self.transact(
             proof.functions.submitCertificate(
                 certificate.request_id,
@@ -523,7 +529,7 @@ class ChainService:
 
     async def submit_zk_result(self, request_id: bytes, proven: MlpProof) -> str:
         """Settle a zk model's request with a proof of its outputs; the transaction hash."""
-        proof_of_inference = self._contract("ProofOfInference")
+        proof_of_inference = self.contract("ProofOfInference")
         proof = solidity_proof(proven.proof)
         outputs = proven.public_inputs[2:]
         receipt = await self.transact(
@@ -533,8 +539,8 @@ class ChainService:
 
     async def zk_model(self, model_id: str) -> ZkModelInfo | None:
         """A zk model's registration; None if ``model_id`` is not a registered zk model."""
-        market = self._contract("ModelMarketplace")
-        info = await self._call(market.functions.modelInfo(model_key(model_id)).call)
+        market = self.contract("ModelMarketplace")
+        info = await self.call(market.functions.modelInfo(model_key(model_id)).call)
         owner, _, _, kind, active, _, commitment, verifier = info
         if int(owner, 16) == 0 or kind != MODEL_KINDS["zk"]:
             return None
@@ -543,7 +549,7 @@ class ChainService:
     async def zk_settlement(self, request_id: bytes) -> ZkSettlement | None:
         """How a zk request was settled (its ``ZkInferenceVerified`` event); None if it was not."""
         deployment = self._connected()[1]
-        event = self._contract("ProofOfInference").events.ZkInferenceVerified()
+        event = self.contract("ProofOfInference").events.ZkInferenceVerified()
 
         def read() -> ZkSettlement | None:
             logs = event.get_logs(
@@ -558,7 +564,7 @@ class ChainService:
                 logs[0]["transactionHash"].to_0x_hex(),
             )
 
-        return await self._call(read)
+        return await self.call(read)
 
     async def report_equivocation(self, evidence: Equivocation) -> str | None:
         """Submit two signed commits of one member as slashing evidence.
@@ -567,8 +573,8 @@ class ChainService:
         share, only gas: a throwaway key in a forged committee) or it was
         already reported.
         """
-        proof = self._contract("ProofOfInference")
-        coordinator = self._contract("NodeCoordinator")
+        proof = self.contract("ProofOfInference")
+        coordinator = self.contract("NodeCoordinator")
 
         def worth_reporting() -> bool:
             reported = proof.functions.equivocationReported(
@@ -577,7 +583,7 @@ class ChainService:
             stake, unbonding = coordinator.functions.nodeInfo(evidence.member).call()[:2]
             return not reported and int(stake) + int(unbonding) > 0
 
-        if not await self._call(worth_reporting):
+        if not await self.call(worth_reporting):
             return None
         receipt = await self.transact(
             proof.functions.reportEquivocation(
@@ -593,7 +599,7 @@ class ChainService:
 
     async def refund(self, request_id: bytes) -> str:
         """Return an unsettled request's escrow to its requester (after its deadline)."""
-        market = self._contract("ModelMarketplace")
+        market = self.contract("ModelMarketplace")
         try:
             receipt = await self.transact(market.functions.refund(request_id))
         except TransactionFailed as exc:
@@ -607,8 +613,8 @@ class ChainService:
         return str(receipt["transactionHash"].to_0x_hex())
 
     async def _deadline_of(self, request_id: bytes) -> int:
-        market = self._contract("ModelMarketplace")
-        return int((await self._call(market.functions.requestInfo(request_id).call))[4])
+        market = self.contract("ModelMarketplace")
+        return int((await self.call(market.functions.requestInfo(request_id).call))[4])
 
     async def registry_candidates(self) -> dict[str, Candidate]:
         """Registered nodes by address, weighted as the contract weighs them (from the mirror).
@@ -618,9 +624,9 @@ class ChainService:
         mirror still serves unpaid jobs' committees.
         """
         if self._min_stake is None:
-            coordinator = self._contract("NodeCoordinator")
+            coordinator = self.contract("NodeCoordinator")
             with contextlib.suppress(ChainUnreachable):
-                self._min_stake = int(await self._call(coordinator.functions.minStake().call))
+                self._min_stake = int(await self.call(coordinator.functions.minStake().call))
         min_stake = 1 if self._min_stake is None else self._min_stake
 
         def read(conn: sqlite3.Connection) -> dict[str, Candidate]:
@@ -662,7 +668,7 @@ class ChainService:
             }
 
         with trio.move_on_after(STATUS_READ_S), contextlib.suppress(ChainUnreachable):
-            self._known = {**await self._call(read), "as_of": time.time()}
+            self._known = {**await self.call(read), "as_of": time.time()}
         link = self._link
         return {
             "chain_id": deployment.chain_id,
@@ -688,14 +694,14 @@ class ChainService:
             return await self._guarded(self.register())
 
         async def node_unstake(params: AmountParams, _: ControlSession) -> dict[str, Any]:
-            coordinator = self._contract("NodeCoordinator")
+            coordinator = self.contract("NodeCoordinator")
             receipt = await self._guarded(
                 self.transact(coordinator.functions.unstake(params.amount_joy * JOY))
             )
             return {"tx": receipt["transactionHash"].to_0x_hex()}
 
         async def models_register(params: ModelRegistration, _: ControlSession) -> dict[str, Any]:
-            market = self._contract("ModelMarketplace")
+            market = self.contract("ModelMarketplace")
             zk = params.kind == "zk"
             verifier = params.verifier or "0x" + "00" * 20
             if zk and params.verifier is None:
@@ -728,8 +734,8 @@ class ChainService:
             }
 
         async def rewards_claim(_: NoParams, __: ControlSession) -> dict[str, Any]:
-            coordinator = self._contract("NodeCoordinator")
-            before = await self._call(coordinator.functions.earned(self._account.address).call)
+            coordinator = self.contract("NodeCoordinator")
+            before = await self.call(coordinator.functions.earned(self._account.address).call)
             receipt = await self._guarded(self.transact(coordinator.functions.claimRewards()))
             return {"tx": receipt["transactionHash"].to_0x_hex(), "claimed": str(before)}
 
@@ -762,7 +768,7 @@ class ChainService:
             raise ChainError("the chain is not connected yet")
         return self.w3, self.deployment
 
-    def _contract(self, name: str) -> Any:
+    def contract(self, name: str) -> Any:
         w3, deployment = self._connected()
         return deployment.contract(w3, name)
 

@@ -10,10 +10,13 @@ happened; it walks back through the recorded blocks to the last one the chain
 still has, retracts every event above it (reported with ``removed=True``) and
 continues from there.
 
-Every event also refreshes the registry mirror (``RegistryMirror``): the
-nodes, models and requests it touched are re-read from the contracts' views
-and stored in SQLite, where the consensus actor finds them without a chain
-round trip. A poll reads everything from the chain first and then writes the
+Every event also refreshes the mirrors (``Mirror``): the registry mirror
+(``RegistryMirror``) re-reads the nodes, models and requests it touched from
+the contracts' views and stores them in SQLite, where the consensus actor
+finds them without a chain round trip; the governance mirror
+(``joynode.governance.mirror``) keeps the DAO's proposals and votes. The
+cursor also records its block's timestamp: the chain's clock as last seen.
+A poll reads everything from the chain first and then writes the
 retractions, the events, the mirror rows and the cursor in one transaction,
 so an RPC that fails half way leaves nothing half done: the next poll does
 the same step again. Web3 calls go through the chain actor's ``RpcLink``
@@ -25,8 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from eth_utils.abi import event_abi_to_log_topic
 from hexbytes import HexBytes
@@ -44,12 +48,29 @@ log = logging.getLogger(__name__)
 
 Row = tuple[Any, ...]
 MirrorRows = tuple[list[Row], list[Row], list[Row]]  # nodes, models, requests
+MirrorWrite = Callable[[sqlite3.Connection], None]
+
+
+class Mirror(Protocol):
+    """SQLite rows kept in step with contract events (the registry, the DAO's proposals).
+
+    ``read`` gets a poll's retracted and new events, reads from the chain what
+    it needs (``ChainUnreachable`` if it cannot: the poll is then done again)
+    and returns what to write; the watcher runs that in the transaction that
+    records the events and moves the cursor, so the rows never disagree with it.
+    """
+
+    async def read(self, events: list[ChainEvent]) -> MirrorWrite: ...
+
+
+MirrorFactory = Callable[[RpcLink, Deployment], Mirror]
 
 
 @dataclass(frozen=True)
 class Cursor:
     block: int
     block_hash: str
+    time: int = 0  # the block's timestamp (0: not known)
 
 
 class EventDecoder:
@@ -107,7 +128,7 @@ class ChainWatcher:
         *,
         confirmations: int,
         block_range: int,
-        mirror: RegistryMirror | None = None,
+        mirrors: Sequence[Mirror] = (),
     ) -> None:
         self._link = link
         self._w3 = link.w3
@@ -116,7 +137,7 @@ class ChainWatcher:
         self._confirmations = confirmations
         self._range = block_range
         self._decoder = EventDecoder(link.w3, deployment)
-        self._mirror = mirror
+        self._mirrors = mirrors
         self.applied = 0
         self.retracted = 0
 
@@ -126,12 +147,12 @@ class ChainWatcher:
     async def cursor(self) -> Cursor:
         row = await self._state.read(
             lambda c: c.execute(
-                "SELECT block, block_hash FROM chain_cursor WHERE id = 1"
+                "SELECT block, block_hash, block_time FROM chain_cursor WHERE id = 1"
             ).fetchone()
         )
         if row is None:
             return Cursor(self._deployment.start_block - 1, "")
-        return Cursor(int(row[0]), str(row[1]))
+        return Cursor(int(row[0]), str(row[1]), int(row[2]))
 
     async def poll(self) -> list[ChainEvent]:
         """One step: handle a reorg if there was one, then apply the next range of logs.
@@ -159,19 +180,18 @@ class ChainWatcher:
             fetched = await self._link.call(self._fetch, cursor.block + 1, last, cursor.block_hash)
             if fetched is None:  # the chain moved under us: the next poll sorts it out
                 return []
-            raw_logs, end_hash = fetched
+            raw_logs, end = fetched
             events = [e for e in (self._decoder.decode(r) for r in raw_logs) if e is not None]
-            end = Cursor(last, end_hash)
-        rows = None
-        if self._mirror is not None and (events or retracted):
-            rows = await self._mirror.read(retracted + events)
+        writes = []
+        if events or retracted:
+            writes = [await mirror.read(retracted + events) for mirror in self._mirrors]
         chain_id = self._deployment.chain_id
 
         def commit(conn: sqlite3.Connection) -> tuple[list[ChainEvent], list[ChainEvent]]:
             undone = _retract_after(conn, fork) if fork is not None else []
             applied = _apply(conn, chain_id, events, end) if end is not None else []
-            if rows is not None:
-                RegistryMirror.store(conn, rows)
+            for write in writes:
+                write(conn)
             return undone, applied
 
         undone, applied = await self._state.write(commit)
@@ -186,8 +206,8 @@ class ChainWatcher:
         except BlockNotFound:
             return None
 
-    def _fetch(self, start: int, end: int, parent_hash: str) -> tuple[list[Any], str] | None:
-        """Logs of blocks ``start..end`` and the hash of ``end``; None if a reorg interfered.
+    def _fetch(self, start: int, end: int, parent_hash: str) -> tuple[list[Any], Cursor] | None:
+        """Logs of blocks ``start..end`` and the cursor at ``end``; None if a reorg interfered.
 
         The range must continue the cursor's branch (``start``'s parent is the
         cursor block) and ``end`` must be the same block before and after the
@@ -197,7 +217,8 @@ class ChainWatcher:
             first = self._w3.eth.get_block(start)
             if HexBytes(first["parentHash"]).to_0x_hex() != parent_hash:
                 return None
-        end_hash = self._block_hash(end)
+        end_block = self._w3.eth.get_block(end)
+        end_hash = HexBytes(end_block["hash"]).to_0x_hex()
         logs = self._w3.eth.get_logs(
             {"fromBlock": start, "toBlock": end, "address": self._decoder.addresses}
         )
@@ -208,7 +229,9 @@ class ChainWatcher:
             for log in logs
             if int(log["blockNumber"]) == end and HexBytes(log["blockHash"]).to_0x_hex() != end_hash
         ]
-        return None if wrong_branch else (list(logs), end_hash)
+        if wrong_branch:
+            return None
+        return list(logs), Cursor(end, end_hash, int(end_block["timestamp"]))
 
     async def _find_fork(self) -> Cursor:
         known = await self._state.read(
@@ -251,9 +274,10 @@ def _apply(
         (cursor.block, cursor.block_hash),
     )
     conn.execute(
-        "INSERT INTO chain_cursor (id, chain_id, block, block_hash) VALUES (1, ?, ?, ?) "
-        "ON CONFLICT (id) DO UPDATE SET block = excluded.block, block_hash = excluded.block_hash",
-        (chain_id, cursor.block, cursor.block_hash),
+        "INSERT INTO chain_cursor (id, chain_id, block, block_hash, block_time) "
+        "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET block = excluded.block, "
+        "block_hash = excluded.block_hash, block_time = excluded.block_time",
+        (chain_id, cursor.block, cursor.block_hash, cursor.time),
     )
     # Keep the recent block hashes reorg detection needs, not the whole history.
     conn.execute("DELETE FROM chain_blocks WHERE number < ?", (cursor.block - 10_000,))
@@ -277,11 +301,19 @@ def _retract_after(conn: sqlite3.Connection, fork: Cursor) -> list[ChainEvent]:
     retracted = _events_after(conn, fork.block)
     conn.execute("DELETE FROM chain_events WHERE block > ?", (fork.block,))
     conn.execute("DELETE FROM chain_blocks WHERE number > ?", (fork.block,))
+    # The fork block's time is not recorded; the clock keeps the last one seen until
+    # the next step moves the cursor on (a chain's clock hardly goes back in a reorg).
     conn.execute(
         "UPDATE chain_cursor SET block = ?, block_hash = ? WHERE id = 1",
         (fork.block, fork.block_hash),
     )
     return retracted
+
+
+def chain_clock(conn: sqlite3.Connection) -> int:
+    """The timestamp of the last block the watcher processed; 0 before the first."""
+    row = conn.execute("SELECT block_time FROM chain_cursor WHERE id = 1").fetchone()
+    return 0 if row is None else int(row[0])
 
 
 class RegistryMirror:
@@ -306,7 +338,7 @@ class RegistryMirror:
         self._coordinator = deployment.contract(link.w3, "NodeCoordinator")
         self._marketplace = deployment.contract(link.w3, "ModelMarketplace")
 
-    async def read(self, events: list[ChainEvent]) -> MirrorRows:
+    async def read(self, events: list[ChainEvent]) -> MirrorWrite:
         """The current rows of the nodes, models and requests that ``events`` touched."""
         nodes = {str(e.args["node"]) for e in events if e.name in self.NODE_EVENTS}
         nodes |= {
@@ -316,7 +348,8 @@ class RegistryMirror:
         }
         models = {str(e.args["model"]) for e in events if e.name in self.MODEL_EVENTS}
         requests = {str(e.args["requestId"]) for e in events if e.name in self.REQUEST_EVENTS}
-        return await self._link.call(self._read, nodes, models, requests)
+        rows = await self._link.call(self._read, nodes, models, requests)
+        return lambda conn: self.store(conn, rows)
 
     def _read(self, nodes: set[str], models: set[str], requests: set[str]) -> MirrorRows:
         node_rows = []

@@ -45,6 +45,7 @@ from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.config import ConfigError, parse_config
 from joynode.console import print_job, stderr, step, verified_inference
 from joynode.control.client import ControlClient
+from joynode.devnet.governance import give_votes, governance_lines
 from joynode.devnet.network import (
     LOOPBACK_HOST,
     DevnetNetwork,
@@ -142,6 +143,7 @@ async def _run(
     task_status: trio.TaskStatus[RunningDevnet],
 ) -> None:
     phase = "starting"
+    governance: list[str] = []  # where the DAO stands, once the nodes are up
 
     def changed() -> None:
         write_status(
@@ -153,6 +155,7 @@ async def _run(
                 "chain": {"url": chain.url, **chain.supervised.to_json()},
                 "network": network.to_json(),
                 "nodes": [node.summary() for node in nodes],
+                "governance": governance,
             },
         )
 
@@ -173,6 +176,8 @@ async def _run(
             with step(f"funding and staking {len(nodes)} nodes"):
                 for node in nodes:
                     await trio.to_thread.run_sync(_fund_and_stake, w3, deployment, node.key)
+            with step("delegating the dev accounts' JOY votes to themselves"):
+                await trio.to_thread.run_sync(give_votes, w3, deployment)
             with step("registering the model in the marketplace"):
                 committee = min(3, len(nodes))
                 await trio.to_thread.run_sync(_register_model, w3, deployment, cid, committee)
@@ -194,7 +199,12 @@ async def _run(
                         await _call(node, "node.register")
                     await _wait_until_meshed(nodes)
                 devnet = RunningDevnet(rpc_url, deployment, cid, nodes)
-                _print_summary(devnet, options, network)
+                voters: list[tuple[str, str]] = [("dev account 0", dev_account(0).address)]
+                voters += [(f"node {node.index}", node.key.address) for node in nodes]
+                governance[:] = await trio.to_thread.run_sync(
+                    governance_lines, w3, deployment, voters
+                )
+                _print_summary(devnet, options, network, governance)
                 if options.demo:
                     job = await verified_inference(
                         first.control_url(), first.token.value, DEMO_PROMPT, None, 32, True
@@ -416,7 +426,9 @@ def _register_model(w3: Web3, deployment: Deployment, cid: str, committee_size: 
     )
 
 
-def _print_summary(devnet: RunningDevnet, options: DevnetOptions, network: DevnetNetwork) -> None:
+def _print_summary(
+    devnet: RunningDevnet, options: DevnetOptions, network: DevnetNetwork, governance: list[str]
+) -> None:
     out = Console(highlight=False, soft_wrap=True)  # whole URLs and paths, never cut
     out.print(f"[bold]JoyNet devnet[/bold]: {len(devnet.nodes)} nodes, chain {devnet.rpc_url}")
     out.print(f"model {options.model}: {devnet.model_cid}")
@@ -430,6 +442,9 @@ def _print_summary(devnet: RunningDevnet, options: DevnetOptions, network: Devne
             f"each node in its own network namespace ({', '.join(network.namespaces)}) on "
             f"bridge {network.bridge}, {network.subnet}"
         )
+    for line in governance:
+        out.print(line)
     home = devnet.nodes[0].home
     out.print(f"dashboard token: the node's control.token, e.g. {home}/control.token")
+    out.print(f"governance:      joynode gov --config {home}/joynode.toml list")
     out.print(f'send a request:  joynode ctl --config {home}/joynode.toml infer "Tell me a joke"')

@@ -56,6 +56,7 @@ def status_lines(data: dict[str, Any]) -> list[str]:
     for node in data["nodes"]:
         line = f"node {node['node']}  {_state(node, now)}  control {node['control']}"
         lines.append(line + f"  log {node['log']}")
+    lines += data.get("governance", [])
     network = data.get("network")
     if network:
         lines.append(
