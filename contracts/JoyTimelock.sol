@@ -4,8 +4,8 @@ pragma solidity 0.8.37;
 import {TimelockController} from "@openzeppelin/contracts/governance/TimelockController.sol";
 
 /// @title The DAO's timelock: the only holder of every power in JoyNet, and its treasury.
-/// @notice OpenZeppelin's TimelockController: the governor proposes and cancels,
-/// anyone executes once the delay has passed. The delay has bounds, so no vote can
+/// @notice OpenZeppelin's TimelockController: the governor proposes, cancels and
+/// executes (its `execute` is open to anyone once the delay has passed). The delay has bounds, so no vote can
 /// take away the time holders have to react (or exit) before a change lands.
 contract JoyTimelock is TimelockController {
     uint256 public constant MIN_DELAY = 1 days; // 10 seconds on the devnet

@@ -151,7 +151,7 @@ def deploy_all(sender: TransactionSender, params: DeployParams) -> Deployment:
     token, _ = sender.deploy(artifacts["JoyToken"], deployer, params.token_supply)
     staked_joy, _ = sender.deploy(artifacts["StakedJoy"], deployer)
     timelock, _ = sender.deploy(
-        artifacts["JoyTimelock"], gov.timelock_delay_s, [], [ZERO_ADDRESS], deployer
+        artifacts["JoyTimelock"], gov.timelock_delay_s, [], [], deployer
     )
     governor, _ = sender.deploy(
         artifacts["JoyGovernor"],
@@ -240,6 +240,9 @@ def _grant_roles(sender: TransactionSender, deployment: Deployment) -> None:
         ("StakedJoy", "MINTER_ROLE", at["NodeCoordinator"]),
         ("JoyTimelock", "PROPOSER_ROLE", at["JoyGovernor"]),
         ("JoyTimelock", "CANCELLER_ROLE", at["JoyGovernor"]),
+        # Only through the governor (whose execute anyone may call), so every execution
+        # is a ProposalExecuted event the nodes' mirrors see.
+        ("JoyTimelock", "EXECUTOR_ROLE", at["JoyGovernor"]),
     ]
     for name, role, grantee in grants:
         contract = deployment.contract(w3, name)
