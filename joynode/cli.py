@@ -158,6 +158,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("proposal", help="its id, or the first digits of one")
     g.add_argument("support", choices=["for", "against", "abstain"])
     g.add_argument("--reason", default="", help="why, recorded on-chain with the vote")
+    g = gov.add_parser("dispute", help="dispute a request's certificate, for the DAO to resolve")
+    _gov_args(g)
+    g.add_argument("request_id", help="the paid request (0x and 64 hex digits)")
+    g.add_argument("--reason", required=True, help="why the certificate is wrong, for voters")
 
     p = commands.add_parser("circuits", help="build the ZoKrates circuits (keys, verifiers)")
     circuits_actions = p.add_subparsers(dest="circuits_command", required=True, metavar="ACTION")
@@ -320,6 +324,8 @@ def cmd_gov(args: argparse.Namespace) -> int:
         params["proposal"] = args.proposal
         if action == "vote":
             params.update(support=args.support, reason=args.reason)
+    elif action == "dispute":
+        params.update(request_id=args.request_id, reason=args.reason)
 
     def show(result: Any) -> None:
         if args.json:

@@ -33,6 +33,8 @@ Actor graph (arrows are memory channels, named by direction and payload)::
                                  settle (submitZkResult) and refund; publishes ZkJob (zk.infer)
     (gov.*)    GovernanceService (not an actor: the DAO's proposals from the mirror the chain
                                   watcher keeps (GovernanceMirror), transactions through chain)
+    (gov.dispute) Disputes       (not an actor: certificates' signers from the watcher's
+                                  events, the dispute sent through chain)
     http       HttpServer        (reads the metrics registry and the supervisor's health)
     control    ControlServer     --ShutdownRequest--> Node
 """
@@ -58,6 +60,7 @@ from joynode.consensus.service import ConsensusService
 from joynode.control.methods import ControlMethod, ControlSession, MethodTable, NoParams, Reply
 from joynode.control.server import ControlServer
 from joynode.endpoints import Endpoints
+from joynode.governance.disputes import Disputes
 from joynode.governance.mirror import GovernanceMirror
 from joynode.governance.service import GovernanceService
 from joynode.http import HttpServer
@@ -156,6 +159,7 @@ class Node:
         self.governance = (
             GovernanceService(self.state, self.chain) if self.chain is not None else None
         )
+        self.disputes = Disputes(self.state, self.chain) if self.chain is not None else None
         self.consensus = ConsensusService(
             config.consensus,
             key,
@@ -196,6 +200,7 @@ class Node:
                     *self.consensus.control_methods(),
                     *(self.chain.control_methods() if self.chain is not None else []),
                     *(self.governance.control_methods() if self.governance is not None else []),
+                    *(self.disputes.control_methods() if self.disputes is not None else []),
                     *self.prover.control_methods(self.prover_client),
                     *self.zk.control_methods(),
                 ]

@@ -25,6 +25,7 @@ from joynode.governance.actions import (
     read_proposal_file,
 )
 from joynode.governance.display import joy, list_lines, show_lines, status_lines
+from joynode.governance.disputes import certificate_signers
 from joynode.governance.mirror import GovernanceMirror, ProposalState
 from joynode.governance.service import GOVERNANCE_ERROR, explain
 from joynode.keys import NodeKey
@@ -32,6 +33,7 @@ from tests.chain_fixtures import Chain, anvil_url, chain, deployed, dev_account
 from tests.factories import NodeHome, run_cli, running_node, wait_for
 from tests.test_chain import catch_up, rpc_home, watching
 from tests.test_consensus_processes import call
+from tests.test_contracts import REQUESTER, World, account
 
 __all__ = ["anvil_url", "chain", "deployed"]
 
@@ -466,3 +468,53 @@ def test_gov_propose_refuses_a_bad_file_in_one_line_before_calling_the_node(
     done = run_cli("gov", "propose", str(path), "--config", str(tmp_path / "none.toml"))
     assert done.returncode == 2
     assert done.stderr == f"joynode: {path}: actions.0: Value error, args without a function\n"
+
+
+async def test_gov_dispute_takes_the_signers_from_the_watched_certificate(
+    chain: Chain, tmp_path: Path
+) -> None:
+    world = World.of(chain)
+    requester = account(REQUESTER)
+    req = world.pending([1000 * JOY] * 3)  # requested by dev account REQUESTER
+    world.certify(req.request_id, req.committee[:2])
+    other = world.request(req.model)
+    world.certify(other.request_id, other.committee[:2])
+    request_id, other_id = "0x" + req.request_id.hex(), "0x" + other.request_id.hex()
+    home = rpc_home(tmp_path, chain)
+    NodeKey(bytes(requester.key)).save(home.config.node.key_file, force=True)
+    disputes = chain.contract("DisputeResolver")
+    async with running_node(home) as node:
+        # The node saw both certificates (its record of the chain), then disputes them.
+        async def seen() -> bool:
+            def read(conn: sqlite3.Connection) -> list[str] | None:
+                return certificate_signers(conn, other_id)
+
+            return await node.state.read(read) is not None
+
+        await wait_for(seen, 30, "the certificates watched")
+        opened = await call(home, "gov.dispute", {"request_id": request_id, "reason": "made up"})
+        assert opened["signers"] == req.committee[:2]
+        assert opened["bond"] == "0"  # its own request
+        status, disputer, bond, reason, signers = disputes.functions.disputeOf(
+            req.request_id
+        ).call()
+        assert (status, disputer, bond, reason) == (1, requester.address, 0, "made up")
+        assert signers == req.committee[:2]
+
+        refusals = {
+            request_id: "this certificate is disputed already",
+            "0x" + "ab" * 32: "no certificate for 0x" + "ab" * 32,
+        }
+        for rid, why in refusals.items():
+            with pytest.raises(RpcError) as refused:
+                await call(home, "gov.dispute", {"request_id": rid, "reason": "again"})
+            assert refused.value.code == GOVERNANCE_ERROR
+            assert why in refused.value.message
+        with pytest.raises(RpcError) as bad:
+            await call(home, "gov.dispute", {"request_id": "0x12", "reason": "short"})
+        assert bad.value.code == INVALID_PARAMS
+        chain.advance(int(disputes.functions.disputeWindow().call()) + 1)
+        with pytest.raises(RpcError) as late:
+            await call(home, "gov.dispute", {"request_id": other_id, "reason": "late"})
+        assert late.value.message.startswith("the dispute window closed at ")
+        assert (await call(home, "node.status", {}))["health"] != "stopping"

@@ -150,9 +150,7 @@ def deploy_all(sender: TransactionSender, params: DeployParams) -> Deployment:
     gov = params.governance
     token, _ = sender.deploy(artifacts["JoyToken"], deployer, params.token_supply)
     staked_joy, _ = sender.deploy(artifacts["StakedJoy"], deployer)
-    timelock, _ = sender.deploy(
-        artifacts["JoyTimelock"], gov.timelock_delay_s, [], [], deployer
-    )
+    timelock, _ = sender.deploy(artifacts["JoyTimelock"], gov.timelock_delay_s, [], [], deployer)
     governor, _ = sender.deploy(
         artifacts["JoyGovernor"],
         token,

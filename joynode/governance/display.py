@@ -143,5 +143,12 @@ def outcome_line(method: str, result: dict[str, Any]) -> str:
             f"queued {result['proposal_id']} (tx {result['tx']}); executable from "
             f"{when(result['eta'], time.time())}"
         )
+    if method == "gov.dispute":
+        bond = joy(int(result["bond"])) if int(result["bond"]) else "no bond (the requester)"
+        return (
+            f"disputed {result['request_id']} (signers {', '.join(result['signers'])}; {bond}; "
+            f"tx {result['tx']}): the DAO resolves it by a proposal calling "
+            "DisputeResolver.resolve"
+        )
     done = {"gov.execute": "executed", "gov.cancel": "canceled"}.get(method, method)
     return f"{done} {result['proposal_id']} (tx {result['tx']})"

@@ -496,7 +496,8 @@ def due_by_now(exc: TransactionFailed, proposal: Proposal | None, now: float) ->
 
 
 def explain(exc: TransactionFailed, proposal: Proposal | None, now: float) -> str:
-    """A revert of the governor or the timelock in words, with what the mirror knows."""
+    """A revert of the governor, the timelock or the dispute resolver in words, with what
+    the mirror knows."""
     revert = exc.revert
     if revert is None:
         return f"transaction failed: {exc}"
@@ -538,6 +539,17 @@ def explain(exc: TransactionFailed, proposal: Proposal | None, now: float) -> st
         return (
             "only the proposer can cancel, while the proposal is Pending "
             f"(and the guardian, while it is Queued){now_is}"
+        )
+    if revert.name == "WindowClosed":
+        return f"the dispute window closed at {when(int(args['closedAt']), now)}"
+    if revert.name == "AlreadyDisputed":
+        return "this certificate is disputed already: the DAO resolves that dispute"
+    if revert.name == "NotCertified":
+        return "this request has no committee certificate on this chain"
+    if revert.name == "ERC20InsufficientBalance":
+        return (
+            f"the dispute bond is {joy(int(args['needed']))} and this account holds "
+            f"{joy(int(args['balance']))}"
         )
     return f"transaction failed: {exc}"
 
