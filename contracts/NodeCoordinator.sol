@@ -64,6 +64,8 @@ contract NodeCoordinator is JoyGoverned, ReentrancyGuardTransient {
     mapping(bytes32 => mapping(address => uint256)) private _modelIndex; // index + 1
     uint256 public totalStaked;
 
+    mapping(address => uint256) public openDisputes; // against the node: its stake cannot leave
+
     uint256 public rewardPerToken; // scaled by PRECISION
     mapping(address => uint256) private _rewardPerTokenPaid;
     mapping(address => uint256) private _rewards;
@@ -84,6 +86,7 @@ contract NodeCoordinator is JoyGoverned, ReentrancyGuardTransient {
     error TooMany(string what, uint256 limit);
     error NothingToWithdraw();
     error StillUnbonding(uint256 releaseAt);
+    error UnderDispute(uint256 openDisputes);
 
     function initialize(
         IERC20 token_,
@@ -164,6 +167,8 @@ contract NodeCoordinator is JoyGoverned, ReentrancyGuardTransient {
         uint256 amount = node.unbonding;
         if (amount == 0) revert NothingToWithdraw();
         if (block.timestamp < node.unbondingReleaseAt) revert StillUnbonding(node.unbondingReleaseAt);
+        // A dispute may still slash it: the DAO's vote takes longer than unbonding.
+        if (openDisputes[msg.sender] > 0) revert UnderDispute(openDisputes[msg.sender]);
         node.unbonding = 0;
         token.safeTransfer(msg.sender, amount);
         emit Withdrawn(msg.sender, amount);
@@ -200,6 +205,15 @@ contract NodeCoordinator is JoyGoverned, ReentrancyGuardTransient {
         uint256 amount = _nodes[account].stake + _nodes[account].unbonding;
         paid = owed < amount ? owed : amount;
         _slash(account, payee, paid);
+    }
+
+    /// A dispute against these signers opened (`held`) or closed: while one is open their
+    /// stake may unbond but not be withdrawn.
+    function holdStake(address[] calldata accounts, bool held) external onlyRole(SLASHER_ROLE) {
+        for (uint256 i = 0; i < accounts.length; i++) {
+            if (held) openDisputes[accounts[i]] += 1;
+            else openDisputes[accounts[i]] -= 1;
+        }
     }
 
     function _slash(address account, address payee, uint256 toPayee) private {

@@ -40,8 +40,10 @@ from tests.test_contracts import (
     PRICE,
     REQUESTER,
     STRANGER,
+    UNBONDING_S,
     World,
     account,
+    by_address,
     node_accounts,
     reverts,
     unauthorized,
@@ -391,11 +393,41 @@ def test_a_rejected_dispute_sends_the_bond_to_the_treasury(dao: Dao) -> None:
     w.tx(challenger, w.token.functions.approve(dao.disputes.address, bond))
     w.tx(challenger, dao.disputes.functions.dispute(request_id, committee[:2], "looks wrong"))
     assert chain.balance(challenger.address) == 500 * JOY - bond
+    # A signer leaving while the dispute is open unbonds, but its stake stays slashable.
+    leaver = by_address()[committee[0]]
+    w.tx(leaver, w.coordinator.functions.unstake(1000 * JOY))
+    chain.advance(UNBONDING_S + 1)
+    with reverts("NodeCoordinator.UnderDispute(openDisputes=1)"):
+        w.tx(leaver, w.coordinator.functions.withdraw())
     treasury_before = chain.balance(chain.treasury)
     dao.execute(dao.pass_([(dao.disputes, "resolve", (request_id, False))], "reject the dispute"))
     assert chain.balance(chain.treasury) - treasury_before == bond
     assert chain.balance(challenger.address) == 500 * JOY - bond
-    assert [w.node(n)["stake"] for n in committee] == [1000 * JOY] * 3
+    assert [w.node(n)["stake"] for n in committee[1:]] == [1000 * JOY] * 2
+    w.tx(leaver, w.coordinator.functions.withdraw())  # rejected: the stake is free
+    assert w.node(leaver.address)["unbonding"] == 0
+    with reverts(f"DisputeResolver.NotOpen(requestId=0x{request_id.hex()})"):
+        chain.as_timelock(dao.disputes.functions.resolve(request_id, True))
+
+
+def test_a_dispute_the_dao_leaves_unresolved_expires(dao: Dao) -> None:
+    w, chain = dao.world, dao.chain
+    request_id, committee = certified_request(w)
+    challenger = account(STRANGER)
+    dao.fund(challenger, 500 * JOY, delegate=False)
+    w.tx(challenger, w.token.functions.approve(dao.disputes.address, 100 * JOY))
+    w.tx(challenger, dao.disputes.functions.dispute(request_id, committee[:2], "looks wrong"))
+    _, _, opened_at, *_ = dao.disputes.functions.disputeOf(request_id).call()
+    expires_at = opened_at + int(dao.disputes.functions.resolutionPeriod().call())
+    with reverts(f"DisputeResolver.NotExpired(expiresAt={expires_at})"):
+        w.tx(account(OWNER), dao.disputes.functions.expire(request_id))
+    assert [w.coordinator.functions.openDisputes(n).call() for n in committee] == [1, 1, 0]
+    chain.advance_to(expires_at + 1)
+    receipt = w.tx(account(OWNER), dao.disputes.functions.expire(request_id))  # anyone
+    assert w.events(dao.disputes, "DisputeExpired", receipt)[0]["requestId"] == request_id
+    assert chain.balance(challenger.address) == 500 * JOY  # the bond back
+    assert [w.coordinator.functions.openDisputes(n).call() for n in committee] == [0, 0, 0]
+    assert dao.disputes.functions.disputeOf(request_id).call()[0] == 4  # Expired
     with reverts(f"DisputeResolver.NotOpen(requestId=0x{request_id.hex()})"):
         chain.as_timelock(dao.disputes.functions.resolve(request_id, True))
 
@@ -463,7 +495,7 @@ def test_every_former_admin_function_reverts_for_the_deployer(dao: Dao) -> None:
         w.coordinator.functions.setParameters(1, 3600, 0, treasury),
         w.marketplace.functions.setParameters(0, 0, 0, deployer.address),
         w.poi.functions.setParameters(0, 0),
-        dao.disputes.functions.setParameters(3600, 1),
+        dao.disputes.functions.setParameters(3600, 1, 3600),
         dao.disputes.functions.resolve(b"\0" * 32, True),
     ]
     for name in ADMINISTERED:
@@ -504,7 +536,8 @@ def test_every_former_admin_function_reverts_for_the_deployer(dao: Dao) -> None:
         ("ModelMarketplace", "setParameters", (250, 6001, 4000, "treasury"), "split"),
         ("NodeCoordinator", "setParameters", (0, 3600, 1000, "treasury"), "minStake"),
         ("NodeCoordinator", "setParameters", (10**20, 59, 1000, "treasury"), "unbondingDelay"),
-        ("DisputeResolver", "setParameters", (3600, 0), "bond"),
+        ("DisputeResolver", "setParameters", (3600, 0, 3600), "bond"),
+        ("DisputeResolver", "setParameters", (3600, 1, 91 * 86400), "resolutionPeriod"),
         ("JoyGovernor", "setVotingPeriod", (31 * 86400,), "votingPeriod"),
         ("JoyGovernor", "updateQuorumNumerator", (51,), "quorumPercent"),
         ("JoyGovernor", "setProposalThreshold", (10_000_001 * JOY,), "proposalThreshold"),

@@ -495,7 +495,7 @@ async def test_gov_dispute_takes_the_signers_from_the_watched_certificate(
         opened = await call(home, "gov.dispute", {"request_id": request_id, "reason": "made up"})
         assert opened["signers"] == req.committee[:2]
         assert opened["bond"] == "0"  # its own request
-        status, disputer, bond, reason, signers = disputes.functions.disputeOf(
+        status, disputer, _, bond, reason, signers = disputes.functions.disputeOf(
             req.request_id
         ).call()
         assert (status, disputer, bond, reason) == (1, requester.address, 0, "made up")

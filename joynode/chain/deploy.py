@@ -84,6 +84,7 @@ class DeployParams:
     unbonding_delay_s: int = 7 * DAY
     dispute_window_s: int = 2 * DAY
     dispute_bond: int = 100 * JOY
+    dispute_resolution_s: int = 30 * DAY  # then an unresolved dispute expires
     governance: GovernanceParams = field(default_factory=GovernanceParams.production)
 
     @classmethod
@@ -190,6 +191,7 @@ def deploy_all(sender: TransactionSender, params: DeployParams) -> Deployment:
         deployer,
         params.dispute_window_s,
         params.dispute_bond,
+        params.dispute_resolution_s,
     )
     mlp_verifier, _ = sender.deploy(artifacts["MlpInferenceVerifier"])
     deployment = Deployment(
