@@ -37,7 +37,13 @@ from joynode.chain.anvil import anvil_command, listening_url
 from joynode.chain.anvil import dev_account as dev_account  # re-exported for the tests
 from joynode.chain.artifacts import load_artifacts
 from joynode.chain.deploy import JOY, Deployment, DeployParams, deploy_all
-from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender
+from joynode.chain.sender import (
+    GAS_HEADROOM,
+    GAS_MARGIN,
+    RevertDecoder,
+    TransactionFailed,
+    TransactionSender,
+)
 from joynode.keys import NodeKey
 
 
@@ -72,7 +78,8 @@ class Chain:
         rpc("anvil_setBalance", [timelock, hex(10**20)])  # type: ignore[arg-type]
         try:
             try:
-                tx_hash = call.transact({"from": timelock})
+                gas = int(call.estimate_gas({"from": timelock}) * GAS_MARGIN) + GAS_HEADROOM
+                tx_hash = call.transact({"from": timelock, "gas": gas})
             except ContractLogicError as exc:
                 reason = self.decoder.describe(bytes.fromhex(str(exc.data)[2:]))
                 raise TransactionFailed(reason) from None

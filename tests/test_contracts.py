@@ -707,6 +707,16 @@ def test_registering_again_does_not_restore_reputation(chain: Chain) -> None:
 # ---------------------------------------------------------------- 5. unbonding
 
 
+def test_a_transaction_that_runs_out_of_gas_says_so(chain: Chain) -> None:
+    w = World.of(chain)
+    node = account(2)
+    w.tx(node, w.token.functions.approve(w.coordinator.address, 300 * JOY))
+    # gas=1 leaves only the sender's headroom (50,000): a stake needs more.
+    with pytest.raises(TransactionFailed, match=r"^transaction 0x[0-9a-f]{64} ran out of gas"):
+        chain.sender(node).transact(w.coordinator.functions.stake(300 * JOY), gas=1)
+    assert w.node(node.address)["stake"] == 0
+
+
 def test_unbonding_delay_and_deregistration(chain: Chain) -> None:
     w = World.of(chain)
     node = account(2)

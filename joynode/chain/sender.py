@@ -42,6 +42,10 @@ RECEIPT_TIMEOUT_S = 30.0
 MAX_REPLACEMENTS = 3
 FEE_BUMP = 1.25
 GAS_MARGIN = 1.2
+# Votes count by timestamp: a call that moves votes (stake, unstake, a JOY transfer between
+# delegates) writes a new checkpoint slot when it lands in a later second than the estimate
+# ran in, and updates one in place when not; two new slots cost about 40k more.
+GAS_HEADROOM = 50_000
 PRIORITY_FEE_WEI = 1_000_000_000  # 1 gwei
 
 
@@ -185,7 +189,7 @@ class TransactionSender:
         except ContractLogicError as exc:
             raise TransactionFailed(*self._reason(exc)) from None
         tx["gas"] = int(tx.get("gas") or self.w3.eth.estimate_gas(tx))  # type: ignore[arg-type]
-        tx["gas"] = int(tx["gas"] * GAS_MARGIN)
+        tx["gas"] = int(tx["gas"] * GAS_MARGIN) + GAS_HEADROOM
         return tx
 
     def _fees(self) -> dict[str, int]:
@@ -257,12 +261,16 @@ class TransactionSender:
 
     def _replay_failure(self, tx: dict[str, Any], receipt: TxReceipt) -> tuple[str, Revert | None]:
         """Re-run a reverted transaction as a call at its block to learn why."""
+        tx_hash = receipt["transactionHash"].to_0x_hex()
         call = {k: tx[k] for k in ("from", "to", "data", "value") if k in tx}
         try:
             self.w3.eth.call(call, receipt["blockNumber"] - 1)  # type: ignore[arg-type]
         except ContractLogicError as exc:
             return self._reason(exc)
-        return f"transaction {receipt['transactionHash'].to_0x_hex()} reverted", None
+        used, limit = int(receipt["gasUsed"]), int(tx["gas"])
+        if used * 64 >= limit * 63:  # all but what a call keeps back (EIP-150): out of gas
+            return f"transaction {tx_hash} ran out of gas ({used:,} of its limit {limit:,})", None
+        return f"transaction {tx_hash} reverted", None
 
     def _reason(self, exc: ContractLogicError) -> tuple[str, Revert | None]:
         """What the revert says, and the custom error when it is one of ours."""
