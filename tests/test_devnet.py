@@ -86,7 +86,8 @@ class Devnet:
         raise AssertionError(f"not within {within_s} s: {what}\n{self.output.read_text()}")
 
     def stop(self) -> str:
-        self.process.send_signal(signal.SIGINT)
+        """Ctrl-C, as a terminal sends it: SIGINT to the devnet's whole process group."""
+        os.killpg(self.process.pid, signal.SIGINT)
         assert self.process.wait(timeout=60) == 0, self.output.read_text()
         return self.output.read_text(errors="replace")
 
@@ -102,7 +103,9 @@ def devnet(devnet_dir: Path) -> Iterator[Devnet]:
     command = [sys.executable, "-m", "joynode", "devnet", "--nodes", "2", "--model", "tiny"]
     command += ["--dir", str(devnet_dir), "--models-dir", str(devnet_dir / "models")]
     with output.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     running = Devnet(process, output, devnet_dir)
     try:
         yield running
@@ -185,6 +188,7 @@ def test_devnet_serves_a_paid_inference_and_a_live_dashboard_then_stops_cleanly(
     pids = [devnet.endpoints(i).pid for i in range(2)]
     output = devnet.stop()
     assert "devnet stopped" in output
+    assert "is down" not in output  # the Ctrl-C reached the devnet, not anvil or a node
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists(), f"node process {pid} outlived the devnet"
     assert joynode_processes(devnet.dir) == []

@@ -122,6 +122,9 @@ async def running_anvil(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 check=False,
+                # Out of the terminal's process group: a Ctrl-C is for the node (or the
+                # devnet), which stops anvil itself, last, once nothing needs the chain.
+                start_new_session=True,
             )
         )
         try:
