@@ -42,7 +42,15 @@ from web3.types import TxReceipt
 
 from joynode.chain.anvil import DEV_MNEMONIC, anvil_binary, anvil_command, listening_url
 from joynode.chain.artifacts import CONTRACTS, load_artifacts
-from joynode.chain.deploy import DEVNET_CHAIN_ID, JOY, Deployment, DeployParams, deploy_all
+from joynode.chain.deploy import (
+    DEVNET_CHAIN_ID,
+    JOY,
+    UPGRADEABLE,
+    Deployment,
+    DeployParams,
+    deploy_all,
+    implementation_of,
+)
 from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.keys import NodeKey
 from joynode.signatures import Eip712Domain, Permit, sign, sign_permit
@@ -57,14 +65,6 @@ ZERO_HASH = b"\0" * 32
 ZERO_ADDRESS = "0x" + "00" * 20
 REGISTRY_SIZES = (10, 50, NODES)
 COMMITTEES = (3, 5)
-UPGRADEABLE = (
-    "NodeCoordinator",
-    "ProofOfUse",
-    "ModelMarketplace",
-    "ProofOfInference",
-    "DisputeResolver",
-)
-IMPLEMENTATION_SLOT = int("360894a13ba1a3210667c828492db98dca3e2076cc3735a920a3ca505d382bbc", 16)
 
 
 def dev_accounts(count: int) -> list[LocalAccount]:
@@ -341,7 +341,8 @@ class Bench:
         self.deployment = deploy_all(sender, params)
         names = {address.lower(): name for name, address in self.deployment.addresses.items()}
         for name in UPGRADEABLE:
-            names[self.implementation(name).lower()] = f"{name} (implementation)"
+            implementation = implementation_of(self.w3, self.deployment.addresses[name])
+            names[implementation.lower()] = f"{name} (implementation)"
             names[self.deployment.addresses[name].lower()] = f"{name} (proxy)"
         granted = False
         first, last = self.deployment.start_block + 1, int(self.w3.eth.block_number)
@@ -361,13 +362,6 @@ class Bench:
     def treasury(self) -> str:
         assert self.deployment is not None
         return self.deployment.treasury
-
-    def implementation(self, name: str) -> str:
-        """The implementation behind an upgradeable contract's proxy (ERC-1967 slot)."""
-        proxy = self.contract(name).address
-        return Web3.to_checksum_address(
-            self.w3.eth.get_storage_at(proxy, IMPLEMENTATION_SLOT)[-20:]
-        )
 
     def request(
         self, requester: LocalAccount, cid: str, label: str | None = None, deadline_s: int = 3600

@@ -17,14 +17,20 @@ from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
-from eth_typing import ChecksumAddress
 from eth_utils.crypto import keccak
 from web3 import Web3
 from web3.contract import Contract
 from web3.types import RPCEndpoint, TxReceipt
 
 from joynode.chain.artifacts import load_artifacts
-from joynode.chain.deploy import ADMINISTERED, JOY, Deployment, GovernanceParams
+from joynode.chain.deploy import (
+    ADMINISTERED,
+    JOY,
+    UPGRADEABLE,
+    Deployment,
+    GovernanceParams,
+    implementation_of,
+)
 from tests.chain_fixtures import (
     AnvilProcess,
     Chain,
@@ -56,9 +62,6 @@ VOTING_DELAY_S, VOTING_PERIOD_S, EXTENSION_S, TIMELOCK_S = 1, 120, 30, 10
 ALICE, BOB, CAROL = 20, 21, 22  # voters: anvil's 20 dev accounts are the World's
 GUARDIAN = 23
 MAX_RUNTIME = 24_576  # EIP-170
-IMPLEMENTATION_SLOT = int(
-    "360894a13ba1a3210667c828492db98dca3e2076cc3735a920a3ca505d382bbc", 16
-)  # ERC-1967
 PENDING, ACTIVE, CANCELED, DEFEATED, SUCCEEDED, QUEUED, EXPIRED, EXECUTED = range(8)
 AGAINST, FOR, ABSTAIN = range(3)
 
@@ -276,26 +279,25 @@ def test_fees_reach_the_treasury_and_only_a_proposal_spends_them(dao: Dao) -> No
     assert dao.chain.balance(treasury) == 0
 
 
-def implementation_of(chain: Chain, proxy: str) -> ChecksumAddress:
-    slot = chain.w3.eth.get_storage_at(Web3.to_checksum_address(proxy), IMPLEMENTATION_SLOT)
-    return Web3.to_checksum_address(slot[-20:])
-
-
 def test_an_upgrade_keeps_stakes_models_and_pending_requests(dao: Dao) -> None:
     w, chain = dao.world, dao.chain
     req = w.pending([1000 * JOY, 2000 * JOY, 3000 * JOY])
-    before = {
-        "nodes": [w.node(n) for n in req.committee],
-        "serving": w.serving(),
-        "model": w.marketplace.functions.modelInfo(req.model).call(),
-        "request": w.marketplace.functions.requestInfo(req.request_id).call(),
-        "total": w.coordinator.functions.totalStaked().call(),
-    }
+
+    def state() -> dict[str, Any]:
+        return {
+            "nodes": [w.node(n) for n in req.committee],
+            "serving": w.serving(),
+            "model": w.marketplace.functions.modelInfo(req.model).call(),
+            "request": w.marketplace.functions.requestInfo(req.request_id).call(),
+            "total": w.coordinator.functions.totalStaked().call(),
+        }
+
+    before = state()
     artifacts = load_artifacts()
     sender = chain.sender(chain.admin)  # anyone may deploy an implementation
     new_coordinator, _ = sender.deploy(artifacts["NodeCoordinator"])
     new_market, _ = sender.deploy(artifacts["ModelMarketplace"])
-    old_coordinator = implementation_of(chain, w.coordinator.address)
+    old_coordinator = implementation_of(chain.w3, w.coordinator.address)
     # Nobody but the DAO upgrades: not the deployer, not a node.
     for who in (chain.admin, account(OWNER)):
         with reverts(unauthorized(who, "DEFAULT_ADMIN_ROLE")):
@@ -307,18 +309,11 @@ def test_an_upgrade_keeps_stakes_models_and_pending_requests(dao: Dao) -> None:
         ],
         "JIP-7: upgrade the coordinator and the marketplace",
     )
-    assert implementation_of(chain, w.coordinator.address) == old_coordinator
+    assert implementation_of(chain.w3, w.coordinator.address) == old_coordinator
     dao.execute(proposal)
-    assert implementation_of(chain, w.coordinator.address) == new_coordinator
-    assert implementation_of(chain, w.marketplace.address) == new_market
-    after = {
-        "nodes": [w.node(n) for n in req.committee],
-        "serving": w.serving(),
-        "model": w.marketplace.functions.modelInfo(req.model).call(),
-        "request": w.marketplace.functions.requestInfo(req.request_id).call(),
-        "total": w.coordinator.functions.totalStaked().call(),
-    }
-    assert after == before
+    assert implementation_of(chain.w3, w.coordinator.address) == new_coordinator
+    assert implementation_of(chain.w3, w.marketplace.address) == new_market
+    assert state() == before
     # The pending request settles through the new code, and the stakes still vote.
     w.certify(req.request_id, req.committee[:2])
     assert w.status(req.request_id) == 2
@@ -558,14 +553,8 @@ def test_every_runtime_fits_the_contract_size_limit(chain: Chain) -> None:
     sizes = {}
     for name, address in chain.deployment.addresses.items():
         sizes[name] = len(chain.w3.eth.get_code(Web3.to_checksum_address(address)))
-        if name in (
-            "NodeCoordinator",
-            "ProofOfUse",
-            "ModelMarketplace",
-            "ProofOfInference",
-            "DisputeResolver",
-        ):
-            implementation = implementation_of(chain, address)
+        if name in UPGRADEABLE:
+            implementation = implementation_of(chain.w3, address)
             sizes[f"{name} (implementation)"] = len(chain.w3.eth.get_code(implementation))
     assert len(sizes) == 15
     assert all(0 < size <= MAX_RUNTIME for size in sizes.values()), sizes

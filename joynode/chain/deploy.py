@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eth_typing import ChecksumAddress
 from web3 import Web3
 from web3.contract import Contract
 
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 JOY = 10**18
 ZERO_ADDRESS = "0x" + "00" * 20
-# Contracts behind an ERC-1967 proxy (UUPS): their recorded address is the proxy's.
 # Every contract with an admin role: after deployment the timelock is the only admin.
 ADMINISTERED = (
     "StakedJoy",
@@ -41,6 +41,7 @@ ADMINISTERED = (
     "ProofOfInference",
     "DisputeResolver",
 )
+# Contracts behind an ERC-1967 proxy (UUPS): their recorded address is the proxy's.
 UPGRADEABLE = (
     "NodeCoordinator",
     "ProofOfUse",
@@ -48,6 +49,8 @@ UPGRADEABLE = (
     "ProofOfInference",
     "DisputeResolver",
 )
+# ERC-1967's implementation slot: keccak256("eip1967.proxy.implementation") - 1.
+IMPLEMENTATION_SLOT = int("360894a13ba1a3210667c828492db98dca3e2076cc3735a920a3ca505d382bbc", 16)
 
 
 DAY = 24 * 3600
@@ -215,6 +218,12 @@ def deploy_all(sender: TransactionSender, params: DeployParams) -> Deployment:
     _grant_roles(sender, deployment)
     _hand_over(sender, deployment)
     return deployment
+
+
+def implementation_of(w3: Web3, proxy: str) -> ChecksumAddress:
+    """The implementation an upgradeable contract's proxy delegates to."""
+    slot = w3.eth.get_storage_at(Web3.to_checksum_address(proxy), IMPLEMENTATION_SLOT)
+    return Web3.to_checksum_address(slot[-20:])
 
 
 def _deploy_proxy(sender: TransactionSender, name: str, *init_args: Any) -> str:

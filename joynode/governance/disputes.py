@@ -22,7 +22,7 @@ from joynode.abc import GovernanceChain
 from joynode.chain.sender import TransactionFailed
 from joynode.control.jsonrpc import RpcError
 from joynode.control.methods import ControlMethod, ControlSession
-from joynode.governance.service import GOVERNANCE_ERROR, explain
+from joynode.governance.service import GOVERNANCE_ERROR, deployment_with, explain
 from joynode.state import StateStore
 
 DISPUTE_STATUS = ("none", "open", "upheld", "rejected")  # DisputeResolver.Status
@@ -55,12 +55,7 @@ class Disputes:
         self._chain = chain
 
     def _contract(self, name: str) -> Any:
-        deployment = self._chain.deployment
-        if deployment is None:
-            raise RpcError(GOVERNANCE_ERROR, "the chain is not connected yet")
-        if name not in deployment.addresses:
-            raise RpcError(GOVERNANCE_ERROR, f"this deployment has no {name}")
-        return deployment.contract(self._chain.w3, name)
+        return deployment_with(self._chain, name).contract(self._chain.w3, name)
 
     async def dispute(self, request_id: str, reason: str) -> dict[str, Any]:
         disputes = self._contract("DisputeResolver")

@@ -114,6 +114,16 @@ class VoteParams(ProposalParams):
     reason: str = pydantic.Field("", max_length=2000)
 
 
+def deployment_with(chain: GovernanceChain, name: str) -> Deployment:
+    """The chain actor's deployment, if it is connected and has contract ``name``."""
+    deployment = chain.deployment
+    if deployment is None:
+        raise RpcError(GOVERNANCE_ERROR, "the chain is not connected yet")
+    if name not in deployment.addresses:
+        raise RpcError(GOVERNANCE_ERROR, f"this deployment has no {name}")
+    return deployment
+
+
 class GovernanceService:
     """The ``gov.*`` methods of one node (its account, its mirror of the governor)."""
 
@@ -125,12 +135,7 @@ class GovernanceService:
     # ---- what the chain and the mirror say
 
     def _deployment(self) -> Deployment:
-        deployment = self._chain.deployment
-        if deployment is None:
-            raise RpcError(GOVERNANCE_ERROR, "the chain is not connected yet")
-        if GOVERNOR not in deployment.addresses:
-            raise RpcError(GOVERNANCE_ERROR, "this deployment has no JoyGovernor")
-        return deployment
+        return deployment_with(self._chain, GOVERNOR)
 
     def _contract(self, name: str) -> Any:
         return self._deployment().contract(self._chain.w3, name)
@@ -328,34 +333,29 @@ class GovernanceService:
             )
         return result
 
-    async def queue(self, reference: str) -> dict[str, Any]:
+    async def _act(self, reference: str, action: str) -> tuple[dict[str, Any], Any, Any]:
+        """Call the governor's ``action`` (queue, execute, cancel) on a mirrored proposal:
+        the result to return, the receipt and the governor."""
         proposal, now = await self._mirrored(reference)
         governor = self._contract(GOVERNOR)
-        receipt = await self._send(governor.functions.queue(*_operation(proposal)), proposal, now)
-        queued = governor.events.ProposalQueued().process_receipt(receipt, errors=DISCARD)[0]
-        return {
+        call = getattr(governor.functions, action)(*_operation(proposal))
+        receipt = await self._send(call, proposal, now)
+        result = {
             "proposal_id": str(proposal.proposal_id),
             "tx": receipt["transactionHash"].to_0x_hex(),
-            "eta": int(queued["args"]["etaSeconds"]),
         }
+        return result, receipt, governor
+
+    async def queue(self, reference: str) -> dict[str, Any]:
+        result, receipt, governor = await self._act(reference, "queue")
+        queued = governor.events.ProposalQueued().process_receipt(receipt, errors=DISCARD)[0]
+        return {**result, "eta": int(queued["args"]["etaSeconds"])}
 
     async def execute(self, reference: str) -> dict[str, Any]:
-        proposal, now = await self._mirrored(reference)
-        governor = self._contract(GOVERNOR)
-        receipt = await self._send(governor.functions.execute(*_operation(proposal)), proposal, now)
-        return {
-            "proposal_id": str(proposal.proposal_id),
-            "tx": receipt["transactionHash"].to_0x_hex(),
-        }
+        return (await self._act(reference, "execute"))[0]
 
     async def cancel(self, reference: str) -> dict[str, Any]:
-        proposal, now = await self._mirrored(reference)
-        governor = self._contract(GOVERNOR)
-        receipt = await self._send(governor.functions.cancel(*_operation(proposal)), proposal, now)
-        return {
-            "proposal_id": str(proposal.proposal_id),
-            "tx": receipt["transactionHash"].to_0x_hex(),
-        }
+        return (await self._act(reference, "cancel"))[0]
 
     def control_methods(self) -> list[ControlMethod]:
         async def gov_status(_: NoParams, __: ControlSession) -> dict[str, Any]:
