@@ -37,13 +37,7 @@ from joynode.chain.anvil import anvil_command, listening_url
 from joynode.chain.anvil import dev_account as dev_account  # re-exported for the tests
 from joynode.chain.artifacts import load_artifacts
 from joynode.chain.deploy import JOY, Deployment, DeployParams, deploy_all
-from joynode.chain.sender import (
-    GAS_HEADROOM,
-    GAS_MARGIN,
-    RevertDecoder,
-    TransactionFailed,
-    TransactionSender,
-)
+from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender, gas_limit
 from joynode.keys import NodeKey
 
 
@@ -78,7 +72,7 @@ class Chain:
         rpc("anvil_setBalance", [timelock, hex(10**20)])  # type: ignore[arg-type]
         try:
             try:
-                gas = int(call.estimate_gas({"from": timelock}) * GAS_MARGIN) + GAS_HEADROOM
+                gas = gas_limit(call.estimate_gas({"from": timelock}))
                 tx_hash = call.transact({"from": timelock, "gas": gas})
             except ContractLogicError as exc:
                 reason = self.decoder.describe(bytes.fromhex(str(exc.data)[2:]))

@@ -58,6 +58,11 @@ class Revert:
     args: dict[str, Any]
 
 
+def gas_limit(estimate: int) -> int:
+    """The gas limit to send with a transaction estimated at ``estimate``."""
+    return int(estimate * GAS_MARGIN) + GAS_HEADROOM
+
+
 class TransactionFailed(Exception):
     """A transaction that reverted (or could not be sent); the message says why.
 
@@ -188,8 +193,7 @@ class TransactionSender:
             tx: dict[str, Any] = dict(build(base))
         except ContractLogicError as exc:
             raise TransactionFailed(*self._reason(exc)) from None
-        tx["gas"] = int(tx.get("gas") or self.w3.eth.estimate_gas(tx))  # type: ignore[arg-type]
-        tx["gas"] = int(tx["gas"] * GAS_MARGIN) + GAS_HEADROOM
+        tx["gas"] = gas_limit(int(tx.get("gas") or self.w3.eth.estimate_gas(tx)))  # type: ignore[arg-type]
         return tx
 
     def _fees(self) -> dict[str, int]:
