@@ -15,7 +15,15 @@ if TYPE_CHECKING:
     from joynode.chain.committee import Candidate
     from joynode.chain.deploy import Deployment
     from joynode.consensus.tally import Certificate, Equivocation
-    from joynode.messages import OnchainRequest, ZkModelInfo, ZkSettlement
+    from joynode.messages import (
+        ChatMessage,
+        ClaimScores,
+        InferenceResult,
+        OnchainRequest,
+        SamplingSpec,
+        ZkModelInfo,
+        ZkSettlement,
+    )
     from joynode.p2p.gossip import Topic
     from joynode.p2p.scoring import Offence
     from joynode.zk.mlp import MlpProof
@@ -92,6 +100,30 @@ class ModelUnavailable(Exception):
 
 ModelFetcher = Callable[[str], Awaitable[Path]]
 """The local folder of the model with this CID, verified against it; raises ``ModelUnavailable``."""
+
+
+class InferenceRunner(Protocol):
+    """What consensus needs of the inference actor (``InferenceClient`` provides it).
+
+    Both raise ``joynode.inference.service.InferenceFailed`` when the request
+    is refused or fails.
+    """
+
+    async def complete(
+        self,
+        model: str,
+        prompt: str | None = None,
+        messages: Sequence[ChatMessage] | None = None,
+        sampling: SamplingSpec | None = None,
+    ) -> InferenceResult: ...
+
+    async def score(
+        self,
+        model: str,
+        prompt: str | None,
+        messages: Sequence[ChatMessage] | None,
+        claimed: Sequence[int],
+    ) -> ClaimScores: ...
 
 
 class SettlementChain(Protocol):

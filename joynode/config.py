@@ -229,6 +229,34 @@ class ModelEntry(_Section):
         description="The model's CID (`joynode models publish`): fetched from peers into the "
         "model cache on first start.",
     )
+    verification: Literal["replicate", "prefill"] = Field(
+        "replicate",
+        description="How committees check this model's outputs: replicate (every member "
+        "generates; exact votes) or prefill (one member generates, the others check its "
+        "tokens with one prefill pass; tolerant of dtype and hardware). Every member must "
+        "use the same policy (the model's registration on a chain).",
+    )
+    margin_nats: float = Field(
+        1.0,
+        ge=0,
+        le=1000,
+        description="prefill: how far (in nats) below a verifier's own top-1 a claimed token "
+        "may be (`joynode verify calibrate` measures it).",
+    )
+    max_outside: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="prefill, greedy jobs: the fraction of output positions allowed beyond "
+        "margin_nats.",
+    )
+    max_outside_sampled: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="prefill, sampled jobs: the fraction of positions allowed beyond "
+        "margin_nats (gaps divided by the temperature); an honest draw lands there often.",
+    )
 
     @pydantic.model_validator(mode="after")
     def _path_or_cid(self) -> ModelEntry:

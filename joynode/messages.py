@@ -70,6 +70,8 @@ class InferenceRequest:
     messages: tuple[ChatMessage, ...] | None
     sampling: SamplingSpec
     reply: trio.MemorySendChannel[InferenceEvent]
+    # Set: score these claimed output tokens (one prefill pass) instead of generating.
+    teacher_forced: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,25 @@ class InferenceResult:
         return output_hash(self.token_ids)
 
 
+@dataclass(frozen=True)
+class ClaimScores:
+    """This node's own view of a claimed output, teacher-forced on the claimed prefix.
+
+    For each claimed token: its log-probability, the log-probability of this
+    model's top-1 token at that position (raw logits, before any sampling
+    transform), and that token's rank (1: it is the top-1). ``eos_token_ids``:
+    the tokens that end this model's output.
+    """
+
+    model: str
+    token_logprobs: tuple[float, ...]
+    top_logprobs: tuple[float, ...]
+    ranks: tuple[int, ...]
+    eos_token_ids: frozenset[int]
+    prompt_tokens: int
+    total_s: float
+
+
 class FailureCode(enum.Enum):
     UNKNOWN_MODEL = "unknown_model"
     INVALID_REQUEST = "invalid_request"
@@ -109,7 +130,7 @@ class InferenceFailure:
     message: str
 
 
-InferenceEvent: TypeAlias = TokenDelta | InferenceResult | InferenceFailure
+InferenceEvent: TypeAlias = TokenDelta | InferenceResult | ClaimScores | InferenceFailure
 
 
 def output_hash(token_ids: Sequence[int]) -> bytes:

@@ -168,6 +168,7 @@ class Node:
             self.inference_client,
             self.inference.serving_status,
             self.inference.model_id,
+            self.inference.verification_of,
             self._eip712_domain,
             self.registry,
             offers_receive,

@@ -97,6 +97,48 @@ class ChatTurn(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     content: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
 
 
+class Verification(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    """How a job's committee checks its output: the model's registered policy.
+
+    ``replicate``: every member generates and members vote on exact outputs.
+    ``prefill``: the first-ranked member generates; the others teacher-force
+    its output through their own model and endorse it when at most
+    ``outside_bps`` of its positions (``sampled_outside_bps`` for sampled
+    jobs) fall more than ``margin_milli`` / 1000 nats below their own top-1
+    (``consensus.verification``).
+    """
+
+    mode: Annotated[str, msgspec.Meta(pattern="^(replicate|prefill)$")]
+    margin_milli: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
+    outside_bps: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 0
+    sampled_outside_bps: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 0
+
+    @classmethod
+    def of(
+        cls, mode: str, margin_nats: float, max_outside: float, max_outside_sampled: float
+    ) -> Verification:
+        """A policy from its config form (nats, fractions); replicate has no tolerance."""
+        if mode == "replicate":
+            return cls("replicate")
+        return cls(
+            mode,
+            round(margin_nats * 1000),
+            round(max_outside * 10_000),
+            round(max_outside_sampled * 10_000),
+        )
+
+    def describe(self) -> str:
+        if self.mode == "replicate":
+            return "replicate"
+        return (
+            f"prefill (margin {self.margin_milli / 1000} nats; outside it at most "
+            f"{self.outside_bps} bps greedy, {self.sampled_outside_bps} bps sampled)"
+        )
+
+
+REPLICATE: Final = Verification("replicate")  # what an offer without a policy asks for
+
+
 class JobOffer(Message, tag="job_offer", frozen=True):
     """A verified-inference job for a committee, gossiped by the node that took it.
 
@@ -124,6 +166,7 @@ class JobOffer(Message, tag="job_offer", frozen=True):
     commit_deadline_ms: UInt
     reveal_deadline_ms: UInt
     paid: bool = False
+    verification: Verification | None = None  # None: replicate
 
 
 class VoteCommit(Message, tag="vote_commit", frozen=True):
@@ -150,6 +193,20 @@ class VoteReveal(Message, tag="vote_reveal", frozen=True):
     text: Annotated[str, msgspec.Meta(max_length=MAX_OUTPUT_TOKENS * 64)]
     salt: Bytes32
     signature: Signature
+
+
+class ClaimRefusal(Message, tag="claim_refusal", frozen=True):
+    """A verifier refusing an output another member claimed for a ``prefill`` job, and why.
+
+    The gossip envelope's signature says who refused; the claim is named by
+    its member and output hash. Followers show refusals in the job's reason
+    and take them out of the claimant's peer score.
+    """
+
+    request_id: Bytes32
+    claimant: Address
+    output_hash: Bytes32
+    reason: ShortStr
 
 
 class JobVotesRequest(Message, tag="job_votes_request", frozen=True):
@@ -189,6 +246,7 @@ AnyMessage: TypeAlias = (
     | JobOffer
     | VoteCommit
     | VoteReveal
+    | ClaimRefusal
     | JobVotesRequest
     | JobVotesReply
     | ZkJob
@@ -202,6 +260,7 @@ MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     JobOffer,
     VoteCommit,
     VoteReveal,
+    ClaimRefusal,
     JobVotesRequest,
     JobVotesReply,
     ZkJob,

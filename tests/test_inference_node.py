@@ -11,12 +11,12 @@ from joynode.control import jsonrpc
 from joynode.control.client import ControlClient
 from joynode.control.jsonrpc import RpcError
 from joynode.inference.engine import VllmEngine
-from joynode.inference.models import model_id, prepare
+from joynode.inference.models import model_id
 from joynode.messages import output_hash
 from tests.factories import NodeHome, make_home, node_process, run_cli, running_node
-from tests.inference_fixtures import tiny_engine, tiny_model
+from tests.inference_fixtures import smollm2_model, tiny_engine, tiny_model
 
-__all__ = ["tiny_engine", "tiny_model"]
+__all__ = ["smollm2_model", "tiny_engine", "tiny_model"]
 
 
 def serve_model(home: NodeHome, name: str, path: Path) -> NodeHome:
@@ -71,13 +71,6 @@ async def test_infer_local_streams_over_the_control_socket(
         assert unseeded.value.code == jsonrpc.INVALID_PARAMS
         # The heartbeat advertises what this node serves.
         assert node.inference.serving_status().models == (model_id(tiny_model),)
-
-
-@pytest.fixture(scope="session")
-def smollm2_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("models") / "smollm2"
-    prepare("smollm2", out, report=lambda _: None)
-    return out
 
 
 @pytest.mark.slow

@@ -47,6 +47,8 @@ def _request_fields(offer: wire.JobOffer) -> tuple[object, ...]:
         offer.top_k,
         offer.seed,
         offer.ignore_eos,
+        # (absent for replicate: the ids of replicate jobs stay as they were)
+        *([msgspec.structs.astuple(offer.verification)] if offer.verification else []),
     )
 
 

@@ -51,13 +51,14 @@ from eth_utils.address import to_checksum_address
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from joynode import wire
-from joynode.abc import SettlementChain
+from joynode.abc import InferenceRunner, SettlementChain
 from joynode.chain.committee import Candidate, select_committee
 from joynode.chain.rpc import ChainUnreachable
 from joynode.chain.sender import TransactionFailed
 from joynode.chain.service import model_key
 from joynode.config import ConsensusSection
 from joynode.consensus.jobs import chat_of, input_hash_of, request_id_of, sampling_of
+from joynode.consensus.prefill import Output, PrefillMember
 from joynode.consensus.tally import (
     Certificate,
     CertificateVerifier,
@@ -66,9 +67,10 @@ from joynode.consensus.tally import (
     VoteRejected,
     vote_commitment,
 )
+from joynode.consensus.verification import Verdict
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession, describe_errors
-from joynode.inference.service import InferenceClient, InferenceFailed
+from joynode.inference.service import InferenceFailed
 from joynode.keys import NodeKey
 from joynode.messages import (
     ChainEvent,
@@ -81,6 +83,7 @@ from joynode.messages import (
 from joynode.p2p.gossip import JOBS, VOTES, VerifiedGossip
 from joynode.p2p.peers import PeerState
 from joynode.p2p.rpc import RpcFailure
+from joynode.p2p.scoring import Offence
 from joynode.p2p.service import P2PService
 from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain, sign
 from joynode.state import StateStore
@@ -154,6 +157,8 @@ class Job:
     my_vote: MyVote | None = None
     payment: Payment | None = None  # paid jobs only
     restored: bool = False  # taken up again after a restart
+    # prefill jobs: claimant -> [(verifier, reason)] for each refusal heard
+    refusals: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     @property
     def request_id(self) -> bytes:
@@ -214,6 +219,12 @@ class Job:
             "certificate": certificate.to_json() if certificate else None,
             "paid": self.offer.paid,
             "payment": self.payment.to_json() if self.payment else None,
+            "verification": (self.offer.verification or wire.REPLICATE).mode,
+            "refusals": [
+                {"claimant": claimant, "verifier": verifier, "reason": reason}
+                for claimant, heard in self.refusals.items()
+                for verifier, reason in heard
+            ],
         }
         if certificate is not None:
             # (not only the certificate's signers: an equivocator's reveal is voided later)
@@ -305,9 +316,10 @@ class ConsensusService:
         key: NodeKey,
         state: StateStore,
         p2p: P2PService,
-        inference: InferenceClient,
+        inference: InferenceRunner,
         serving_status: Callable[[], ServingStatus],
         model_id_of: Callable[[str], str | None],
+        verification_of: Callable[[str], wire.Verification],
         domain: Callable[[], Eip712Domain],
         registry: CollectorRegistry,
         offers_receive: trio.MemoryReceiveChannel[VerifiedGossip],
@@ -322,6 +334,7 @@ class ConsensusService:
         self._inference = inference
         self._serving_status = serving_status
         self._model_id_of = model_id_of
+        self._verification_of = verification_of
         self._domain = domain
         self._offers = offers_receive
         self._votes = votes_receive
@@ -335,6 +348,7 @@ class ConsensusService:
         self._early_by_signer: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
         self._metrics = _ConsensusMetrics(registry)
+        self._prefill = PrefillMember(key.address, inference, self._refuse)
 
     # ---- running
 
@@ -398,6 +412,7 @@ class ConsensusService:
             top_k=params.top_k,
             seed=params.seed,
             ignore_eos=params.ignore_eos,
+            verification=_on_the_wire(self._verification_of(model_id)),
             requester=self.address,
             nonce=params.nonce if params.nonce is not None else time.time_ns(),
             committee=[self.address],
@@ -536,6 +551,17 @@ class ConsensusService:
             self._metrics.rejected.labels("bad_offer").inc()
             log.info("dropping a job offer from %s: %s", signer, describe_errors(exc))
             return
+        policy = self._verification_of(offer.model)
+        if (offer.verification or wire.REPLICATE) != policy:
+            self._metrics.rejected.labels("other_verification").inc()
+            log.info(
+                "dropping a job offer from %s: it asks for %s verification; model %s has %s",
+                signer,
+                offer.verification or wire.REPLICATE,
+                offer.model,
+                policy,
+            )
+            return
         now_ms = time.time_ns() // 1_000_000
         commit_by, reveal_by = offer.commit_deadline_ms, offer.reveal_deadline_ms
         if reveal_by <= now_ms or commit_by > reveal_by:
@@ -646,24 +672,17 @@ class ConsensusService:
         restart the same commit and reveal go out again, never a second output.
         """
         offer = job.offer
+        prefill = offer.verification is not None and offer.verification.mode == "prefill"
         if job.my_vote is None:
             began = time.monotonic()
-            result = None
-            try:
-                with trio.move_on_at(_trio_deadline(offer.commit_deadline_ms)):
-                    result = await self._inference.complete(
-                        offer.model, offer.prompt, chat_of(offer), sampling_of(offer)
-                    )
-            except InferenceFailed as exc:
-                log.warning("job %s: cannot run it: %s", _short(job), exc)
+            output = await (self._prefill.decide(job) if prefill else self._replicate(job))
+            if output is None:
                 return
-            if result is None:
-                log.warning("job %s: inference missed the commit deadline", _short(job))
-                return
-            self._metrics.phase.labels("inference").observe(time.monotonic() - began)
+            phase = "inference" if output.executed else "verification"
+            self._metrics.phase.labels(phase).observe(time.monotonic() - began)
             salt = os.urandom(32)
-            commitment = vote_commitment(offer.request_id, output_hash(result.token_ids), salt)
-            job.my_vote = MyVote(result.token_ids, result.text, salt, commitment)
+            commitment = vote_commitment(offer.request_id, output_hash(output.token_ids), salt)
+            job.my_vote = MyVote(output.token_ids, output.text, salt, commitment)
             await self._state.write(lambda conn: _save_my_vote(conn, job))
         vote = job.my_vote
         domain = job.tally.domain  # the domain the job is tallied in, whatever happens later
@@ -678,10 +697,15 @@ class ConsensusService:
         if not job.open_for_votes() or (vote.revealed and self.address in job.tally.reveals):
             return
         if not vote.revealed:
-            # Reveal once every member has committed, or at the commit deadline.
+            # Replicate: reveal once every member has committed, or at the commit deadline.
+            # Prefill: at once (the output is public: the executor's claim).
             began = time.monotonic()
             with trio.move_on_at(_trio_deadline(offer.commit_deadline_ms)):
-                while len(job.tally.commits) < len(job.tally.committee) and job.status == "pending":
+                while (
+                    not prefill
+                    and len(job.tally.commits) < len(job.tally.committee)
+                    and job.status == "pending"
+                ):
                     await job.changed.wait()
             self._metrics.phase.labels("commit_wait").observe(time.monotonic() - began)
             if not job.open_for_votes():
@@ -698,6 +722,40 @@ class ConsensusService:
         await self._count_vote(job, self.address, reveal)
         await self._p2p.publish(VOTES, reveal)
 
+    async def _replicate(self, job: Job) -> Output | None:
+        """Replicate verification: this member runs the job itself."""
+        offer = job.offer
+        try:
+            with trio.move_on_at(_trio_deadline(offer.commit_deadline_ms)):
+                result = await self._inference.complete(
+                    offer.model, offer.prompt, chat_of(offer), sampling_of(offer)
+                )
+                return Output(result.token_ids, result.text, executed=True)
+        except InferenceFailed as exc:
+            log.warning("job %s: cannot run it: %s", _short(job), exc)
+            return None
+        log.warning("job %s: inference missed the commit deadline", _short(job))
+        return None
+
+    async def _refuse(self, job: Job, claimant: str, claimed: bytes, verdict: Verdict) -> None:
+        """Announce that this node refused ``claimant``'s output, and take it out of its score."""
+        self._metrics.rejected.labels("refused_output").inc()
+        self._hear_refusal(job, self.address, claimant, verdict.reason)
+        peer = self._peer_of(claimant)
+        if peer is not None:
+            self._p2p.penalize(peer, Offence.REFUSED_OUTPUT)
+        refusal = wire.ClaimRefusal(job.request_id, claimant, claimed, verdict.reason[:256])
+        try:
+            await self._p2p.publish(VOTES, refusal)
+        except Exception as exc:  # libp2p raises many unrelated types
+            log.info("job %s: refusal not sent: %s", _short(job), exc)
+
+    def _hear_refusal(self, job: Job, verifier: str, claimant: str, reason: str) -> None:
+        heard = job.refusals.setdefault(to_checksum_address(claimant), [])
+        if all(v != verifier for v, _ in heard):
+            heard.append((verifier, reason))
+            job.touch()
+
     def _live_job(self, request_id: bytes) -> Job | None:
         return self.jobs.get(request_id)
 
@@ -711,6 +769,13 @@ class ConsensusService:
 
     async def _on_vote(self, gossip: VerifiedGossip) -> None:
         message = gossip.message
+        if isinstance(message, wire.ClaimRefusal):
+            job = self._live_job(message.request_id)
+            members = job.tally.committee if job is not None else ()
+            signer, claimant = gossip.signer.lower(), message.claimant.lower()
+            if job is not None and {signer, claimant} <= {m.lower() for m in members}:
+                self._hear_refusal(job, to_checksum_address(signer), claimant, message.reason)
+            return
         if not isinstance(message, wire.VoteCommit | wire.VoteReveal):
             return
         job = self._live_job(message.request_id)
@@ -767,7 +832,8 @@ class ConsensusService:
             CertificateVerifier(job.tally.domain).verify(certificate)
             await self._finish(job, "certified", "", certificate)
         elif job.tally.majority_impossible():
-            await self._finish(job, "failed", "no majority: " + _describe_votes(job.tally))
+            votes = _describe_votes(job.tally) + _describe_refusals(job)
+            await self._finish(job, "failed", "no majority: " + votes)
 
     async def _deadlines(self, job: Job) -> None:
         """Fail the job if it is undecided at its reveal deadline.
@@ -787,7 +853,7 @@ class ConsensusService:
                 job,
                 "failed",
                 f"no majority by the reveal deadline: {_describe_votes(job.tally)}; "
-                f"no reveal from {', '.join(missing) or 'nobody'}",
+                f"no reveal from {', '.join(missing) or 'nobody'}{_describe_refusals(job)}",
             )
 
     async def _finish(
@@ -804,6 +870,10 @@ class ConsensusService:
         self._metrics.jobs.labels(status).inc()
         self._metrics.seconds.observe(job.finished_at - job.created_at)
         log.info("job %s: %s%s", _short(job), status, f" ({reason})" if reason else "")
+        for dissenter in job.tally.dissenters():
+            peer = self._peer_of(dissenter)
+            if peer is not None and dissenter != self.address:
+                self._p2p.penalize(peer, Offence.OUTVOTED)
         self._after_outcome(job)
 
     def _after_outcome(self, job: Job) -> None:
@@ -1184,6 +1254,20 @@ def _matches(info: OnchainRequest, offer: wire.JobOffer) -> bool:
         and info.requester.lower() == offer.requester.lower()
         and [a.lower() for a in info.committee] == [a.lower() for a in offer.committee]
     )
+
+
+def _describe_refusals(job: Job) -> str:
+    parts = [
+        f"{verifier} refused {claimant}'s output: {reason}"
+        for claimant, heard in job.refusals.items()
+        for verifier, reason in heard
+    ]
+    return "; " + "; ".join(parts) if parts else ""
+
+
+def _on_the_wire(policy: wire.Verification) -> wire.Verification | None:
+    """Replicate is what an offer without a policy means (and what older nodes send)."""
+    return None if policy == wire.REPLICATE else policy
 
 
 def _describe_votes(tally: JobTally) -> str:

@@ -23,6 +23,7 @@ import pydantic
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from joynode import wire
 from joynode.abc import ModelFetcher, ModelUnavailable
 from joynode.config import InferenceSection, ModelEntry, SettingError
 from joynode.control import jsonrpc
@@ -32,6 +33,7 @@ from joynode.inference.engine import EngineError, EngineSpec, VllmEngine
 from joynode.inference.models import ModelError, model_id
 from joynode.messages import (
     ChatMessage,
+    ClaimScores,
     FailureCode,
     InferenceEvent,
     InferenceFailure,
@@ -60,6 +62,7 @@ class LoadedModel:
     model_id: str
     engine: VllmEngine
     owned: bool
+    verification: wire.Verification = wire.REPLICATE
     inflight: int = 0
 
     def to_json(self) -> dict[str, object]:
@@ -73,6 +76,7 @@ class LoadedModel:
             "max_num_seqs": spec.max_num_seqs,
             "inflight": self.inflight,
             "chat": bool(getattr(self.engine.tokenizer, "chat_template", None)),
+            "verification": self.verification.mode,
             "state": "serving",
         }
 
@@ -169,7 +173,12 @@ class InferenceService:
             engine = borrowed or await self._start(self.spec(path))
         except EngineError as exc:
             raise SettingError(key, str(exc)) from None
-        self.models[entry.name] = LoadedModel(entry.name, identity, engine, borrowed is None)
+        policy = wire.Verification.of(
+            entry.verification, entry.margin_nats, entry.max_outside, entry.max_outside_sampled
+        )
+        self.models[entry.name] = LoadedModel(
+            entry.name, identity, engine, borrowed is None, policy
+        )
         log.info("model %s ready in %.1f s: %s", entry.name, trio.current_time() - began, identity)
 
     def serving_status(self) -> ServingStatus:
@@ -183,6 +192,11 @@ class InferenceService:
         """The id (CID) of a model this node serves, given its name or id."""
         found = self._find(name_or_id)
         return found.model_id if found is not None else None
+
+    def verification_of(self, name_or_id: str) -> wire.Verification:
+        """How committees check a model's outputs (replicate for a model not served here)."""
+        found = self._find(name_or_id)
+        return found.verification if found is not None else wire.REPLICATE
 
     def _find(self, name_or_id: str) -> LoadedModel | None:
         found = self.models.get(name_or_id)
@@ -235,7 +249,10 @@ class InferenceService:
         try:
             async with request.reply:
                 try:
-                    outcome = await self._generate(request, model, admitted)
+                    if request.teacher_forced is None:
+                        outcome = await self._generate(request, model, admitted)
+                    else:
+                        outcome = await self._score(request, request.teacher_forced, model)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     raise  # the requester stopped listening
                 except Exception as exc:
@@ -257,9 +274,11 @@ class InferenceService:
             self._metrics.inflight.labels(model.name).dec()
             self._metrics.requests.labels(model.name, outcome).inc()
 
-    async def _generate(
-        self, request: InferenceRequest, model: LoadedModel, admitted: float
-    ) -> str:
+    async def _prompt_ids(
+        self, request: InferenceRequest, model: LoadedModel, output_tokens: int
+    ) -> list[int] | FailureCode:
+        """The request's prompt as token ids, or the failure the requester was just told (it
+        does not tokenize, is empty, or with ``output_tokens`` does not fit the model)."""
         try:
             token_ids = await trio.to_thread.run_sync(_tokenize, model.engine.tokenizer, request)
         except Exception as exc:  # tokenizers and jinja chat templates raise many types
@@ -269,20 +288,28 @@ class InferenceService:
                 else f"cannot tokenize the request: {exc}"
             )
             await request.reply.send(InferenceFailure(FailureCode.INVALID_REQUEST, reason))
-            return FailureCode.INVALID_REQUEST.value
+            return FailureCode.INVALID_REQUEST
         limit = self._settings.max_model_len
         if not token_ids:
             await request.reply.send(InferenceFailure(FailureCode.INVALID_REQUEST, "empty prompt"))
-            return FailureCode.INVALID_REQUEST.value
-        if len(token_ids) + request.sampling.max_tokens > limit:
+            return FailureCode.INVALID_REQUEST
+        if len(token_ids) + output_tokens > limit:
             await request.reply.send(
                 InferenceFailure(
                     FailureCode.PROMPT_TOO_LONG,
-                    f"prompt of {len(token_ids)} tokens plus max_tokens "
-                    f"{request.sampling.max_tokens} exceeds {model.name}'s {limit}",
+                    f"prompt of {len(token_ids)} tokens plus {output_tokens} output tokens "
+                    f"exceeds {model.name}'s {limit}",
                 )
             )
-            return FailureCode.PROMPT_TOO_LONG.value
+            return FailureCode.PROMPT_TOO_LONG
+        return token_ids
+
+    async def _generate(
+        self, request: InferenceRequest, model: LoadedModel, admitted: float
+    ) -> str:
+        token_ids = await self._prompt_ids(request, model, request.sampling.max_tokens)
+        if isinstance(token_ids, FailureCode):
+            return token_ids.value
         output_ids: list[int] = []
         text: list[str] = []
         first: float | None = None
@@ -319,6 +346,53 @@ class InferenceService:
         )
         return "ok"
 
+    async def _score(
+        self, request: InferenceRequest, claimed: tuple[int, ...], model: LoadedModel
+    ) -> str:
+        """Teacher-force ``claimed`` after the prompt: one prefill pass with prompt logprobs.
+
+        vLLM returns, for every prompt position, the logprob of the token that
+        is there and of its own top-1, so one pass scores the whole claimed
+        output (``ClaimScores``) with no decoding.
+        """
+        began = trio.current_time()
+        token_ids = await self._prompt_ids(request, model, len(claimed))
+        if isinstance(token_ids, FailureCode):
+            return token_ids.value
+        vocab = len(model.engine.tokenizer)
+        if any(t >= vocab for t in claimed):
+            await request.reply.send(
+                InferenceFailure(FailureCode.INVALID_REQUEST, "a claimed token is not in the vocab")
+            )
+            return FailureCode.INVALID_REQUEST.value
+        prompt_logprobs = None
+        async with model.engine.stream([*token_ids, *claimed], _scoring_params()) as outputs:
+            async for output in outputs:
+                if output.finished:
+                    prompt_logprobs = output.prompt_logprobs
+                    break
+        if prompt_logprobs is None:
+            raise EngineError("vLLM returned no prompt logprobs")
+        token_logprobs, top_logprobs, ranks = [], [], []
+        for token, position in zip(claimed, prompt_logprobs[len(token_ids) :], strict=True):
+            mine = position[token]
+            top = next(p for p in position.values() if p.rank == 1)
+            token_logprobs.append(float(mine.logprob))
+            top_logprobs.append(float(top.logprob))
+            ranks.append(int(mine.rank))
+        await request.reply.send(
+            ClaimScores(
+                model=model.name,
+                token_logprobs=tuple(token_logprobs),
+                top_logprobs=tuple(top_logprobs),
+                ranks=tuple(ranks),
+                eos_token_ids=_eos_ids(model.engine.tokenizer),
+                prompt_tokens=len(token_ids),
+                total_s=round(trio.current_time() - began, 6),
+            )
+        )
+        return "scored"
+
     def control_methods(self, client: InferenceClient) -> list[ControlMethod]:
         async def models_list(_: NoParams, __: ControlSession) -> list[dict[str, object]]:
             served = [m.to_json() for m in self.models.values()]
@@ -336,7 +410,7 @@ class InferenceService:
                             )
                     elif isinstance(event, InferenceFailure):
                         raise _rpc_error(event)
-                    else:
+                    elif isinstance(event, InferenceResult):
                         return result_json(event)
             raise RpcError(jsonrpc.INTERNAL_ERROR, "inference ended without a result")
 
@@ -381,6 +455,25 @@ def _sampling_params(spec: SamplingSpec) -> Any:
         ignore_eos=spec.ignore_eos,
         output_kind=RequestOutputKind.DELTA,
     )
+
+
+def _scoring_params() -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=1,
+        temperature=0.0,
+        prompt_logprobs=1,
+        detokenize=False,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def _eos_ids(tokenizer: Any) -> frozenset[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids = eos if isinstance(eos, list) else [eos]
+    return frozenset(int(i) for i in ids if i is not None)
 
 
 def result_json(result: InferenceResult) -> dict[str, Any]:
@@ -436,6 +529,34 @@ class InferenceClient:
         async with receive:
             await self._requests.send(request)
             yield receive
+
+    async def score(
+        self,
+        model: str,
+        prompt: str | None,
+        messages: Sequence[ChatMessage] | None,
+        claimed: Sequence[int],
+    ) -> ClaimScores:
+        """Score a claimed output with this node's model; raise ``InferenceFailed`` if refused."""
+        send, receive = trio.open_memory_channel[InferenceEvent](REPLY_BUFFER)
+        request = InferenceRequest(
+            model,
+            prompt,
+            tuple(messages) if messages is not None else None,
+            SamplingSpec(max_tokens=max(1, len(claimed))),
+            send,
+            teacher_forced=tuple(claimed),
+        )
+        async with receive:
+            await self._requests.send(request)
+            async for event in receive:
+                if isinstance(event, ClaimScores):
+                    return event
+                if isinstance(event, InferenceFailure):
+                    raise InferenceFailed(event)
+        raise InferenceFailed(
+            InferenceFailure(FailureCode.ENGINE_ERROR, "scoring ended without a result")
+        )
 
     async def complete(
         self,

@@ -24,6 +24,8 @@ class Offence(enum.Enum):
     INVALID_REQUEST = "invalid_request"
     RATE_LIMITED = "rate_limited"
     BAD_BLOCK = "bad_block"  # served bytes that do not hash to the CID asked for
+    REFUSED_OUTPUT = "refused_output"  # claimed an inference output this node's check refused
+    OUTVOTED = "outvoted"  # revealed an output against the certified majority
 
     @property
     def cost(self) -> float:
@@ -35,6 +37,8 @@ _OFFENCE_COST = {
     Offence.INVALID_REQUEST: 20.0,
     Offence.RATE_LIMITED: 2.0,
     Offence.BAD_BLOCK: 50.0,
+    Offence.REFUSED_OUTPUT: 30.0,
+    Offence.OUTVOTED: 15.0,
 }
 
 
