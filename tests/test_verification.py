@@ -10,22 +10,41 @@ truncated and padded outputs are refused.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
 from joynode import wire
+from joynode.chain.committee import Candidate, select_committee
 from joynode.config import InferenceSection, ModelEntry
+from joynode.consensus.jobs import request_id_of
+from joynode.consensus.service import SubmitParams
+from joynode.consensus.tally import Certificate, CertificateVerifier
 from joynode.consensus.verification import judge, length_problem
 from joynode.inference.engine import VllmEngine
 from joynode.inference.service import InferenceClient, InferenceService
 from joynode.messages import ClaimScores, InferenceRequest, SamplingSpec
+from joynode.node import Node
+from joynode.p2p.peers import PeerState
+from joynode.signatures import OFFCHAIN_DOMAIN
+from tests.factories import (
+    LIBP2P_TEARDOWN_LEAK,
+    NodeHome,
+    fast_p2p,
+    make_home,
+    running_node,
+    wait_for,
+)
 from tests.inference_fixtures import SMOLLM2_MAX_MODEL_LEN, smollm2_engines, smollm2_model
 
 __all__ = ["smollm2_engines", "smollm2_model"]
+
+pytestmark = LIBP2P_TEARDOWN_LEAK
 
 PREFILL = wire.Verification.of("prefill", 1.0, 0.02, 0.5)
 EOS = frozenset({2})
@@ -190,3 +209,157 @@ async def test_seeded_sampling_is_verified_and_other_weights_sampling_is_not(
             assert verdict.accepted, (prompt, verdict)
             scored = await verifier.score("smollm2", prompt, None, lie)
             assert not judge(PREFILL, sampled, lie, scored).accepted, prompt
+
+
+# ---- committees of real nodes on 127.0.0.1 (in this process), serving SmolLM2
+
+
+def prefill_home(path: Path, model: Path, bootstrap: list[str] | None, mode: str) -> NodeHome:
+    home = fast_p2p(make_home(path), bootstrap=bootstrap)
+    home.set(
+        "inference", "models", f'[{{name = "smollm2", path = "{model}", verification = "{mode}"}}]'
+    )
+    home.set("inference", "max_model_len", str(SMOLLM2_MAX_MODEL_LEN))
+    home.set("consensus", "commit_timeout_s", "60")
+    home.set("consensus", "reveal_timeout_s", "10")
+    return home
+
+
+@asynccontextmanager
+async def smollm2_committee(
+    tmp_path: Path, model: Path, engines: list[VllmEngine], mode: str
+) -> AsyncIterator[list[Node]]:
+    """One node per engine (the first bootstraps the rest), all up and serving."""
+    async with AsyncExitStack() as stack:
+        nodes: list[Node] = []
+        for i, engine in enumerate(engines):
+            bootstrap = nodes[0].p2p.listen_addrs() if nodes else None
+            home = prefill_home(tmp_path / f"{mode}{i}", model, bootstrap, mode)
+            nodes.append(await stack.enter_async_context(running_node(home, {"smollm2": engine})))
+        for node in nodes:
+            await wait_for(partial(_sees_all_serving, node, nodes), 20, "all peers up, serving")
+        yield nodes
+
+
+def _sees_all_serving(node: Node, nodes: list[Node]) -> bool:
+    model = node.inference.model_id("smollm2")
+    records = {r.peer_id: r for r in node.p2p.peers.records()}
+    return all(
+        n.p2p.peer_id in records
+        and records[n.p2p.peer_id].state is PeerState.UP
+        and model in records[n.p2p.peer_id].models
+        for n in nodes
+        if n is not node
+    )
+
+
+def nonce_ranking_first(requester: Node, first: Node, nodes: list[Node], prompt: str) -> int:
+    """A nonce whose (unpaid) committee ranks ``first`` first, as ``submit`` will draw it."""
+    model = requester.inference.model_id("smollm2")
+    assert model is not None
+    candidates = [Candidate(n.consensus.address, 1, 1) for n in nodes]
+    for nonce in range(1000):
+        draft = wire.JobOffer(
+            request_id=b"\0" * 32,
+            model=model,
+            prompt=prompt,
+            messages=None,
+            max_tokens=GREEDY_32.max_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            top_k=-1,
+            seed=None,
+            ignore_eos=False,
+            requester=requester.consensus.address,
+            nonce=nonce,
+            committee=[requester.consensus.address],
+            commit_deadline_ms=0,
+            reveal_deadline_ms=0,
+            verification=requester.inference.verification_of(model),
+        )
+        drawn = select_committee(candidates, request_id_of(draft), len(nodes), 0)
+        if drawn[0] == first.consensus.address:
+            return nonce
+    raise AssertionError("no nonce ranks that node first")
+
+
+async def run_job(node: Node, prompt: str, nonce: int) -> dict[str, Any]:
+    params = SubmitParams(model="smollm2", prompt=prompt, max_tokens=32, nonce=nonce)
+    job = await node.consensus.submit(params)
+    with trio.fail_after(90):
+        await job.done.wait()
+    # Let the remaining reveals (after the deciding majority) come in.
+    with trio.move_on_after(10):
+        while len(job.tally.reveals) < len(job.tally.committee):
+            await job.changed.wait()
+    return job.to_json()
+
+
+@pytest.mark.slow
+async def test_a_prefill_committee_certifies_what_a_replicate_one_splits_on(
+    tmp_path: Path, smollm2_model: Path, smollm2_engines: dict[str, VllmEngine]
+) -> None:
+    """Float32 executor, bfloat16 verifiers: all three sign every answer under prefill;
+    under replicate the float32 member is outvoted on at least one of the same prompts."""
+    engines = [smollm2_engines["f32"], smollm2_engines["bf16"], smollm2_engines["bf16"]]
+    split = 0
+    async with smollm2_committee(tmp_path, smollm2_model, engines, "replicate") as nodes:
+        f32 = nodes[0]
+        for prompt in PROMPTS:
+            result = await run_job(f32, prompt, nonce_ranking_first(f32, f32, nodes, prompt))
+            assert result["status"] == "certified", result["reason"]
+            split += f32.consensus.address in result["dissenters"]
+    assert split, "replication agreed across dtypes on every prompt"
+    async with smollm2_committee(tmp_path, smollm2_model, engines, "prefill") as nodes:
+        f32 = nodes[0]
+        for prompt in PROMPTS:
+            result = await run_job(f32, prompt, nonce_ranking_first(f32, f32, nodes, prompt))
+            assert result["status"] == "certified", result["reason"]
+            assert result["verification"] == "prefill"
+            assert result["committee"][0] == f32.consensus.address  # the executor
+            # Decided by the executor and the first verifier to endorse it (an unpaid job
+            # takes no votes once decided); nobody refused or dissented.
+            assert f32.consensus.address in result["reveals"]
+            assert len(result["reveals"]) >= 2
+            assert result["dissenters"] == []
+            assert result["refusals"] == []
+            certificate = Certificate.from_json(result["certificate"])
+            CertificateVerifier(OFFCHAIN_DOMAIN).verify(certificate)
+
+        # Verifiers spent a prefill pass on each job, never a generation.
+        def count(node: Node, phase: str) -> float:
+            found = node.registry.get_sample_value(
+                "joynode_consensus_phase_seconds_count", {"phase": phase}
+            )
+            return found or 0.0
+
+        assert count(f32, "inference") == len(PROMPTS)
+        assert count(f32, "verification") == 0
+        assert all(count(n, "inference") == 0 for n in nodes[1:])
+        assert sum(count(n, "verification") for n in nodes[1:]) >= len(PROMPTS)
+
+
+@pytest.mark.slow
+async def test_a_lying_executor_is_refused_and_the_next_member_executes(
+    tmp_path: Path, smollm2_model: Path, smollm2_engines: dict[str, VllmEngine]
+) -> None:
+    engines = [smollm2_engines["f32"], smollm2_engines["bf16"], smollm2_engines["other"]]
+    async with smollm2_committee(tmp_path, smollm2_model, engines, "prefill") as nodes:
+        requester, _, liar = nodes
+        prompt = PROMPTS[0]
+        result = await run_job(
+            requester, prompt, nonce_ranking_first(requester, liar, nodes, prompt)
+        )
+        assert result["status"] == "certified", result["reason"]
+        certificate = Certificate.from_json(result["certificate"])
+        assert liar.consensus.address not in certificate.signers
+        assert len(certificate.signers) == 2
+        refused_by = {
+            r["verifier"] for r in result["refusals"] if r["claimant"] == liar.consensus.address
+        }
+        assert refused_by == {n.consensus.address for n in nodes if n is not liar}
+        output = result["output"]
+        assert "Paris" in output["text"]
+        # Each honest node took the refusal out of the liar's peer score.
+        for honest in nodes[:2]:
+            assert honest.p2p.scorer.score(liar.p2p.peer_id) < 0
