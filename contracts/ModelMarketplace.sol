@@ -32,6 +32,26 @@ contract ModelMarketplace is JoyGoverned, ReentrancyGuardTransient {
         Zk
     }
 
+    /// How a model's committees check an output (the node's `consensus.verification`):
+    /// every member generates and votes on exact outputs, or one executes and the others
+    /// check its tokens by prefill within the registered tolerance.
+    enum Verification {
+        Replicate,
+        Prefill
+    }
+
+    struct VerificationPolicy {
+        Verification mode;
+        uint32 marginMilli; // prefill: how far below a verifier's top-1 a token may be (milli-nats)
+        uint16 outsideBps; // prefill, greedy jobs: positions allowed beyond the margin
+        uint16 sampledOutsideBps; // prefill, sampled jobs: the same
+    }
+
+    /// Bounds of a policy: a check looser than these no longer tells models apart.
+    uint32 public constant MAX_MARGIN_MILLI = 10_000;
+    uint16 public constant MAX_OUTSIDE_BPS = 2000;
+    uint16 public constant MAX_SAMPLED_OUTSIDE_BPS = 7000;
+
     enum Status {
         None,
         Pending,
@@ -74,9 +94,13 @@ contract ModelMarketplace is JoyGoverned, ReentrancyGuardTransient {
     mapping(bytes32 => Model) private _models;
     mapping(bytes32 => Request) private _requests;
     mapping(address => uint256) public requestNonces;
+    mapping(bytes32 => VerificationPolicy) private _verification;
 
     event ModelRegistered(bytes32 indexed model, string cid, address indexed owner, uint256 price, uint8 committeeSize, Kind kind);
     event ModelUpdated(bytes32 indexed model, uint256 price, bool active);
+    event VerificationChanged(
+        bytes32 indexed model, Verification mode, uint32 marginMilli, uint16 outsideBps, uint16 sampledOutsideBps
+    );
     event InferenceRequested(
         bytes32 indexed requestId,
         bytes32 indexed model,
@@ -94,6 +118,7 @@ contract ModelMarketplace is JoyGoverned, ReentrancyGuardTransient {
     error UnknownModel(bytes32 model);
     error NotModelOwner(bytes32 model);
     error BadRoyalties();
+    error BadVerification();
     error PriceAboveMax(uint256 price, uint256 maxPrice);
     error DeadlinePassed();
     error NoCommittee(bytes32 model);
@@ -158,6 +183,25 @@ contract ModelMarketplace is JoyGoverned, ReentrancyGuardTransient {
         m.price = price;
         m.active = active;
         emit ModelUpdated(model, price, active);
+    }
+
+    /// The owner sets how its model's outputs are checked; members apply it to every job,
+    /// so it is public and the same for all. Replicate carries no tolerance.
+    function setVerification(bytes32 model, VerificationPolicy calldata policy) external {
+        Model storage m = _models[model];
+        if (m.owner != msg.sender) revert NotModelOwner(model);
+        bool tolerant = policy.marginMilli != 0 || policy.outsideBps != 0 || policy.sampledOutsideBps != 0;
+        if (
+            m.kind != Kind.Llm || (policy.mode == Verification.Replicate && tolerant)
+                || policy.marginMilli > MAX_MARGIN_MILLI || policy.outsideBps > MAX_OUTSIDE_BPS
+                || policy.sampledOutsideBps > MAX_SAMPLED_OUTSIDE_BPS
+        ) revert BadVerification();
+        _verification[model] = policy;
+        emit VerificationChanged(model, policy.mode, policy.marginMilli, policy.outsideBps, policy.sampledOutsideBps);
+    }
+
+    function verificationOf(bytes32 model) external view returns (VerificationPolicy memory) {
+        return _verification[model];
     }
 
     function _checkRoyalties(address[] calldata recipients, uint16[] calldata bps) private pure {

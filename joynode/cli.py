@@ -31,10 +31,12 @@ from joynode.config import (
     split_host_port,
     url,
 )
+from joynode.consensus.calibration import DTYPES, calibrate
 from joynode.console import describe_job, print_job, step, verified_inference
 from joynode.control.client import ControlClient
 from joynode.control.jsonrpc import RpcError
 from joynode.endpoints import Endpoints
+from joynode.inference.engine import EngineError
 from joynode.inference.models import PREPARABLE, ModelError, model_id, prepare
 from joynode.keys import ControlToken, NodeKey, SecretFileError, read_secret_file
 from joynode.logs import SecretRedactor, configure_logging
@@ -129,6 +131,17 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(m)
     m.add_argument("cid")
 
+    p = commands.add_parser("verify", help="tune prefill verification for a model")
+    verify = p.add_subparsers(dest="verify_command", required=True, metavar="ACTION")
+    v = verify.add_parser(
+        "calibrate",
+        help="measure how far honest members in two dtypes disagree on a model; "
+        "print the prefill policy for its [[inference.models]] entry",
+    )
+    v.add_argument("path", type=Path, help="a prepared model folder")
+    v.add_argument("--executor-dtype", default="float32", choices=DTYPES)
+    v.add_argument("--verifier-dtype", default="bfloat16", choices=DTYPES)
+    v.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (1-512)")
     p = commands.add_parser(
         "gov", help="the JoyNet DAO from this node's account: delegate, propose, vote, execute"
     )
@@ -300,6 +313,34 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{args.name}: {out} ({cid})")
     except ModelError as exc:
         raise UsageError(str(exc)) from None
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    if not 1 <= args.max_tokens <= 512:
+        raise UsageError("--max-tokens must be between 1 and 512")
+    try:
+        model_id(args.path)
+    except ModelError as exc:
+        raise UsageError(str(exc)) from None
+    with step(
+        f"calibrating {args.path.name}: {args.executor_dtype} executor, "
+        f"{args.verifier_dtype} verifier"
+    ) as shown:
+        try:
+            result = trio.run(
+                calibrate,
+                args.path,
+                args.executor_dtype,
+                args.verifier_dtype,
+                args.max_tokens,
+                shown.note,
+            )
+        except EngineError as exc:
+            raise UsageError(str(exc)) from None
+    print(json.dumps(result.to_json(), indent=2))
+    print("\n# for the model's [[inference.models]] entry (and its registration):")
+    print(result.toml(), end="")
     return EXIT_OK
 
 
@@ -647,6 +688,7 @@ _COMMANDS = {
     "deploy": cmd_deploy,
     "models": cmd_models,
     "gov": cmd_gov,
+    "verify": cmd_verify,
     "circuits": cmd_circuits,
     "zk": cmd_zk,
     "devnet": cmd_devnet,

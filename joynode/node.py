@@ -53,7 +53,7 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry, Info
 
-from joynode import __version__
+from joynode import __version__, wire
 from joynode.chain.service import ChainService
 from joynode.config import Config
 from joynode.consensus.service import ConsensusService
@@ -140,6 +140,7 @@ class Node:
             materialize=self.storage.materialize_model,
         )
         self.inference_client = InferenceClient(inference_send)
+        self._policy_warned: set[str] = set()  # models whose config and registration differ
         self.chain = (
             ChainService(
                 config.chain,
@@ -168,7 +169,7 @@ class Node:
             self.inference_client,
             self.inference.serving_status,
             self.inference.model_id,
-            self.inference.verification_of,
+            self._verification_of,
             self._eip712_domain,
             self.registry,
             offers_receive,
@@ -250,6 +251,26 @@ class Node:
         with contextlib.suppress(trio.WouldBlock):
             self._shutdown_send.send_nowait(ShutdownRequest(reason))
         await trio.lowlevel.checkpoint()
+
+    async def _verification_of(self, model_id: str) -> wire.Verification:
+        """How committees check a model: its on-chain registration where it has one (every
+        member reads the same), else this node's config (unpaid jobs on unregistered models)."""
+        configured = self.inference.verification_of(model_id)
+        if self.chain is None:
+            return configured
+        registered = await self.chain.registered_verification(model_id)
+        if registered is None:
+            return configured
+        if registered != configured and model_id not in self._policy_warned:
+            self._policy_warned.add(model_id)
+            log.warning(
+                "model %s is registered with %s verification; its config says %s: "
+                "the registration applies",
+                model_id,
+                registered.describe(),
+                configured.describe(),
+            )
+        return registered
 
     def _eip712_domain(self) -> Eip712Domain:
         """The chain's ProofOfInference domain, or the off-chain one without a chain."""

@@ -194,6 +194,9 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (proposal_id, voter)
     ) STRICT;
     """,
+    """
+    ALTER TABLE registry_models ADD COLUMN verification TEXT NOT NULL DEFAULT '[0, 0, 0, 0]';
+    """,
 )
 
 

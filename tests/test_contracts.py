@@ -1115,3 +1115,27 @@ def test_committee_matches_off_chain_selection(
         assert w.marketplace.functions.requestNonces(account(REQUESTER).address).call() == nonce + 1
         expected = select_committee(candidates, event["requestId"], committee_size, min_stake)
         assert list(event["committee"]) == expected
+
+
+def test_a_models_owner_sets_its_verification_policy_within_bounds(chain: Chain) -> None:
+    w = World.of(chain)
+    model = w.add_model()
+    market = w.marketplace
+    assert list(market.functions.verificationOf(model).call()) == [0, 0, 0, 0]  # replicate
+    receipt = w.tx(account(OWNER), market.functions.setVerification(model, (1, 500, 200, 5000)))
+    assert list(market.functions.verificationOf(model).call()) == [1, 500, 200, 5000]
+    (changed,) = market.events.VerificationChanged().process_receipt(receipt, errors=DISCARD)
+    assert changed.args.marginMilli == 500
+    assert changed.args.sampledOutsideBps == 5000
+    with reverts(f"ModelMarketplace.NotModelOwner(model=0x{model.hex()})"):
+        w.tx(account(REQUESTER), market.functions.setVerification(model, (0, 0, 0, 0)))
+    for policy in (
+        (0, 500, 0, 0),  # replicate takes no tolerance
+        (1, 10_001, 0, 0),  # margin past 10 nats
+        (1, 500, 2001, 0),  # more than 20 % of greedy positions outside
+        (1, 500, 0, 7001),  # more than 70 % of sampled positions outside
+    ):
+        with reverts("ModelMarketplace.BadVerification()"):
+            w.tx(account(OWNER), market.functions.setVerification(model, policy))
+    w.tx(account(OWNER), market.functions.setVerification(model, (0, 0, 0, 0)))
+    assert list(market.functions.verificationOf(model).call()) == [0, 0, 0, 0]

@@ -9,6 +9,8 @@ truncated and padded outputs are refused.
 
 from __future__ import annotations
 
+import json
+import tomllib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
@@ -17,18 +19,18 @@ from typing import Any
 
 import pytest
 import trio
-from prometheus_client import CollectorRegistry
 
 from joynode import wire
 from joynode.chain.committee import Candidate, select_committee
-from joynode.config import InferenceSection, ModelEntry
+from joynode.config import ModelEntry
+from joynode.consensus.calibration import serving
 from joynode.consensus.jobs import request_id_of
 from joynode.consensus.service import SubmitParams
 from joynode.consensus.tally import Certificate, CertificateVerifier
 from joynode.consensus.verification import judge, length_problem
 from joynode.inference.engine import VllmEngine
-from joynode.inference.service import InferenceClient, InferenceService
-from joynode.messages import ClaimScores, InferenceRequest, SamplingSpec
+from joynode.inference.service import InferenceClient
+from joynode.messages import ClaimScores, SamplingSpec
 from joynode.node import Node
 from joynode.p2p.peers import PeerState
 from joynode.signatures import OFFCHAIN_DOMAIN
@@ -37,12 +39,18 @@ from tests.factories import (
     NodeHome,
     fast_p2p,
     make_home,
+    run_cli,
     running_node,
     wait_for,
 )
-from tests.inference_fixtures import SMOLLM2_MAX_MODEL_LEN, smollm2_engines, smollm2_model
+from tests.inference_fixtures import (
+    SMOLLM2_MAX_MODEL_LEN,
+    smollm2_engines,
+    smollm2_model,
+    tiny_model,
+)
 
-__all__ = ["smollm2_engines", "smollm2_model"]
+__all__ = ["smollm2_engines", "smollm2_model", "tiny_model"]
 
 pytestmark = LIBP2P_TEARDOWN_LEAK
 
@@ -124,26 +132,10 @@ PROMPTS = [
 GREEDY_32 = SamplingSpec(max_tokens=32)
 
 
-@asynccontextmanager
-async def serving(model: Path, engine: VllmEngine) -> AsyncIterator[InferenceClient]:
-    """An inference actor serving ``model`` on ``engine`` (whatever its dtype or weights)."""
-    send, receive = trio.open_memory_channel[InferenceRequest](16)
-    settings = InferenceSection(
-        models=[ModelEntry(name="smollm2", path=model)],
-        max_num_seqs=8,
-        max_model_len=SMOLLM2_MAX_MODEL_LEN,
-    )
-    service = InferenceService(settings, CollectorRegistry(), receive, engines={"smollm2": engine})
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        yield InferenceClient(send)
-        nursery.cancel_scope.cancel()
-
-
 async def outputs(client: InferenceClient, sampling: SamplingSpec) -> list[tuple[int, ...]]:
     found: list[tuple[int, ...]] = []
     for prompt in PROMPTS:
-        found.append((await client.complete("smollm2", prompt, None, sampling)).token_ids)
+        found.append((await client.complete("model", prompt, None, sampling)).token_ids)
     return found
 
 
@@ -159,7 +151,7 @@ async def test_a_bf16_verifier_certifies_every_f32_answer_that_replication_would
         replicated = await outputs(verifier, GREEDY_32)
         verdicts = []
         for prompt, tokens in zip(PROMPTS, claimed, strict=True):
-            scored = await verifier.score("smollm2", prompt, None, tokens)
+            scored = await verifier.score("model", prompt, None, tokens)
             verdicts.append(judge(PREFILL, GREEDY_32, tokens, scored))
     assert all(v.accepted for v in verdicts), [v.reason for v in verdicts]
     # The same answers, regenerated in bfloat16: some differ in a token or more.
@@ -181,13 +173,13 @@ async def test_other_weights_truncated_and_padded_outputs_are_refused(
         truths = await outputs(honest, GREEDY_32)
         for prompt, tokens, truth in zip(PROMPTS, lies, truths, strict=True):
             for checker in (verifier, honest):
-                scored = await checker.score("smollm2", prompt, None, tokens)
+                scored = await checker.score("model", prompt, None, tokens)
                 verdict = judge(PREFILL, GREEDY_32, tokens, scored)
                 assert not verdict.accepted, (prompt, verdict)
             cut = truth[: len(truth) // 2]
             padded = (*truth, *truth[:4]) if len(truth) == 32 else (*truth, 17, 42)
             for forged in (cut, padded):
-                scored = await verifier.score("smollm2", prompt, None, forged)
+                scored = await verifier.score("model", prompt, None, forged)
                 assert not judge(PREFILL, GREEDY_32, forged, scored).accepted, (prompt, forged)
 
 
@@ -204,10 +196,10 @@ async def test_seeded_sampling_is_verified_and_other_weights_sampling_is_not(
         honest = await outputs(executor, sampled)
         lies = await outputs(liar, sampled)
         for prompt, tokens, lie in zip(PROMPTS, honest, lies, strict=True):
-            scored = await verifier.score("smollm2", prompt, None, tokens)
+            scored = await verifier.score("model", prompt, None, tokens)
             verdict = judge(PREFILL, sampled, tokens, scored)
             assert verdict.accepted, (prompt, verdict)
-            scored = await verifier.score("smollm2", prompt, None, lie)
+            scored = await verifier.score("model", prompt, None, lie)
             assert not judge(PREFILL, sampled, lie, scored).accepted, prompt
 
 
@@ -217,7 +209,7 @@ async def test_seeded_sampling_is_verified_and_other_weights_sampling_is_not(
 def prefill_home(path: Path, model: Path, bootstrap: list[str] | None, mode: str) -> NodeHome:
     home = fast_p2p(make_home(path), bootstrap=bootstrap)
     home.set(
-        "inference", "models", f'[{{name = "smollm2", path = "{model}", verification = "{mode}"}}]'
+        "inference", "models", f'[{{name = "model", path = "{model}", verification = "{mode}"}}]'
     )
     home.set("inference", "max_model_len", str(SMOLLM2_MAX_MODEL_LEN))
     home.set("consensus", "commit_timeout_s", "60")
@@ -235,14 +227,14 @@ async def smollm2_committee(
         for i, engine in enumerate(engines):
             bootstrap = nodes[0].p2p.listen_addrs() if nodes else None
             home = prefill_home(tmp_path / f"{mode}{i}", model, bootstrap, mode)
-            nodes.append(await stack.enter_async_context(running_node(home, {"smollm2": engine})))
+            nodes.append(await stack.enter_async_context(running_node(home, {"model": engine})))
         for node in nodes:
             await wait_for(partial(_sees_all_serving, node, nodes), 20, "all peers up, serving")
         yield nodes
 
 
 def _sees_all_serving(node: Node, nodes: list[Node]) -> bool:
-    model = node.inference.model_id("smollm2")
+    model = node.inference.model_id("model")
     records = {r.peer_id: r for r in node.p2p.peers.records()}
     return all(
         n.p2p.peer_id in records
@@ -255,7 +247,7 @@ def _sees_all_serving(node: Node, nodes: list[Node]) -> bool:
 
 def nonce_ranking_first(requester: Node, first: Node, nodes: list[Node], prompt: str) -> int:
     """A nonce whose (unpaid) committee ranks ``first`` first, as ``submit`` will draw it."""
-    model = requester.inference.model_id("smollm2")
+    model = requester.inference.model_id("model")
     assert model is not None
     candidates = [Candidate(n.consensus.address, 1, 1) for n in nodes]
     for nonce in range(1000):
@@ -284,7 +276,7 @@ def nonce_ranking_first(requester: Node, first: Node, nodes: list[Node], prompt:
 
 
 async def run_job(node: Node, prompt: str, nonce: int) -> dict[str, Any]:
-    params = SubmitParams(model="smollm2", prompt=prompt, max_tokens=32, nonce=nonce)
+    params = SubmitParams(model="model", prompt=prompt, max_tokens=32, nonce=nonce)
     job = await node.consensus.submit(params)
     with trio.fail_after(90):
         await job.done.wait()
@@ -363,3 +355,31 @@ async def test_a_lying_executor_is_refused_and_the_next_member_executes(
         # Each honest node took the refusal out of the liar's peer score.
         for honest in nodes[:2]:
             assert honest.p2p.scorer.score(liar.p2p.peer_id) < 0
+
+
+@pytest.mark.slow
+def test_calibrate_measures_two_dtypes_and_prints_a_policy(tiny_model: Path) -> None:
+    done = run_cli("verify", "calibrate", str(tiny_model), "--max-tokens", "8", timeout=300)
+    assert done.returncode == 0, done.stderr
+    report, _, toml = done.stdout.partition("\n# for the model's")
+    measured = json.loads(report)
+    assert measured["executor"] == "float32"
+    assert measured["verifier"] == "bfloat16"
+    assert measured["prompts"] == 16
+    assert 0 < measured["positions"] <= 16 * 8
+    assert measured["margin_nats"] >= max(0.5, measured["greedy_worst_gap"])
+    entry = tomllib.loads(toml.partition("\n")[2])
+    assert entry["verification"] == "prefill"
+    assert entry["margin_nats"] == measured["margin_nats"]
+    # The policy it prints is one a node accepts.
+    ModelEntry(name="tiny", path=tiny_model, **entry)
+
+
+def test_calibrate_refuses_what_is_not_a_model_in_one_line(tmp_path: Path) -> None:
+    done = run_cli("verify", "calibrate", str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.startswith("joynode: ")
+    assert "Traceback" not in done.stderr
+    bad = run_cli("verify", "calibrate", str(tmp_path), "--max-tokens", "0")
+    assert bad.returncode == 2
+    assert "--max-tokens" in bad.stderr

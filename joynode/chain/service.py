@@ -46,6 +46,7 @@ from web3 import Web3
 from web3.exceptions import Web3Exception
 from web3.logs import DISCARD
 
+from joynode import wire
 from joynode.chain.anvil import dev_account, running_anvil
 from joynode.chain.artifacts import CONTRACTS, load_artifacts
 from joynode.chain.committee import Candidate
@@ -109,6 +110,7 @@ class AmountParams(pydantic.BaseModel):
 
 ZK_MODEL_NAME = r"^[A-Za-z0-9._-]{1,64}$"
 MODEL_KINDS = {"llm": 0, "zk": 1}  # ModelMarketplace.Kind
+VERIFICATION_MODES = {"replicate": 0, "prefill": 1}  # ModelMarketplace.Verification
 
 
 class ModelRegistration(pydantic.BaseModel):
@@ -131,6 +133,12 @@ class ModelRegistration(pydantic.BaseModel):
     royalty_bps: list[Annotated[int, pydantic.Field(ge=0, le=10_000)]] = pydantic.Field(
         default_factory=list, max_length=8
     )
+    verification: Literal["replicate", "prefill"] = pydantic.Field(
+        "replicate", description="llm: how committees check its outputs"
+    )
+    margin_nats: float = pydantic.Field(1.0, ge=0, le=10, description="prefill (verify calibrate)")
+    max_outside: float = pydantic.Field(0.02, ge=0, le=0.2, description="prefill, greedy jobs")
+    max_outside_sampled: float = pydantic.Field(0.5, ge=0, le=0.7, description="prefill, sampled")
 
     @pydantic.model_validator(mode="after")
     def _royalties_pair_up(self) -> ModelRegistration:
@@ -145,6 +153,8 @@ class ModelRegistration(pydantic.BaseModel):
                 raise ValueError(f"model: an LLM is registered by its CID: {exc}") from None
             if self.weights_commitment is not None or self.verifier is not None:
                 raise ValueError("weights_commitment and verifier are for zk models")
+        elif self.verification != "replicate":
+            raise ValueError("verification is for LLMs (zk models are checked by their proof)")
         else:
             if not re.match(ZK_MODEL_NAME, self.model):
                 raise ValueError("model: a zk model's name is 1-64 of A-Z a-z 0-9 . _ -")
@@ -616,6 +626,25 @@ class ChainService:
         market = self.contract("ModelMarketplace")
         return int((await self.call(market.functions.requestInfo(request_id).call))[4])
 
+    async def registered_verification(self, model_id: str) -> wire.Verification | None:
+        """How the model's registration says to check its outputs (from the mirror);
+        None for a model that is not registered."""
+        key = "0x" + model_key(model_id).hex()
+
+        def read(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT verification FROM registry_models WHERE model = ?", (key,)
+            ).fetchone()
+            return str(row[0]) if row is not None else None
+
+        stored = await self._state.read(read)
+        if stored is None:
+            return None
+        mode, margin, outside, sampled = json.loads(stored)
+        if mode == VERIFICATION_MODES["replicate"]:
+            return wire.REPLICATE
+        return wire.Verification("prefill", margin, outside, sampled)
+
     async def registry_candidates(self) -> dict[str, Candidate]:
         """Registered nodes by address, weighted as the contract weighs them (from the mirror).
 
@@ -728,10 +757,32 @@ class ChainService:
                     )
                 )
             )
-            return {
+            result = {
                 "tx": receipt["transactionHash"].to_0x_hex(),
                 "model": "0x" + model_key(params.model).hex(),
             }
+            if params.verification != "replicate":
+                policy = wire.Verification.of(
+                    params.verification,
+                    params.margin_nats,
+                    params.max_outside,
+                    params.max_outside_sampled,
+                )
+                receipt = await self._guarded(
+                    self.transact(
+                        market.functions.setVerification(
+                            model_key(params.model),
+                            (
+                                VERIFICATION_MODES[policy.mode],
+                                policy.margin_milli,
+                                policy.outside_bps,
+                                policy.sampled_outside_bps,
+                            ),
+                        )
+                    )
+                )
+                result["verification_tx"] = receipt["transactionHash"].to_0x_hex()
+            return result
 
         async def rewards_claim(_: NoParams, __: ControlSession) -> dict[str, Any]:
             coordinator = self.contract("NodeCoordinator")

@@ -330,7 +330,7 @@ class RegistryMirror:
             "Slashed",
         }
     )
-    MODEL_EVENTS = frozenset({"ModelRegistered", "ModelUpdated"})
+    MODEL_EVENTS = frozenset({"ModelRegistered", "ModelUpdated", "VerificationChanged"})
     REQUEST_EVENTS = frozenset({"InferenceRequested", "InferenceSettled", "InferenceRefunded"})
 
     def __init__(self, link: RpcLink, deployment: Deployment) -> None:
@@ -370,10 +370,13 @@ class RegistryMirror:
             )
         model_rows = []
         for model in models:
-            owner, price, size, kind, active, cid, _, _ = self._marketplace.functions.modelInfo(
-                bytes.fromhex(model[2:])
-            ).call()
-            model_rows.append((model, cid, owner, str(price), int(size), int(kind), int(active)))
+            key = bytes.fromhex(model[2:])
+            market = self._marketplace.functions
+            owner, price, size, kind, active, cid, _, _ = market.modelInfo(key).call()
+            policy = json.dumps([int(v) for v in market.verificationOf(key).call()])
+            model_rows.append(
+                (model, cid, owner, str(price), int(size), int(kind), int(active), policy)
+            )
         request_rows = []
         for request in requests:
             model_id, requester, input_hash, price, deadline, status, committee = (
@@ -400,7 +403,7 @@ class RegistryMirror:
             "INSERT OR REPLACE INTO registry_nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?)", nodes
         )
         conn.executemany(
-            "INSERT OR REPLACE INTO registry_models VALUES (?, ?, ?, ?, ?, ?, ?)", models
+            "INSERT OR REPLACE INTO registry_models VALUES (?, ?, ?, ?, ?, ?, ?, ?)", models
         )
         conn.executemany(
             "INSERT OR REPLACE INTO chain_requests VALUES (?, ?, ?, ?, ?, ?, ?, ?)", requests

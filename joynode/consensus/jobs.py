@@ -29,8 +29,13 @@ def input_hash_of(offer: wire.JobOffer) -> bytes:
 
 
 def request_id_of(offer: wire.JobOffer) -> bytes:
-    """An unpaid job's id: the request, its requester and the requester's nonce."""
-    fields = (*_request_fields(offer), offer.requester.lower(), offer.nonce)
+    """An unpaid job's id: the request, its verification, its requester and its nonce.
+
+    (A paid job's verification is its model's registration at the request's
+    block, which every member reads from its mirror: not part of the input.)
+    """
+    policy = [msgspec.structs.astuple(offer.verification)] if offer.verification else []
+    fields = (*_request_fields(offer), *policy, offer.requester.lower(), offer.nonce)
     return bytes(keccak(_canonical.encode(fields)))
 
 
@@ -47,8 +52,6 @@ def _request_fields(offer: wire.JobOffer) -> tuple[object, ...]:
         offer.top_k,
         offer.seed,
         offer.ignore_eos,
-        # (absent for replicate: the ids of replicate jobs stay as they were)
-        *([msgspec.structs.astuple(offer.verification)] if offer.verification else []),
     )
 
 

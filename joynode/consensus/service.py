@@ -102,6 +102,7 @@ MIN_SETTLE_S = 10.0  # a paid job's reveal phase ends at least this long before 
 REFUND_MARGIN_S = 2.0  # after a paid job's deadline, before its offerer asks for a refund
 REFUND_ATTEMPTS = 30  # each REFUND_MARGIN_S apart, while the chain's clock lags ours
 CHAIN_RETRY_S = 2.0  # after the RPC failed, before trying a paid job's transaction again
+MIRROR_WAIT_S = 10.0  # for this node's mirror to hold a request it just paid for
 Status = Literal["pending", "certified", "failed"]
 PaymentStatus = Literal["escrowed", "settled", "refunded", "unsettled"]
 
@@ -319,7 +320,7 @@ class ConsensusService:
         inference: InferenceRunner,
         serving_status: Callable[[], ServingStatus],
         model_id_of: Callable[[str], str | None],
-        verification_of: Callable[[str], wire.Verification],
+        verification_of: Callable[[str], Awaitable[wire.Verification]],
         domain: Callable[[], Eip712Domain],
         registry: CollectorRegistry,
         offers_receive: trio.MemoryReceiveChannel[VerifiedGossip],
@@ -341,6 +342,7 @@ class ConsensusService:
         self._chain = chain
         self._chain_events = chain_events_receive
         self._parked: dict[bytes, list[tuple[wire.JobOffer, str]]] = {}  # paid, not seen on-chain
+        self._mirrored: dict[bytes, trio.Event] = {}  # requests this node paid, until mirrored
         self.address = key.address
         self.jobs: dict[bytes, Job] = {}
         self._early: dict[bytes, list[VerifiedGossip]] = {}
@@ -412,7 +414,7 @@ class ConsensusService:
             top_k=params.top_k,
             seed=params.seed,
             ignore_eos=params.ignore_eos,
-            verification=_on_the_wire(self._verification_of(model_id)),
+            verification=_on_the_wire(await self._verification_of(model_id)),
             requester=self.address,
             nonce=params.nonce if params.nonce is not None else time.time_ns(),
             committee=[self.address],
@@ -495,6 +497,13 @@ class ConsensusService:
                 self._metrics.onchain.labels("request", "failed").inc()
                 raise RpcError(JOB_ERROR, f"the marketplace refused the request: {exc}") from None
             self._metrics.onchain.labels("request", "ok").inc()
+        # Members judge the offer by their mirror as of the request's block: so does this node.
+        mirrored = self._mirrored.setdefault(info.request_id, trio.Event())
+        if await self._chain.mirrored_request(info.request_id) is None:
+            with trio.move_on_after(MIRROR_WAIT_S):
+                await mirrored.wait()
+        self._mirrored.pop(info.request_id, None)
+        policy = await self._verification_of(draft.model)
         settle_by = time.time() + info.seconds_left
         reveal_by = min(draft.reveal_deadline_ms, int((settle_by - MIN_SETTLE_S) * 1000))
         if reveal_by <= time.time_ns() // 1_000_000:
@@ -508,6 +517,7 @@ class ConsensusService:
             commit_deadline_ms=min(draft.commit_deadline_ms, reveal_by),
             reveal_deadline_ms=reveal_by,
             paid=True,
+            verification=_on_the_wire(policy),
         )
         return offer, Payment("escrowed", info.price, settle_by)
 
@@ -551,17 +561,6 @@ class ConsensusService:
             self._metrics.rejected.labels("bad_offer").inc()
             log.info("dropping a job offer from %s: %s", signer, describe_errors(exc))
             return
-        policy = self._verification_of(offer.model)
-        if (offer.verification or wire.REPLICATE) != policy:
-            self._metrics.rejected.labels("other_verification").inc()
-            log.info(
-                "dropping a job offer from %s: it asks for %s verification; model %s has %s",
-                signer,
-                offer.verification or wire.REPLICATE,
-                offer.model,
-                policy,
-            )
-            return
         now_ms = time.time_ns() // 1_000_000
         commit_by, reveal_by = offer.commit_deadline_ms, offer.reveal_deadline_ms
         if reveal_by <= now_ms or commit_by > reveal_by:
@@ -592,6 +591,21 @@ class ConsensusService:
             payment = verdict
             if offer.request_id in self.jobs:  # it came again while the chain was asked
                 return
+        # (After the paid check: once the mirror holds the request, it holds the model's
+        # registration as of the request's block too.)
+        policy = await self._verification_of(offer.model)
+        if (offer.verification or wire.REPLICATE) != policy:
+            self._metrics.rejected.labels("other_verification").inc()
+            log.info(
+                "dropping a job offer from %s: it asks for %s verification; model %s has %s",
+                signer,
+                (offer.verification or wire.REPLICATE).describe(),
+                offer.model,
+                policy.describe(),
+            )
+            return
+        if offer.request_id in self.jobs:
+            return
         await self._open(offer, submitter=False, payment=payment)
 
     async def _check_paid(self, offer: wire.JobOffer) -> Payment | str | None:
@@ -1077,6 +1091,8 @@ class ConsensusService:
             if event.removed or "requestId" not in event.args:
                 continue  # (chain.confirmations keeps reorgs below what the watcher applies)
             request_id = bytes.fromhex(str(event.args["requestId"])[2:])
+            if event.name == "InferenceRequested" and request_id in self._mirrored:
+                self._mirrored[request_id].set()
             if event.name == "InferenceRequested" and request_id in self._parked:
                 for offer, signer in self._parked.pop(request_id):
                     await self._on_offer(offer, signer)  # the first that matches is taken
