@@ -220,7 +220,7 @@ class Bench:
                 self.certify(rid, committee, len(committee))
         for size in REGISTRY_SIZES:
             for k in COMMITTEES:
-                label = f"ModelMarketplace.requestInference ({size} nodes, committee {k})"
+                label = f"({size} nodes, committee {k})"
                 rid, committee = self.request(requester, model_cid(size, k), label)
                 if size == 10:
                     self.certify(
@@ -369,13 +369,20 @@ class Bench:
         market = self.contract("ModelMarketplace")
         model = model_id(cid)
         call = market.functions.requestInference(model, ZERO_HASH, PRICE, self.now() + deadline_s)
-        receipt = self.tx(requester, call, label)
-        return self.requested(receipt)
+        receipt = self.tx(requester, call, label and f"ModelMarketplace.requestInference {label}")
+        return self.requested(requester, receipt, label)
 
-    def requested(self, receipt: TxReceipt) -> tuple[bytes, list[str]]:
-        event = self.contract("ModelMarketplace").events.InferenceRequested()
-        (log,) = event.process_receipt(receipt, errors=DISCARD)
-        return bytes(log["args"]["requestId"]), list(log["args"]["committee"])
+    def requested(
+        self, requester: LocalAccount, receipt: TxReceipt, label: str | None = None
+    ) -> tuple[bytes, list[str]]:
+        """The request's id and its committee, drawn in the next block by the requester."""
+        market = self.contract("ModelMarketplace")
+        (log,) = market.events.InferenceRequested().process_receipt(receipt, errors=DISCARD)
+        rid = bytes(log["args"]["requestId"])
+        draw = market.functions.drawCommittee(rid)
+        receipt = self.tx(requester, draw, label and f"ModelMarketplace.drawCommittee {label}")
+        (drawn,) = market.events.CommitteeDrawn().process_receipt(receipt, errors=DISCARD)
+        return rid, list(drawn["args"]["committee"])
 
     def certify(
         self, request_id: bytes, committee: Sequence[str], count: int, label: str | None = None

@@ -13,8 +13,11 @@ import {ProofOfUse} from "./ProofOfUse.sol";
 /// @title Models by IPFS CID, and pay-per-inference with escrow.
 /// @notice A model is registered by its CID (id = keccak256 of the CID string)
 /// with its owner, price per request, royalty recipients, committee size and
-/// kind. `requestInference` escrows the price, selects the committee and emits
-/// `InferenceRequested`. The proof-of-inference contract (SETTLER_ROLE) settles a
+/// kind. `requestInference` escrows the price and emits `InferenceRequested`;
+/// an LLM request's committee is drawn afterwards by anyone (`drawCommittee`),
+/// from the hash of the block that recorded the request and the request's
+/// sequence number: nothing its requester chooses (model, input, nonce) goes
+/// into the draw, so no request can be ground for a committee. The proof-of-inference contract (SETTLER_ROLE) settles a
 /// verified request: the platform fee (`feeBps` of the price) is split between
 /// the certificate's signers, the stakers and the treasury; the rest goes to the
 /// royalty recipients and the owner. After the deadline an unsettled request is
@@ -79,7 +82,9 @@ contract ModelMarketplace is JoyGoverned, ReentrancyGuardTransient {
         uint256 price;
         uint64 deadline;
         Status status;
-        address[] committee;
+        address[] committee; // LLM requests: empty until drawn
+        uint64 drawBlock; // the block that recorded the request: its hash seeds the draw
+        uint64 sequence; // the request's number among all requests
     }
 
     IERC20 public token;
@@ -95,6 +100,7 @@ contract ModelMarketplace is JoyGoverned, ReentrancyGuardTransient {
     mapping(bytes32 => Request) private _requests;
     mapping(address => uint256) public requestNonces;
     mapping(bytes32 => VerificationPolicy) private _verification;
+    uint64 public requestCount;
 
     event ModelRegistered(bytes32 indexed model, string cid, address indexed owner, uint256 price, uint8 committeeSize, Kind kind);
     event ModelUpdated(bytes32 indexed model, uint256 price, bool active);
@@ -107,9 +113,9 @@ contract ModelMarketplace is JoyGoverned, ReentrancyGuardTransient {
         address indexed requester,
         bytes32 inputHash,
         uint256 price,
-        uint64 deadline,
-        address[] committee
+        uint64 deadline
     );
+    event CommitteeDrawn(bytes32 indexed requestId, bytes32 seed, address[] committee);
     event InferenceSettled(bytes32 indexed requestId, uint256 fee, uint256 toOwner);
     event InferenceRefunded(bytes32 indexed requestId, uint256 amount);
     event ParametersChanged(uint16 feeBps, uint16 signersBps, uint16 stakersBps, address treasury);
@@ -123,6 +129,10 @@ contract ModelMarketplace is JoyGoverned, ReentrancyGuardTransient {
     error DeadlinePassed();
     error NoCommittee(bytes32 model);
     error NotPending(bytes32 requestId);
+    error CommitteeAlreadyDrawn(bytes32 requestId);
+    error NoDrawForZk(bytes32 requestId);
+    error DrawTooEarly(uint64 drawBlock);
+    error DrawTooLate(uint64 drawBlock);
     error DeadlineNotReached(uint64 deadline);
 
     function initialize(
@@ -228,11 +238,9 @@ contract ModelMarketplace is JoyGoverned, ReentrancyGuardTransient {
         requestId = keccak256(
             abi.encode(block.chainid, address(this), msg.sender, requestNonces[msg.sender]++, model, inputHash)
         );
-        address[] memory committee;
-        if (m.kind == Kind.Llm) {
-            committee = coordinator.selectCommittee(model, requestId, m.committeeSize);
-            // A smaller committee than the model asks for would let fewer nodes certify.
-            if (committee.length < m.committeeSize) revert NoCommittee(model);
+        // A smaller committee than the model asks for would let fewer nodes certify.
+        if (m.kind == Kind.Llm && coordinator.eligibleCount(model) < m.committeeSize) {
+            revert NoCommittee(model);
         }
         token.safeTransferFrom(msg.sender, address(this), m.price);
         Request storage r = _requests[requestId];
@@ -242,8 +250,28 @@ contract ModelMarketplace is JoyGoverned, ReentrancyGuardTransient {
         r.price = m.price;
         r.deadline = deadline;
         r.status = Status.Pending;
+        r.drawBlock = uint64(block.number);
+        r.sequence = requestCount++;
+        emit InferenceRequested(requestId, model, msg.sender, inputHash, m.price, deadline);
+    }
+
+    /// Draw an LLM request's committee, from a later block on (anyone may: the node that
+    /// took the request does). The seed is the hash of the block that recorded the request,
+    /// unknown when the request was signed, with the request's sequence number.
+    function drawCommittee(bytes32 requestId) external returns (address[] memory committee) {
+        Request storage r = _requests[requestId];
+        if (r.status != Status.Pending) revert NotPending(requestId);
+        Model storage m = _models[r.model];
+        if (m.kind != Kind.Llm) revert NoDrawForZk(requestId);
+        if (r.committee.length != 0) revert CommitteeAlreadyDrawn(requestId);
+        if (block.number <= r.drawBlock) revert DrawTooEarly(r.drawBlock);
+        bytes32 anchor = blockhash(r.drawBlock);
+        if (anchor == bytes32(0)) revert DrawTooLate(r.drawBlock); // older than 256 blocks
+        bytes32 seed = keccak256(abi.encode(anchor, r.sequence));
+        committee = coordinator.selectCommittee(r.model, seed, m.committeeSize);
+        if (committee.length < m.committeeSize) revert NoCommittee(r.model);
         r.committee = committee;
-        emit InferenceRequested(requestId, model, msg.sender, inputHash, m.price, deadline, committee);
+        emit CommitteeDrawn(requestId, seed, committee);
     }
 
     /// The same as `requestInference`, approving the escrow with an EIP-2612 permit.

@@ -282,11 +282,12 @@ contract NodeCoordinator is JoyGoverned, ReentrancyGuardTransient {
 
     // ---- committee selection
 
-    /// The `k` nodes that answer `requestId` for `model`: active nodes serving it,
-    /// ranked by keccak256(requestId, node) (high 128 bits) times stake x reputation,
-    /// highest first, ties broken by lower address. joynode computes the same
-    /// ranking off-chain (joynode/chain/committee.py).
-    function selectCommittee(bytes32 model, bytes32 requestId, uint256 k)
+    /// The `k` nodes drawn by `seed` for `model`: active nodes serving it, ranked by
+    /// keccak256(seed, node) (high 128 bits) times stake x reputation, highest first,
+    /// ties broken by lower address. joynode computes the same ranking off-chain
+    /// (joynode/chain/committee.py). Paid requests draw with `ModelMarketplace.drawCommittee`'s
+    /// seed; unpaid jobs (off-chain) with their request id.
+    function selectCommittee(bytes32 model, bytes32 seed, uint256 k)
         external
         view
         returns (address[] memory committee)
@@ -301,7 +302,7 @@ contract NodeCoordinator is JoyGoverned, ReentrancyGuardTransient {
             Node storage node = _nodes[candidate];
             uint256 weight = node.stake * node.reputation;
             if (weight == 0 || node.stake < minStake) continue;
-            uint256 draw = uint256(keccak256(abi.encode(requestId, candidate))) >> 128;
+            uint256 draw = uint256(keccak256(abi.encode(seed, candidate))) >> 128;
             uint256 score = draw * weight;
             // insertion into the sorted top-k
             uint256 position = filled;
@@ -320,6 +321,15 @@ contract NodeCoordinator is JoyGoverned, ReentrancyGuardTransient {
         }
         committee = new address[](filled);
         for (uint256 i = 0; i < filled; i++) committee[i] = best[i];
+    }
+
+    /// How many nodes serving `model` a committee could be drawn from (stake and weight).
+    function eligibleCount(bytes32 model) external view returns (uint256 count) {
+        address[] storage candidates = _modelNodes[model];
+        for (uint256 i = 0; i < candidates.length; i++) {
+            Node storage node = _nodes[candidates[i]];
+            if (node.stake * node.reputation != 0 && node.stake >= minStake) count++;
+        }
     }
 
     function _before(uint256 scoreA, address a, uint256 scoreB, address b) private pure returns (bool) {

@@ -209,6 +209,11 @@ class ClaimRefusal(Message, tag="claim_refusal", frozen=True):
     reason: ShortStr
 
 
+class Received(Message, tag="received", frozen=True):
+    """The answer to a job message sent straight to a committee member: it was taken in
+    (whether it counted is the receiver's business, as with gossip)."""
+
+
 class JobVotesRequest(Message, tag="job_votes_request", frozen=True):
     """Asks a committee member for the votes it holds on a job (after a restart)."""
 
@@ -247,6 +252,7 @@ AnyMessage: TypeAlias = (
     | VoteCommit
     | VoteReveal
     | ClaimRefusal
+    | Received
     | JobVotesRequest
     | JobVotesReply
     | ZkJob
@@ -261,6 +267,7 @@ MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     VoteCommit,
     VoteReveal,
     ClaimRefusal,
+    Received,
     JobVotesRequest,
     JobVotesReply,
     ZkJob,

@@ -311,6 +311,7 @@ async def test_a_request_paid_by_a_wallet_is_relayed_and_forged_paid_offers_are_
                 "requestId"
             ]
         )
+        client.transact(market.functions.drawCommittee(request_id))  # in a later block
         hex_id = "0x" + request_id.hex()
 
         # ...a forged prompt under its id is refused, by the relay and by the members...
@@ -332,7 +333,7 @@ async def test_a_request_paid_by_a_wallet_is_relayed_and_forged_paid_offers_are_
                 partial(lambda n: _rejected(n, "not_as_paid") == 1.0, node), 10, "forgery refused"
             )
             # An offer for a request the chain has not shown is held, not run, and costs
-            # no RPC; it would be taken up if its InferenceRequested came.
+            # no RPC; it would be taken up if its CommitteeDrawn came.
             await wait_for(
                 partial(lambda n: b"\x42" * 32 in n.consensus._parked, node), 10, "unknown held"
             )
@@ -390,7 +391,7 @@ async def test_a_member_that_missed_the_votes_takes_the_certificate_the_chain_ve
         a, c = nodes[0], nodes[2]
         c.consensus._inference = Slow(c.inference_client, 30.0)  # type: ignore[assignment]
 
-        async def deaf(_: object) -> None:
+        async def deaf(*_: object) -> None:
             return None  # C hears no vote gossip (cut off, or down while they were sent)
 
         c.consensus._on_vote = deaf  # type: ignore[method-assign,assignment]

@@ -18,11 +18,13 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
+from eth_abi.abi import encode as abi_encode
 from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from web3.contract import Contract
+from web3.exceptions import ContractCustomError
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
@@ -200,7 +202,13 @@ class World:
             self.marketplace.functions.requestInference(model, input_hash, price, deadline),
         )
         (event,) = self.events(self.marketplace, "InferenceRequested", receipt)
-        return Request(event["requestId"], model, list(event["committee"]), deadline)
+        return Request(event["requestId"], model, self.draw(event["requestId"]), deadline)
+
+    def draw(self, request_id: bytes) -> list[str]:
+        """Draw a request's committee (anyone may, in a later block); the committee."""
+        receipt = self.tx(account(STAKER), self.marketplace.functions.drawCommittee(request_id))
+        (drawn,) = self.events(self.marketplace, "CommitteeDrawn", receipt)
+        return list(drawn["committee"])
 
     def pending(
         self,
@@ -1026,14 +1034,15 @@ def test_request_with_permit(chain: Chain) -> None:
     (event,) = w.events(w.marketplace, "InferenceRequested", receipt)
     assert event["requester"] == requester.address
     assert event["price"] == PRICE
-    assert len(event["committee"]) == 3
+    committee = w.draw(event["requestId"])
+    assert len(committee) == 3
     assert chain.balance(requester.address) == before - PRICE
     assert w.token.functions.nonces(requester.address).call() == 1
     assert allowance.call() == max_price - PRICE
     with reverts(no_allowance(max_price - PRICE)):  # the used permit adds nothing
         request(signature)
     # The request settles like any other.
-    w.certify(event["requestId"], list(event["committee"])[:2])
+    w.certify(event["requestId"], committee[:2])
     assert w.status(event["requestId"]) == 2
 
 
@@ -1113,8 +1122,10 @@ def test_committee_matches_off_chain_selection(
             return
         (event,) = w.events(w.marketplace, "InferenceRequested", w.tx(account(REQUESTER), call))
         assert w.marketplace.functions.requestNonces(account(REQUESTER).address).call() == nonce + 1
-        expected = select_committee(candidates, event["requestId"], committee_size, min_stake)
-        assert list(event["committee"]) == expected
+        receipt = w.tx(account(STAKER), w.marketplace.functions.drawCommittee(event["requestId"]))
+        (drawn,) = w.events(w.marketplace, "CommitteeDrawn", receipt)
+        expected = select_committee(candidates, drawn["seed"], committee_size, min_stake)
+        assert list(drawn["committee"]) == expected
 
 
 def test_a_models_owner_sets_its_verification_policy_within_bounds(chain: Chain) -> None:
@@ -1139,3 +1150,61 @@ def test_a_models_owner_sets_its_verification_policy_within_bounds(chain: Chain)
             w.tx(account(OWNER), market.functions.setVerification(model, policy))
     w.tx(account(OWNER), market.functions.setVerification(model, (0, 0, 0, 0)))
     assert list(market.functions.verificationOf(model).call()) == [0, 0, 0, 0]
+
+
+def test_a_requester_cannot_pick_its_committee_by_grinding_request_ids(chain: Chain) -> None:
+    """The committee is drawn from the hash of the block that recorded the request and the
+    request's sequence number, in a later block: the requester's free inputs (input hash,
+    nonce, hence the request id) never enter the draw."""
+    w = World.of(chain)
+    nodes = node_accounts(8)
+    for node in nodes:
+        w.join(node, 1000 * JOY)
+    model = w.add_model(committee_size=3)
+    coordinator = w.coordinator.functions
+    candidates = []
+    for address in coordinator.nodesServing(model).call():
+        stake, _, _, reputation, *_ = coordinator.nodeInfo(address).call()
+        candidates.append(Candidate(address, stake, reputation))
+    colluders = sorted(n.address for n in nodes[:3])
+    # Under a draw seeded by the request id, the requester would search its inputs offline
+    # until the id picks its own nodes (1 in 56 here)...
+    requester = account(REQUESTER).address
+    nonce = w.marketplace.functions.requestNonces(requester).call()
+    chain_id = w.chain.w3.eth.chain_id
+    ground = None
+    for attempt in range(5000):
+        input_hash = attempt.to_bytes(32, "big")
+        request_id = keccak(
+            abi_encode(
+                ["uint256", "address", "address", "uint256", "bytes32", "bytes32"],
+                [chain_id, w.marketplace.address, requester, nonce, model, input_hash],
+            )
+        )
+        if sorted(select_committee(candidates, request_id, 3, MIN_STAKE)) == colluders:
+            ground = (input_hash, request_id)
+            break
+    assert ground is not None
+    input_hash, request_id = ground
+    # ...and that id is indeed what the request gets.
+    w.tx(account(REQUESTER), w.token.functions.approve(w.marketplace.address, PRICE))
+    call = w.marketplace.functions.requestInference(model, input_hash, PRICE, w.now() + 3600)
+    receipt = w.tx(account(REQUESTER), call)
+    (event,) = w.events(w.marketplace, "InferenceRequested", receipt)
+    assert event["requestId"] == request_id
+    info = w.marketplace.functions.requestInfo(request_id).call()
+    assert info[6] == []  # no committee yet: nobody can work on it before the draw
+    # Nothing to draw from within the recording block: the seed does not exist yet.
+    recorded = receipt["blockNumber"]
+    too_early = keccak(text="DrawTooEarly(uint64)")[:4].hex()
+    with pytest.raises(ContractCustomError, match=too_early):
+        w.marketplace.functions.drawCommittee(request_id).call(block_identifier=recorded)
+    drawn_receipt = w.tx(account(STAKER), w.marketplace.functions.drawCommittee(request_id))
+    (drawn,) = w.events(w.marketplace, "CommitteeDrawn", drawn_receipt)
+    anchor = w.chain.w3.eth.get_block(recorded)["hash"]
+    sequence = w.marketplace.functions.requestCount().call() - 1
+    assert drawn["seed"] == keccak(abi_encode(["bytes32", "uint64"], [bytes(anchor), sequence]))
+    assert list(drawn["committee"]) == select_committee(candidates, drawn["seed"], 3, MIN_STAKE)
+    assert list(w.marketplace.functions.requestInfo(request_id).call()[6]) == drawn["committee"]
+    with reverts(f"ModelMarketplace.CommitteeAlreadyDrawn(requestId=0x{request_id.hex()})"):
+        w.tx(account(REQUESTER), w.marketplace.functions.drawCommittee(request_id))

@@ -1,11 +1,13 @@
 """Committee selection, computed off-chain exactly as ``NodeCoordinator.selectCommittee``.
 
-Every node must find the same committee for a request from the same registry
-state, and it must equal the one the marketplace stored on-chain. Candidates
+Every node must find the same committee for a seed from the same registry
+state, and it must equal the one the marketplace stores on-chain. Candidates
 are the active nodes serving the model (stake at least the minimum, non-zero
-reputation); each draws ``keccak256(abi.encode(request_id, address)) >> 128``
-and scores ``draw * stake * reputation``; the ``k`` highest scores win, ties
-going to the lower address.
+reputation); each draws ``keccak256(abi.encode(seed, address)) >> 128`` and
+scores ``draw * stake * reputation``; the ``k`` highest scores win, ties going
+to the lower address. A paid request's seed comes from ``drawCommittee`` (the
+recording block's hash and the request's sequence number); an unpaid job's is
+its request id.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class Candidate:
 
 
 def select_committee(
-    candidates: Iterable[Candidate], request_id: bytes, k: int, min_stake: int
+    candidates: Iterable[Candidate], seed: bytes, k: int, min_stake: int
 ) -> list[str]:
     scored = []
     for candidate in candidates:
@@ -34,7 +36,7 @@ def select_committee(
             continue
         draw = (
             int.from_bytes(
-                keccak(abi_encode(["bytes32", "address"], [request_id, candidate.address])), "big"
+                keccak(abi_encode(["bytes32", "address"], [seed, candidate.address])), "big"
             )
             >> 128
         )

@@ -169,9 +169,9 @@ class TransactionSender:
     def transact(self, call: Any, *, value: int = 0, gas: int | None = None) -> TxReceipt:
         """Send a contract function call (``contract.functions.f(...)``); wait for its receipt.
 
-        ``gas`` skips the estimate, which runs against the latest block: on a
-        chain that mines only on demand that block's timestamp can be long
-        past, so a call that depends on time would wrongly revert there.
+        ``gas`` skips the estimate, which runs against the pending block (the
+        next one's number; on a chain that mines only on demand its time may
+        still lag the wall clock, so a call that depends on time can pass it).
         """
         tx = self._prepare(lambda params: call.build_transaction(params), value, gas)
         return self._send(tx)
@@ -186,14 +186,18 @@ class TransactionSender:
         return str(address), receipt
 
     def _prepare(self, build: Any, value: int, gas: int | None = None) -> dict[str, Any]:
+        # A gas field keeps web3 from estimating at the latest block: the estimate runs
+        # against the pending one, where the transaction will run (its number and time).
         base = {"from": self.address, "value": value, "chainId": self.w3.eth.chain_id}
-        if gas is not None:
-            base["gas"] = gas
+        base["gas"] = gas if gas is not None else 0
         try:
             tx: dict[str, Any] = dict(build(base))
+            if gas is None:
+                del tx["gas"]
+                tx["gas"] = int(self.w3.eth.estimate_gas(tx, "pending"))  # type: ignore[arg-type]
         except ContractLogicError as exc:
             raise TransactionFailed(*self._reason(exc)) from None
-        tx["gas"] = gas_limit(int(tx.get("gas") or self.w3.eth.estimate_gas(tx)))  # type: ignore[arg-type]
+        tx["gas"] = gas_limit(int(tx["gas"]))
         return tx
 
     def _fees(self) -> dict[str, int]:

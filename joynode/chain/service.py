@@ -505,14 +505,14 @@ class ChainService:
         token = self.contract("JoyToken")
         key = model_key(model_id)
 
-        def quote() -> tuple[int, int, int]:
-            price = int(market.functions.modelInfo(key).call()[1])
+        def quote() -> tuple[int, int, int, bool]:
+            info = market.functions.modelInfo(key).call()
             allowance = int(token.functions.allowance(self._account.address, market.address).call())
             now = max(int(w3.eth.get_block("latest")["timestamp"]), int(time.time()))
-            return price, allowance, now
+            return int(info[1]), allowance, now, info[3] == MODEL_KINDS["llm"]
 
         async with self._paying:  # one approve-then-request at a time: the allowance is shared
-            price, allowance, now = await self.call(quote)
+            price, allowance, now, llm = await self.call(quote)
             limit = price if max_price is None else max_price
             if allowance < limit:
                 await self.transact(token.functions.approve(market.address, limit))
@@ -520,9 +520,21 @@ class ChainService:
                 market.functions.requestInference(key, input_hash, limit, now + int(seconds))
             )
         events = market.events.InferenceRequested().process_receipt(receipt, errors=DISCARD)
-        info = await self.request_info(bytes(events[0]["args"]["requestId"]))
+        request_id = bytes(events[0]["args"]["requestId"])
+        if llm:
+            await self.draw_committee(request_id)
+        info = await self.request_info(request_id)
         assert info is not None  # it was just created
         return info
+
+    async def draw_committee(self, request_id: bytes) -> str:
+        """Draw a paid LLM request's committee (a later block than the request's); the tx.
+
+        Raises ``TransactionFailed`` with the contract's reason (already drawn,
+        not pending, too early or too late)."""
+        market = self.contract("ModelMarketplace")
+        receipt = await self.transact(market.functions.drawCommittee(request_id))
+        return str(receipt["transactionHash"].to_0x_hex())
 
     async def submit_certificate(self, certificate: Certificate) -> str:
         """Hand a certificate to ``ProofOfInference``; the transaction hash."""

@@ -331,7 +331,9 @@ class RegistryMirror:
         }
     )
     MODEL_EVENTS = frozenset({"ModelRegistered", "ModelUpdated", "VerificationChanged"})
-    REQUEST_EVENTS = frozenset({"InferenceRequested", "InferenceSettled", "InferenceRefunded"})
+    REQUEST_EVENTS = frozenset(
+        {"InferenceRequested", "CommitteeDrawn", "InferenceSettled", "InferenceRefunded"}
+    )
 
     def __init__(self, link: RpcLink, deployment: Deployment) -> None:
         self._link = link

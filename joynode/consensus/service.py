@@ -19,9 +19,10 @@ Committees are the contract's: ``select_committee`` over the nodes serving
 the model, weighted by stake x reputation from the mirrored registry (with no
 chain, equally). Unpaid jobs draw from the healthy peers only. Paid jobs
 (``infer.submit`` with ``paid``, or relaying a request someone paid with
-``onchain_request_id``) are escrowed by the marketplace, whose
-``InferenceRequested`` names the committee and the input hash; members check
-the gossiped offer against that record. Once certified, the agreeing members
+``onchain_request_id``) are escrowed by the marketplace (``InferenceRequested``
+records the input hash), and the node that took the request draws its committee
+on-chain from a later block (``drawCommittee``: a seed the requester could not
+choose); members check the offer against that record. Once certified, the agreeing members
 gather every reveal until the reveal deadline, and the first of them in rank
 order submits the certificate to ``ProofOfInference``; each next one waits
 ``takeover_s`` longer, checks whether it landed, and submits it if not. The
@@ -80,7 +81,7 @@ from joynode.messages import (
     ServingStatus,
     output_hash,
 )
-from joynode.p2p.gossip import JOBS, VOTES, VerifiedGossip
+from joynode.p2p.gossip import JOBS, VOTES, Topic, VerifiedGossip
 from joynode.p2p.peers import PeerState
 from joynode.p2p.rpc import RpcFailure
 from joynode.p2p.scoring import Offence
@@ -345,7 +346,7 @@ class ConsensusService:
         self._mirrored: dict[bytes, trio.Event] = {}  # requests this node paid, until mirrored
         self.address = key.address
         self.jobs: dict[bytes, Job] = {}
-        self._early: dict[bytes, list[VerifiedGossip]] = {}
+        self._early: dict[bytes, list[tuple[wire.VoteCommit | wire.VoteReveal, str]]] = {}
         self._early_count = 0
         self._early_by_signer: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
@@ -356,6 +357,8 @@ class ConsensusService:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._p2p.handle_requests(wire.JobVotesRequest, self._answer_votes)
+        for kind in (wire.JobOffer, wire.VoteCommit, wire.VoteReveal, wire.ClaimRefusal):
+            self._p2p.handle_requests(kind, self._receive_direct)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
@@ -389,7 +392,52 @@ class ConsensusService:
 
     async def _read_votes(self) -> None:
         async for gossip in self._votes:
-            await self._on_vote(gossip)
+            await self._on_vote(gossip.message, gossip.signer)
+
+    async def _receive_direct(self, peer: str, message: wire.Message) -> wire.Message:
+        """A job message a follower sent straight to this node (``_send``): the stream's
+        peer id is the sender's key, so its address is as sure as a gossip signature's."""
+        sender = self._p2p.address_of(peer)
+        if sender is None:
+            return wire.ErrorReply(400, "the sender's peer id has no secp256k1 key")
+        if isinstance(message, wire.JobOffer):
+            await self._on_offer(message, sender)
+        elif isinstance(message, wire.VoteCommit | wire.VoteReveal | wire.ClaimRefusal):
+            await self._on_vote(message, sender)
+        return wire.Received()
+
+    async def _send(self, job: Job, topic: Topic, message: wire.Message) -> None:
+        """Send a job's message to those who follow it: each committee member and the
+        requester, over a direct ``/joynet/rpc`` stream, so a job costs messages in
+        proportion to its committee, not to the network. Whoever cannot be reached
+        that way (not connected, refused, timed out) gets it by gossip instead."""
+        me = self.address.lower()
+        recipients = {a.lower(): a for a in (*job.tally.committee, job.offer.requester)}
+        recipients.pop(me, None)
+        missed: list[str] = []
+        kind = type(message).__name__
+        async with trio.open_nursery() as nursery:
+            for address in recipients.values():
+                nursery.start_soon(self._deliver, address, message, missed)
+        self._metrics.messages.labels(kind, "direct").inc(len(recipients) - len(missed))
+        if missed:
+            log.debug("job %s: %s by gossip for %s", _short(job), kind, ", ".join(missed))
+            self._metrics.messages.labels(kind, "gossip").inc()
+            await self._p2p.publish(topic, message)
+
+    async def _deliver(self, address: str, message: wire.Message, missed: list[str]) -> None:
+        peer = self._peer_of(address)
+        if peer is None:
+            missed.append(address)
+            return
+        try:
+            reply = await self._p2p.request(peer, message)
+        except RpcFailure as exc:
+            log.debug("%s not delivered to %s: %s", type(message).__name__, address, exc)
+            missed.append(address)
+            return
+        if not isinstance(reply, wire.Received):
+            missed.append(address)
 
     # ---- taking a job
 
@@ -455,7 +503,7 @@ class ConsensusService:
     async def _offer(self, job: Job, model_id: str) -> Job:
         """Gossip a job this node took to its committee."""
         try:
-            await self._p2p.publish(JOBS, job.offer)
+            await self._send(job, JOBS, job.offer)
         except Exception as exc:  # libp2p raises many unrelated types
             await self._finish(job, "failed", f"could not offer the job: {exc}")
         self._metrics.jobs.labels("submitted").inc()
@@ -487,6 +535,12 @@ class ConsensusService:
                     f"{params.onchain_request_id} was paid for another model or input "
                     f"(input hash of this one: 0x{input_hash.hex()})",
                 )
+            if not info.committee:  # paid by someone who did not draw its committee
+                try:
+                    await self._chain.draw_committee(request_id)
+                except TransactionFailed as exc:
+                    raise RpcError(JOB_ERROR, f"cannot draw its committee: {exc}") from None
+                info = await self._chain.request_info(request_id) or info
         else:
             seconds = s.commit_timeout_s + s.reveal_timeout_s + s.settle_timeout_s
             try:
@@ -497,7 +551,8 @@ class ConsensusService:
                 self._metrics.onchain.labels("request", "failed").inc()
                 raise RpcError(JOB_ERROR, f"the marketplace refused the request: {exc}") from None
             self._metrics.onchain.labels("request", "ok").inc()
-        # Members judge the offer by their mirror as of the request's block: so does this node.
+        # Members judge the offer by their mirror once it holds the drawn committee (and the
+        # model's registration as of then): so does this node.
         mirrored = self._mirrored.setdefault(info.request_id, trio.Event())
         if await self._chain.mirrored_request(info.request_id) is None:
             with trio.move_on_after(MIRROR_WAIT_S):
@@ -622,6 +677,8 @@ class ConsensusService:
             return None
         if info.status is not RequestStatus.PENDING:
             return "not_pending"
+        if not info.committee:
+            return None  # its committee is not drawn yet (or not mirrored)
         if not _matches(info, offer):
             return "not_as_paid"
         settle_by = time.time() + info.seconds_left
@@ -630,7 +687,7 @@ class ConsensusService:
         return Payment("escrowed", info.price, settle_by)
 
     def _park(self, offer: wire.JobOffer, signer: str) -> None:
-        """Hold a paid offer until the watcher mirrors its ``InferenceRequested``."""
+        """Hold a paid offer until the watcher mirrors its drawn committee (``CommitteeDrawn``)."""
         now_ms = time.time_ns() // 1_000_000
         for request_id, held in list(self._parked.items()):
             self._parked[request_id] = [h for h in held if h[0].reveal_deadline_ms >= now_ms]
@@ -660,10 +717,10 @@ class ConsensusService:
         job = Job(offer, self._tally(offer), role, payment=payment)
         self.jobs[offer.request_id] = job
         await self._state.write(lambda conn: _save_job(conn, job))
-        for gossip in self._early.pop(offer.request_id, []):
+        for message, sender in self._early.pop(offer.request_id, []):
             self._early_count -= 1
-            self._early_by_signer[gossip.signer] -= 1
-            await self._on_vote(gossip)
+            self._early_by_signer[sender] -= 1
+            await self._on_vote(message, sender)
         if member:
             self._spawn(self._execute, job)
         self._spawn(self._deadlines, job)
@@ -707,7 +764,7 @@ class ConsensusService:
                 sign(self._key, domain.commit_digest(offer.request_id, vote.commitment)),
             )
             await self._count_vote(job, self.address, commit)
-            await self._p2p.publish(VOTES, commit)
+            await self._send(job, VOTES, commit)
         if not job.open_for_votes() or (vote.revealed and self.address in job.tally.reveals):
             return
         if not vote.revealed:
@@ -734,7 +791,7 @@ class ConsensusService:
             sign(self._key, domain.result_digest(offer.request_id, output_hash(vote.token_ids))),
         )
         await self._count_vote(job, self.address, reveal)
-        await self._p2p.publish(VOTES, reveal)
+        await self._send(job, VOTES, reveal)
 
     async def _replicate(self, job: Job) -> Output | None:
         """Replicate verification: this member runs the job itself."""
@@ -760,7 +817,7 @@ class ConsensusService:
             self._p2p.penalize(peer, Offence.REFUSED_OUTPUT)
         refusal = wire.ClaimRefusal(job.request_id, claimant, claimed, verdict.reason[:256])
         try:
-            await self._p2p.publish(VOTES, refusal)
+            await self._send(job, VOTES, refusal)
         except Exception as exc:  # libp2p raises many unrelated types
             log.info("job %s: refusal not sent: %s", _short(job), exc)
 
@@ -781,12 +838,12 @@ class ConsensusService:
             for job in finished[: len(finished) - KEEP_FINISHED]:
                 del self.jobs[job.request_id]
 
-    async def _on_vote(self, gossip: VerifiedGossip) -> None:
-        message = gossip.message
+    async def _on_vote(self, message: wire.AnyMessage, sender: str) -> None:
+        """A vote or refusal from ``sender`` (the gossip signer, or the direct stream's peer)."""
         if isinstance(message, wire.ClaimRefusal):
             job = self._live_job(message.request_id)
             members = job.tally.committee if job is not None else ()
-            signer, claimant = gossip.signer.lower(), message.claimant.lower()
+            signer, claimant = sender.lower(), message.claimant.lower()
             if job is not None and {signer, claimant} <= {m.lower() for m in members}:
                 self._hear_refusal(job, to_checksum_address(signer), claimant, message.reason)
             return
@@ -794,11 +851,11 @@ class ConsensusService:
             return
         job = self._live_job(message.request_id)
         if job is None:
-            from_signer = self._early_by_signer.get(gossip.signer, 0)
+            from_signer = self._early_by_signer.get(sender, 0)
             if self._early_count < EARLY_VOTES and from_signer < EARLY_VOTES_PER_SIGNER:
-                self._early.setdefault(message.request_id, []).append(gossip)
+                self._early.setdefault(message.request_id, []).append((message, sender))
                 self._early_count += 1
-                self._early_by_signer[gossip.signer] = from_signer + 1
+                self._early_by_signer[sender] = from_signer + 1
             return
         if not job.open_for_votes():
             return
@@ -814,7 +871,7 @@ class ConsensusService:
         if now_ms > job.offer.reveal_deadline_ms + grace_ms:
             self._metrics.rejected.labels("late").inc()
             return
-        await self._count_vote(job, gossip.signer, message)
+        await self._count_vote(job, sender, message)
 
     async def _count_vote(
         self, job: Job, signer: str, vote: wire.VoteCommit | wire.VoteReveal
@@ -1091,9 +1148,9 @@ class ConsensusService:
             if event.removed or "requestId" not in event.args:
                 continue  # (chain.confirmations keeps reorgs below what the watcher applies)
             request_id = bytes.fromhex(str(event.args["requestId"])[2:])
-            if event.name == "InferenceRequested" and request_id in self._mirrored:
+            if event.name == "CommitteeDrawn" and request_id in self._mirrored:
                 self._mirrored[request_id].set()
-            if event.name == "InferenceRequested" and request_id in self._parked:
+            if event.name == "CommitteeDrawn" and request_id in self._parked:
                 for offer, signer in self._parked.pop(request_id):
                     await self._on_offer(offer, signer)  # the first that matches is taken
                 continue
@@ -1401,6 +1458,13 @@ class _ConsensusMetrics:
             "joynode_consensus_onchain_transactions",
             "Paid-job transactions (request, submit, takeover, report, refund) by outcome",
             ["action", "outcome"],
+            registry=registry,
+        )
+        self.messages = Counter(
+            "joynode_consensus_messages_sent",
+            "Job messages sent, by kind and route (direct: one per recipient; gossip: one "
+            "publish for whoever could not be reached directly)",
+            ["kind", "route"],
             registry=registry,
         )
         self.phase = Histogram(

@@ -437,6 +437,11 @@ class P2PService:
     def is_banned(self, peer: str) -> bool:
         return self.scorer.is_banned(peer)
 
+    @staticmethod
+    def address_of(peer: str) -> str | None:
+        """The node address whose key is ``peer``'s libp2p key (None: not a secp256k1 key)."""
+        return address_of_peer(ID.from_base58(peer).to_bytes())
+
     # ---- peers, connections, bans
 
     def _note(self, transition: Transition | None) -> None:
