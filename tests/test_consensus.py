@@ -17,8 +17,10 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+from prometheus_client import CollectorRegistry, Counter
 
 from joynode import wire
+from joynode.consensus.delivery import Delivery
 from joynode.consensus.jobs import request_id_of
 from joynode.consensus.service import JOB_ERROR, SubmitParams
 from joynode.consensus.tally import (
@@ -37,6 +39,7 @@ from joynode.messages import InferenceResult, SamplingSpec, output_hash
 from joynode.node import Node
 from joynode.p2p.gossip import JOBS, VOTES
 from joynode.p2p.peers import PeerState
+from joynode.p2p.rpc import RpcFailure
 from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain, sign
 from tests.factories import (
     LIBP2P_TEARDOWN_LEAK,
@@ -565,3 +568,54 @@ async def test_a_replayed_offer_is_never_run_twice_even_after_a_restart(
             async with ControlClient.connect(b_again.control.url or "", token) as client:
                 stored = await client.call("job.get", {"request_id": "0x" + job.request_id.hex()})
             assert stored["status"] == "certified"
+
+
+# ---- delivery to the committee (in memory, no sockets)
+
+
+class FakeNetwork:
+    """Peers by name: some answer at once, ``slow`` ones take a while, ``gone`` ones fail."""
+
+    def __init__(self, slow: set[str], gone: set[str]) -> None:
+        self.slow, self.gone = slow, gone
+        self.received: dict[str, list[wire.Message]] = {}
+        self.published: list[wire.Message] = []
+
+    async def request(self, peer_id: str, message: wire.Message) -> wire.AnyMessage:
+        if peer_id in self.gone:
+            raise RpcFailure(f"no answer from {peer_id}")
+        if peer_id in self.slow:
+            await trio.sleep(1.0)
+        self.received.setdefault(peer_id, []).append(message)
+        return wire.Received()
+
+    async def publish(self, topic: object, message: wire.Message) -> None:
+        self.published.append(message)
+
+
+async def test_delivery_keeps_order_per_follower_and_gossips_once_for_the_unreachable(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    network = FakeNetwork(slow={"slow"}, gone={"gone"})
+    sent = Counter("sent", "", ["kind", "route"], registry=CollectorRegistry())
+    delivery = Delivery(network, lambda address: address, sent)
+    member = Member()
+    commit, reveal = member.commit([1, 2]), member.reveal([1, 2])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(delivery.run)
+        began = trio.current_time()
+        delivery.send(["fast", "slow", "gone"], VOTES, commit)
+        delivery.send(["fast", "slow", "gone"], VOTES, reveal)
+        assert trio.current_time() == began  # sending never waits for anyone
+        await trio.sleep(0.1)
+        assert network.received["fast"] == [commit, reveal]  # not held up by the slow one
+        await trio.sleep(5)
+        assert network.received["slow"] == [commit, reveal]  # in order, the reveal after
+        # The unreachable follower's messages went by gossip, each once.
+        assert network.published == [commit, reveal]
+        delivery.send(["gone"], VOTES, commit)  # again: already gossiped, not twice
+        await trio.sleep(1)
+        assert network.published == [commit, reveal]
+        nursery.cancel_scope.cancel()
+    assert sent.labels("VoteCommit", "direct")._value.get() == 2
+    assert sent.labels("VoteCommit", "gossip")._value.get() == 1

@@ -58,6 +58,7 @@ from joynode.chain.rpc import ChainUnreachable
 from joynode.chain.sender import TransactionFailed
 from joynode.chain.service import model_key
 from joynode.config import ConsensusSection
+from joynode.consensus.delivery import Delivery
 from joynode.consensus.jobs import chat_of, input_hash_of, request_id_of, sampling_of
 from joynode.consensus.prefill import Output, PrefillMember
 from joynode.consensus.tally import (
@@ -352,6 +353,7 @@ class ConsensusService:
         self._nursery: trio.Nursery | None = None
         self._metrics = _ConsensusMetrics(registry)
         self._prefill = PrefillMember(key.address, inference, self._refuse)
+        self._delivery = Delivery(p2p, self._peer_of, self._metrics.messages)
 
     # ---- running
 
@@ -362,6 +364,7 @@ class ConsensusService:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
+                await nursery.start(self._delivery.run)
                 await self._restore()
                 nursery.start_soon(self._read_offers)
                 nursery.start_soon(self._read_votes)
@@ -406,38 +409,14 @@ class ConsensusService:
             await self._on_vote(message, sender)
         return wire.Received()
 
-    async def _send(self, job: Job, topic: Topic, message: wire.Message) -> None:
+    def _send(self, job: Job, topic: Topic, message: wire.Message) -> None:
         """Send a job's message to those who follow it: each committee member and the
-        requester, over a direct ``/joynet/rpc`` stream, so a job costs messages in
-        proportion to its committee, not to the network. Whoever cannot be reached
-        that way (not connected, refused, timed out) gets it by gossip instead."""
+        requester, straight and in order (``Delivery``), so a job costs messages in
+        proportion to its committee, not to the network. Never blocks."""
         me = self.address.lower()
-        recipients = {a.lower(): a for a in (*job.tally.committee, job.offer.requester)}
-        recipients.pop(me, None)
-        missed: list[str] = []
-        kind = type(message).__name__
-        async with trio.open_nursery() as nursery:
-            for address in recipients.values():
-                nursery.start_soon(self._deliver, address, message, missed)
-        self._metrics.messages.labels(kind, "direct").inc(len(recipients) - len(missed))
-        if missed:
-            log.debug("job %s: %s by gossip for %s", _short(job), kind, ", ".join(missed))
-            self._metrics.messages.labels(kind, "gossip").inc()
-            await self._p2p.publish(topic, message)
-
-    async def _deliver(self, address: str, message: wire.Message, missed: list[str]) -> None:
-        peer = self._peer_of(address)
-        if peer is None:
-            missed.append(address)
-            return
-        try:
-            reply = await self._p2p.request(peer, message)
-        except RpcFailure as exc:
-            log.debug("%s not delivered to %s: %s", type(message).__name__, address, exc)
-            missed.append(address)
-            return
-        if not isinstance(reply, wire.Received):
-            missed.append(address)
+        followers = {a.lower(): a for a in (*job.tally.committee, job.offer.requester)}
+        followers.pop(me, None)
+        self._delivery.send(list(followers.values()), topic, message)
 
     # ---- taking a job
 
@@ -502,10 +481,7 @@ class ConsensusService:
 
     async def _offer(self, job: Job, model_id: str) -> Job:
         """Gossip a job this node took to its committee."""
-        try:
-            await self._send(job, JOBS, job.offer)
-        except Exception as exc:  # libp2p raises many unrelated types
-            await self._finish(job, "failed", f"could not offer the job: {exc}")
+        self._send(job, JOBS, job.offer)
         self._metrics.jobs.labels("submitted").inc()
         log.info(
             "job %s: offered to %d member(s) for model %s%s",
@@ -764,7 +740,7 @@ class ConsensusService:
                 sign(self._key, domain.commit_digest(offer.request_id, vote.commitment)),
             )
             await self._count_vote(job, self.address, commit)
-            await self._send(job, VOTES, commit)
+            self._send(job, VOTES, commit)
         if not job.open_for_votes() or (vote.revealed and self.address in job.tally.reveals):
             return
         if not vote.revealed:
@@ -791,7 +767,7 @@ class ConsensusService:
             sign(self._key, domain.result_digest(offer.request_id, output_hash(vote.token_ids))),
         )
         await self._count_vote(job, self.address, reveal)
-        await self._send(job, VOTES, reveal)
+        self._send(job, VOTES, reveal)
 
     async def _replicate(self, job: Job) -> Output | None:
         """Replicate verification: this member runs the job itself."""
@@ -816,10 +792,7 @@ class ConsensusService:
         if peer is not None:
             self._p2p.penalize(peer, Offence.REFUSED_OUTPUT)
         refusal = wire.ClaimRefusal(job.request_id, claimant, claimed, verdict.reason[:256])
-        try:
-            await self._send(job, VOTES, refusal)
-        except Exception as exc:  # libp2p raises many unrelated types
-            log.info("job %s: refusal not sent: %s", _short(job), exc)
+        self._send(job, VOTES, refusal)
 
     def _hear_refusal(self, job: Job, verifier: str, claimant: str, reason: str) -> None:
         heard = job.refusals.setdefault(to_checksum_address(claimant), [])
