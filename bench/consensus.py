@@ -69,7 +69,8 @@ from pathlib import Path
 
 import trio
 
-from joynode.consensus.service import Job, SubmitParams
+from joynode.consensus.control import SubmitParams
+from joynode.consensus.job import Job
 from joynode.inference.engine import EngineSpec, VllmEngine
 from joynode.inference.models import prepare
 from joynode.messages import ChatMessage, InferenceResult, SamplingSpec

@@ -93,7 +93,8 @@ from joynode.chain.artifacts import load_artifacts
 from joynode.chain.deploy import JOY, DeployParams, deploy_all
 from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.chain.service import ChainService
-from joynode.consensus.service import Job, SubmitParams
+from joynode.consensus.control import SubmitParams
+from joynode.consensus.job import Job
 from joynode.inference.engine import EngineSpec, VllmEngine
 from joynode.inference.models import prepare
 from joynode.keys import NodeKey

@@ -49,7 +49,7 @@ from pathlib import Path
 import trio
 
 from bench.consensus import percentile
-from joynode.consensus.service import SubmitParams
+from joynode.consensus.control import SubmitParams
 from joynode.control.client import ControlClient
 from joynode.inference.engine import EngineSpec, VllmEngine
 from joynode.inference.models import prepare

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         ZkSettlement,
     )
     from joynode.p2p.gossip import Topic
+    from joynode.p2p.peers import PeerTable
     from joynode.p2p.scoring import Offence
     from joynode.zk.mlp import MlpProof
 
@@ -151,6 +152,31 @@ class SettlementChain(Protocol):
     async def refund(self, request_id: bytes) -> str: ...
 
     async def registry_candidates(self) -> dict[str, Candidate]: ...
+
+
+RequestHandler = Callable[[str, "wire.Message"], Awaitable["wire.Message"]]
+
+
+class JobTransport(Protocol):
+    """Carrying a job's messages: one ``/joynet/rpc`` request to a peer, or gossip."""
+
+    async def publish(self, topic: Topic, message: wire.Message) -> None: ...
+
+    async def request(self, peer_id: str, message: wire.Message) -> wire.AnyMessage: ...
+
+
+class JobNetwork(JobTransport, Protocol):
+    """What the consensus actor needs of the p2p actor (``P2PService`` provides it): the
+    peer table, gossip, ``/joynet/rpc`` requests both ways, and peer scores."""
+
+    @property
+    def peers(self) -> PeerTable: ...
+
+    def handle_requests(self, kind: type[wire.Message], handler: RequestHandler) -> None: ...
+
+    def penalize(self, peer: str, offence: Offence) -> None: ...
+
+    def address_of(self, peer: str) -> str | None: ...
 
 
 class GossipPublisher(Protocol):

@@ -56,6 +56,7 @@ from prometheus_client import CollectorRegistry, Info
 from joynode import __version__, wire
 from joynode.chain.service import ChainService
 from joynode.config import Config
+from joynode.consensus.control import consensus_methods
 from joynode.consensus.service import ConsensusService
 from joynode.control.methods import ControlMethod, ControlSession, MethodTable, NoParams, Reply
 from joynode.control.server import ControlServer
@@ -199,7 +200,7 @@ class Node:
                     *self.p2p.control_methods(),
                     *self.storage.control_methods(),
                     *self.inference.control_methods(self.inference_client),
-                    *self.consensus.control_methods(),
+                    *consensus_methods(self.consensus),
                     *(self.chain.control_methods() if self.chain is not None else []),
                     *(self.governance.control_methods() if self.governance is not None else []),
                     *(self.disputes.control_methods() if self.disputes is not None else []),

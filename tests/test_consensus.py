@@ -20,9 +20,9 @@ import trio
 from prometheus_client import CollectorRegistry, Counter
 
 from joynode import wire
+from joynode.consensus.control import JOB_ERROR, SubmitParams
 from joynode.consensus.delivery import Delivery
 from joynode.consensus.jobs import request_id_of
-from joynode.consensus.service import JOB_ERROR, SubmitParams
 from joynode.consensus.tally import (
     Certificate,
     CertificateVerifier,

@@ -25,8 +25,8 @@ from joynode import wire
 from joynode.chain.deploy import JOY
 from joynode.chain.rpc import CHAIN_UNREACHABLE
 from joynode.chain.service import model_key
+from joynode.consensus.control import JOB_ERROR, SubmitParams
 from joynode.consensus.jobs import input_hash_of, sampling_of
-from joynode.consensus.service import JOB_ERROR, SubmitParams
 from joynode.consensus.tally import Certificate, CertificateVerifier, vote_commitment
 from joynode.control.jsonrpc import RpcError
 from joynode.inference.engine import VllmEngine
@@ -281,7 +281,9 @@ async def test_the_next_ranked_member_takes_over_when_the_first_does_not_submit(
         job = await nodes[0].consensus.submit(paid())
         first = job.tally.committee[0]  # rank order: all are honest, so it submits first
         idle = next(n for n in nodes if n.consensus.address == first)
-        idle.consensus._chain = Idle(idle.consensus._chain)
+        settlement = idle.consensus._settlement  # the room that lands certificates
+        assert settlement is not None
+        settlement._chain = Idle(settlement._chain)
         result = await settled(nodes[0], job.request_id)
         assert result["payment"]["status"] == "settled"
         receipt = chain.w3.eth.get_transaction_receipt(result["payment"]["tx"])

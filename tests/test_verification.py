@@ -24,8 +24,8 @@ from joynode import wire
 from joynode.chain.committee import Candidate, select_committee
 from joynode.config import ModelEntry
 from joynode.consensus.calibration import serving
+from joynode.consensus.control import SubmitParams
 from joynode.consensus.jobs import request_id_of
-from joynode.consensus.service import SubmitParams
 from joynode.consensus.tally import Certificate, CertificateVerifier
 from joynode.consensus.verification import judge, length_problem
 from joynode.inference.engine import VllmEngine

@@ -17,12 +17,12 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable
-from typing import Protocol
 
 import trio
 from prometheus_client import Counter
 
 from joynode import wire
+from joynode.abc import JobTransport
 from joynode.p2p.gossip import Topic
 from joynode.p2p.rpc import RpcFailure
 
@@ -34,20 +34,12 @@ IDLE_S = 30.0  # an outbox with nothing to send this long ends its task
 PUBLISHED_KEPT = 4096  # fallback publishes remembered, so each goes out once
 
 
-class JobNetwork(Protocol):
-    """What delivery needs of the p2p actor (``P2PService`` provides it)."""
-
-    async def request(self, peer_id: str, message: wire.Message) -> wire.AnyMessage: ...
-
-    async def publish(self, topic: Topic, message: wire.Message) -> None: ...
-
-
 class Delivery:
     """Outboxes per follower; ``send`` never blocks. Run ``run`` in the actor's nursery."""
 
     def __init__(
         self,
-        network: JobNetwork,
+        network: JobTransport,
         peer_of: Callable[[str], str | None],
         sent: Counter,
     ) -> None:

@@ -29,19 +29,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
 from joynode import wire
 from joynode.abc import InferenceRunner
+from joynode.consensus.job import Job, short
 from joynode.consensus.jobs import chat_of, sampling_of
 from joynode.consensus.tally import Reveal
 from joynode.consensus.verification import Verdict, judge
 from joynode.inference.service import InferenceFailed
-
-if TYPE_CHECKING:
-    from joynode.consensus.service import Job
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +52,7 @@ class Output:
     executed: bool  # generated here (False: endorsed another member's claim)
 
 
-Refuse = Callable[["Job", str, bytes, Verdict], Awaitable[None]]
+Refuse = Callable[[Job, str, bytes, Verdict], Awaitable[None]]
 
 
 class PrefillMember:
@@ -80,7 +77,7 @@ class PrefillMember:
             if not job.open_for_votes():
                 return None
             if claim is None:
-                log.info("job 0x%s: no claim from %s in its turn", _short(job), member)
+                log.info("job %s: no claim from %s in its turn", short(job), member)
                 continue
             if claim.output_hash in refused:
                 continue  # it endorsed a claim this member already refused
@@ -89,11 +86,11 @@ class PrefillMember:
                 return None  # this node cannot check (its engine failed): it abstains
             if verdict.accepted:
                 log.info(
-                    "job 0x%s: %s's output accepted (%s)", _short(job), member, verdict.describe()
+                    "job %s: %s's output accepted (%s)", short(job), member, verdict.describe()
                 )
                 return Output(claim.token_ids, claim.text, executed=False)
             refused.add(claim.output_hash)
-            log.warning("job 0x%s: %s's output refused: %s", _short(job), member, verdict.reason)
+            log.warning("job %s: %s's output refused: %s", short(job), member, verdict.reason)
             await self._refuse(job, member, claim.output_hash, verdict)
         return None
 
@@ -109,7 +106,7 @@ class PrefillMember:
         try:
             scores = await self._inference.score(offer.model, offer.prompt, chat_of(offer), claimed)
         except InferenceFailed as exc:
-            log.warning("job 0x%s: cannot check a claim: %s", _short(job), exc)
+            log.warning("job %s: cannot check a claim: %s", short(job), exc)
             return None
         return judge(offer.verification or wire.REPLICATE, sampling_of(offer), claimed, scores)
 
@@ -123,11 +120,7 @@ class PrefillMember:
                 )
                 return Output(result.token_ids, result.text, executed=True)
         except InferenceFailed as exc:
-            log.warning("job 0x%s: cannot run it: %s", _short(job), exc)
+            log.warning("job %s: cannot run it: %s", short(job), exc)
             return None
-        log.warning("job 0x%s: inference missed the commit deadline", _short(job))
+        log.warning("job %s: inference missed the commit deadline", short(job))
         return None
-
-
-def _short(job: Job) -> str:
-    return job.request_id.hex()[:12]

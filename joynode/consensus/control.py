@@ -1,0 +1,120 @@
+"""The consensus actor's control methods: infer.submit, job.get, job.wait, jobs.list."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+import trio
+
+from joynode import wire
+from joynode.control.jsonrpc import RpcError
+from joynode.control.methods import ControlMethod, ControlSession
+from joynode.messages import ChatMessage
+
+if TYPE_CHECKING:
+    from joynode.consensus.service import ConsensusService
+
+JOB_ERROR = -32040  # JSON-RPC application error: the job is unknown or failed
+
+
+class SubmitParams(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    model: str = pydantic.Field(min_length=1, max_length=128)
+    prompt: str | None = pydantic.Field(None, max_length=wire.MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = pydantic.Field(None, max_length=64)
+
+    @pydantic.field_validator("messages")
+    @classmethod
+    def _turns_fit_the_wire(cls, value: list[ChatMessage] | None) -> list[ChatMessage] | None:
+        for turn in value or []:
+            if len(turn.content) > wire.MAX_PROMPT_CHARS:
+                raise ValueError(f"a message is longer than {wire.MAX_PROMPT_CHARS} characters")
+        return value
+
+    max_tokens: int = pydantic.Field(64, ge=1, le=wire.MAX_OUTPUT_TOKENS)
+    temperature: float = pydantic.Field(0.0, ge=0.0, le=2.0)
+    top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
+    top_k: int = pydantic.Field(-1, ge=-1, le=1 << 20)
+    seed: int | None = pydantic.Field(None, ge=0, le=2**63 - 1)
+    ignore_eos: bool = False
+    committee_size: int | None = pydantic.Field(
+        None, ge=1, le=wire.MAX_COMMITTEE, description="unpaid jobs (paid: the model's)"
+    )
+    nonce: int | None = pydantic.Field(None, ge=0, le=2**63 - 1)
+    paid: bool = pydantic.Field(False, description="pay through the marketplace from this node")
+    max_price: int | None = pydantic.Field(
+        None, ge=0, le=2**256 - 1, description="paid: most JOY base units to pay (default: price)"
+    )
+    onchain_request_id: str | None = pydantic.Field(
+        None,
+        pattern=r"^0x[0-9a-fA-F]{64}$",
+        description="relay a request someone already paid for; this prompt must match it",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _one_way_to_pay(self) -> SubmitParams:
+        if self.paid and self.onchain_request_id is not None:
+            raise ValueError("give paid or onchain_request_id, not both")
+        return self
+
+
+class JobParams(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    request_id: str = pydantic.Field(pattern=r"^0x[0-9a-fA-F]{64}$")
+    timeout_s: float = pydantic.Field(300.0, gt=0, le=3600)
+
+
+class ListParams(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    limit: int = pydantic.Field(50, ge=1, le=1000)
+
+
+def consensus_methods(consensus: ConsensusService) -> list[ControlMethod]:
+    async def infer_submit(params: SubmitParams, _: ControlSession) -> dict[str, Any]:
+        job = await consensus.submit(params)
+        return {
+            "request_id": "0x" + job.request_id.hex(),
+            "model": job.offer.model,
+            "committee": list(job.tally.committee),
+        }
+
+    async def job_get(params: JobParams, _: ControlSession) -> dict[str, Any]:
+        return await _job_json(consensus, params.request_id)
+
+    async def job_wait(params: JobParams, session: ControlSession) -> dict[str, Any]:
+        job = consensus.jobs.get(bytes.fromhex(params.request_id[2:]))
+        if job is None:
+            return await _job_json(consensus, params.request_id)  # long finished
+        with trio.move_on_after(params.timeout_s):
+            while not job.settled():
+                changed = job.changed
+                await session.notify("job.progress", job.progress())
+                await changed.wait()
+        return job.to_json()
+
+    async def jobs_list(params: ListParams, _: ControlSession) -> list[dict[str, Any]]:
+        newest = sorted(consensus.jobs.values(), key=lambda j: j.created_at, reverse=True)
+        return [job.to_json() for job in newest[: params.limit]]
+
+    return [
+        ControlMethod(
+            "infer.submit",
+            SubmitParams,
+            infer_submit,
+            "Offer a verified inference to a committee; returns its request id.",
+        ),
+        ControlMethod("job.get", JobParams, job_get, "A job's state, votes and certificate."),
+        ControlMethod(
+            "job.wait", JobParams, job_wait, "Wait (up to timeout_s) for a job to finish."
+        ),
+        ControlMethod("jobs.list", ListParams, jobs_list, "The newest jobs this node follows."),
+    ]
+
+
+async def _job_json(consensus: ConsensusService, request_id: str) -> dict[str, Any]:
+    """A job as JSON: from memory, or the stored outcome of an older one."""
+    found = await consensus.job_json(bytes.fromhex(request_id[2:]))
+    if found is None:
+        raise RpcError(JOB_ERROR, f"no job {request_id} on this node")
+    return found
