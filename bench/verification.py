@@ -126,7 +126,7 @@ async def cluster(
             )
             nodes.append(await stack.enter_async_context(running_node(home, {MODEL: engine})))
         for node in nodes:
-            await wait_for(partial(sees_all_serving, node, nodes), 60, "all peers up, serving")
+            await wait_for(partial(sees_all_serving, node, nodes), 180, "all peers up, serving")
         yield nodes
 
 
@@ -166,6 +166,7 @@ class ComputeResult:
     job_ms: list[float] = field(default_factory=list)
     executor_cpu: list[float] = field(default_factory=list)
     verifier_cpu: list[float] = field(default_factory=list)  # all verifiers of a job, summed
+    failed: str = ""  # why the run stopped early (a job that did not certify)
 
 
 async def bench_compute(
@@ -220,7 +221,8 @@ async def compute_run(
             await job.done.wait()
         job_ms = 1000 * (time.perf_counter() - began)
         if job.status != "certified":
-            raise RuntimeError(f"job {mode} k={k}: {job.status}: {job.reason}")
+            result.failed = f"job {i + 1} {job.status}: {job.reason[:160]}"
+            return result
         await trio.sleep(1.0)  # let the members still working on it stop
         spent = {a: cpu_seconds(p) - before[p] for a, p in by_address.items()}
         if i == 0:
@@ -247,6 +249,9 @@ def report_compute(results: Sequence[ComputeResult], max_tokens: int) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        if not r.job_ms:
+            print(f"| {r.mode} | {r.k} | no job certified: {r.failed} |")
+            continue
         executor, others = sum(r.executor_cpu), sum(r.verifier_cpu)
         print(
             f"| {r.mode} | {r.k} | {p50(r.local_ms):.0f} | {p50(r.job_ms):.0f} | "
