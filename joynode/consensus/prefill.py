@@ -34,7 +34,7 @@ import trio
 
 from joynode import wire
 from joynode.abc import InferenceRunner
-from joynode.consensus.job import Job, short
+from joynode.consensus.job import Job, short, trio_deadline
 from joynode.consensus.jobs import chat_of, sampling_of
 from joynode.consensus.tally import Reveal
 from joynode.consensus.verification import Verdict, judge
@@ -72,7 +72,7 @@ class PrefillMember:
         refused: set[bytes] = set()
         for rank, member in enumerate(committee):
             if member == self._address:
-                return await self._execute(job)
+                return await execute(self._inference, job)
             claim = await self._claim_of(job, member, job.created_at + turn * (rank + 1))
             if not job.open_for_votes():
                 return None
@@ -110,17 +110,18 @@ class PrefillMember:
             return None
         return judge(offer.verification or wire.REPLICATE, sampling_of(offer), claimed, scores)
 
-    async def _execute(self, job: Job) -> Output | None:
-        offer = job.offer
-        deadline = trio.current_time() + offer.commit_deadline_ms / 1000 - time.time()
-        try:
-            with trio.move_on_at(deadline):
-                result = await self._inference.complete(
-                    offer.model, offer.prompt, chat_of(offer), sampling_of(offer)
-                )
-                return Output(result.token_ids, result.text, executed=True)
-        except InferenceFailed as exc:
-            log.warning("job %s: cannot run it: %s", short(job), exc)
-            return None
-        log.warning("job %s: inference missed the commit deadline", short(job))
+
+async def execute(inference: InferenceRunner, job: Job) -> Output | None:
+    """Run the job on this node's engine, until its commit deadline (both modes use it)."""
+    offer = job.offer
+    try:
+        with trio.move_on_at(trio_deadline(offer.commit_deadline_ms)):
+            result = await inference.complete(
+                offer.model, offer.prompt, chat_of(offer), sampling_of(offer)
+            )
+            return Output(result.token_ids, result.text, executed=True)
+    except InferenceFailed as exc:
+        log.warning("job %s: cannot run it: %s", short(job), exc)
         return None
+    log.warning("job %s: inference missed the commit deadline", short(job))
+    return None

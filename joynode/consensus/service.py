@@ -73,7 +73,7 @@ from joynode.consensus.job import (
 )
 from joynode.consensus.jobs import chat_of, input_hash_of, request_id_of, sampling_of
 from joynode.consensus.metrics import ConsensusMetrics
-from joynode.consensus.prefill import Output, PrefillMember
+from joynode.consensus.prefill import PrefillMember, execute
 from joynode.consensus.settlement import Settlement
 from joynode.consensus.tally import (
     Certificate,
@@ -86,7 +86,6 @@ from joynode.consensus.tally import (
 from joynode.consensus.verification import Verdict
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import describe_errors
-from joynode.inference.service import InferenceFailed
 from joynode.keys import NodeKey
 from joynode.messages import (
     ChainEvent,
@@ -540,7 +539,7 @@ class ConsensusService:
         prefill = offer.verification is not None and offer.verification.mode == "prefill"
         if job.my_vote is None:
             began = time.monotonic()
-            output = await (self._prefill.decide(job) if prefill else self._replicate(job))
+            output = await (self._prefill.decide(job) if prefill else execute(self._inference, job))
             if output is None:
                 return
             phase = "inference" if output.executed else "verification"
@@ -586,21 +585,6 @@ class ConsensusService:
         )
         await self._count_vote(job, self.address, reveal)
         self._send(job, VOTES, reveal)
-
-    async def _replicate(self, job: Job) -> Output | None:
-        """Replicate verification: this member runs the job itself."""
-        offer = job.offer
-        try:
-            with trio.move_on_at(trio_deadline(offer.commit_deadline_ms)):
-                result = await self._inference.complete(
-                    offer.model, offer.prompt, chat_of(offer), sampling_of(offer)
-                )
-                return Output(result.token_ids, result.text, executed=True)
-        except InferenceFailed as exc:
-            log.warning("job %s: cannot run it: %s", short(job), exc)
-            return None
-        log.warning("job %s: inference missed the commit deadline", short(job))
-        return None
 
     async def _refuse(self, job: Job, claimant: str, claimed: bytes, verdict: Verdict) -> None:
         """Announce that this node refused ``claimant``'s output, and take it out of its score."""
