@@ -75,8 +75,7 @@ from joynode.inference.engine import EngineSpec, VllmEngine
 from joynode.inference.models import prepare
 from joynode.messages import ChatMessage, InferenceResult, SamplingSpec
 from joynode.node import Node
-from joynode.p2p.peers import PeerState
-from tests.factories import NodeHome, fast_p2p, make_home, running_node, wait_for
+from tests.factories import NodeHome, fast_p2p, make_home, running_node, sees_all_serving, wait_for
 
 MODEL_DIR = Path(".joynode/models/tiny")
 MODEL = "tiny"
@@ -214,18 +213,6 @@ def node_home(path: Path, settings: Settings, bootstrap: list[str] | None) -> No
     return home
 
 
-def sees_all_serving(node: Node, nodes: Sequence[Node]) -> bool:
-    model = node.inference.model_id(MODEL)
-    records = {r.peer_id: r for r in node.p2p.peers.records()}
-    return all(
-        n.p2p.peer_id in records
-        and records[n.p2p.peer_id].state is PeerState.UP
-        and model in records[n.p2p.peer_id].models
-        for n in nodes
-        if n is not node
-    )
-
-
 @asynccontextmanager
 async def cluster(
     root: Path, settings: Settings, engine: VllmEngine, count: int
@@ -238,7 +225,9 @@ async def cluster(
             nodes.append(await stack.enter_async_context(running_node(home, {MODEL: engine})))
         for node in nodes:
             await wait_for(
-                partial(sees_all_serving, node, nodes), READY_TIMEOUT_S, "all peers up, serving"
+                partial(sees_all_serving, node, nodes, MODEL),
+                READY_TIMEOUT_S,
+                "all peers up, serving",
             )
         yield nodes
 

@@ -86,7 +86,6 @@ from bench.consensus import (
     node_home,
     p50,
     p99,
-    sees_all_serving,
 )
 from joynode.chain.anvil import anvil_command, dev_account, listening_url
 from joynode.chain.artifacts import load_artifacts
@@ -101,7 +100,7 @@ from joynode.keys import NodeKey
 from joynode.messages import OnchainRequest
 from joynode.node import Node
 from tests.chain_fixtures import Chain
-from tests.factories import running_node, wait_for
+from tests.factories import running_node, sees_all_serving, wait_for
 from tests.test_consensus_chain import PRICE, register_model, stake
 
 FIRST_NODE_ACCOUNT = 2  # dev accounts 0 (admin) and 1 (treasury) come first
@@ -326,7 +325,9 @@ async def paid_cluster(
         await trio.to_thread.run_sync(register_model, chain, cid, k)
         for node in nodes:
             await wait_for(
-                partial(sees_all_serving, node, nodes), READY_TIMEOUT_S, "all peers up, serving"
+                partial(sees_all_serving, node, nodes, MODEL),
+                READY_TIMEOUT_S,
+                "all peers up, serving",
             )
             await wait_for(partial(mirrors, node, k), READY_TIMEOUT_S, "the registry mirrored")
         cluster = Cluster(nodes, [RpcLog() for _ in nodes])

@@ -55,8 +55,15 @@ from joynode.inference.engine import EngineSpec, VllmEngine
 from joynode.inference.models import prepare
 from joynode.messages import SamplingSpec
 from joynode.node import Node
-from joynode.p2p.peers import PeerState
-from tests.factories import NodeHome, NodeProcess, fast_p2p, make_home, running_node, wait_for
+from tests.factories import (
+    NodeHome,
+    NodeProcess,
+    fast_p2p,
+    make_home,
+    running_node,
+    sees_all_serving,
+    wait_for,
+)
 
 MODELS = Path(".joynode/models")
 MODEL = "model"
@@ -100,18 +107,6 @@ def home_for(
     return home
 
 
-def sees_all_serving(node: Node, nodes: Sequence[Node]) -> bool:
-    model = node.inference.model_id(MODEL)
-    records = {r.peer_id: r for r in node.p2p.peers.records()}
-    return all(
-        n.p2p.peer_id in records
-        and records[n.p2p.peer_id].state is PeerState.UP
-        and model in records[n.p2p.peer_id].models
-        for n in nodes
-        if n is not node
-    )
-
-
 @asynccontextmanager
 async def cluster(
     root: Path, model: Path, mode: str, engines: Sequence[VllmEngine], max_model_len: int
@@ -126,7 +121,9 @@ async def cluster(
             )
             nodes.append(await stack.enter_async_context(running_node(home, {MODEL: engine})))
         for node in nodes:
-            await wait_for(partial(sees_all_serving, node, nodes), 180, "all peers up, serving")
+            await wait_for(
+                partial(sees_all_serving, node, nodes, MODEL), 180, "all peers up, serving"
+            )
         yield nodes
 
 

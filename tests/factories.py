@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from joynode.inference.engine import VllmEngine
 from joynode.keys import ControlToken, NodeKey
 from joynode.node import Node
 from joynode.p2p import libp2p_compat
+from joynode.p2p.peers import PeerState
 
 LOOPBACK_PORT_ZERO = "127.0.0.1:0"
 
@@ -283,3 +284,16 @@ def descendants(root: int) -> list[Running]:
             found.append(Running(pid, seen[2], command.strip()))
             stack.extend(children.get(pid, []))
     return found
+
+
+def sees_all_serving(node: Node, nodes: Sequence[Node], model: str) -> bool:
+    """Whether ``node`` sees every other of ``nodes`` up and serving ``model`` (its name)."""
+    model_id = node.inference.model_id(model)
+    records = {r.peer_id: r for r in node.p2p.peers.records()}
+    return all(
+        n.p2p.peer_id in records
+        and records[n.p2p.peer_id].state is PeerState.UP
+        and model_id in records[n.p2p.peer_id].models
+        for n in nodes
+        if n is not node
+    )

@@ -38,7 +38,6 @@ from joynode.keys import NodeKey
 from joynode.messages import InferenceResult, SamplingSpec, output_hash
 from joynode.node import Node
 from joynode.p2p.gossip import JOBS, VOTES
-from joynode.p2p.peers import PeerState
 from joynode.p2p.rpc import RpcFailure
 from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain, sign
 from tests.factories import (
@@ -48,6 +47,7 @@ from tests.factories import (
     fast_p2p,
     make_home,
     running_node,
+    sees_all_serving,
     wait_for,
 )
 from tests.inference_fixtures import tiny_engine, tiny_model
@@ -249,7 +249,9 @@ async def committee_of(
             home = consensus_home(tmp_path / f"n{i}", tiny_model, bootstrap, commit_timeout_s)
             nodes.append(await stack.enter_async_context(running_node(home, {"tiny": engine})))
         for node in nodes:
-            await wait_for(partial(_sees_all_serving, node, nodes), 15, "all peers up, serving")
+            await wait_for(
+                partial(sees_all_serving, node, nodes, "tiny"), 15, "all peers up, serving"
+            )
         yield nodes
 
 
@@ -262,16 +264,6 @@ def consensus_home(
     home.set("consensus", "commit_timeout_s", str(commit_timeout_s))
     home.set("consensus", "reveal_timeout_s", "5")
     return home
-
-
-def _sees_all_serving(node: Node, nodes: list[Node]) -> bool:
-    model = node.inference.model_id("tiny")
-    others = [n.p2p.peer_id for n in nodes if n is not node]
-    records = {r.peer_id: r for r in node.p2p.peers.records()}
-    return all(
-        p in records and records[p].state is PeerState.UP and model in records[p].models
-        for p in others
-    )
 
 
 async def wait_job(node: Node, request_id: bytes, within_s: float = 30) -> dict[str, object]:
@@ -434,7 +426,7 @@ async def test_a_member_restarted_mid_job_reveals_what_it_committed(
             c.consensus._inference = Slow(c.inference_client, 4.0)  # type: ignore[assignment]
             async with running_node(b_home, engines) as b:
                 for node in (a, b, c):
-                    await wait_for(partial(_sees_all_serving, node, [a, b, c]), 15, "all up")
+                    await wait_for(partial(sees_all_serving, node, [a, b, c], "tiny"), 15, "all up")
                 job = await a.consensus.submit(SubmitParams(**PROMPT))
                 request_id = job.request_id
                 await wait_for(
@@ -552,7 +544,7 @@ async def test_a_replayed_offer_is_never_run_twice_even_after_a_restart(
         b_home = consensus_home(tmp_path / "b", tiny_model, a.p2p.listen_addrs())
         async with running_node(b_home, engines) as b:
             for node in (a, b):
-                await wait_for(partial(_sees_all_serving, node, [a, b]), 15, "both up")
+                await wait_for(partial(sees_all_serving, node, [a, b], "tiny"), 15, "both up")
             job = await a.consensus.submit(SubmitParams(**PROMPT, committee_size=2))
             assert (await wait_job(a, job.request_id))["status"] == "certified"
             await wait_for(b.consensus.jobs[job.request_id].finished, 10, "B done")

@@ -36,14 +36,13 @@ from joynode.node import Node
 from joynode.p2p.gossip import JOBS, VOTES
 from joynode.signatures import sign
 from tests.chain_fixtures import Chain, anvil_url, chain, deployed, dev_account, rpc_proxy
-from tests.factories import LIBP2P_TEARDOWN_LEAK, running_node, wait_for
+from tests.factories import LIBP2P_TEARDOWN_LEAK, running_node, sees_all_serving, wait_for
 from tests.inference_fixtures import tiny_engine, tiny_model
 from tests.test_consensus import (
     PROMPT,
     Slow,
     WrongWeights,
     _rejected,
-    _sees_all_serving,
     consensus_home,
     wait_job,
 )
@@ -120,7 +119,9 @@ async def paid_committee(
         assert cid is not None
         await trio.to_thread.run_sync(register_model, chain, cid, committee_size)
         for node in nodes:
-            await wait_for(partial(_sees_all_serving, node, nodes), 15, "all peers up, serving")
+            await wait_for(
+                partial(sees_all_serving, node, nodes, "tiny"), 15, "all peers up, serving"
+            )
             await wait_for(partial(_mirrors, node, count), 15, "the registry mirrored")
         yield nodes, cid
 

@@ -32,7 +32,6 @@ from joynode.inference.engine import VllmEngine
 from joynode.inference.service import InferenceClient
 from joynode.messages import ClaimScores, SamplingSpec
 from joynode.node import Node
-from joynode.p2p.peers import PeerState
 from joynode.signatures import OFFCHAIN_DOMAIN
 from tests.factories import (
     LIBP2P_TEARDOWN_LEAK,
@@ -41,6 +40,7 @@ from tests.factories import (
     make_home,
     run_cli,
     running_node,
+    sees_all_serving,
     wait_for,
 )
 from tests.inference_fixtures import (
@@ -229,20 +229,10 @@ async def smollm2_committee(
             home = prefill_home(tmp_path / f"{mode}{i}", model, bootstrap, mode)
             nodes.append(await stack.enter_async_context(running_node(home, {"model": engine})))
         for node in nodes:
-            await wait_for(partial(_sees_all_serving, node, nodes), 20, "all peers up, serving")
+            await wait_for(
+                partial(sees_all_serving, node, nodes, "model"), 20, "all peers up, serving"
+            )
         yield nodes
-
-
-def _sees_all_serving(node: Node, nodes: list[Node]) -> bool:
-    model = node.inference.model_id("model")
-    records = {r.peer_id: r for r in node.p2p.peers.records()}
-    return all(
-        n.p2p.peer_id in records
-        and records[n.p2p.peer_id].state is PeerState.UP
-        and model in records[n.p2p.peer_id].models
-        for n in nodes
-        if n is not node
-    )
 
 
 def nonce_ranking_first(requester: Node, first: Node, nodes: list[Node], prompt: str) -> int:

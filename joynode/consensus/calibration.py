@@ -29,9 +29,10 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from joynode.config import InferenceSection, ModelEntry
+from joynode.consensus.verification import gaps_below_top
 from joynode.inference.engine import EngineSpec, VllmEngine
 from joynode.inference.service import InferenceClient, InferenceService
-from joynode.messages import ClaimScores, InferenceRequest, SamplingSpec
+from joynode.messages import InferenceRequest, SamplingSpec
 
 PROMPTS = (
     "The capital of France is",
@@ -82,14 +83,6 @@ class Calibration:
         )
 
 
-def gaps_of(scores: ClaimScores, temperature: float) -> list[float]:
-    t = temperature if temperature > 0 else 1.0
-    return [
-        max(0.0, top - mine) / t
-        for mine, top in zip(scores.token_logprobs, scores.top_logprobs, strict=True)
-    ]
-
-
 async def calibrate(
     path: Path,
     executor_dtype: Dtype,
@@ -114,7 +107,7 @@ async def calibrate(
             for sampling, found in ((greedy, greedy_gaps), (sampled, sampled_gaps)):
                 claimed = (await executor.complete("model", prompt, None, sampling)).token_ids
                 scores = await verifier.score("model", prompt, None, claimed)
-                found.append(gaps_of(scores, sampling.temperature))
+                found.append(gaps_below_top(scores, sampling.temperature))
                 if sampling is greedy:
                     own = await verifier.complete("model", prompt, None, greedy)
                     differing += own.token_ids != claimed

@@ -79,6 +79,16 @@ def length_problem(claimed: Sequence[int], sampling: SamplingSpec, eos: frozense
     return ""
 
 
+def gaps_below_top(scores: ClaimScores, temperature: float) -> list[float]:
+    """How far below the verifier's top-1 each claimed token is, in nats (divided by the
+    temperature for sampled jobs: the draw is made on logits / T)."""
+    t = temperature if temperature > 0 else 1.0
+    return [
+        max(0.0, top - mine) / t
+        for mine, top in zip(scores.token_logprobs, scores.top_logprobs, strict=True)
+    ]
+
+
 def judge(
     policy: wire.Verification,
     sampling: SamplingSpec,
@@ -91,11 +101,7 @@ def judge(
     if problem:
         return Verdict(False, problem, n, 0, 0.0)
     margin = policy.margin_milli / 1000
-    temperature = sampling.temperature if sampling.temperature > 0 else 1.0
-    gaps = [
-        max(0.0, top - mine) / temperature
-        for mine, top in zip(scores.token_logprobs, scores.top_logprobs, strict=True)
-    ]
+    gaps = gaps_below_top(scores, sampling.temperature)
     cut = sampling.top_k if sampling.temperature > 0 and sampling.top_k > 0 else None
     outside = sum(
         1
