@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from joynode.inference.engine import configure_environment
 from tests.factories import NodeHome, make_home
+
+# The node's vLLM environment (passive OpenMP threads among it) before any test loads torch.
+configure_environment(kv_cache_gib=1.0)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ work with vLLM.)
 
 vLLM reads its settings from the environment when it is imported, so
 ``configure_environment`` runs first: offline (no hub, no usage stats), bound
-to 127.0.0.1, its logs through ours. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is
+to 127.0.0.1, its logs through ours, OpenMP threads that sleep when idle. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is
 set, yet vLLM 0.32's ``AsyncLLM`` still starts its engine core as a child
 process (``VLLM::EngineCore``, by fork on CPU, by spawn once CUDA is up), so
 whatever starts an engine needs an ``if __name__ == "__main__":`` guard. That
@@ -72,8 +72,16 @@ class EngineError(Exception):
 
 
 def configure_environment(kv_cache_gib: float) -> None:
-    """Set vLLM's environment before it is first imported (idempotent)."""
+    """Set vLLM's environment before it is first imported (idempotent).
+
+    OpenMP threads wait passively (unless the operator chose otherwise): vLLM's
+    CPU backend otherwise keeps them spinning between forward passes, and the
+    engines of one machine, pinned to the same cores, starve each other; a
+    prefill verifier then costs as much CPU as generation (docs/benchmarks.md).
+    The setting is read when torch loads, so it must be set before that.
+    """
     os.environ.update(VLLM_ENVIRONMENT)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))
 
 
