@@ -97,6 +97,10 @@ def home_for(
 ) -> NodeHome:
     with contextlib.redirect_stdout(io.StringIO()):  # `joynode init`'s report
         home = fast_p2p(make_home(path), bootstrap=bootstrap)
+    # Heartbeats every 2 s, not the tests' 0.5 s: sixteen nodes on one trio thread and two
+    # cores otherwise lag into bursts that their peers' gossip rate limits refuse.
+    home.set("p2p", "heartbeat_interval_s", "2.0")
+    home.set("p2p", "peer_timeout_s", "8.0")
     entry = f'name = "{MODEL}", path = "{model}", verification = "{mode}", margin_nats = 0.5'
     home.set("inference", "models", f"[{{{entry}}}]")
     home.set("inference", "max_model_len", str(max_model_len))

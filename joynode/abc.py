@@ -127,7 +127,18 @@ class InferenceRunner(Protocol):
     ) -> ClaimScores: ...
 
 
-class SettlementChain(Protocol):
+class CommitteeChain(Protocol):
+    """What drawing and checking unpaid committees needs of the chain actor: the mirrored
+    registry and recent blocks (``ChainService`` provides it)."""
+
+    async def registry_candidates(self) -> dict[str, Candidate]: ...
+
+    async def seed_block(self) -> wire.BlockRef | None: ...
+
+    async def recent_block_hash(self, number: int) -> bytes | None: ...
+
+
+class SettlementChain(CommitteeChain, Protocol):
     """What the consensus actor needs of the chain actor (``ChainService`` provides it).
 
     Transactions raise ``joynode.chain.sender.TransactionFailed`` with the
@@ -150,8 +161,6 @@ class SettlementChain(Protocol):
     async def report_equivocation(self, evidence: Equivocation) -> str | None: ...
 
     async def refund(self, request_id: bytes) -> str: ...
-
-    async def registry_candidates(self) -> dict[str, Candidate]: ...
 
 
 RequestHandler = Callable[[str, "wire.Message"], Awaitable["wire.Message"]]

@@ -298,6 +298,13 @@ class InferenceSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="float32 keeps greedy outputs identical across batches."
     )
+    batch_invariant: bool = Field(
+        False,
+        description="Run vLLM batch-invariant (VLLM_BATCH_INVARIANT; its CUDA build only) and "
+        "announce this node's build (GPU, vLLM, torch, dtype) in heartbeats: prefill "
+        "verifiers of the very same build then require every greedy token to be their own "
+        "top-1, instead of the model's registered tolerance.",
+    )
     max_num_seqs: StrictInt = Field(
         32, ge=1, le=4096, description="Sequences vLLM batches together per model."
     )

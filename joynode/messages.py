@@ -30,6 +30,7 @@ class ServingStatus:
     models: tuple[str, ...]
     queue_depth: int
     capacity: int
+    build: str | None = None  # what exact comparison needs to match (``VllmEngine.build``)
 
 
 class SamplingSpec(pydantic.BaseModel):
@@ -133,6 +134,14 @@ class InferenceFailure:
 InferenceEvent: TypeAlias = TokenDelta | InferenceResult | ClaimScores | InferenceFailure
 
 
+class InferenceFailed(Exception):
+    """What ``InferenceClient`` raises for a request the inference actor could not serve."""
+
+    def __init__(self, failure: InferenceFailure) -> None:
+        super().__init__(f"{failure.code.value}: {failure.message}")
+        self.failure = failure
+
+
 def output_hash(token_ids: Sequence[int]) -> bytes:
     return keccak(b"".join(token.to_bytes(4, "big") for token in token_ids))
 
@@ -176,6 +185,11 @@ class ZkSettlement:
     prover: str
     logits: tuple[int, ...]  # signed
     tx: str
+
+
+def model_key(model_id: str) -> bytes:
+    """The bytes32 a model id (CID) has on-chain: keccak256 of the id string."""
+    return bytes(keccak(text=model_id))
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,9 @@ class Heartbeat(Message, tag="heartbeat", frozen=True):
     models: Annotated[list[ModelId], msgspec.Meta(max_length=64)]
     queue_depth: UInt
     capacity: UInt
+    # The build its engines compare bit-exactly with (GPU, vLLM, torch, dtype), when they
+    # run batch-invariant (``inference.batch_invariant``); None: tolerant checks only.
+    build: ShortStr | None = None
 
 
 class Gossip(Message, tag="gossip", frozen=True):
@@ -139,12 +142,21 @@ class Verification(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
 REPLICATE: Final = Verification("replicate")  # what an offer without a policy asks for
 
 
+class BlockRef(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    """A chain block by number and hash: what an unpaid job's committee is drawn from."""
+
+    number: UInt
+    hash: Bytes32
+
+
 class JobOffer(Message, tag="job_offer", frozen=True):
     """A verified-inference job for a committee, gossiped by the node that took it.
 
     Unpaid (``paid`` false): ``request_id`` must equal
-    ``consensus.jobs.request_id_of`` over the other request fields, so a job
-    cannot be passed off under another id. Paid: ``request_id`` is the
+    ``consensus.jobs.request_id_of`` over the other fields, committee and
+    deadlines included, so a job cannot be passed off under another id; with a
+    chain, ``committee_block`` is the recent block its committee was drawn from
+    (``consensus.committee``). Paid: ``request_id`` is the
     marketplace's, and the chain's record of it must match the offer (input
     hash ``consensus.jobs.input_hash_of``, model, requester, committee), so any
     node may relay it and ``nonce`` is unused.
@@ -167,6 +179,7 @@ class JobOffer(Message, tag="job_offer", frozen=True):
     reveal_deadline_ms: UInt
     paid: bool = False
     verification: Verification | None = None  # None: replicate
+    committee_block: BlockRef | None = None  # unpaid jobs on a chain
 
 
 class VoteCommit(Message, tag="vote_commit", frozen=True):

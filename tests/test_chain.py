@@ -24,6 +24,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from joynode.chain.anvil import dev_account
+from joynode.chain.committee import SEED_EPOCH_BLOCKS
 from joynode.chain.deploy import JOY
 from joynode.chain.rpc import CHAIN_UNREACHABLE, Backoff, RpcLink, public_url
 from joynode.chain.service import AmountParams, ModelRegistration
@@ -89,6 +90,20 @@ def recorded(db: Path) -> list[tuple[str, int]]:
         conn.close()
 
 
+def assert_boundaries_recorded(db: Path, chain: Chain) -> None:
+    """The watcher kept the latest epoch boundary at or below its cursor, with the chain's
+    hash (what unpaid committees are drawn from), and no boundary of another branch."""
+    conn = sqlite3.connect(db)
+    try:
+        cursor = int(conn.execute("SELECT block FROM chain_cursor").fetchone()[0])
+        blocks = dict(conn.execute("SELECT number, hash FROM chain_blocks").fetchall())
+    finally:
+        conn.close()
+    assert cursor - cursor % SEED_EPOCH_BLOCKS in blocks
+    for number, block_hash in blocks.items():
+        assert chain.w3.eth.get_block(number)["hash"].to_0x_hex() == block_hash
+
+
 async def catch_up(watcher: ChainWatcher, chain: Chain) -> list[ChainEvent]:
     delivered: list[ChainEvent] = []
     head = chain.w3.eth.block_number
@@ -143,6 +158,7 @@ async def test_watcher_applies_each_event_once_across_restarts_and_mirrors_the_r
     assert len(keys) == len(set(keys))  # nothing delivered twice
     assert set(keys) == canonical_logs(chain)  # nothing missed
     assert sorted(recorded(db)) == sorted(keys)
+    assert_boundaries_recorded(db, chain)
     assert [(peer, registered, int(stake)) for _, stake, registered, peer in mirrored] == [
         (f"peer-{i}", 1, 500 * JOY) for i in (2, 3, 4)
     ]
@@ -166,6 +182,7 @@ async def test_watcher_follows_a_reorg(chain: Chain, tmp_path: Path) -> None:
         }
         assert any(e.name == "Registered" and e.args["peerId"] == "peer-6" for e in after)
         assert set(recorded(tmp_path / "state.db")) == canonical_logs(chain)
+        assert_boundaries_recorded(tmp_path / "state.db", chain)
         peers = await state.read(
             lambda c: dict(c.execute("SELECT peer_id, registered FROM registry_nodes").fetchall())
         )

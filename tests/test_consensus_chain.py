@@ -22,16 +22,16 @@ from eth_account.signers.local import LocalAccount
 from web3.logs import DISCARD
 
 from joynode import wire
+from joynode.chain.committee import SEED_EPOCH_BLOCKS, select_committee, unpaid_seed
 from joynode.chain.deploy import JOY
 from joynode.chain.rpc import CHAIN_UNREACHABLE
-from joynode.chain.service import model_key
 from joynode.consensus.control import JOB_ERROR, SubmitParams
-from joynode.consensus.jobs import input_hash_of, sampling_of
+from joynode.consensus.jobs import input_hash_of, request_id_of, sampling_of
 from joynode.consensus.tally import Certificate, CertificateVerifier, vote_commitment
 from joynode.control.jsonrpc import RpcError
 from joynode.inference.engine import VllmEngine
 from joynode.keys import NodeKey
-from joynode.messages import RequestStatus, output_hash
+from joynode.messages import RequestStatus, model_key, output_hash
 from joynode.node import Node
 from joynode.p2p.gossip import JOBS, VOTES
 from joynode.signatures import sign
@@ -338,7 +338,9 @@ async def test_a_request_paid_by_a_wallet_is_relayed_and_forged_paid_offers_are_
             # An offer for a request the chain has not shown is held, not run, and costs
             # no RPC; it would be taken up if its CommitteeDrawn came.
             await wait_for(
-                partial(lambda n: b"\x42" * 32 in n.consensus._parked, node), 10, "unknown held"
+                partial(lambda n: n.consensus.statistics().offers_parked == 1, node),
+                10,
+                "unknown held",
             )
             assert request_id not in node.consensus.jobs
             assert b"\x42" * 32 not in node.consensus.jobs
@@ -483,3 +485,45 @@ async def test_a_committee_without_its_rpc_runs_unpaid_jobs_and_settles_when_it_
 
 def _chain_is(node: Node, state: str) -> bool:
     return node.supervisor.snapshot()["chain"]["state"] == state
+
+
+async def test_an_unpaid_committee_comes_from_a_recent_block_and_members_refuse_a_chosen_one(
+    tmp_path: Path, tiny_model: Path, tiny_engine: VllmEngine, chain: Chain
+) -> None:
+    async with paid_committee(tmp_path, tiny_model, tiny_engine, chain) as (nodes, _):
+        a = nodes[0]
+        assert a.chain is not None
+        by_address = {n.consensus.address: n for n in nodes}
+        job = await a.consensus.submit(SubmitParams(**PROMPT, committee_size=2))
+        block = job.offer.committee_block
+        assert block is not None
+        assert block.number % SEED_EPOCH_BLOCKS == 0
+        assert chain.w3.eth.get_block(block.number)["hash"] == block.hash
+        candidates = await a.chain.registry_candidates()
+        ranking = select_committee(
+            candidates.values(), unpaid_seed(block.hash, a.consensus.address), 3, 0
+        )
+        assert job.offer.committee == ranking[:2]  # all three are up and serving
+        assert (await wait_job(a, job.request_id))["status"] == "certified"
+
+        # The requester lists the committee it would like: the two members drop it.
+        now_ms = time.time_ns() // 1_000_000
+        chosen = msgspec.structs.replace(
+            job.offer,
+            nonce=job.offer.nonce + 1,
+            committee=ranking[1:],  # skips the first-ranked node, which is up
+            commit_deadline_ms=now_ms + 15_000,
+            reveal_deadline_ms=now_ms + 20_000,
+        )
+        chosen = msgspec.structs.replace(chosen, request_id=request_id_of(chosen))
+        await a.p2p.publish(JOBS, chosen)
+        for address in ranking[1:]:
+            member = by_address[address]
+            await wait_for(
+                partial(_dropped, member, "committee_skips_live_node"), 10, "the offer dropped"
+            )
+            assert chosen.request_id not in member.consensus.jobs
+
+
+def _dropped(node: Node, reason: str) -> bool:
+    return _rejected(node, reason) == 1.0

@@ -16,10 +16,11 @@ from prometheus_client import CollectorRegistry
 
 from joynode.inference.engine import STOP_TIMEOUT_S, EngineSpec, VllmEngine
 from joynode.inference.models import model_id, prepare
-from joynode.inference.service import InferenceClient, InferenceFailed, InferenceService
+from joynode.inference.service import InferenceClient, InferenceService
 from joynode.messages import (
     ChatMessage,
     FailureCode,
+    InferenceFailed,
     InferenceRequest,
     InferenceResult,
     SamplingSpec,

@@ -268,6 +268,19 @@ def test_a_busy_port_at_the_default_log_level_still_ends_in_one_clear_line(
     assert "actor p2p ready" in result.stderr  # it got that far, and stopped what it started
 
 
+def test_batch_invariance_on_a_cpu_build_ends_in_one_line_and_exit_2(
+    home: NodeHome, tiny_model: Path
+) -> None:
+    small_engine(home).set("inference", "models", f'[{{name = "tiny", path = "{tiny_model}"}}]')
+    home.set("inference", "batch_invariant", "true")
+    result = run_cli("run", "--config", str(home.config_path), "--log-level", "warning")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "joynode: inference.models[0]: inference.batch_invariant needs vLLM's CUDA build "
+        "(its batch-invariant kernels run on GPUs); the installed vLLM runs on 'cpu'"
+    ]
+
+
 INJECTED_FAILURE = """
 import sys
 from joynode.http import HttpServer

@@ -164,6 +164,23 @@ async def test_forged_gossip_is_rejected_and_costs_the_sender(tmp_path: Path) ->
         )
 
 
+async def test_a_malformed_pubsub_frame_drops_its_stream_not_the_node(tmp_path: Path) -> None:
+    async with three_nodes(tmp_path) as nodes, raw_peer() as raw:
+        a, _, c = nodes
+        for node in nodes:
+            await wait_for(partial(all_up, nodes, node), 10, "all peers up")
+        await raw.host.connect(info_from_p2p_addr(Multiaddr(a.p2p.listen_addrs()[0])))
+        stream = await raw.host.new_stream(
+            ID.from_base58(a.p2p.peer_id), libp2p_compat.GOSSIPSUB_PROTOCOLS
+        )
+        frame = b"\x0a\xff\xff\xff\x0f"  # a field whose length runs past the frame
+        await stream.write(bytes([len(frame)]) + frame)
+        # The node keeps running and hearing its peers.
+        before = heartbeat_seq(a, c)
+        await wait_for(lambda: heartbeat_seq(a, c) > before + 2, 10, "C's heartbeats flow")
+        assert a.supervisor.snapshot()["p2p"]["state"] == "ready"
+
+
 async def test_a_persistent_liar_is_banned_and_refused(tmp_path: Path) -> None:
     async with three_nodes(tmp_path) as nodes, raw_peer() as raw:
         a = nodes[0]

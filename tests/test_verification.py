@@ -21,11 +21,11 @@ import pytest
 import trio
 
 from joynode import wire
-from joynode.chain.committee import Candidate, select_committee
+from joynode.chain.committee import Candidate, chainless_seed, select_committee
 from joynode.config import ModelEntry
 from joynode.consensus.calibration import serving
 from joynode.consensus.control import SubmitParams
-from joynode.consensus.jobs import request_id_of
+from joynode.consensus.prefill import exact
 from joynode.consensus.tally import Certificate, CertificateVerifier
 from joynode.consensus.verification import judge, length_problem
 from joynode.inference.engine import VllmEngine
@@ -84,6 +84,18 @@ def test_greedy_claims_pass_within_the_margin_and_the_allowed_fraction() -> None
     lenient = wire.Verification.of("prefill", 1.0, 0.25, 0.5)  # 2 of 8 allowed
     assert judge(lenient, GREEDY_8, claimed, scores([0, 0, 5.0, 0, 0, 0, 9.0, 0])).accepted
     assert not judge(lenient, GREEDY_8, claimed, scores([0, 3, 5.0, 0, 0, 0, 9.0, 0])).accepted
+
+
+def test_the_same_build_is_held_to_its_own_top_1_other_builds_to_the_tolerance() -> None:
+    claimed = [5] * 8
+    near_tie = scores([0, 0, 0, 0.01, 0, 0, 0, 0])  # one token a hundredth of a nat off
+    assert judge(PREFILL, GREEDY_8, claimed, near_tie).accepted
+    refused = judge(exact(PREFILL), GREEDY_8, claimed, near_tie)
+    assert not refused.accepted
+    assert "1 of 8 positions beyond the margin" in refused.reason
+    assert judge(exact(PREFILL), GREEDY_8, claimed, scores([0.0] * 8)).accepted
+    # Sampled jobs keep the registered tolerance.
+    assert exact(PREFILL).sampled_outside_bps == PREFILL.sampled_outside_bps
 
 
 def test_sampled_claims_are_judged_on_the_tempered_gap_and_the_top_k_cut() -> None:
@@ -235,31 +247,12 @@ async def smollm2_committee(
         yield nodes
 
 
-def nonce_ranking_first(requester: Node, first: Node, nodes: list[Node], prompt: str) -> int:
+def nonce_ranking_first(requester: Node, first: Node, nodes: list[Node]) -> int:
     """A nonce whose (unpaid) committee ranks ``first`` first, as ``submit`` will draw it."""
-    model = requester.inference.model_id("model")
-    assert model is not None
     candidates = [Candidate(n.consensus.address, 1, 1) for n in nodes]
     for nonce in range(1000):
-        draft = wire.JobOffer(
-            request_id=b"\0" * 32,
-            model=model,
-            prompt=prompt,
-            messages=None,
-            max_tokens=GREEDY_32.max_tokens,
-            temperature=0.0,
-            top_p=1.0,
-            top_k=-1,
-            seed=None,
-            ignore_eos=False,
-            requester=requester.consensus.address,
-            nonce=nonce,
-            committee=[requester.consensus.address],
-            commit_deadline_ms=0,
-            reveal_deadline_ms=0,
-            verification=requester.inference.verification_of(model),
-        )
-        drawn = select_committee(candidates, request_id_of(draft), len(nodes), 0)
+        seed = chainless_seed(requester.consensus.address, nonce)
+        drawn = select_committee(candidates, seed, len(nodes), 0)
         if drawn[0] == first.consensus.address:
             return nonce
     raise AssertionError("no nonce ranks that node first")
@@ -288,14 +281,14 @@ async def test_a_prefill_committee_certifies_what_a_replicate_one_splits_on(
     async with smollm2_committee(tmp_path, smollm2_model, engines, "replicate") as nodes:
         f32 = nodes[0]
         for prompt in PROMPTS:
-            result = await run_job(f32, prompt, nonce_ranking_first(f32, f32, nodes, prompt))
+            result = await run_job(f32, prompt, nonce_ranking_first(f32, f32, nodes))
             assert result["status"] == "certified", result["reason"]
             split += f32.consensus.address in result["dissenters"]
     assert split, "replication agreed across dtypes on every prompt"
     async with smollm2_committee(tmp_path, smollm2_model, engines, "prefill") as nodes:
         f32 = nodes[0]
         for prompt in PROMPTS:
-            result = await run_job(f32, prompt, nonce_ranking_first(f32, f32, nodes, prompt))
+            result = await run_job(f32, prompt, nonce_ranking_first(f32, f32, nodes))
             assert result["status"] == "certified", result["reason"]
             assert result["verification"] == "prefill"
             assert result["committee"][0] == f32.consensus.address  # the executor
@@ -329,9 +322,7 @@ async def test_a_lying_executor_is_refused_and_the_next_member_executes(
     async with smollm2_committee(tmp_path, smollm2_model, engines, "prefill") as nodes:
         requester, _, liar = nodes
         prompt = PROMPTS[0]
-        result = await run_job(
-            requester, prompt, nonce_ranking_first(requester, liar, nodes, prompt)
-        )
+        result = await run_job(requester, prompt, nonce_ranking_first(requester, liar, nodes))
         assert result["status"] == "certified", result["reason"]
         certificate = Certificate.from_json(result["certificate"])
         assert liar.consensus.address not in certificate.signers

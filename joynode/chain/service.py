@@ -40,7 +40,6 @@ import pydantic
 import trio
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from eth_utils.crypto import keccak
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from web3 import Web3
 from web3.exceptions import Web3Exception
@@ -49,7 +48,7 @@ from web3.logs import DISCARD
 from joynode import wire
 from joynode.chain.anvil import dev_account, running_anvil
 from joynode.chain.artifacts import CONTRACTS, load_artifacts
-from joynode.chain.committee import Candidate
+from joynode.chain.committee import SEED_EPOCH_BLOCKS, Candidate, is_recent_boundary
 from joynode.chain.deploy import JOY, Deployment, local_deployment
 from joynode.chain.rpc import Backoff, ChainUnreachable, RpcLink
 from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender
@@ -65,6 +64,7 @@ from joynode.messages import (
     ServingStatus,
     ZkModelInfo,
     ZkSettlement,
+    model_key,
 )
 from joynode.state import StateStore
 from joynode.storage.cid import Cid, CidError
@@ -87,11 +87,6 @@ STATUS_READ_S = 3.0  # chain.status waits this long for live values, then gives 
 
 class ChainError(Exception):
     """The chain cannot be used as configured (no deployment, wrong chain id...)."""
-
-
-def model_key(model_id: str) -> bytes:
-    """The bytes32 a model id (CID) has on-chain: keccak256 of the id string."""
-    return bytes(keccak(text=model_id))
 
 
 MAX_JOY = 10**12  # more than the whole supply: anything above is a typo
@@ -196,6 +191,7 @@ class ChainService:
         self._sender: TransactionSender | None = None
         self._watcher: ChainWatcher | None = None
         self._min_stake: int | None = None
+        self._boundaries: dict[int, bytes] = {}  # recent epoch blocks read from the RPC
         self._known: dict[str, Any] = {}  # chain.status's last live values, for outages
         self._paying = trio.Lock()
         self._m_events = Counter(
@@ -656,6 +652,49 @@ class ChainService:
         if mode == VERIFICATION_MODES["replicate"]:
             return wire.REPLICATE
         return wire.Verification("prefill", margin, outside, sampled)
+
+    async def seed_block(self) -> wire.BlockRef | None:
+        """The latest epoch boundary block the mirror holds, while it is recent: what the
+        unpaid jobs this node offers draw their committees from (None: not synced yet)."""
+        assert self._watcher is not None
+        cursor = (await self._watcher.cursor()).block
+        row = await self._state.read(
+            lambda c: c.execute(
+                "SELECT number, hash FROM chain_blocks WHERE number % ? = 0 "
+                "ORDER BY number DESC LIMIT 1",
+                (SEED_EPOCH_BLOCKS,),
+            ).fetchone()
+        )
+        if row is None or not is_recent_boundary(int(row[0]), cursor):
+            return None
+        return wire.BlockRef(int(row[0]), bytes.fromhex(str(row[1])[2:]))
+
+    async def recent_block_hash(self, number: int) -> bytes | None:
+        """The hash of block ``number`` if it may seed an unpaid committee now
+        (``is_recent_boundary``): from the mirror, else read once from the RPC and kept
+        (a few boundaries at most, so offers cannot make this node call the RPC
+        often); None if it may not, or cannot be read."""
+        assert self._watcher is not None
+        if not is_recent_boundary(number, (await self._watcher.cursor()).block):
+            return None
+        if number in self._boundaries:
+            return self._boundaries[number]
+        row = await self._state.read(
+            lambda c: c.execute(
+                "SELECT hash FROM chain_blocks WHERE number = ?", (number,)
+            ).fetchone()
+        )
+        if row is not None:
+            return bytes.fromhex(str(row[0])[2:])
+        w3, _ = self._connected()
+        try:
+            block = await self.call(w3.eth.get_block, number)
+        except (ChainUnreachable, Web3Exception):
+            return None
+        for old in sorted(self._boundaries)[: max(0, len(self._boundaries) - 3)]:
+            del self._boundaries[old]
+        self._boundaries[number] = bytes(block["hash"])
+        return self._boundaries[number]
 
     async def registry_candidates(self) -> dict[str, Candidate]:
         """Registered nodes by address, weighted as the contract weighs them (from the mirror).

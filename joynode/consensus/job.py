@@ -22,6 +22,9 @@ from joynode import wire
 from joynode.consensus.tally import Certificate, JobTally
 from joynode.messages import output_hash
 
+CLOCK_GRACE_S = 2.0  # how far apart node clocks may be when judging deadlines
+MIN_SETTLE_S = 10.0  # a paid job's reveal phase ends at least this long before its deadline
+
 Status = Literal["pending", "certified", "failed"]
 PaymentStatus = Literal["escrowed", "settled", "refunded", "unsettled"]
 

@@ -1,8 +1,9 @@
 """A job's identity, computed the same way by every node.
 
 Unpaid jobs: ``request_id = keccak256(canonical msgpack of the request fields
-+ requester + nonce)``: model, prompt or messages, every sampling parameter,
-the requester's address and its nonce. Receivers recompute it from a
++ verification + requester + nonce + committee + its block + deadlines)``:
+model, prompt or messages, every sampling parameter, the requester's address
+and nonce, and who runs it until when. Receivers recompute it from a
 ``JobOffer`` and drop offers whose id does not match, so nobody can pass off
 one request under another's id (or reuse an id for other work).
 
@@ -29,13 +30,24 @@ def input_hash_of(offer: wire.JobOffer) -> bytes:
 
 
 def request_id_of(offer: wire.JobOffer) -> bytes:
-    """An unpaid job's id: the request, its verification, its requester and its nonce.
+    """An unpaid job's id: the request, its verification, requester, nonce, committee (and
+    the block it was drawn from) and deadlines.
 
     (A paid job's verification is its model's registration at the request's
     block, which every member reads from its mirror: not part of the input.)
     """
     policy = [msgspec.structs.astuple(offer.verification)] if offer.verification else []
-    fields = (*_request_fields(offer), *policy, offer.requester.lower(), offer.nonce)
+    block = offer.committee_block and msgspec.structs.astuple(offer.committee_block)
+    fields = (
+        *_request_fields(offer),
+        *policy,
+        offer.requester.lower(),
+        offer.nonce,
+        [a.lower() for a in offer.committee],
+        block,
+        offer.commit_deadline_ms,
+        offer.reveal_deadline_ms,
+    )
     return bytes(keccak(_canonical.encode(fields)))
 
 

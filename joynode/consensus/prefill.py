@@ -19,6 +19,12 @@ output becomes the next claim. So:
   this node heard of the job;
 - a lying verifier only signs against the majority, and is outvoted.
 
+Exact where it can be: a claimant whose heartbeat reports this node's own
+batch-invariant build (``inference.batch_invariant``: same GPU model, vLLM,
+torch and dtype) must match exactly on greedy jobs: every token this node's
+top-1 (margin 0, no position outside), instead of the model's registered
+tolerance, which stays for other builds and for sampled jobs.
+
 The votes themselves (commit, reveal, certificate) are the same as for
 ``replicate``, so ``ProofOfInference`` settles both alike.
 """
@@ -38,7 +44,7 @@ from joynode.consensus.job import Job, short, trio_deadline
 from joynode.consensus.jobs import chat_of, sampling_of
 from joynode.consensus.tally import Reveal
 from joynode.consensus.verification import Verdict, judge
-from joynode.inference.service import InferenceFailed
+from joynode.messages import InferenceFailed
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +64,18 @@ Refuse = Callable[[Job, str, bytes, Verdict], Awaitable[None]]
 class PrefillMember:
     """This node's turn-taking in ``prefill`` jobs; ``refuse`` announces a refused claim."""
 
-    def __init__(self, address: str, inference: InferenceRunner, refuse: Refuse) -> None:
+    def __init__(
+        self,
+        address: str,
+        inference: InferenceRunner,
+        refuse: Refuse,
+        same_build: Callable[[str], bool],
+    ) -> None:
+        """``same_build(member)``: whether ``member`` reports this node's exact build."""
         self._address = address
         self._inference = inference
         self._refuse = refuse
+        self._same_build = same_build
 
     async def decide(self, job: Job) -> Output | None:
         """The output this member votes for, or None if it has none by the commit deadline."""
@@ -81,7 +95,7 @@ class PrefillMember:
                 continue
             if claim.output_hash in refused:
                 continue  # it endorsed a claim this member already refused
-            verdict = await self._judge(job, claim.token_ids)
+            verdict = await self._judge(job, member, claim.token_ids)
             if verdict is None:
                 return None  # this node cannot check (its engine failed): it abstains
             if verdict.accepted:
@@ -101,14 +115,23 @@ class PrefillMember:
                 await job.changed.wait()
         return job.tally.reveals.get(member)
 
-    async def _judge(self, job: Job, claimed: tuple[int, ...]) -> Verdict | None:
+    async def _judge(self, job: Job, member: str, claimed: tuple[int, ...]) -> Verdict | None:
         offer = job.offer
         try:
             scores = await self._inference.score(offer.model, offer.prompt, chat_of(offer), claimed)
         except InferenceFailed as exc:
             log.warning("job %s: cannot check a claim: %s", short(job), exc)
             return None
-        return judge(offer.verification or wire.REPLICATE, sampling_of(offer), claimed, scores)
+        policy = offer.verification or wire.REPLICATE
+        sampling = sampling_of(offer)
+        if sampling.temperature == 0 and self._same_build(member):
+            policy = exact(policy)
+        return judge(policy, sampling, claimed, scores)
+
+
+def exact(policy: wire.Verification) -> wire.Verification:
+    """``policy`` with no tolerance for greedy jobs: every token the verifier's top-1."""
+    return wire.Verification("prefill", 0, 0, policy.sampled_outside_bps)
 
 
 async def execute(inference: InferenceRunner, job: Job) -> Output | None:

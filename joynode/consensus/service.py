@@ -1,34 +1,33 @@
 """The ``consensus`` actor: verified inference by committee majority vote.
 
-A job (``infer.submit`` on the control socket) is offered to a committee over
-gossip (``joynet/2/jobs``). Each member runs it on its own engine, then
-commits to its output over ``joynet/2/votes`` (a signed commitment to the
-output hash and a secret salt). Once every member has committed, or at the
-commit deadline, members reveal (tokens, salt, a signed result). A strict
-majority of the committee agreeing on one output hash makes a certificate
-that anyone can check (``CertificateVerifier``); a job with no possible
-majority, or none by the reveal deadline, fails with the reason.
+A job (``infer.submit`` on the control socket) is offered to a committee. Each
+member runs it (``replicate``: every member generates; ``prefill``: the first
+generates, the others check its tokens with one prefill pass), commits to its
+output (a signed commitment to the output hash and a secret salt), then
+reveals (tokens, salt, a signed result). A strict majority of the committee
+agreeing on one output hash makes a certificate that anyone can check
+(``CertificateVerifier``); a job with no possible majority, or none by the
+reveal deadline, fails with the reason. Job messages go to the job's
+followers only (committee and requester), straight and in order.
 
-Every node that follows a job (the one that took it, and the members) keeps
-its own tally, so each can show the certificate. Jobs, the votes heard and
-this node's own vote (with its salt) are in SQLite before anything is sent,
-so a restarted node reveals what it committed, never a second output, and
-finishes or fails each job it knew of with a reason.
+This module wires the job's life; each phase has its room:
 
-Committees are the contract's: ``select_committee`` over the nodes serving
-the model, weighted by stake x reputation from the mirrored registry (with no
-chain, equally). Unpaid jobs draw from the healthy peers only. Paid jobs
-(``infer.submit`` with ``paid``, or relaying a request someone paid with
-``onchain_request_id``) are escrowed by the marketplace (``InferenceRequested``
-records the input hash), and the node that took the request draws its committee
-on-chain from a later block (``drawCommittee``: a seed the requester could not
-choose); members check the offer against that record. Once certified, the agreeing members
-gather every reveal until the reveal deadline, and the first of them in rank
-order submits the certificate to ``ProofOfInference``; each next one waits
-``takeover_s`` longer, checks whether it landed, and submits it if not. The
-contract then rewards the signers, penalises the rest and pays out. Whoever
-sees a member sign two commits reports it on-chain (slashing). A paid job
-that is not settled by its deadline is refunded by the node that offered it.
+- ``offering``: taking a job as requester (the offer; a paid one's escrow);
+- ``committee``: an unpaid job's committee, drawn from a recent block;
+- ``admission``: which offers this node takes as a member (and parking paid
+  offers until the mirror shows their request);
+- ``prefill`` and ``verification``: executing, or checking the executor's
+  claim; ``delivery``: sending to the followers;
+- ``tally``: counting votes into a certificate, spotting equivocation;
+- ``settlement``: landing a paid job's certificate, refunds, reports;
+- here: the job's state machine (open, vote, finish, deadlines) and recovery
+  after a restart.
+
+Every node that follows a job keeps its own tally, so each can show the
+certificate. Jobs, the votes heard and this node's own vote (with its salt)
+are in SQLite before anything is sent, so a restarted node reveals what it
+committed, never a second output, and finishes or fails each job it knew of
+with a reason.
 """
 
 from __future__ import annotations
@@ -43,21 +42,19 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
-import msgspec
-import pydantic
 import trio
 from eth_utils.address import to_checksum_address
 from prometheus_client import CollectorRegistry
 
 from joynode import wire
 from joynode.abc import InferenceRunner, JobNetwork, SettlementChain
-from joynode.chain.committee import Candidate, select_committee
-from joynode.chain.sender import TransactionFailed
-from joynode.chain.service import model_key
 from joynode.config import ConsensusSection
+from joynode.consensus.admission import Admission
+from joynode.consensus.committee import Committees
 from joynode.consensus.control import JOB_ERROR, SubmitParams
 from joynode.consensus.delivery import Delivery
 from joynode.consensus.job import (
+    CLOCK_GRACE_S,
     Job,
     MyVote,
     Payment,
@@ -71,8 +68,8 @@ from joynode.consensus.job import (
     short,
     trio_deadline,
 )
-from joynode.consensus.jobs import chat_of, input_hash_of, request_id_of, sampling_of
 from joynode.consensus.metrics import ConsensusMetrics
+from joynode.consensus.offering import Offering
 from joynode.consensus.prefill import PrefillMember, execute
 from joynode.consensus.settlement import Settlement
 from joynode.consensus.tally import (
@@ -84,13 +81,10 @@ from joynode.consensus.tally import (
     vote_commitment,
 )
 from joynode.consensus.verification import Verdict
-from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
-from joynode.control.methods import describe_errors
+from joynode.control.jsonrpc import RpcError
 from joynode.keys import NodeKey
 from joynode.messages import (
     ChainEvent,
-    OnchainRequest,
-    RequestStatus,
     ServingStatus,
     output_hash,
 )
@@ -104,14 +98,20 @@ from joynode.state import StateStore
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-CLOCK_GRACE_S = 2.0  # how far apart node clocks may be when judging deadlines
 RESYNC_AFTER_S = (1.0, 2.0, 4.0, 8.0)  # after a restart: when to ask members for missed votes
 EARLY_VOTES = 1024  # votes kept for jobs not heard of yet (gossip order is not causal)
 EARLY_VOTES_PER_SIGNER = 32
-PARKED_OFFERS = 256  # paid offers held until the watcher sees their request
 KEEP_FINISHED = 1024  # finished jobs kept in memory; older ones are read from the database
-MIN_SETTLE_S = 10.0  # a paid job's reveal phase ends at least this long before its deadline
-MIRROR_WAIT_S = 10.0  # for this node's mirror to hold a request it just paid for
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsensusStatistics:
+    """What the actor holds now (``ConsensusService.statistics``)."""
+
+    jobs_in_memory: int
+    jobs_pending: int
+    offers_parked: int  # paid offers whose request this node's mirror has not shown yet
+    votes_early: int  # votes for jobs not heard of yet
 
 
 class ConsensusService:
@@ -139,16 +139,12 @@ class ConsensusService:
         self._state = state
         self._p2p = p2p
         self._inference = inference
-        self._serving_status = serving_status
         self._model_id_of = model_id_of
-        self._verification_of = verification_of
         self._domain = domain
         self._offers = offers_receive
         self._votes = votes_receive
         self._chain = chain
         self._chain_events = chain_events_receive
-        self._parked: dict[bytes, list[tuple[wire.JobOffer, str]]] = {}  # paid, not seen on-chain
-        self._mirrored: dict[bytes, trio.Event] = {}  # requests this node paid, until mirrored
         self.address = key.address
         self.jobs: dict[bytes, Job] = {}
         self._early: dict[bytes, list[tuple[wire.VoteCommit | wire.VoteReveal, str]]] = {}
@@ -156,7 +152,14 @@ class ConsensusService:
         self._early_by_signer: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
         self._metrics = ConsensusMetrics(registry)
-        self._prefill = PrefillMember(key.address, inference, self._refuse)
+        committees = Committees(key.address, p2p.peers, serving_status, chain)
+        self._offering = Offering(
+            key.address, settings, committees, chain, verification_of, self._metrics
+        )
+        self._admission = Admission(
+            key.address, settings, committees, chain, verification_of, self._metrics
+        )
+        self._prefill = PrefillMember(key.address, inference, self._refuse, committees.same_build)
         self._delivery = Delivery(p2p, self._peer_of, self._metrics.messages)
         self._settlement = (
             Settlement(
@@ -191,6 +194,14 @@ class ConsensusService:
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
+
+    def statistics(self) -> ConsensusStatistics:
+        return ConsensusStatistics(
+            jobs_in_memory=len(self.jobs),
+            jobs_pending=sum(1 for j in self.jobs.values() if not j.finished()),
+            offers_parked=self._admission.parked,
+            votes_early=self._early_count,
+        )
 
     def _spawn(self, fn: Callable[[Job], Awaitable[None]], job: Job) -> None:
         if self._nursery is not None:
@@ -240,258 +251,42 @@ class ConsensusService:
     async def submit(self, params: SubmitParams) -> Job:
         """Offer a new job to a committee; return it (pending)."""
         model_id = self._model_id_of(params.model) or params.model
-        k = params.committee_size or self._settings.committee_size
-        now_ms = time.time_ns() // 1_000_000
-        turns = (
-            [wire.ChatTurn(m.role, m.content) for m in params.messages]
-            if params.messages is not None
-            else None
-        )
-        draft = wire.JobOffer(
-            request_id=b"\0" * 32,
-            model=model_id,
-            prompt=params.prompt,
-            messages=turns,
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            seed=params.seed,
-            ignore_eos=params.ignore_eos,
-            verification=_on_the_wire(await self._verification_of(model_id)),
-            requester=self.address,
-            nonce=params.nonce if params.nonce is not None else time.time_ns(),
-            committee=[self.address],
-            commit_deadline_ms=now_ms + int(self._settings.commit_timeout_s * 1000),
-            reveal_deadline_ms=now_ms
-            + int((self._settings.commit_timeout_s + self._settings.reveal_timeout_s) * 1000),
-        )
-        if (params.prompt is None) == (params.messages is None):
-            raise RpcError(INVALID_PARAMS, "give either prompt or messages")
-        try:
-            sampling_of(draft)
-        except pydantic.ValidationError as exc:
-            raise RpcError(INVALID_PARAMS, describe_errors(exc)) from None
-        try:
-            wire.encode(draft)
-        except wire.WireError as exc:
-            raise RpcError(INVALID_PARAMS, f"the job is too large to send: {exc}") from None
+        draft = await self._offering.draft(params, model_id)
         if params.paid or params.onchain_request_id is not None:
             # Shielded from the caller going away: once the escrow is paid, the job
             # must be recorded (and so refunded if it fails), whoever still waits.
             with trio.CancelScope(shield=True):
-                offer, payment = await self._paid_offer(draft, params)
+                offer, payment = await self._offering.paid(draft, params)
                 if offer.request_id not in self.jobs and not await self._known(offer.request_id):
-                    await self._open(offer, submitter=True, payment=payment)
-                    return await self._offer(self.jobs[offer.request_id], model_id)
+                    return self._offer(await self._open(offer, submitter=True, payment=payment))
         else:
-            request_id = request_id_of(draft)
-            committee = await self._committee(model_id, request_id, k)
-            if not committee:
-                raise RpcError(
-                    JOB_ERROR, f"no healthy node (this one included) serves model {model_id}"
-                )
-            offer = msgspec.structs.replace(draft, request_id=request_id, committee=committee)
+            k = params.committee_size or self._settings.committee_size
+            offer = await self._offering.unpaid(draft, k)
         if offer.request_id in self.jobs or await self._known(offer.request_id):
             raise RpcError(JOB_ERROR, "that job (same request and nonce) was already submitted")
-        return await self._offer(await self._open(offer, submitter=True), model_id)
+        return self._offer(await self._open(offer, submitter=True))
 
-    async def _offer(self, job: Job, model_id: str) -> Job:
-        """Gossip a job this node took to its committee."""
+    def _offer(self, job: Job) -> Job:
+        """Send a job this node took to its committee."""
         self._send(job, JOBS, job.offer)
         self._metrics.jobs.labels("submitted").inc()
         log.info(
             "job %s: offered to %d member(s) for model %s%s",
             short(job),
             len(job.offer.committee),
-            model_id,
+            job.offer.model,
             " (paid)" if job.offer.paid else "",
         )
         return job
 
-    async def _paid_offer(
-        self, draft: wire.JobOffer, params: SubmitParams
-    ) -> tuple[wire.JobOffer, Payment]:
-        """Pay for ``draft`` on-chain (or find the request someone paid); the offer to gossip."""
-        if self._chain is None:
-            raise RpcError(INVALID_PARAMS, "paid jobs need a chain (chain.mode local or rpc)")
-        input_hash = input_hash_of(draft)
-        s = self._settings
-        if params.onchain_request_id is not None:
-            request_id = bytes.fromhex(params.onchain_request_id[2:])
-            info = await self._chain.request_info(request_id)
-            if info is None or info.status is not RequestStatus.PENDING:
-                raise RpcError(JOB_ERROR, f"{params.onchain_request_id} is not a pending request")
-            if info.input_hash != input_hash or info.model != model_key(draft.model):
-                raise RpcError(
-                    JOB_ERROR,
-                    f"{params.onchain_request_id} was paid for another model or input "
-                    f"(input hash of this one: 0x{input_hash.hex()})",
-                )
-            if not info.committee:  # paid by someone who did not draw its committee
-                try:
-                    await self._chain.draw_committee(request_id)
-                except TransactionFailed as exc:
-                    raise RpcError(JOB_ERROR, f"cannot draw its committee: {exc}") from None
-                info = await self._chain.request_info(request_id) or info
-        else:
-            seconds = s.commit_timeout_s + s.reveal_timeout_s + s.settle_timeout_s
-            try:
-                info = await self._chain.request_inference(
-                    draft.model, input_hash, params.max_price, seconds
-                )
-            except TransactionFailed as exc:
-                self._metrics.onchain.labels("request", "failed").inc()
-                raise RpcError(JOB_ERROR, f"the marketplace refused the request: {exc}") from None
-            self._metrics.onchain.labels("request", "ok").inc()
-        # Members judge the offer by their mirror once it holds the drawn committee (and the
-        # model's registration as of then): so does this node.
-        mirrored = self._mirrored.setdefault(info.request_id, trio.Event())
-        if await self._chain.mirrored_request(info.request_id) is None:
-            with trio.move_on_after(MIRROR_WAIT_S):
-                await mirrored.wait()
-        self._mirrored.pop(info.request_id, None)
-        policy = await self._verification_of(draft.model)
-        settle_by = time.time() + info.seconds_left
-        reveal_by = min(draft.reveal_deadline_ms, int((settle_by - MIN_SETTLE_S) * 1000))
-        if reveal_by <= time.time_ns() // 1_000_000:
-            raise RpcError(JOB_ERROR, "the request's on-chain deadline is too close to run it")
-        offer = msgspec.structs.replace(
-            draft,
-            request_id=info.request_id,
-            requester=info.requester,
-            nonce=0,
-            committee=list(info.committee),
-            commit_deadline_ms=min(draft.commit_deadline_ms, reveal_by),
-            reveal_deadline_ms=reveal_by,
-            paid=True,
-            verification=_on_the_wire(policy),
-        )
-        return offer, Payment("escrowed", info.price, settle_by)
-
-    async def _committee(self, model_id: str, request_id: bytes, k: int) -> list[str]:
-        """Healthy nodes serving the model (this one too), ranked as the contract ranks them.
-
-        With a chain, each weighs stake x reputation as the mirrored registry
-        says, and unregistered nodes are left out; without one, all weigh alike.
-        """
-        healthy = []
-        if model_id in self._serving_status().models:
-            healthy.append(self.address)
-        for record in self._p2p.peers.records():
-            if record.state is PeerState.UP and model_id in record.models:
-                healthy.append(to_checksum_address(record.address))
-        if self._chain is None:
-            candidates = [Candidate(address, 1, 1) for address in healthy]
-        else:
-            registered = await self._chain.registry_candidates()
-            candidates = [registered[a] for a in healthy if a in registered]
-        return select_committee(candidates, request_id, k, 0)
-
     async def _on_offer(self, offer: wire.JobOffer, signer: str) -> None:
         if offer.request_id in self.jobs or await self._known(offer.request_id):
             return  # a replay (maybe of a job finished before a restart): never run it twice
-        members = [a.lower() for a in offer.committee]
-        if self.address.lower() not in members or len(set(members)) != len(members):
-            return  # not ours to run (or a malformed committee)
-        if not offer.paid:
-            if request_id_of(offer) != offer.request_id:
-                self._metrics.rejected.labels("bad_request_id").inc()
-                log.info("dropping a job offer from %s: its request id does not match", signer)
-                return
-            if signer.lower() != offer.requester.lower():
-                self._metrics.rejected.labels("not_requester").inc()
-                return
-        try:
-            sampling_of(offer)
-            chat_of(offer)
-        except pydantic.ValidationError as exc:
-            self._metrics.rejected.labels("bad_offer").inc()
-            log.info("dropping a job offer from %s: %s", signer, describe_errors(exc))
-            return
-        now_ms = time.time_ns() // 1_000_000
-        commit_by, reveal_by = offer.commit_deadline_ms, offer.reveal_deadline_ms
-        if reveal_by <= now_ms or commit_by > reveal_by:
-            self._metrics.rejected.labels("late_offer").inc()
-            return
-        s = self._settings
-        if commit_by > now_ms + 1000 * (s.commit_timeout_s + CLOCK_GRACE_S) or (
-            reveal_by > commit_by + 1000 * (s.reveal_timeout_s + CLOCK_GRACE_S)
-        ):
-            self._metrics.rejected.labels("deadline_too_far").inc()
-            return
         pending = [j for j in self.jobs.values() if not j.finished()]
-        from_requester = sum(1 for j in pending if j.offer.requester == offer.requester)
-        if len(pending) >= s.max_pending_jobs or from_requester >= s.max_pending_per_requester:
-            self._metrics.rejected.labels("too_many_jobs").inc()
-            log.info("dropping a job offer from %s: too many jobs pending", signer)
+        admitted = await self._admission.admit(offer, signer, pending)
+        if admitted is None or offer.request_id in self.jobs:  # (or it came again meanwhile)
             return
-        payment = None
-        if offer.paid:
-            verdict = await self._check_paid(offer)
-            if verdict is None:
-                self._park(offer, signer)
-                return
-            if isinstance(verdict, str):
-                self._metrics.rejected.labels(verdict).inc()
-                log.info("dropping a paid job offer from %s: %s", signer, verdict)
-                return
-            payment = verdict
-            if offer.request_id in self.jobs:  # it came again while the chain was asked
-                return
-        # (After the paid check: once the mirror holds the request, it holds the model's
-        # registration as of the request's block too.)
-        policy = await self._verification_of(offer.model)
-        if (offer.verification or wire.REPLICATE) != policy:
-            self._metrics.rejected.labels("other_verification").inc()
-            log.info(
-                "dropping a job offer from %s: it asks for %s verification; model %s has %s",
-                signer,
-                (offer.verification or wire.REPLICATE).describe(),
-                offer.model,
-                policy.describe(),
-            )
-            return
-        if offer.request_id in self.jobs:
-            return
-        await self._open(offer, submitter=False, payment=payment)
-
-    async def _check_paid(self, offer: wire.JobOffer) -> Payment | str | None:
-        """A paid offer's escrow if the mirrored chain record matches; why not; or None
-        when the watcher has not seen the request yet.
-
-        Only the registry mirror (SQLite) is read, never the RPC: anyone may
-        gossip paid offers, and each must not cost members a chain round trip.
-        """
-        if self._chain is None:
-            return "paid_without_chain"
-        info = await self._chain.mirrored_request(offer.request_id)
-        if info is None:
-            return None
-        if info.status is not RequestStatus.PENDING:
-            return "not_pending"
-        if not info.committee:
-            return None  # its committee is not drawn yet (or not mirrored)
-        if not _matches(info, offer):
-            return "not_as_paid"
-        settle_by = time.time() + info.seconds_left
-        if offer.reveal_deadline_ms > (settle_by - MIN_SETTLE_S + CLOCK_GRACE_S) * 1000:
-            return "after_onchain_deadline"  # no time left to land the certificate
-        return Payment("escrowed", info.price, settle_by)
-
-    def _park(self, offer: wire.JobOffer, signer: str) -> None:
-        """Hold a paid offer until the watcher mirrors its drawn committee (``CommitteeDrawn``)."""
-        now_ms = time.time_ns() // 1_000_000
-        for request_id, held in list(self._parked.items()):
-            self._parked[request_id] = [h for h in held if h[0].reveal_deadline_ms >= now_ms]
-            if not self._parked[request_id]:
-                del self._parked[request_id]
-        variants = self._parked.setdefault(offer.request_id, [])
-        # Variants too: a forgery held first must not shut out the true offer.
-        if sum(map(len, self._parked.values())) >= PARKED_OFFERS or len(variants) >= 4:
-            self._metrics.rejected.labels("too_many_unseen_paid").inc()
-            return
-        variants.append((offer, signer))
+        await self._open(offer, submitter=False, payment=admitted.payment)
 
     async def _known(self, request_id: bytes) -> bool:
         def read(conn: sqlite3.Connection) -> bool:
@@ -734,10 +529,9 @@ class ConsensusService:
             if event.removed or "requestId" not in event.args:
                 continue  # (chain.confirmations keeps reorgs below what the watcher applies)
             request_id = bytes.fromhex(str(event.args["requestId"])[2:])
-            if event.name == "CommitteeDrawn" and request_id in self._mirrored:
-                self._mirrored[request_id].set()
-            if event.name == "CommitteeDrawn" and request_id in self._parked:
-                for offer, signer in self._parked.pop(request_id):
+            if event.name == "CommitteeDrawn":
+                self._offering.committee_drawn(request_id)
+                for offer, signer in self._admission.release(request_id):
                     await self._on_offer(offer, signer)  # the first that matches is taken
                 continue
             job = self.jobs.get(request_id)
@@ -836,18 +630,3 @@ class ConsensusService:
         assert isinstance(request, wire.JobVotesRequest)
         job = self.jobs.get(request.request_id)
         return job.tally.votes() if job is not None else wire.JobVotesReply([], [])
-
-
-def _matches(info: OnchainRequest, offer: wire.JobOffer) -> bool:
-    """Whether a paid offer is the request the chain escrowed (same input, model, committee)."""
-    return (
-        info.input_hash == input_hash_of(offer)
-        and info.model == model_key(offer.model)
-        and info.requester.lower() == offer.requester.lower()
-        and [a.lower() for a in info.committee] == [a.lower() for a in offer.committee]
-    )
-
-
-def _on_the_wire(policy: wire.Verification) -> wire.Verification | None:
-    """Replicate is what an offer without a policy means (and what older nodes send)."""
-    return None if policy == wire.REPLICATE else policy

@@ -10,10 +10,11 @@ work with vLLM.)
 
 vLLM reads its settings from the environment when it is imported, so
 ``configure_environment`` runs first: offline (no hub, no usage stats), bound
-to 127.0.0.1, its logs through ours, OpenMP threads that sleep when idle. ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is
-set, yet vLLM 0.32's ``AsyncLLM`` still starts its engine core as a child
-process (``VLLM::EngineCore``, by fork on CPU, by spawn once CUDA is up), so
-whatever starts an engine needs an ``if __name__ == "__main__":`` guard. That
+to 127.0.0.1, its logs through ours, OpenMP threads that sleep when idle.
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is set, yet vLLM 0.32's ``AsyncLLM``
+still starts its engine core as a child process (``VLLM::EngineCore``, by
+fork on CPU, by spawn once CUDA is up), so whatever starts an engine needs an
+``if __name__ == "__main__":`` guard. That
 child must not outlive the node, which may be killed with SIGKILL: its entry
 point is wrapped so that it first asks the kernel for SIGKILL when its parent
 thread, the engine's asyncio thread, ends (``joynode.tether``). That thread
@@ -71,7 +72,7 @@ class EngineError(Exception):
     """The engine could not start, or failed while serving."""
 
 
-def configure_environment(kv_cache_gib: float) -> None:
+def configure_environment(kv_cache_gib: float, batch_invariant: bool = False) -> None:
     """Set vLLM's environment before it is first imported (idempotent).
 
     OpenMP threads wait passively (unless the operator chose otherwise): vLLM's
@@ -82,6 +83,8 @@ def configure_environment(kv_cache_gib: float) -> None:
     """
     os.environ.update(VLLM_ENVIRONMENT)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if batch_invariant:
+        os.environ["VLLM_BATCH_INVARIANT"] = "1"
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))
 
 
@@ -93,6 +96,7 @@ class EngineSpec:
     max_num_seqs: int
     max_model_len: int
     kv_cache_gib: float
+    batch_invariant: bool = False
 
 
 def installed_device() -> str:
@@ -100,6 +104,18 @@ def installed_device() -> str:
     from vllm.platforms import current_platform
 
     return str(current_platform.device_type)
+
+
+def exact_build(dtype: str) -> str:
+    """What two engines must share for their outputs to be bit-identical in batch-invariant
+    mode: the GPU model, the vLLM and torch versions, the dtype."""
+    import torch
+    import vllm
+
+    return (
+        f"cuda {torch.cuda.get_device_name(0)}; vllm {vllm.__version__}; "
+        f"torch {torch.__version__}; {dtype}"
+    )
 
 
 class VllmEngine:
@@ -114,6 +130,7 @@ class VllmEngine:
         self._engine: Any = None
         self._built: Any = None  # the AsyncLLM, kept after stop for _serve's cleanup
         self.tokenizer: Any = None
+        self.build: str | None = None  # set once started batch-invariant (``exact_build``)
 
     def _serve(self) -> None:
         """The engine's thread: its loop. Once the loop stops, what vLLM left of itself is
@@ -132,13 +149,19 @@ class VllmEngine:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     async def start(self) -> None:
-        configure_environment(self.spec.kv_cache_gib)
+        configure_environment(self.spec.kv_cache_gib, self.spec.batch_invariant)
         device = await trio.to_thread.run_sync(installed_device)
         if self.spec.device not in ("auto", device):
             self._loop.close()  # (its thread never started)
             raise EngineError(
                 f"inference.device is {self.spec.device!r} but the installed vLLM runs on "
                 f"{device!r} (GPU: pip install '.[gpu]'; CPU: '.[cpu]')"
+            )
+        if self.spec.batch_invariant and device != "cuda":
+            self._loop.close()
+            raise EngineError(
+                f"inference.batch_invariant needs vLLM's CUDA build (its batch-invariant "
+                f"kernels run on GPUs); the installed vLLM runs on {device!r}"
             )
         self._thread.start()
 
@@ -163,6 +186,8 @@ class VllmEngine:
         try:
             self._engine, self.tokenizer = await trio.to_thread.run_sync(self._run, build())
             self._built = self._engine
+            if self.spec.batch_invariant:
+                self.build = await trio.to_thread.run_sync(exact_build, self.spec.dtype)
         except Exception as exc:
             self._stop_loop()
             await trio.to_thread.run_sync(self._thread.join, 10)

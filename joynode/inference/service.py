@@ -36,6 +36,7 @@ from joynode.messages import (
     ClaimScores,
     FailureCode,
     InferenceEvent,
+    InferenceFailed,
     InferenceFailure,
     InferenceRequest,
     InferenceResult,
@@ -93,12 +94,6 @@ class RefusedModel:
         return {"name": self.name, "id": self.model_id, "state": "refused", "reason": self.reason}
 
 
-class InferenceFailed(Exception):
-    def __init__(self, failure: InferenceFailure) -> None:
-        super().__init__(f"{failure.code.value}: {failure.message}")
-        self.failure = failure
-
-
 class InferenceService:
     name = "inference"
 
@@ -124,7 +119,15 @@ class InferenceService:
 
     def spec(self, path: Path) -> EngineSpec:
         s = self._settings
-        return EngineSpec(path, s.dtype, s.device, s.max_num_seqs, s.max_model_len, s.kv_cache_gib)
+        return EngineSpec(
+            path,
+            s.dtype,
+            s.device,
+            s.max_num_seqs,
+            s.max_model_len,
+            s.kv_cache_gib,
+            s.batch_invariant,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -182,10 +185,12 @@ class InferenceService:
         log.info("model %s ready in %.1f s: %s", entry.name, trio.current_time() - began, identity)
 
     def serving_status(self) -> ServingStatus:
+        builds = {m.engine.build for m in self.models.values()}
         return ServingStatus(
             models=tuple(m.model_id for m in self.models.values()),
             queue_depth=sum(m.inflight for m in self.models.values()),
             capacity=self._settings.max_num_seqs * len(self.models),
+            build=builds.pop() if len(builds) == 1 else None,
         )
 
     def model_id(self, name_or_id: str) -> str | None:

@@ -40,6 +40,7 @@ class PeerRecord:
     capacity: int = 0
     heartbeat_seq: int = -1
     heartbeat_sent_ms: int = -1
+    build: str | None = None
 
     def to_json(self, now: float) -> dict[str, object]:
         return {
@@ -53,6 +54,7 @@ class PeerRecord:
             "models": self.models,
             "queue_depth": self.queue_depth,
             "capacity": self.capacity,
+            "build": self.build,
         }
 
 
@@ -120,6 +122,7 @@ class PeerTable:
         record.models = list(beat.models)
         record.queue_depth = beat.queue_depth
         record.capacity = beat.capacity
+        record.build = beat.build
         if beat.addrs:
             record.addrs = list(beat.addrs)
         return self.heard(peer_id, address)

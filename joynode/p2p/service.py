@@ -295,6 +295,7 @@ class P2PService:
                 models=list(status.models),
                 queue_depth=status.queue_depth,
                 capacity=status.capacity,
+                build=status.build,
             )
             self._heartbeat_seq += 1
             try:
@@ -460,11 +461,13 @@ class P2PService:
         async for peer in self._bans_receive:
             stack = self._require_stack()
             self._metrics.bans.inc()
+            offences = self.scorer.snapshot().get(peer, {}).get("offences", {})
             log.warning(
-                "banning peer %s for %.0f s (score fell below %s)",
+                "banning peer %s for %.0f s (score fell below %s; offences: %s)",
                 peer,
                 self._settings.ban_s,
                 self._settings.ban_score,
+                offences,
             )
             stack.pubsub.add_to_blacklist(ID.from_base58(peer))
             await self._disconnect(peer)

@@ -41,11 +41,11 @@ from joynode.abc import GossipPublisher, ZkMarketChain
 from joynode.chain.deploy import JOY
 from joynode.chain.rpc import ChainUnreachable
 from joynode.chain.sender import TransactionFailed
-from joynode.chain.service import ZK_MODEL_NAME, model_key
+from joynode.chain.service import ZK_MODEL_NAME
 from joynode.config import SettingError, ZkSection
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import ControlMethod, ControlSession
-from joynode.messages import ChainEvent, OnchainRequest, RequestStatus
+from joynode.messages import ChainEvent, OnchainRequest, RequestStatus, model_key
 from joynode.p2p.gossip import ZK_JOBS, VerifiedGossip
 from joynode.state import StateStore
 from joynode.zk import circuits
