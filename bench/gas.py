@@ -53,15 +53,24 @@ from joynode.chain.deploy import (
 )
 from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.keys import NodeKey
-from joynode.signatures import Eip712Domain, Permit, sign, sign_permit
+from joynode.signatures import (
+    Eip712Domain,
+    Permit,
+    PrepaidRequest,
+    prepaid_request_id,
+    sign,
+    sign_permit,
+    sign_prepaid_request,
+)
 
 NODES = 128  # NodeCoordinator.MAX_NODES_PER_MODEL
-ACCOUNTS = NODES + 12
+ACCOUNTS = NODES + 14
 FIRST_NODE = 2  # dev accounts 0 (the deployer) and 1 (unused) come first
 PRICE = 1000 * JOY
 STAKE = 1000 * JOY
 UNBONDING_S = 3600
 ZERO_HASH = b"\0" * 32
+OUTPUT = keccak(b"the output")
 ZERO_ADDRESS = "0x" + "00" * 20
 REGISTRY_SIZES = (10, 50, NODES)
 COMMITTEES = (3, 5)
@@ -233,6 +242,7 @@ class Bench:
         self.certify(rid, committee, 5, "ProofOfInference.submitCertificate (5/5)")
 
         self.request_with_permit(permit_user, model_cid(10, 3))
+        self.prepaid(nodes[2:5], self.accounts[NODES + 12 : NODES + 14])
 
         # Equivocation: two different commits of one node for one request.
         cheat = nodes[NODES - 1]
@@ -403,6 +413,54 @@ class Bench:
         self.tx(self.accounts[NODES + 7], call, label)
         self.signed_before.update(signers)
         self.signers[request_id] = signers
+
+    def prepaid(self, committee: Sequence[LocalAccount], clients: Sequence[LocalAccount]) -> None:
+        """Signed requests settled in batches of 1, 16 and 64 (2 of 3 sign each certificate):
+        the batch's gas and its share per request, after a warm-up batch (the clients' nonce
+        words, the payees' claimable slots already written)."""
+        prepaid, token = self.contract("PrepaidInference"), self.contract("JoyToken")
+        poi = self.contract("ProofOfInference")
+        domain = Eip712Domain(self.w3.eth.chain_id, poi.address)
+        for index, client in enumerate(clients):
+            self.tx(self.admin, token.functions.transfer(client.address, 10_000 * PRICE))
+            self.tx(client, token.functions.approve(prepaid.address, 10_000 * PRICE))
+            label = "PrepaidInference.deposit (first)" if index == 0 else None
+            self.tx(client, prepaid.functions.deposit(1000 * PRICE), label)
+        nonces = iter(range(1, 1 << 20))
+        model = model_id(model_cid(10, 3))
+        members = [m.address for m in committee]
+
+        def redemption(client: LocalAccount) -> tuple[Any, ...]:
+            request = PrepaidRequest(
+                self.w3.eth.chain_id,
+                prepaid.address,
+                client.address,
+                model,
+                ZERO_HASH,
+                PRICE,
+                next(nonces),
+                self.now() + 3600,
+                tuple(members),
+            )
+            digest = domain.result_digest(prepaid_request_id(request), OUTPUT)
+            signatures = [sign(NodeKey(bytes(m.key)), digest) for m in committee[:2]]
+            return (
+                request.as_call_argument(),
+                sign_prepaid_request(client, request),
+                OUTPUT,
+                0b011,
+                signatures,
+            )
+
+        for size in (0, 1, 16, 64):  # (0: warm-up, a batch of 8)
+            batch = [redemption(clients[i % len(clients)]) for i in range(size or 8)]
+            receipt = self.tx(self.admin, prepaid.functions.settleBatch(batch))
+            settled = prepaid.events.RequestSettled().process_receipt(receipt, errors=DISCARD)
+            assert len(settled) == len(batch)
+            if size:
+                gas = int(receipt["gasUsed"])
+                self.record(f"PrepaidInference.settleBatch ({size} requests, 2/3 signed)", gas)
+                self.record(f"PrepaidInference.settleBatch ({size}), per request", gas // size)
 
     def request_with_permit(self, user: LocalAccount, cid: str) -> None:
         token, market = self.contract("JoyToken"), self.contract("ModelMarketplace")

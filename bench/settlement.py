@@ -21,11 +21,12 @@ EOS ignored, a distinct nonce each. Sequentially, alternating which goes first:
 - unpaid (the baseline, same process, same nodes, same chain watchers running):
   ``submit`` with ``committee_size = k``, until certified at node 0;
 - paid: ``submit`` with ``paid=True``. ``submit`` itself sends node 0's
-  ``JoyToken.approve`` and ``ModelMarketplace.requestInference`` and waits for
-  their receipts before the offer goes out. Then "certified" (node 0's ``done``,
-  status checked), and "settled": node 0's ``Job.settled()`` with payment status
-  ``settled`` (from its own receipt if it landed the certificate, else from the
-  watcher's ``InferenceVerified``), and when every node has seen it.
+  ``JoyToken.approve``, ``ModelMarketplace.requestInference`` and
+  ``drawCommittee`` and waits for their receipts before the offer goes out.
+  Then "certified" (node 0's ``done``, status checked), and "settled": node
+  0's ``Job.settled()`` with payment status ``settled`` (from its own receipt
+  if it landed the certificate, else from the watcher's
+  ``InferenceVerified``), and when every node has seen it.
 
 Where a paid job's time goes: every node's ``ChainService.transact`` and
 ``request_info`` are wrapped to time each transaction (gas from its receipt)
@@ -34,8 +35,8 @@ and each on-chain read, and every node's web3 gets a middleware that counts
 "all reveals" is when node 0's tally holds every member's reveal (the member
 that lands the certificate waits for them); the certificate transaction is
 ``ProofOfInference.submitCertificate`` from the first-ranked agreeing member.
-Gas is the receipts' ``gasUsed`` (approve + requestInference paid by node 0,
-submitCertificate by the member). CPU: the trio thread that runs every node
+Gas is the receipts' ``gasUsed`` (approve, requestInference and drawCommittee
+paid by node 0, submitCertificate by the member). CPU: the trio thread that runs every node
 (``time.thread_time``) and the whole process (``time.process_time``: also the
 worker threads that make the web3 calls); the vLLM engine core is another
 process, not counted.
@@ -356,6 +357,7 @@ class PaidTrace:
     submit_ms: float = math.nan  # submit() returned: paid on-chain, offer published
     approve_ms: float = math.nan  # node 0's approve transaction, inside submit
     request_ms: float = math.nan  # node 0's requestInference transaction, inside submit
+    draw_ms: float = math.nan  # node 0's drawCommittee transaction, inside submit
     info_ms: float = math.nan  # node 0's requestInfo read(s), inside submit
     offer_spread_ms: float = math.nan  # last member's Job.created_at minus node 0's
     certified_ms: float = math.nan  # certified at node 0
@@ -485,6 +487,7 @@ class Jobs:
         in_submit = [c for c in mine if c.node == 0 and c.ended <= submitted]
         trace.approve_ms = sum(c.ms for c in in_submit if c.name == "approve")
         trace.request_ms = sum(c.ms for c in in_submit if c.name == "requestInference")
+        trace.draw_ms = sum(c.ms for c in in_submit if c.name == "drawCommittee")
         trace.info_ms = sum(c.ms for c in in_submit if c.name == "requestInfo")
         transactions = [c for c in mine if c.name != "requestInfo"]
         trace.transactions = len(transactions)
@@ -618,20 +621,23 @@ def report(results: Sequence[SizeResult], settings: Settings) -> None:
 
     print()
     print(
-        "submit() alone (p50, p99 ms): unpaid, paid; inside the paid one, node 0's approve and "
-        "requestInference transactions (each until its receipt) and requestInfo read"
+        "submit() alone (p50, p99 ms): unpaid, paid; inside the paid one, node 0's approve, "
+        "requestInference and drawCommittee transactions (each until its receipt) and "
+        "requestInfo reads"
     )
     print(
         f"{'k':>2} {'unpaid':>8} {'p99':>8} {'paid':>8} {'p99':>8} {'approve':>8} {'p99':>8} "
-        f"{'request':>8} {'p99':>8} {'read':>8} {'p99':>8} {'other':>8} {'p99':>8}"
+        f"{'request':>8} {'p99':>8} {'draw':>8} {'p99':>8} {'read':>8} {'p99':>8} "
+        f"{'other':>8} {'p99':>8}"
     )
     for r in results:
         p = r.paid
-        other = [t.submit_ms - t.approve_ms - t.request_ms - t.info_ms for t in p]
+        other = [t.submit_ms - t.approve_ms - t.request_ms - t.draw_ms - t.info_ms for t in p]
         print(
             f"{r.k:>2} {_row([t.job.submitted_ms for t in r.unpaid])} "
             f"{_row([t.submit_ms for t in p])} {_row([t.approve_ms for t in p])} "
-            f"{_row([t.request_ms for t in p])} {_row([t.info_ms for t in p])} {_row(other)}"
+            f"{_row([t.request_ms for t in p])} {_row([t.draw_ms for t in p])} "
+            f"{_row([t.info_ms for t in p])} {_row(other)}"
         )
 
     print()
@@ -670,7 +676,8 @@ def report(results: Sequence[SizeResult], settings: Settings) -> None:
         "and per second idle; CPU per job (trio thread; whole process), unpaid and paid"
     )
     print(
-        f"{'k':>2} {'txs':>4} {'approve':>8} {'request':>8} {'certificate':>11} {'total gas':>10} "
+        f"{'k':>2} {'txs':>4} {'approve':>8} {'request':>8} {'draw':>8} {'certificate':>11} "
+        f"{'total gas':>10} "
         f"{'reads':>5} {'RPC unpaid':>10} {'RPC paid':>8} {'RPC/s idle':>10} "
         f"{'CPU unpaid':>10} {'paid':>6} {'proc unpaid':>11} {'paid':>6} {'idle':>6}"
     )
@@ -683,7 +690,8 @@ def report(results: Sequence[SizeResult], settings: Settings) -> None:
         total_gas = mean([sum(t.gas.values()) for t in p])
         print(
             f"{r.k:>2} {mean([t.transactions for t in p]):>4.1f} {gas('approve'):>8,.0f} "
-            f"{gas('requestInference'):>8,.0f} {gas('submitCertificate'):>11,.0f} "
+            f"{gas('requestInference'):>8,.0f} {gas('drawCommittee'):>8,.0f} "
+            f"{gas('submitCertificate'):>11,.0f} "
             f"{total_gas:>10,.0f} {mean([t.reads for t in p]):>5.1f} "
             f"{p50([t.rpc for t in r.unpaid]):>10.0f} {p50([t.rpc for t in p]):>8.0f} "
             f"{r.idle_rpc_per_s:>10.1f} {p50([t.job.cpu_ms for t in r.unpaid]):>10.1f} "

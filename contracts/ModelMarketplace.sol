@@ -6,6 +6,7 @@ import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC2
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 
+import {FeeSplit} from "./FeeSplit.sol";
 import {JoyGoverned} from "./JoyGoverned.sol";
 import {NodeCoordinator} from "./NodeCoordinator.sol";
 import {ProofOfUse} from "./ProofOfUse.sol";
@@ -302,26 +303,22 @@ contract ModelMarketplace is JoyGoverned, ReentrancyGuardTransient {
         if (r.status != Status.Pending) revert NotPending(requestId);
         r.status = Status.Settled;
         Model storage m = _models[r.model];
-        uint256 fee = (r.price * feeBps) / 10_000;
-        uint256 toSigners = (fee * signersBps) / 10_000;
-        uint256 toStakers = (fee * stakersBps) / 10_000;
-        uint256 toTreasury = fee - toSigners - toStakers;
-        uint256 ownerPortion = r.price - fee;
+        FeeSplit.Shares memory s = FeeSplit.shares(r.price, feeBps, signersBps, stakersBps);
         uint256 paidRoyalties = 0;
         for (uint256 i = 0; i < m.royaltyRecipients.length; i++) {
-            uint256 royalty = (ownerPortion * m.royaltyBps[i]) / 10_000;
+            uint256 royalty = FeeSplit.royalty(s.ownerPortion, m.royaltyBps[i]);
             paidRoyalties += royalty;
             if (royalty > 0) token.safeTransfer(m.royaltyRecipients[i], royalty);
         }
-        uint256 toOwner = ownerPortion - paidRoyalties;
+        uint256 toOwner = s.ownerPortion - paidRoyalties;
         if (toOwner > 0) token.safeTransfer(m.owner, toOwner);
-        if (toTreasury > 0) token.safeTransfer(treasury, toTreasury);
-        if (toSigners + toStakers > 0) {
-            token.safeTransfer(address(coordinator), toSigners + toStakers);
+        if (s.toTreasury > 0) token.safeTransfer(treasury, s.toTreasury);
+        if (s.toSigners + s.toStakers > 0) {
+            token.safeTransfer(address(coordinator), s.toSigners + s.toStakers);
         }
-        coordinator.distribute(signers, toSigners, toStakers);
+        coordinator.distribute(signers, s.toSigners, s.toStakers);
         proofOfUse.record(r.model, r.requester, units, requestId);
-        emit InferenceSettled(requestId, fee, toOwner);
+        emit InferenceSettled(requestId, s.fee, toOwner);
     }
 
     function refund(bytes32 requestId) external nonReentrant {
@@ -351,6 +348,30 @@ contract ModelMarketplace is JoyGoverned, ReentrancyGuardTransient {
     {
         Model storage m = _models[model];
         return (m.owner, m.price, m.committeeSize, m.kind, m.active, m.cid, m.weightsCommitment, m.verifier);
+    }
+
+    /// What settling a request for `model` needs (a prepaid batch reads it once per model).
+    function payoutOf(bytes32 model)
+        external
+        view
+        returns (
+            address owner,
+            uint256 price,
+            uint8 committeeSize,
+            bool servable, // an active LLM
+            address[] memory royaltyRecipients,
+            uint16[] memory royaltyBps
+        )
+    {
+        Model storage m = _models[model];
+        return (
+            m.owner,
+            m.price,
+            m.committeeSize,
+            m.active && m.kind == Kind.Llm,
+            m.royaltyRecipients,
+            m.royaltyBps
+        );
     }
 
     function requestInfo(bytes32 requestId)

@@ -376,6 +376,13 @@ contract NodeCoordinator is JoyGoverned, ReentrancyGuardTransient {
         return node.registered && node.stake >= minStake;
     }
 
+    /// Whether `account` could be drawn for `model` now: registered for it, with at least
+    /// the minimum stake and some reputation (what `selectCommittee` requires).
+    function isEligible(address account, bytes32 model) external view returns (bool) {
+        Node storage node = _nodes[account];
+        return _modelIndex[model][account] != 0 && node.stake >= minStake && node.reputation != 0;
+    }
+
     // ---- parameters (governance)
 
     function setParameters(uint256 minStake_, uint256 unbondingDelay_, uint16 reporterShareBps_, address treasury_)

@@ -5,7 +5,9 @@ import {JoyGoverned} from "./JoyGoverned.sol";
 
 /// @title Append-only log of settled usage: who used which model, how much.
 /// @notice Written by the marketplace (RECORDER_ROLE) when a request settles;
-/// one record per request id.
+/// one record per request id. Batched settlements of prepaid requests
+/// (`PrepaidInference`, RECORDER_ROLE) add to the totals only, per model and user:
+/// a row per request would cost more than the request's whole settlement.
 contract ProofOfUse is JoyGoverned {
     bytes32 public constant RECORDER_ROLE = keccak256("RECORDER_ROLE");
 
@@ -24,6 +26,7 @@ contract ProofOfUse is JoyGoverned {
     uint256 public totalRecords;
 
     event UsageRecorded(bytes32 indexed requestId, bytes32 indexed model, address indexed user, uint256 units);
+    event UsageAggregated(bytes32 indexed model, address indexed user, uint256 units, uint256 requests);
 
     error AlreadyRecorded(bytes32 requestId);
 
@@ -40,5 +43,18 @@ contract ProofOfUse is JoyGoverned {
         requestsByUser[user] += 1;
         totalRecords += 1;
         emit UsageRecorded(requestId, model, user, units);
+    }
+
+    /// `requests` settled requests of `user` for `model`, `units` in all (no per-request rows).
+    function recordMany(bytes32 model, address user, uint256 units, uint256 requests)
+        external
+        onlyRole(RECORDER_ROLE)
+    {
+        unitsByModel[model] += units;
+        unitsByUser[user] += units;
+        requestsByModel[model] += requests;
+        requestsByUser[user] += requests;
+        totalRecords += requests;
+        emit UsageAggregated(model, user, units, requests);
     }
 }

@@ -177,3 +177,90 @@ def sign_permit(signer: LocalAccount, permit: Permit) -> tuple[int, bytes, bytes
         },
     )
     return int(signed.v), int(signed.r).to_bytes(32, "big"), int(signed.s).to_bytes(32, "big")
+
+
+PREPAID_DOMAIN_NAME = "JoyNet Prepaid"  # PrepaidInference's EIP-712 name
+
+_PREPAID_REQUEST_TYPE = [
+    {"name": "client", "type": "address"},
+    {"name": "model", "type": "bytes32"},
+    {"name": "inputHash", "type": "bytes32"},
+    {"name": "maxPrice", "type": "uint256"},
+    {"name": "nonce", "type": "uint256"},
+    {"name": "deadline", "type": "uint64"},
+    {"name": "committee", "type": "address[]"},
+]
+
+
+@dataclass(frozen=True)
+class PrepaidRequest:
+    """A request a client pays for from its prepaid balance (``PrepaidInference``), signed
+    off-chain: no transaction. Its id is its EIP-712 digest (``prepaid_request_id``)."""
+
+    chain_id: int
+    contract: str  # the PrepaidInference proxy
+    client: str
+    model: bytes  # keccak256 of the model id (``messages.model_key``)
+    input_hash: bytes
+    max_price: int  # wei of JOY
+    nonce: int  # any unused number: each settles once per client
+    deadline: int  # unix seconds: it cannot settle later
+    committee: tuple[str, ...]
+
+    def typed_data(self) -> dict[str, object]:
+        """The full EIP-712 message: what eth-account's ``sign_typed_data(full_message=...)``
+        and viem's ``signTypedData`` take."""
+        return {
+            "types": {
+                "EIP712Domain": [
+                    {"name": "name", "type": "string"},
+                    {"name": "version", "type": "string"},
+                    {"name": "chainId", "type": "uint256"},
+                    {"name": "verifyingContract", "type": "address"},
+                ],
+                "InferenceRequest": _PREPAID_REQUEST_TYPE,
+            },
+            "primaryType": "InferenceRequest",
+            "domain": {
+                "name": PREPAID_DOMAIN_NAME,
+                "version": "1",
+                "chainId": self.chain_id,
+                "verifyingContract": self.contract,
+            },
+            "message": {
+                "client": self.client,
+                "model": self.model,
+                "inputHash": self.input_hash,
+                "maxPrice": self.max_price,
+                "nonce": self.nonce,
+                "deadline": self.deadline,
+                "committee": list(self.committee),
+            },
+        }
+
+    def as_call_argument(self) -> tuple[object, ...]:
+        """The ``InferenceRequest`` struct as a contract call takes it."""
+        return (
+            self.client,
+            self.model,
+            self.input_hash,
+            self.max_price,
+            self.nonce,
+            self.deadline,
+            list(self.committee),
+        )
+
+
+def prepaid_request_id(request: PrepaidRequest) -> bytes:
+    """A prepaid request's id: the EIP-712 digest its client signs."""
+    from eth_account.messages import encode_typed_data
+
+    signable = encode_typed_data(full_message=request.typed_data())
+    return keccak(b"\x19" + signable.version + signable.header + signable.body)
+
+
+def sign_prepaid_request(signer: LocalAccount, request: PrepaidRequest) -> bytes:
+    """The client's 65-byte signature of ``request`` (r || s || v), for any client with an
+    Ethereum key: ``eth_account.Account.from_key(...)``; viem signs the same typed data."""
+    signed = signer.sign_typed_data(full_message=request.typed_data())
+    return bytes(signed.signature)

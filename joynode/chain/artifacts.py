@@ -25,6 +25,7 @@ CONTRACTS = (
     "ModelMarketplace",
     "ProofOfInference",
     "DisputeResolver",
+    "PrepaidInference",
 )
 
 

@@ -40,6 +40,7 @@ ADMINISTERED = (
     "ModelMarketplace",
     "ProofOfInference",
     "DisputeResolver",
+    "PrepaidInference",
 )
 # Contracts behind an ERC-1967 proxy (UUPS): their recorded address is the proxy's.
 UPGRADEABLE = (
@@ -48,6 +49,7 @@ UPGRADEABLE = (
     "ModelMarketplace",
     "ProofOfInference",
     "DisputeResolver",
+    "PrepaidInference",
 )
 # ERC-1967's implementation slot: keccak256("eip1967.proxy.implementation") - 1.
 IMPLEMENTATION_SLOT = int("360894a13ba1a3210667c828492db98dca3e2076cc3735a920a3ca505d382bbc", 16)
@@ -88,6 +90,7 @@ class DeployParams:
     dispute_window_s: int = 2 * DAY
     dispute_bond: int = 100 * JOY
     dispute_resolution_s: int = 30 * DAY  # then an unresolved dispute expires
+    withdrawal_delay_s: int = DAY  # a prepaid balance's, so nodes settle what it signed first
     governance: GovernanceParams = field(default_factory=GovernanceParams.production)
 
     @classmethod
@@ -96,7 +99,10 @@ class DeployParams:
         if chain_id != DEVNET_CHAIN_ID:
             return cls()
         return cls(
-            unbonding_delay_s=3600, dispute_window_s=3600, governance=GovernanceParams.devnet()
+            unbonding_delay_s=3600,
+            dispute_window_s=3600,
+            withdrawal_delay_s=10,
+            governance=GovernanceParams.devnet(),
         )
 
 
@@ -196,6 +202,17 @@ def deploy_all(sender: TransactionSender, params: DeployParams) -> Deployment:
         params.dispute_bond,
         params.dispute_resolution_s,
     )
+    prepaid = _deploy_proxy(
+        sender,
+        "PrepaidInference",
+        token,
+        coordinator,
+        marketplace,
+        proof_of_inference,
+        proof_of_use,
+        deployer,
+        params.withdrawal_delay_s,
+    )
     mlp_verifier, _ = sender.deploy(artifacts["MlpInferenceVerifier"])
     deployment = Deployment(
         chain_id=int(w3.eth.chain_id),
@@ -212,6 +229,7 @@ def deploy_all(sender: TransactionSender, params: DeployParams) -> Deployment:
             "ModelMarketplace": marketplace,
             "ProofOfInference": proof_of_inference,
             "DisputeResolver": disputes,
+            "PrepaidInference": prepaid,
             "MlpInferenceVerifier": mlp_verifier,
         },
     )
@@ -244,6 +262,9 @@ def _grant_roles(sender: TransactionSender, deployment: Deployment) -> None:
         ("NodeCoordinator", "SLASHER_ROLE", at["ProofOfInference"]),
         ("NodeCoordinator", "SLASHER_ROLE", at["DisputeResolver"]),
         ("NodeCoordinator", "DISTRIBUTOR_ROLE", at["ModelMarketplace"]),
+        ("NodeCoordinator", "REPUTATION_ROLE", at["PrepaidInference"]),
+        ("NodeCoordinator", "DISTRIBUTOR_ROLE", at["PrepaidInference"]),
+        ("ProofOfUse", "RECORDER_ROLE", at["PrepaidInference"]),
         ("ModelMarketplace", "SETTLER_ROLE", at["ProofOfInference"]),
         ("ProofOfUse", "RECORDER_ROLE", at["ModelMarketplace"]),
         ("StakedJoy", "MINTER_ROLE", at["NodeCoordinator"]),

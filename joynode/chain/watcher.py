@@ -16,8 +16,9 @@ the contracts' views and stores them in SQLite, where the consensus actor
 finds them without a chain round trip; the governance mirror
 (``joynode.governance.mirror``) keeps the DAO's proposals and votes. The
 cursor also records its block's timestamp: the chain's clock as last seen;
-and each step records the hash of the last epoch boundary it passed
-(``SEED_EPOCH_BLOCKS``), the block unpaid jobs draw their committees from.
+and each step records the hashes of the epoch boundaries it passed that are
+still recent (``SEED_EPOCH_BLOCKS``, ``SEED_EPOCHS_VALID``): the blocks unpaid
+jobs draw their committees from, which members then check without the RPC.
 A poll reads everything from the chain first and then writes the
 retractions, the events, the mirror rows and the cursor in one transaction,
 so an RPC that fails half way leaves nothing half done: the next poll does
@@ -41,7 +42,7 @@ from web3._utils.events import get_event_data
 from web3.exceptions import BlockNotFound
 
 from joynode.chain.artifacts import load_artifacts
-from joynode.chain.committee import SEED_EPOCH_BLOCKS
+from joynode.chain.committee import SEED_EPOCH_BLOCKS, SEED_EPOCHS_VALID
 from joynode.chain.deploy import Deployment
 from joynode.chain.rpc import RpcLink
 from joynode.messages import ChainEvent
@@ -178,13 +179,13 @@ class ChainWatcher:
         target = head - self._confirmations
         events: list[ChainEvent] = []
         end: Cursor | None = None
-        boundary: Cursor | None = None
+        boundaries: list[Cursor] = []
         if target > cursor.block:
             last = min(target, cursor.block + self._range)
             fetched = await self._link.call(self._fetch, cursor.block + 1, last, cursor.block_hash)
             if fetched is None:  # the chain moved under us: the next poll sorts it out
                 return []
-            raw_logs, end, boundary = fetched
+            raw_logs, end, boundaries = fetched
             events = [e for e in (self._decoder.decode(r) for r in raw_logs) if e is not None]
         writes = []
         if events or retracted:
@@ -193,7 +194,7 @@ class ChainWatcher:
 
         def commit(conn: sqlite3.Connection) -> tuple[list[ChainEvent], list[ChainEvent]]:
             undone = _retract_after(conn, fork) if fork is not None else []
-            applied = _apply(conn, chain_id, events, end, boundary) if end is not None else []
+            applied = _apply(conn, chain_id, events, end, boundaries) if end is not None else []
             for write in writes:
                 write(conn)
             return undone, applied
@@ -212,9 +213,9 @@ class ChainWatcher:
 
     def _fetch(
         self, start: int, end: int, parent_hash: str
-    ) -> tuple[list[Any], Cursor, Cursor | None] | None:
-        """Logs of blocks ``start..end``, the cursor at ``end`` and the last epoch boundary
-        before it in the range (if any); None if a reorg interfered.
+    ) -> tuple[list[Any], Cursor, list[Cursor]] | None:
+        """Logs of blocks ``start..end``, the cursor at ``end`` and the recent epoch
+        boundaries before it in the range; None if a reorg interfered.
 
         The range must continue the cursor's branch (``start``'s parent is the
         cursor block) and ``end`` must be the same block before and after the
@@ -238,9 +239,10 @@ class ChainWatcher:
         ]
         if wrong_branch:
             return None
-        number = end - end % SEED_EPOCH_BLOCKS
-        boundary = Cursor(number, self._block_hash(number)) if start <= number < end else None
-        return list(logs), Cursor(end, end_hash, int(end_block["timestamp"])), boundary
+        recent = max(start, end - SEED_EPOCH_BLOCKS * SEED_EPOCHS_VALID)
+        lowest = recent + (-recent) % SEED_EPOCH_BLOCKS
+        boundaries = [Cursor(n, self._block_hash(n)) for n in range(lowest, end, SEED_EPOCH_BLOCKS)]
+        return list(logs), Cursor(end, end_hash, int(end_block["timestamp"])), boundaries
 
     async def _find_fork(self) -> Cursor:
         known = await self._state.read(
@@ -259,7 +261,7 @@ def _apply(
     chain_id: int,
     events: list[ChainEvent],
     cursor: Cursor,
-    boundary: Cursor | None,
+    boundaries: list[Cursor],
 ) -> list[ChainEvent]:
     applied = []
     for event in events:
@@ -282,12 +284,11 @@ def _apply(
             "INSERT OR REPLACE INTO chain_blocks (number, hash) VALUES (?, ?)",
             (event.block, event.block_hash),
         )
-    for block in (boundary, cursor):
-        if block is not None:
-            conn.execute(
-                "INSERT OR REPLACE INTO chain_blocks (number, hash) VALUES (?, ?)",
-                (block.block, block.block_hash),
-            )
+    for block in (*boundaries, cursor):
+        conn.execute(
+            "INSERT OR REPLACE INTO chain_blocks (number, hash) VALUES (?, ?)",
+            (block.block, block.block_hash),
+        )
     conn.execute(
         "INSERT INTO chain_cursor (id, chain_id, block, block_hash, block_time) "
         "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET block = excluded.block, "

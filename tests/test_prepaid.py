@@ -1,0 +1,306 @@
+"""Feeless inference on a real anvil chain: prepaid balances, signed requests, batches.
+
+Clients deposit into ``PrepaidInference`` once, sign each request off-chain
+(``joynode.signatures.sign_prepaid_request``), and nodes settle many of them
+in one ``settleBatch``. Every amount is checked to the wei against the fee
+split computed here; every refusal by its reason. Dev accounts 2-4 are the
+nodes, 15, 17 and 19 the clients, 14 the model owner.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from web3.types import TxReceipt
+
+from joynode.chain.deploy import JOY
+from joynode.signatures import PrepaidRequest, prepaid_request_id, sign, sign_prepaid_request
+from tests.chain_fixtures import Chain, anvil_url, chain, deployed, node_key_of
+from tests.test_contracts import (
+    OUTPUT,
+    OWNER,
+    ROYALTY_A,
+    ROYALTY_B,
+    STAKER,
+    World,
+    _quiet_anvil,
+    account,
+    node_accounts,
+    reverts,
+)
+
+__all__ = ["_quiet_anvil", "anvil_url", "chain", "deployed"]  # fixtures used by name
+
+PRICE = 40 * JOY + 7  # odd wei, so every split rounds
+CLIENTS = (15, 17, 19)  # (test_contracts' requester, reporter, outsider: 100,000 JOY each)
+STAKES = (1000 * JOY, 2000 * JOY, 1500 * JOY)
+ROYALTIES = ((ROYALTY_A, 1500), (ROYALTY_B, 250))
+PRECISION = 10**18
+
+# What settleBatch refuses, by its Refusal enum.
+BAD_CLIENT_SIGNATURE, ALREADY_SETTLED, EXPIRED, MODEL_NOT_SERVABLE, PRICE_ABOVE_MAX = 1, 2, 3, 4, 5
+WRONG_COMMITTEE, NO_MAJORITY, BAD_SIGNATURE, INSUFFICIENT_BALANCE = 6, 7, 8, 9
+
+
+@dataclass
+class Prepaid:
+    """The world of test_contracts, with the prepaid contract and a model served by three
+    staked nodes."""
+
+    w: World
+    contract: Any
+    model: bytes
+    nodes: list[LocalAccount]
+
+    @classmethod
+    def of(cls, chain: Chain) -> Prepaid:
+        w = World.of(chain)
+        nodes = node_accounts(3)
+        for node, stake in zip(nodes, STAKES, strict=True):
+            w.join(node, stake)
+        royalties = [(account(index).address, bps) for index, bps in ROYALTIES]
+        model = w.add_model(price=PRICE, royalties=royalties)
+        return cls(w, chain.contract("PrepaidInference"), model, nodes)
+
+    def fund(self, client: LocalAccount, amount: int) -> None:
+        self.w.tx(client, self.w.token.functions.approve(self.contract.address, amount))
+        self.w.tx(client, self.contract.functions.deposit(amount))
+
+    def request(
+        self, client: LocalAccount, nonce: int, *, max_price: int = PRICE, deadline_s: int = 3600
+    ) -> PrepaidRequest:
+        return PrepaidRequest(
+            chain_id=self.w.chain.w3.eth.chain_id,
+            contract=self.contract.address,
+            client=client.address,
+            model=self.model,
+            input_hash=nonce.to_bytes(32, "big"),
+            max_price=max_price,
+            nonce=nonce,
+            deadline=self.w.now() + deadline_s,
+            committee=tuple(n.address for n in self.nodes),
+        )
+
+    def redemption(
+        self,
+        request: PrepaidRequest,
+        client: LocalAccount,
+        signers: tuple[int, ...] = (0, 1, 2),
+        client_signature: bytes | None = None,
+    ) -> tuple[Any, ...]:
+        """The request, its client's signature, and a certificate by the members at
+        ``signers`` (committee positions)."""
+        request_id = prepaid_request_id(request)
+        digest = self.w.domain.result_digest(request_id, OUTPUT)
+        by: dict[str, LocalAccount] = {n.address: n for n in self.nodes}
+        signatures = [sign(node_key_of(by[request.committee[i]]), digest) for i in signers]
+        return (
+            request.as_call_argument(),
+            client_signature or sign_prepaid_request(client, request),
+            OUTPUT,
+            sum(1 << i for i in signers),
+            signatures,
+        )
+
+    def settle(self, redemptions: list[tuple[Any, ...]]) -> TxReceipt:
+        return self.w.tx(account(STAKER), self.contract.functions.settleBatch(redemptions))
+
+    def account_of(self, client: LocalAccount) -> tuple[int, int, int, int]:
+        balance, withdrawing, at, available = self.contract.functions.accountOf(
+            client.address
+        ).call()
+        return int(balance), int(withdrawing), int(at), int(available)
+
+    def refusals(self, receipt: TxReceipt) -> list[int]:
+        return [e["reason"] for e in self.w.events(self.contract, "SettlementRefused", receipt)]
+
+    def settled(self, receipt: TxReceipt) -> list[bytes]:
+        return [e["requestId"] for e in self.w.events(self.contract, "RequestSettled", receipt)]
+
+
+def test_a_hundred_signed_requests_from_three_clients_settle_in_batches_to_the_wei(
+    chain: Chain,
+) -> None:
+    p = Prepaid.of(chain)
+    w = p.w
+    clients = [account(i) for i in CLIENTS]
+    deposits = [60 * PRICE, 40 * PRICE, 35 * PRICE]  # 34, 33 and 33 requests
+    for client, amount in zip(clients, deposits, strict=True):
+        p.fund(client, amount)
+    owner, treasury = account(OWNER).address, chain.treasury
+    royalty = [account(index).address for index, _ in ROYALTIES]
+    nodes = [n.address for n in p.nodes]
+    before_treasury = chain.balance(treasury)
+    before_reputation = {a: w.reputation(a) for a in nodes}
+    agree, miss = (
+        int(w.poi.functions.agreeReward().call()),
+        int(w.poi.functions.missPenalty().call()),
+    )
+
+    # 100 requests, nonces not in order, some certified by two members of three.
+    rng = random.Random(7)
+    plan = [(clients[i % 3], 1000 + rng.randrange(1 << 40)) for i in range(100)]
+    signer_sets = [(0, 1, 2), (0, 1), (1, 2), (0, 2)]
+    redemptions = []
+    expected_signers: list[tuple[int, ...]] = []
+    for index, (client, nonce) in enumerate(plan):
+        signers = signer_sets[index % 4]
+        expected_signers.append(signers)
+        redemptions.append(p.redemption(p.request(client, nonce), client, signers))
+    batches = [redemptions[:1], redemptions[1:17], redemptions[17:81], redemptions[81:]]
+    total_staked = int(w.coordinator.functions.totalStaked().call())
+    earned_before = {a: w.earned(a) for a in nodes}
+    stakers_expected: dict[str, int] = defaultdict(int)
+    treasury_expected = 0
+    for batch in batches:
+        receipt = p.settle(batch)
+        assert p.refusals(receipt) == []
+        assert len(p.settled(receipt)) == len(batch)
+        # The stakers' share goes once per batch, per-token rounding to the treasury.
+        to_stakers = sum(share(PRICE)["stakers"] for _ in batch)
+        increment = to_stakers * PRECISION // total_staked
+        treasury_expected += to_stakers - increment * total_staked // PRECISION
+        for address, stake in zip(nodes, STAKES, strict=True):
+            stakers_expected[address] += stake * increment  # (divided once, as earned() does)
+
+    s = share(PRICE)
+    counts = Counter(client.address for client, _ in plan)
+    for client, amount in zip(clients, deposits, strict=True):
+        left = amount - counts[client.address] * PRICE
+        assert p.account_of(client) == (left, 0, 0, left)
+    claim = {a: int(p.contract.functions.claimable(a).call()) for a in [owner, *royalty, *nodes]}
+    assert claim[owner] == 100 * s["owner"]
+    assert [claim[a] for a in royalty] == [100 * r for r in s["royalties"]]
+    signed = Counter(nodes[i] for signers in expected_signers for i in signers)
+    for signers in expected_signers:
+        treasury_expected += s["signers"] - (s["signers"] // len(signers)) * len(signers)
+    treasury_expected += 100 * s["treasury"]
+    for node in nodes:
+        each = sum(
+            s["signers"] // len(signers)
+            for signers in expected_signers
+            if nodes.index(node) in signers
+        )
+        assert claim[node] == each
+        assert w.earned(node) - earned_before[node] == stakers_expected[node] // PRECISION
+        unsigned = 100 - signed[node]
+        assert w.reputation(node) == min(
+            10_000, before_reputation[node] + agree * signed[node] - miss * unsigned
+        )
+    assert chain.balance(treasury) - before_treasury == treasury_expected
+    # Every wei the clients paid is claimable, the stakers', or the treasury's.
+    signer_dust = sum(s["signers"] - s["signers"] // len(g) * len(g) for g in expected_signers)
+    assert sum(claim.values()) + 100 * (s["stakers"] + s["treasury"]) + signer_dust == 100 * PRICE
+    # Usage, in aggregate per client.
+    for client in clients:
+        assert w.pou.functions.requestsByUser(client.address).call() == counts[client.address]
+    assert w.pou.functions.requestsByModel(p.model).call() == 100
+    # Payees claim what they were credited.
+    before = chain.balance(owner)
+    w.tx(account(OWNER), p.contract.functions.claim())
+    assert chain.balance(owner) - before == claim[owner]
+    with reverts("PrepaidInference.NothingToClaim()"):
+        w.tx(account(OWNER), p.contract.functions.claim())
+
+
+def share(price: int) -> dict[str, Any]:
+    """The split of one request's price, as FeeSplit computes it (2.5 %: 40/30/30)."""
+    fee = price * 250 // 10_000
+    signers = fee * 4000 // 10_000
+    stakers = fee * 3000 // 10_000
+    owner_portion = price - fee
+    royalties = [owner_portion * bps // 10_000 for _, bps in ROYALTIES]
+    return {
+        "signers": signers,
+        "stakers": stakers,
+        "treasury": fee - signers - stakers,
+        "royalties": royalties,
+        "owner": owner_portion - sum(royalties),
+    }
+
+
+def test_replays_overspending_and_bad_certificates_are_refused_and_charge_nothing(
+    chain: Chain,
+) -> None:
+    p = Prepaid.of(chain)
+    client, other = account(CLIENTS[0]), account(CLIENTS[1])
+    p.fund(client, 2 * PRICE)
+    nonces = itertools.count(1)
+    first = p.redemption(p.request(client, next(nonces)), client)
+    receipt = p.settle([first, first])  # the same request twice in one batch
+    assert p.refusals(receipt) == [ALREADY_SETTLED]
+    assert p.refusals(p.settle([first])) == [ALREADY_SETTLED]  # and in a later one
+    assert p.account_of(client)[0] == PRICE
+
+    def refused(redemption: tuple[Any, ...]) -> int:
+        (reason,) = p.refusals(p.settle([redemption]))
+        return reason
+
+    request = p.request(client, next(nonces))
+    assert refused(p.redemption(request, client, client_signature=b"\x01" * 65)) == (
+        BAD_CLIENT_SIGNATURE
+    )
+    assert refused(p.redemption(request, other)) == BAD_CLIENT_SIGNATURE  # signed by another
+    assert refused(p.redemption(request, client, signers=(0,))) == NO_MAJORITY
+    forged = list(p.redemption(request, client, signers=(0, 1)))
+    forged[4] = [forged[4][1], forged[4][0]]  # signatures out of committee order
+    assert refused(tuple(forged)) == BAD_SIGNATURE
+    cheap = p.request(client, next(nonces), max_price=PRICE - 1)
+    assert refused(p.redemption(cheap, client)) == PRICE_ABOVE_MAX
+    late = p.request(client, next(nonces), deadline_s=-1)
+    assert refused(p.redemption(late, client)) == EXPIRED
+    stranger = replace(request, committee=(*request.committee[:2], other.address))
+    assert refused(p.redemption(stranger, client, signers=(0, 1))) == WRONG_COMMITTEE
+    twice = replace(request, committee=(request.committee[0],) * 3)
+    assert refused(p.redemption(twice, client, signers=(0, 1))) == WRONG_COMMITTEE
+    assert p.account_of(client)[0] == PRICE  # nothing of that was charged
+    # One more request is covered; the next is not: refused, nothing charged.
+    covered, over = p.request(client, next(nonces)), p.request(client, next(nonces))
+    receipt = p.settle([p.redemption(covered, client), p.redemption(over, client)])
+    assert p.settled(receipt) == [prepaid_request_id(covered)]
+    assert p.refusals(receipt) == [INSUFFICIENT_BALANCE]
+    assert p.account_of(client)[0] == 0
+
+
+def test_a_client_who_starts_withdrawing_still_pays_for_what_it_signed_before(
+    chain: Chain,
+) -> None:
+    p = Prepaid.of(chain)
+    client = account(CLIENTS[2])
+    p.fund(client, 3 * PRICE)
+    signed_before = [p.redemption(p.request(client, n, deadline_s=60), client) for n in (1, 2)]
+    receipt = p.w.tx(client, p.contract.functions.startWithdrawal(3 * PRICE))
+    (started,) = p.w.events(p.contract, "WithdrawalStarted", receipt)
+    assert started["amount"] == 3 * PRICE
+    balance, withdrawing, _, available = p.account_of(client)
+    assert (balance, withdrawing, available) == (3 * PRICE, 3 * PRICE, 0)  # no new spending
+    with reverts(f"PrepaidInference.StillWithdrawing(withdrawableAt={started['withdrawableAt']})"):
+        p.w.tx(client, p.contract.functions.withdraw())
+    # Within the delay the nodes settle what the client signed before it started.
+    assert len(p.settled(p.settle(signed_before))) == 2
+    chain.advance(11)  # the devnet's delay is 10 s
+    before = chain.balance(client.address)
+    p.w.tx(client, p.contract.functions.withdraw())
+    assert chain.balance(client.address) - before == PRICE  # what was left, not 3 x PRICE
+    assert p.account_of(client) == (0, 0, started["withdrawableAt"], 0)
+    with reverts("PrepaidInference.NoWithdrawalStarted()"):
+        p.w.tx(client, p.contract.functions.withdraw())
+
+
+def test_the_withdrawal_delay_is_bounded_and_only_governance_sets_it(chain: Chain) -> None:
+    p = Prepaid.of(chain)
+    with reverts(
+        "AccessControlUnauthorizedAccount(account="
+        f"{account(STAKER).address.lower()}, neededRole=0x{'00' * 32})"
+    ):
+        p.w.tx(account(STAKER), p.contract.functions.setParameters(3600))
+    for too_short_or_long in (5, 31 * 24 * 3600):
+        with reverts("OutOfBounds(parameter=withdrawalDelay)"):
+            chain.as_timelock(p.contract.functions.setParameters(too_short_or_long))
+    chain.as_timelock(p.contract.functions.setParameters(3600))
+    assert p.contract.functions.withdrawalDelay().call() == 3600
