@@ -449,7 +449,7 @@ class Bench:
                 sign_prepaid_request(client, request),
                 OUTPUT,
                 0b011,
-                signatures,
+                b"".join(signatures),
             )
 
         for size in (0, 1, 16, 64):  # (0: warm-up, a batch of 8)

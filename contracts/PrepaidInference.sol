@@ -61,7 +61,7 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
         bytes clientSignature;
         bytes32 outputHash;
         uint256 signedBy; // bit i set: committee[i] signed the result
-        bytes[] signatures; // of those members, in committee order
+        bytes signatures; // theirs, 65 bytes each (r, s, v), in committee order
     }
 
     struct Account {
@@ -205,6 +205,7 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
         uint16 signersBps;
         uint16 stakersBps;
         address treasury;
+        bytes32 requestDomain;
         bytes32 resultDomain;
         bytes32 resultTypehash;
         int256 agreeReward;
@@ -221,6 +222,9 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
         address[] nodes; // reputation changes, by node
         int256[] deltas;
         uint256 nodeCount;
+        bytes32 eligibleFor; // the model whose members below were found eligible
+        address[] eligible;
+        uint256 eligibleCount;
         bytes32[] usageModels; // settled requests, by model and client
         address[] usageClients;
         uint256[] usageCounts;
@@ -235,7 +239,7 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
         Batch memory b = _openBatch(n);
         for (uint256 i = 0; i < n; i++) {
             Redemption calldata item = redemptions[i];
-            bytes32 id = requestId(item.request);
+            bytes32 id = MessageHashUtils.toTypedDataHash(b.requestDomain, _structHash(item.request));
             Refusal refusal = _check(b, item, id);
             if (refusal != Refusal.None) {
                 emit SettlementRefused(id, item.request.client, refusal);
@@ -257,12 +261,14 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
         b.resultDomain = keccak256(
             abi.encode(DOMAIN_TYPEHASH, keccak256(bytes(name)), keccak256(bytes(version)), chainId, verifying)
         );
+        b.requestDomain = _domainSeparatorV4();
         b.resultTypehash = proofOfInference.RESULT_TYPEHASH();
         b.agreeReward = proofOfInference.agreeReward();
         b.missPenalty = proofOfInference.missPenalty();
         uint256 members = n * coordinator.MAX_COMMITTEE();
         b.nodes = new address[](members);
         b.deltas = new int256[](members);
+        b.eligible = new address[](members);
         b.usageModels = new bytes32[](n);
         b.usageClients = new address[](n);
         b.usageCounts = new uint256[](n);
@@ -278,18 +284,23 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
         if (!b.servable) return Refusal.ModelNotServable;
         if (b.price > r.maxPrice) return Refusal.PriceAboveMax;
         address[] calldata committee = r.committee;
-        if (committee.length != b.committeeSize || !_eligible(committee, r.model)) return Refusal.WrongCommittee;
+        if (committee.length != b.committeeSize || !_eligible(b, committee, r.model)) return Refusal.WrongCommittee;
         uint256 signedBy = item.signedBy;
         if (committee.length < 256 && signedBy >> committee.length != 0) return Refusal.WrongCommittee;
         uint256 count = _popcount(signedBy);
-        if (count * 2 <= committee.length || count != item.signatures.length) return Refusal.NoMajority;
+        if (count * 2 <= committee.length || count * 65 != item.signatures.length) return Refusal.NoMajority;
         bytes32 digest = MessageHashUtils.toTypedDataHash(
             b.resultDomain, keccak256(abi.encode(b.resultTypehash, id, item.outputHash))
         );
-        uint256 next = 0;
+        bytes calldata signatures = item.signatures;
+        uint256 offset = 0;
         for (uint256 m = 0; m < committee.length; m++) {
             if (signedBy & (1 << m) == 0) continue;
-            (address member, ECDSA.RecoverError bad,) = ECDSA.tryRecover(digest, item.signatures[next++]);
+            bytes32 sigR = bytes32(signatures[offset:offset + 32]);
+            bytes32 sigS = bytes32(signatures[offset + 32:offset + 64]);
+            (address member, ECDSA.RecoverError bad,) =
+                ECDSA.tryRecover(digest, uint8(signatures[offset + 64]), sigR, sigS);
+            offset += 65;
             if (bad != ECDSA.RecoverError.NoError || member != committee[m]) return Refusal.BadSignature;
         }
         if (_accounts[r.client].balance < b.price) return Refusal.InsufficientBalance;
@@ -308,7 +319,7 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
             claimable[b.royaltyRecipients[i]] += royalty;
         }
         claimable[b.owner] += s.ownerPortion - paidRoyalties;
-        uint256 signers = item.signatures.length;
+        uint256 signers = item.signatures.length / 65;
         uint256 each = s.toSigners / signers;
         b.toTreasury += s.toTreasury + (s.toSigners - each * signers);
         b.toStakers += s.toStakers;
@@ -342,15 +353,29 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
             marketplace.payoutOf(model);
     }
 
-    /// Every member distinct and eligible for the model now.
-    function _eligible(address[] calldata committee, bytes32 model) private view returns (bool) {
+    /// Every member distinct and eligible for the model now (each asked once per batch).
+    function _eligible(Batch memory b, address[] calldata committee, bytes32 model) private view returns (bool) {
+        if (model != b.eligibleFor) {
+            b.eligibleFor = model;
+            b.eligibleCount = 0;
+        }
         for (uint256 i = 0; i < committee.length; i++) {
+            address member = committee[i];
             for (uint256 j = 0; j < i; j++) {
-                if (committee[j] == committee[i]) return false;
+                if (committee[j] == member) return false;
             }
-            if (!coordinator.isEligible(committee[i], model)) return false;
+            if (_known(b, member)) continue;
+            if (!coordinator.isEligible(member, model)) return false;
+            b.eligible[b.eligibleCount++] = member;
         }
         return true;
+    }
+
+    function _known(Batch memory b, address member) private pure returns (bool) {
+        for (uint256 i = 0; i < b.eligibleCount; i++) {
+            if (b.eligible[i] == member) return true;
+        }
+        return false;
     }
 
     function _addReputation(Batch memory b, address node, int256 delta) private pure {

@@ -104,7 +104,7 @@ class Prepaid:
             client_signature or sign_prepaid_request(client, request),
             OUTPUT,
             sum(1 << i for i in signers),
-            signatures,
+            b"".join(signatures),
         )
 
     def settle(self, redemptions: list[tuple[Any, ...]]) -> TxReceipt:
@@ -248,7 +248,7 @@ def test_replays_overspending_and_bad_certificates_are_refused_and_charge_nothin
     assert refused(p.redemption(request, other)) == BAD_CLIENT_SIGNATURE  # signed by another
     assert refused(p.redemption(request, client, signers=(0,))) == NO_MAJORITY
     forged = list(p.redemption(request, client, signers=(0, 1)))
-    forged[4] = [forged[4][1], forged[4][0]]  # signatures out of committee order
+    forged[4] = forged[4][65:] + forged[4][:65]  # signatures out of committee order
     assert refused(tuple(forged)) == BAD_SIGNATURE
     cheap = p.request(client, next(nonces), max_price=PRICE - 1)
     assert refused(p.redemption(cheap, client)) == PRICE_ABOVE_MAX

@@ -76,6 +76,7 @@ class Job:
     my_vote: MyVote | None = None
     payment: Payment | None = None  # paid jobs only
     restored: bool = False  # taken up again after a restart
+    stored: bool = False  # in SQLite: a restart takes it up again (job.get shows no other)
     # prefill jobs: claimant -> [(verifier, reason)] for each refusal heard
     refusals: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 

@@ -305,6 +305,7 @@ class ConsensusService:
         job = Job(offer, self._tally(offer), role, payment=payment)
         self.jobs[offer.request_id] = job
         await self._state.write(lambda conn: save_job(conn, job))
+        job.stored = True
         for message, sender in self._early.pop(offer.request_id, []):
             self._early_count -= 1
             self._early_by_signer[sender] -= 1
@@ -551,7 +552,9 @@ class ConsensusService:
         for offer_bytes, role, created_at, payment, vote_row, votes in rows:
             offer = wire.decode(offer_bytes)
             assert isinstance(offer, wire.JobOffer)
-            job = Job(offer, self._tally(offer), role, created_at=created_at, restored=True)
+            job = Job(
+                offer, self._tally(offer), role, created_at=created_at, restored=True, stored=True
+            )
             if payment is not None:
                 job.payment = Payment.from_json(json.loads(payment))
             self.jobs[offer.request_id] = job
@@ -607,9 +610,10 @@ class ConsensusService:
                 await self._count_vote(job, signer, vote)
 
     async def job_json(self, request_id: bytes) -> dict[str, Any] | None:
-        """A job as JSON: from memory, or the stored outcome of an older one (None: unknown)."""
+        """A job as JSON: from memory, or the stored outcome of an older one (None: unknown).
+        A job is shown once it is stored, so one shown is one a restart remembers."""
         job = self.jobs.get(request_id)
-        if job is not None:
+        if job is not None and job.stored:
             return job.to_json()
 
         def read(conn: sqlite3.Connection) -> str | None:
