@@ -190,6 +190,12 @@ async def test_watcher_follows_a_reorg(chain: Chain, tmp_path: Path) -> None:
         assert peers.get("peer-5") in (None, 0)  # node 5 never registered on this branch
 
 
+def test_a_deployment_file_from_before_a_contract_was_added_is_not_live(chain: Chain) -> None:
+    assert chain.deployment.is_live_on(chain.w3)
+    older = {k: v for k, v in chain.deployment.addresses.items() if k != "PrepaidInference"}
+    assert not dataclasses.replace(chain.deployment, addresses=older).is_live_on(chain.w3)
+
+
 def rpc_home(tmp_path: Path, chain: Chain) -> NodeHome:
     home = make_home(tmp_path / "node")
     chain.deployment.write(tmp_path / "deployment.json")

@@ -136,6 +136,10 @@ class Deployment:
         )
 
     def is_live_on(self, w3: Web3) -> bool:
+        """Whether every contract of this deployment is on ``w3``'s chain (a deployment file
+        written before a contract was added is not: the devnet deploys afresh)."""
+        if any(name not in self.addresses for name in CONTRACTS):
+            return False
         if int(w3.eth.chain_id) != self.chain_id:
             return False
         return all(
