@@ -77,6 +77,23 @@ class JsPeer:
             op="publish_signed", network=network, topic=topic, message=message
         )
 
+    async def publish_signed_to(
+        self, peer_id: str, network: str, topic: str, message: dict[str, object]
+    ) -> Event:
+        """Publish until ``peer_id`` is among the recipients.
+
+        js gossipsub reports a subscriber as soon as its subscription arrives,
+        but sends to it only once its own outbound stream to that peer is open,
+        a moment later; until then a publish reaches nobody.
+        """
+        with trio.move_on_after(30):
+            while True:
+                published = await self.publish_signed(network, topic, message)
+                if peer_id in published["recipients"]:
+                    return published
+                await trio.sleep(0.2)
+        raise AssertionError(f"js peer never sent to {peer_id}:\n{self.log_tail()}")
+
     async def publish_raw(self, topic: str, data: bytes) -> Event:
         return await self._publish(op="publish_raw", topic=topic, hex=data.hex())
 

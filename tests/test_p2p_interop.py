@@ -107,8 +107,9 @@ async def test_a_node_takes_a_js_peers_gossip_and_refuses_its_malformed_gossip(
     ):
         network = node.config.p2p.network_id
         await node_subscribed(js, node)
-        published = await js.publish_signed(network, HEARTBEAT.name, js_heartbeat(0, "js-libp2p"))
-        assert node.p2p.peer_id in published["recipients"]
+        await js.publish_signed_to(
+            node.p2p.peer_id, network, HEARTBEAT.name, js_heartbeat(0, "js-libp2p")
+        )
         await wait_for(
             lambda: js_version(node, js) == "js-libp2p", 15, "the node takes the js heartbeat"
         )
