@@ -20,6 +20,8 @@ if TYPE_CHECKING:
         ClaimScores,
         InferenceResult,
         OnchainRequest,
+        PrepaidRefusal,
+        PrepaidTerms,
         SamplingSpec,
         ZkModelInfo,
         ZkSettlement,
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from joynode.p2p.gossip import Topic
     from joynode.p2p.peers import PeerTable
     from joynode.p2p.scoring import Offence
+    from joynode.signatures import PrepaidRequest
     from joynode.zk.mlp import MlpProof
 
 T = TypeVar("T")
@@ -161,6 +164,30 @@ class SettlementChain(CommitteeChain, Protocol):
     async def report_equivocation(self, evidence: Equivocation) -> str | None: ...
 
     async def refund(self, request_id: bytes) -> str: ...
+
+
+class PrepaidPayments(Protocol):
+    """What the consensus actor needs of the prepaid actor (``PrepaidService`` provides it):
+    whether a client's signed request is covered, and what became of the jobs it admitted.
+
+    ``refusal`` records a request it does not refuse as pending against its
+    client's balance (again for the same request: no change), so that two
+    requests cannot spend the same JOY; ``certified`` queues it for settlement
+    and ``released`` frees what it held. All three are idempotent. ``terms``
+    raises ``joynode.chain.rpc.ChainUnreachable`` while the RPC is down.
+    """
+
+    async def terms(self, model_id: str) -> PrepaidTerms: ...
+
+    async def refusal(
+        self, request: PrepaidRequest, signature: bytes, settle_by: float
+    ) -> PrepaidRefusal | None: ...
+
+    async def certified(
+        self, request: PrepaidRequest, signature: bytes, certificate: Certificate
+    ) -> None: ...
+
+    async def released(self, request_id: bytes) -> None: ...
 
 
 RequestHandler = Callable[[str, "wire.Message"], Awaitable["wire.Message"]]

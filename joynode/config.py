@@ -351,6 +351,45 @@ class ConsensusSection(_Section):
     )
 
 
+class PrepaidSection(_Section):
+    """Prepaid (feeless) jobs: when this node's settler lands the certificates it holds."""
+
+    batch_size: StrictInt = Field(
+        16, ge=1, le=256, description="Settle as soon as this many certified requests wait."
+    )
+    max_age_s: Seconds = Field(
+        30.0, description="Settle what waits once the oldest has waited this long, however few."
+    )
+    max_gas_price_gwei: float = Field(
+        0.0,
+        ge=0.0,
+        le=1_000_000.0,
+        description="Hold batches while gas costs more than this (0: no limit); requests "
+        "close to their deadline are settled anyway.",
+    )
+    takeover_s: Seconds = Field(
+        60.0,
+        description="How long a member that is not a request's first signer waits for that "
+        "signer to settle it before settling it itself.",
+    )
+    request_ttl_s: Seconds = Field(
+        3600.0,
+        description="The deadline this node puts in the requests it signs as a client "
+        "(infer.submit with prepaid): they cannot settle later.",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _requests_live_long_enough(self) -> PrepaidSection:
+        least = self.takeover_s + self.max_age_s + 300
+        if self.request_ttl_s < least:
+            raise _KeyedError(
+                ("prepaid", "request_ttl_s"),
+                f"must leave time to run and settle: at least takeover_s + max_age_s + 300 "
+                f"= {least:g}",
+            )
+        return self
+
+
 class ChainSection(_Section):
     mode: Literal["off", "local", "rpc"] = Field(
         "off",
@@ -420,6 +459,7 @@ class Config(_Section):
     inference: InferenceSection = InferenceSection()
     consensus: ConsensusSection = ConsensusSection()
     chain: ChainSection = ChainSection()
+    prepaid: PrepaidSection = PrepaidSection()
     zk: ZkSection = ZkSection()
     log: LogSection = LogSection()
     path: Path | None = Field(None, exclude=True, description="Where this config was read from.")

@@ -210,3 +210,24 @@ class OnchainRequest:
     status: RequestStatus
     committee: tuple[str, ...]  # checksummed, in the contract's rank order
     seconds_left: float
+
+
+@dataclass(frozen=True)
+class PrepaidTerms:
+    """What a prepaid request for a model must name and cover now (``PrepaidInference``)."""
+
+    chain_id: int
+    contract: str  # the PrepaidInference proxy
+    price: int  # wei of JOY, the model's price now
+    committee_size: int  # the model's registered committee size
+    servable: bool
+    default_deadline: int  # unix seconds: for requests that do not name one
+
+
+@dataclass(frozen=True)
+class PrepaidRefusal:
+    """Why a node will not run a prepaid request: ``reason`` a metric label, ``detail`` for
+    the client (it reaches it before any inference runs)."""
+
+    reason: str
+    detail: str

@@ -19,12 +19,18 @@ Actor graph (arrows are memory channels, named by direction and payload)::
     chain      ChainService      (chain.mode local/rpc: anvil or RPC, deployment, watcher ->
                                   registry mirror in state, transaction sender; tells the
                                   supervisor it is degraded while the RPC is unreachable)
+    prepaid    PrepaidService    <--ChainEvent-- chain (prepaid_events_send: RequestSettled)
+                                 (clients' balances less what they owe in SQLite; settles
+                                 certified prepaid jobs in batches through chain; balance.* /
+                                 prepaid.settlements on control)
     consensus  ConsensusService  <--VerifiedGossip(JobOffer)-- p2p (offers_send)
                                  <--VerifiedGossip(VoteCommit/VoteReveal)-- p2p (votes_send)
                                  <--ChainEvent-- chain (chain_events_send: settlements, refunds)
                                  --InferenceRequest--> inference; publishes offers and votes;
                                  calls chain (SettlementChain) to pay, settle, report, refund;
-                                 jobs and votes in state; infer.submit / job.* on control
+                                 asks prepaid (PrepaidPayments) whether a signed request is
+                                 covered, hands it certified ones; jobs and votes in state;
+                                 infer.submit / prepaid.quote / job.* on control
     prover     ProverService     <--ProofRequest-- control (proof.generate), zk; via ProverClient
                                  --ProofResult/ProofFailure--> requester; proofs in state
     zk         ZkInferenceService <--VerifiedGossip(ZkJob)-- p2p (zk_jobs_send)
@@ -71,6 +77,8 @@ from joynode.keys import ControlToken, NodeKey
 from joynode.messages import ChainEvent, InferenceRequest, ShutdownRequest
 from joynode.p2p.gossip import JOBS, VOTES, ZK_JOBS, VerifiedGossip
 from joynode.p2p.service import P2PService
+from joynode.prepaid.control import prepaid_methods
+from joynode.prepaid.service import PrepaidService
 from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain
 from joynode.state import StateStore
 from joynode.storage.service import StorageService
@@ -116,6 +124,7 @@ class Node:
         votes_send, votes_receive = trio.open_memory_channel[VerifiedGossip](1024)
         chain_events_send, chain_events_receive = trio.open_memory_channel[ChainEvent](256)
         zk_chain_events_send, zk_chain_events_receive = trio.open_memory_channel[ChainEvent](256)
+        prepaid_events_send, prepaid_events_receive = trio.open_memory_channel[ChainEvent](256)
         zk_jobs_send, zk_jobs_receive = trio.open_memory_channel[VerifiedGossip](256)
         proofs_send, proofs_receive = trio.open_memory_channel[ProofRequest](
             config.zk.max_queued_proofs
@@ -152,7 +161,7 @@ class Node:
                 self.inference.serving_status,
                 self.p2p.listen_addrs,
                 partial(self.supervisor.degraded, "chain"),
-                (chain_events_send, zk_chain_events_send),
+                (chain_events_send, zk_chain_events_send, prepaid_events_send),
                 mirrors=(GovernanceMirror,),
             )
             if config.chain.mode != "off"
@@ -162,6 +171,13 @@ class Node:
             GovernanceService(self.state, self.chain) if self.chain is not None else None
         )
         self.disputes = Disputes(self.state, self.chain) if self.chain is not None else None
+        self.prepaid = (
+            PrepaidService(
+                config.prepaid, self.state, self.chain, self.registry, prepaid_events_receive
+            )
+            if self.chain is not None
+            else None
+        )
         self.consensus = ConsensusService(
             config.consensus,
             key,
@@ -177,6 +193,7 @@ class Node:
             votes_receive,
             self.chain,
             chain_events_receive if self.chain is not None else None,
+            self.prepaid,
         )
         self.prover = ProverService(config.zk, self.state, self.registry, proofs_receive)
         self.prover_client = ProverClient(proofs_send)
@@ -204,6 +221,7 @@ class Node:
                     *(self.chain.control_methods() if self.chain is not None else []),
                     *(self.governance.control_methods() if self.governance is not None else []),
                     *(self.disputes.control_methods() if self.disputes is not None else []),
+                    *(prepaid_methods(self.prepaid) if self.prepaid is not None else []),
                     *self.prover.control_methods(self.prover_client),
                     *self.zk.control_methods(),
                 ]
@@ -222,6 +240,8 @@ class Node:
                 await self.supervisor.start(nursery, self.inference)
                 if self.chain is not None:
                     await self.supervisor.start(nursery, self.chain)
+                if self.prepaid is not None:
+                    await self.supervisor.start(nursery, self.prepaid)
                 await self.supervisor.start(nursery, self.consensus)
                 await self.supervisor.start(nursery, self.prover)
                 await self.supervisor.start(nursery, self.zk)

@@ -197,6 +197,25 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE registry_models ADD COLUMN verification TEXT NOT NULL DEFAULT '[0, 0, 0, 0]';
     """,
+    """
+    CREATE TABLE prepaid_requests (
+        request_id   BLOB PRIMARY KEY,
+        client       TEXT NOT NULL,
+        nonce        TEXT NOT NULL,
+        price        TEXT NOT NULL,
+        deadline     INTEGER NOT NULL,
+        state        TEXT NOT NULL,
+        redemption   TEXT,
+        settle_after REAL NOT NULL DEFAULT 0,
+        certified_at REAL,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        tx           TEXT,
+        reason       TEXT NOT NULL DEFAULT '',
+        updated_at   REAL NOT NULL
+    ) STRICT;
+    CREATE INDEX prepaid_requests_client ON prepaid_requests (client, state);
+    CREATE INDEX prepaid_requests_state ON prepaid_requests (state, settle_after);
+    """,
 )
 
 

@@ -149,6 +149,21 @@ class BlockRef(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     hash: Bytes32
 
 
+class PrepaidTicket(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    """What makes an offer prepaid: its client's signed ``InferenceRequest``
+    (``joynode.signatures.PrepaidRequest``), less what the offer itself says (model,
+    input hash, committee). Amounts and nonces are uint256, big-endian, as msgpack
+    integers stop at 2**64 - 1."""
+
+    chain_id: UInt
+    contract: Address  # the PrepaidInference proxy
+    client: Address
+    max_price: Bytes32
+    nonce: Bytes32
+    deadline: UInt  # unix seconds: the request cannot settle later
+    signature: Signature  # the client's, over the request's EIP-712 digest
+
+
 class JobOffer(Message, tag="job_offer", frozen=True):
     """A verified-inference job for a committee, gossiped by the node that took it.
 
@@ -159,7 +174,10 @@ class JobOffer(Message, tag="job_offer", frozen=True):
     (``consensus.committee``). Paid: ``request_id`` is the
     marketplace's, and the chain's record of it must match the offer (input
     hash ``consensus.jobs.input_hash_of``, model, requester, committee), so any
-    node may relay it and ``nonce`` is unused.
+    node may relay it and ``nonce`` is unused. Prepaid (``prepaid`` set): the
+    client signed the request (``consensus.jobs.prepaid_request_of``), whose
+    EIP-712 digest is ``request_id``; ``requester`` is the node relaying it,
+    and the committee is drawn as for an unpaid job of the client.
     """
 
     request_id: Bytes32
@@ -179,7 +197,8 @@ class JobOffer(Message, tag="job_offer", frozen=True):
     reveal_deadline_ms: UInt
     paid: bool = False
     verification: Verification | None = None  # None: replicate
-    committee_block: BlockRef | None = None  # unpaid jobs on a chain
+    committee_block: BlockRef | None = None  # unpaid and prepaid jobs on a chain
+    prepaid: PrepaidTicket | None = None
 
 
 class VoteCommit(Message, tag="vote_commit", frozen=True):

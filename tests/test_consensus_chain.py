@@ -9,7 +9,7 @@ snapshot (see ``chain_fixtures``).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -91,9 +91,11 @@ async def paid_committee(
     settle_timeout_s: float = 30,
     committee_size: int = 3,
     rpc_url: str | None = None,
+    settings: Sequence[tuple[str, str, str]] = (),
 ) -> AsyncIterator[tuple[list[Node], str]]:
     """``count`` staked, registered nodes serving the tiny model, priced in the marketplace;
-    their RPC is ``rpc_url`` (default: the chain's own)."""
+    their RPC is ``rpc_url`` (default: the chain's own); ``settings``: more config, as
+    (section, key, TOML value)."""
     deployment_file = tmp_path / "deployment.json"
     chain.deployment.write(deployment_file)
     async with AsyncExitStack() as stack:
@@ -111,6 +113,8 @@ async def paid_committee(
             home.set("chain", "retry_max_s", "1.0")
             home.set("consensus", "settle_timeout_s", str(settle_timeout_s))
             home.set("consensus", "takeover_s", "1.0")
+            for section, key, value in settings:
+                home.set(section, key, value)
             nodes.append(await stack.enter_async_context(running_node(home, {"tiny": engine})))
         for node in nodes:
             assert node.chain is not None

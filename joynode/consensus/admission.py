@@ -21,14 +21,21 @@ from dataclasses import dataclass
 import pydantic
 
 from joynode import wire
-from joynode.abc import SettlementChain
+from joynode.abc import PrepaidPayments, SettlementChain
 from joynode.config import ConsensusSection
 from joynode.consensus.committee import Committees
 from joynode.consensus.job import CLOCK_GRACE_S, MIN_SETTLE_S, Job, Payment
-from joynode.consensus.jobs import chat_of, input_hash_of, request_id_of, sampling_of
+from joynode.consensus.jobs import (
+    chat_of,
+    input_hash_of,
+    prepaid_request_of,
+    request_id_of,
+    sampling_of,
+)
 from joynode.consensus.metrics import ConsensusMetrics
 from joynode.control.methods import describe_errors
 from joynode.messages import OnchainRequest, RequestStatus, model_key
+from joynode.signatures import SignatureError, prepaid_request_id, recover_address
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,7 @@ class Admission:
         chain: SettlementChain | None,
         verification_of: Callable[[str], Awaitable[wire.Verification]],
         metrics: ConsensusMetrics,
+        payments: PrepaidPayments | None,
     ) -> None:
         self._address = address.lower()
         self._settings = settings
@@ -70,6 +78,7 @@ class Admission:
         self._chain = chain
         self._verification_of = verification_of
         self._metrics = metrics
+        self._payments = payments
         self._parked: dict[bytes, list[tuple[wire.JobOffer, str]]] = {}
 
     @property
@@ -83,16 +92,17 @@ class Admission:
 
     async def admit(
         self, offer: wire.JobOffer, signer: str, pending: Sequence[Job]
-    ) -> Admitted | None:
-        """The offer if this node takes it (``pending``: the jobs it runs now); else None,
-        counted in ``joynode_consensus_rejected_votes`` by reason (or parked)."""
+    ) -> Admitted | Dropped | None:
+        """The offer if this node takes it (``pending``: the jobs it runs now); why not,
+        counted in ``joynode_consensus_rejected_votes`` by reason; or None when it is not
+        this node's to run (or parked)."""
         try:
             return await self._judge(offer, signer, pending)
         except Dropped as drop:
             self._metrics.rejected.labels(drop.reason).inc()
             if drop.detail:
                 log.info("dropping a job offer from %s: %s", drop.signer, drop.detail)
-            return None
+            return drop
 
     async def _judge(
         self, offer: wire.JobOffer, signer: str, pending: Sequence[Job]
@@ -100,7 +110,9 @@ class Admission:
         members = [a.lower() for a in offer.committee]
         if self._address not in members or len(set(members)) != len(members):
             return None  # not ours to run (or a malformed committee)
-        if not offer.paid:
+        if offer.prepaid is not None:
+            self._check_signed_request(offer, signer)
+        elif not offer.paid:
             if request_id_of(offer) != offer.request_id:
                 raise Dropped("bad_request_id", signer, "its request id does not match")
             if signer.lower() != offer.requester.lower():
@@ -140,7 +152,33 @@ class Admission:
             reason = await self._committees.check(offer)
             if reason is not None:
                 raise Dropped(reason, signer, reason.replace("_", " "))
+        if offer.prepaid is not None:
+            if self._payments is None:
+                raise Dropped("prepaid_unavailable", signer, "this node takes no prepaid jobs")
+            refusal = await self._payments.refusal(
+                prepaid_request_of(offer), offer.prepaid.signature, offer.reveal_deadline_ms / 1000
+            )
+            if refusal is not None:
+                raise Dropped(refusal.reason, signer, refusal.detail)
         return Admitted(offer, payment)
+
+    def _check_signed_request(self, offer: wire.JobOffer, signer: str) -> None:
+        """A prepaid offer's id is the digest its client signed (any node may relay it)."""
+        assert offer.prepaid is not None
+        if offer.paid:
+            raise Dropped("bad_offer", signer, "an offer cannot be both paid and prepaid")
+        if prepaid_request_id(prepaid_request_of(offer)) != offer.request_id:
+            raise Dropped("bad_request_id", signer, "its request id is not its signed request's")
+        try:
+            client = recover_address(offer.request_id, offer.prepaid.signature)
+        except SignatureError:
+            client = ""
+        if client.lower() != offer.prepaid.client.lower():
+            raise Dropped(
+                "bad_client_signature",
+                signer,
+                f"the request is not signed by its client {offer.prepaid.client}",
+            )
 
     def _deadlines_problem(self, offer: wire.JobOffer) -> str | None:
         now_ms = time.time_ns() // 1_000_000

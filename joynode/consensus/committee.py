@@ -16,6 +16,8 @@ sees it, down or not serving the model: a requester may skip nodes that are
 down, not the ones it dislikes. (Views of who is up differ for a heartbeat or
 two; an offer caught in that window is dropped by the members who disagree.)
 The request id binds the committee, the block and the deadlines.
+A prepaid job's committee is drawn the same way for its client's address, which
+the client signs with the committee (so the relaying node cannot choose either).
 
 The price of no choice: one requester's unpaid jobs go to the same committee
 until the next boundary (``SEED_EPOCH_BLOCKS`` blocks). Without a chain there
@@ -56,12 +58,14 @@ class Committees:
         self._chain = chain
 
     async def draw(
-        self, model_id: str, k: int, nonce: int
+        self, model_id: str, k: int, nonce: int, requester: str | None = None
     ) -> tuple[list[str], wire.BlockRef | None]:
-        """This node's unpaid job's committee, and the block it was drawn from."""
+        """The committee of an unpaid job of ``requester`` (default: this node; a prepaid
+        job's: its client), and the block it was drawn from."""
+        requester = to_checksum_address(requester or self._address)
         up = self._up_and_serving(model_id)
         if self._chain is None:
-            seed = chainless_seed(self._address, nonce)
+            seed = chainless_seed(requester, nonce)
             committee = select_committee([Candidate(a, 1, 1) for a in up], seed, k, 0)
             block = None
         else:
@@ -70,7 +74,7 @@ class Committees:
                 raise CommitteeUnavailable(
                     "the chain mirror holds no recent block yet to draw a committee from"
                 )
-            ranking = await self._ranking(unpaid_seed(block.hash, self._address))
+            ranking = await self._ranking(unpaid_seed(block.hash, requester))
             committee = [a for a in ranking if a in up][:k]
         if not committee:
             raise CommitteeUnavailable(
@@ -79,7 +83,8 @@ class Committees:
         return committee, block
 
     async def check(self, offer: wire.JobOffer) -> str | None:
-        """Why a member must drop this unpaid offer's committee; None if it was drawn fairly."""
+        """Why a member must drop this unpaid (or prepaid) offer's committee; None if it was
+        drawn fairly."""
         if self._chain is None:
             return None
         block = offer.committee_block
@@ -87,7 +92,8 @@ class Committees:
             return "no_committee_block"
         if await self._chain.recent_block_hash(block.number) != block.hash:
             return "unknown_committee_block"
-        ranking = await self._ranking(unpaid_seed(block.hash, offer.requester))
+        requester = offer.prepaid.client if offer.prepaid is not None else offer.requester
+        ranking = await self._ranking(unpaid_seed(block.hash, requester))
         position = {address.lower(): rank for rank, address in enumerate(ranking)}
         ranks = [position.get(a.lower(), -1) for a in offer.committee]
         if -1 in ranks or ranks != sorted(ranks):

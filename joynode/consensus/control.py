@@ -1,13 +1,16 @@
-"""The consensus actor's control methods: infer.submit, job.get, job.wait, jobs.list."""
+"""The consensus actor's control methods: infer.submit, prepaid.quote, job.get, job.wait,
+jobs.list."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import pydantic
 import trio
 
 from joynode import wire
+from joynode.consensus.jobs import prepaid_request_of
 from joynode.control.jsonrpc import RpcError
 from joynode.control.methods import ControlMethod, ControlSession
 from joynode.messages import ChatMessage
@@ -16,6 +19,38 @@ if TYPE_CHECKING:
     from joynode.consensus.service import ConsensusService
 
 JOB_ERROR = -32040  # JSON-RPC application error: the job is unknown or failed
+
+
+ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+UINT256 = 2**256 - 1
+
+
+class BlockParams(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    number: int = pydantic.Field(ge=0, le=2**63 - 1)
+    hash: str = pydantic.Field(pattern=r"^0x[0-9a-fA-F]{64}$")
+
+
+class SignedPrepaid(pydantic.BaseModel):
+    """A prepaid request its client signed: what ``prepaid.quote`` returned to sign, and the
+    signature (65 bytes, r || s || v, of its EIP-712 typed data)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    client: str = pydantic.Field(pattern=ADDRESS)
+    max_price: int = pydantic.Field(ge=0, le=UINT256)
+    nonce: int = pydantic.Field(ge=0, le=UINT256)
+    deadline: int = pydantic.Field(ge=0, le=2**63 - 1)
+    committee: list[str] = pydantic.Field(min_length=1, max_length=wire.MAX_COMMITTEE)
+    committee_block: BlockParams
+    signature: str = pydantic.Field(pattern=r"^0x[0-9a-fA-F]{130}$")
+
+    @pydantic.field_validator("committee")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for member in value:
+            if re.fullmatch(ADDRESS, member) is None:
+                raise ValueError(f"{member!r} is not an address")
+        return value
 
 
 class SubmitParams(pydantic.BaseModel):
@@ -41,10 +76,15 @@ class SubmitParams(pydantic.BaseModel):
     committee_size: int | None = pydantic.Field(
         None, ge=1, le=wire.MAX_COMMITTEE, description="unpaid jobs (paid: the model's)"
     )
-    nonce: int | None = pydantic.Field(None, ge=0, le=2**63 - 1)
+    nonce: int | None = pydantic.Field(
+        None, ge=0, le=2**63 - 1, description="unpaid, prepaid: unused per requester"
+    )
     paid: bool = pydantic.Field(False, description="pay through the marketplace from this node")
     max_price: int | None = pydantic.Field(
-        None, ge=0, le=2**256 - 1, description="paid: most JOY base units to pay (default: price)"
+        None,
+        ge=0,
+        le=UINT256,
+        description="paid, prepaid: most JOY base units to pay (default: the price)",
     )
     onchain_request_id: str | None = pydantic.Field(
         None,
@@ -52,11 +92,27 @@ class SubmitParams(pydantic.BaseModel):
         description="relay a request someone already paid for; this prompt must match it",
     )
 
+    prepaid: bool | SignedPrepaid = pydantic.Field(
+        False,
+        description="pay from a prepaid balance: true signs as this node's account (max_price "
+        "and nonce apply); or a client's signed request (prepaid.quote)",
+    )
+
     @pydantic.model_validator(mode="after")
     def _one_way_to_pay(self) -> SubmitParams:
-        if self.paid and self.onchain_request_id is not None:
-            raise ValueError("give paid or onchain_request_id, not both")
+        ways = [self.paid, self.onchain_request_id is not None, self.prepaid is not False]
+        if sum(ways) > 1:
+            raise ValueError("give one of paid, onchain_request_id and prepaid")
         return self
+
+
+class QuoteParams(SubmitParams):
+    """A prepaid request to sign: the job as for infer.submit, and its client."""
+
+    client: str = pydantic.Field(pattern=ADDRESS, description="the account that signs and pays")
+    deadline: int | None = pydantic.Field(
+        None, ge=0, le=2**63 - 1, description="unix seconds (default: prepaid.request_ttl_s)"
+    )
 
 
 class JobParams(pydantic.BaseModel):
@@ -77,6 +133,25 @@ def consensus_methods(consensus: ConsensusService) -> list[ControlMethod]:
             "request_id": "0x" + job.request_id.hex(),
             "model": job.offer.model,
             "committee": list(job.tally.committee),
+        }
+
+    async def prepaid_quote(params: QuoteParams, _: ControlSession) -> dict[str, Any]:
+        offer = await consensus.quote_prepaid(params)
+        assert offer.prepaid is not None
+        assert offer.committee_block is not None
+        request = prepaid_request_of(offer)
+        ticket, block = offer.prepaid, offer.committee_block
+        return {
+            "request_id": "0x" + offer.request_id.hex(),
+            "typed_data": json_typed_data(request.typed_data()),
+            "prepaid": {
+                "client": ticket.client,
+                "max_price": request.max_price,
+                "nonce": request.nonce,
+                "deadline": ticket.deadline,
+                "committee": list(offer.committee),
+                "committee_block": {"number": block.number, "hash": "0x" + block.hash.hex()},
+            },
         }
 
     async def job_get(params: JobParams, _: ControlSession) -> dict[str, Any]:
@@ -104,6 +179,13 @@ def consensus_methods(consensus: ConsensusService) -> list[ControlMethod]:
             infer_submit,
             "Offer a verified inference to a committee; returns its request id.",
         ),
+        ControlMethod(
+            "prepaid.quote",
+            QuoteParams,
+            prepaid_quote,
+            "A prepaid job for a client to sign (EIP-712 typed data), and what to submit "
+            "with its signature (infer.submit prepaid).",
+        ),
         ControlMethod("job.get", JobParams, job_get, "A job's state, votes and certificate."),
         ControlMethod(
             "job.wait", JobParams, job_wait, "Wait (up to timeout_s) for a job to finish."
@@ -118,3 +200,18 @@ async def _job_json(consensus: ConsensusService, request_id: str) -> dict[str, A
     if found is None:
         raise RpcError(JOB_ERROR, f"no job {request_id} on this node")
     return found
+
+
+def json_typed_data(typed: dict[str, Any]) -> dict[str, Any]:
+    """EIP-712 typed data as JSON: bytes as 0x-hex, as eth-account and viem take them."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, bytes):
+            return "0x" + value.hex()
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return dict(plain(typed))

@@ -32,6 +32,7 @@ SEND_TIMEOUT_S = 3.0  # one direct delivery, dial included
 BACKOFF_S = 5.0  # after a failed delivery, a follower's messages go by gossip this long
 IDLE_S = 30.0  # an outbox with nothing to send this long ends its task
 PUBLISHED_KEPT = 4096  # fallback publishes remembered, so each goes out once
+REFUSED = 402  # ErrorReply.code of a member refusing a prepaid offer (as HTTP's Payment Required)
 
 
 class Delivery:
@@ -68,6 +69,41 @@ class Delivery:
                 assert self._nursery is not None, "Delivery.run is not running"
                 self._nursery.start_soon(self._drain, key, address, inbox)
             outbox.send_nowait((topic, message))
+
+    async def offer_and_hear(
+        self, members: list[str], topic: Topic, offer: wire.JobOffer
+    ) -> dict[str, str]:
+        """Send ``offer`` to each member directly and wait for each answer; the refusals
+        (member -> why). For prepaid jobs, whose members refuse one the client's balance
+        does not cover before running it. A member that cannot be reached gets the offer
+        by gossip, and judges it the same way when it arrives."""
+        refusals: dict[str, str] = {}
+        unreached: list[str] = []
+
+        async def ask(address: str) -> None:
+            peer = self._peer_of(address)
+            reply: wire.AnyMessage | None = None
+            if peer is not None:
+                try:
+                    with trio.fail_after(SEND_TIMEOUT_S):
+                        reply = await self._network.request(peer, offer)
+                except (RpcFailure, trio.TooSlowError) as exc:
+                    log.debug("offer not delivered to %s: %s", address, exc)
+                except Exception as exc:  # libp2p raises many unrelated types
+                    log.info("offer not delivered to %s: %r", address, exc)
+            if isinstance(reply, wire.Received):
+                self._sent.labels("JobOffer", "direct").inc()
+            elif isinstance(reply, wire.ErrorReply) and reply.code == REFUSED:
+                refusals[address] = reply.reason
+            else:
+                unreached.append(address)
+
+        async with trio.open_nursery() as nursery:
+            for address in members:
+                nursery.start_soon(ask, address)
+        if unreached:
+            await self._publish(topic, offer)
+        return refusals
 
     async def _drain(
         self,

@@ -139,6 +139,7 @@ class Job:
             "certificate": certificate.to_json() if certificate else None,
             "paid": self.offer.paid,
             "payment": self.payment.to_json() if self.payment else None,
+            "prepaid": _prepaid_json(self.offer.prepaid),
             "verification": (self.offer.verification or wire.REPLICATE).mode,
             "refusals": [
                 {"claimant": claimant, "verifier": verifier, "reason": reason}
@@ -288,3 +289,16 @@ def load_unfinished(conn: sqlite3.Connection) -> list[UnfinishedRow]:
         ).fetchall()
         out.append((offer, role, created_at, payment, vote, votes))
     return out
+
+
+def _prepaid_json(ticket: wire.PrepaidTicket | None) -> dict[str, Any] | None:
+    """A prepaid job's signed terms (its settlement: ``prepaid.settlements``)."""
+    if ticket is None:
+        return None
+    return {
+        "client": ticket.client,
+        "max_price": str(int.from_bytes(ticket.max_price, "big")),
+        "nonce": str(int.from_bytes(ticket.nonce, "big")),
+        "deadline": ticket.deadline,
+        "contract": ticket.contract,
+    }

@@ -7,6 +7,10 @@ and nonce, and who runs it until when. Receivers recompute it from a
 ``JobOffer`` and drop offers whose id does not match, so nobody can pass off
 one request under another's id (or reuse an id for other work).
 
+Prepaid jobs: the EIP-712 digest of the request the client signed
+(``prepaid_request_of``: its ticket, model, input hash and committee), the
+id ``PrepaidInference`` settles under.
+
 Paid jobs: the marketplace makes the id (chain, contract, requester, its
 nonce, model, input hash); the input hash is keccak256 of the canonical
 request fields alone, so the prompt stays off-chain and receivers check the
@@ -19,7 +23,8 @@ import msgspec
 from eth_utils.crypto import keccak
 
 from joynode import wire
-from joynode.messages import ChatMessage, SamplingSpec
+from joynode.messages import ChatMessage, SamplingSpec, model_key
+from joynode.signatures import PrepaidRequest
 
 _canonical = msgspec.msgpack.Encoder()
 
@@ -49,6 +54,24 @@ def request_id_of(offer: wire.JobOffer) -> bytes:
         offer.reveal_deadline_ms,
     )
     return bytes(keccak(_canonical.encode(fields)))
+
+
+def prepaid_request_of(offer: wire.JobOffer) -> PrepaidRequest:
+    """The request a prepaid offer's client signed: its ticket, with the offer's model,
+    input hash and committee. Its EIP-712 digest (``prepaid_request_id``) is the job's id."""
+    ticket = offer.prepaid
+    assert ticket is not None
+    return PrepaidRequest(
+        chain_id=ticket.chain_id,
+        contract=ticket.contract,
+        client=ticket.client,
+        model=model_key(offer.model),
+        input_hash=input_hash_of(offer),
+        max_price=int.from_bytes(ticket.max_price, "big"),
+        nonce=int.from_bytes(ticket.nonce, "big"),
+        deadline=ticket.deadline,
+        committee=tuple(offer.committee),
+    )
 
 
 def _request_fields(offer: wire.JobOffer) -> tuple[object, ...]:

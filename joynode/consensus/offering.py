@@ -11,25 +11,28 @@ since members judge the offer by their own mirrors.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
 import pydantic
 import trio
+from eth_utils.address import to_checksum_address
 
 from joynode import wire
-from joynode.abc import SettlementChain
+from joynode.abc import PrepaidPayments, SettlementChain
 from joynode.chain.sender import TransactionFailed
 from joynode.config import ConsensusSection
 from joynode.consensus.committee import Committees, CommitteeUnavailable
-from joynode.consensus.control import JOB_ERROR, SubmitParams
+from joynode.consensus.control import JOB_ERROR, QuoteParams, SignedPrepaid, SubmitParams
 from joynode.consensus.job import MIN_SETTLE_S, Payment
-from joynode.consensus.jobs import input_hash_of, request_id_of, sampling_of
+from joynode.consensus.jobs import input_hash_of, prepaid_request_of, request_id_of, sampling_of
 from joynode.consensus.metrics import ConsensusMetrics
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
 from joynode.control.methods import describe_errors
 from joynode.messages import RequestStatus, model_key
+from joynode.signatures import SignatureError, prepaid_request_id, recover_address
 
 MIRROR_WAIT_S = 10.0  # for this node's mirror to hold a request it just paid for
 
@@ -45,6 +48,7 @@ class Offering:
         chain: SettlementChain | None,
         verification_of: Callable[[str], Awaitable[wire.Verification]],
         metrics: ConsensusMetrics,
+        payments: PrepaidPayments | None,
     ) -> None:
         self._address = address
         self._settings = settings
@@ -52,6 +56,7 @@ class Offering:
         self._chain = chain
         self._verification_of = verification_of
         self._metrics = metrics
+        self._payments = payments
         self._mirrored: dict[bytes, trio.Event] = {}  # requests this node paid, until mirrored
 
     def committee_drawn(self, request_id: bytes) -> None:
@@ -166,6 +171,96 @@ class Offering:
             verification=on_the_wire(policy),
         )
         return offer, Payment("escrowed", info.price, settle_by)
+
+    async def prepaid(
+        self, draft: wire.JobOffer, params: SubmitParams, sign_request: Callable[[bytes], bytes]
+    ) -> wire.JobOffer:
+        """The offer of a prepaid job: a client's signed request (checked here, so a bad
+        signature fails at once), or one this node signs as the client (``sign_request``)."""
+        signed = params.prepaid
+        if isinstance(signed, SignedPrepaid):
+            block = signed.committee_block
+            offer = await self._prepaid_offer(
+                draft,
+                signed.client,
+                signed.max_price,
+                signed.nonce,
+                signed.deadline,
+                (signed.committee, wire.BlockRef(block.number, bytes.fromhex(block.hash[2:]))),
+            )
+            signature = bytes.fromhex(signed.signature[2:])
+            try:
+                signer = recover_address(offer.request_id, signature)
+            except SignatureError:
+                signer = ""
+            if signer.lower() != signed.client.lower():
+                raise RpcError(
+                    INVALID_PARAMS,
+                    f"the signature is not {signed.client}'s over this request: sign the typed "
+                    "data prepaid.quote returns, and submit the same job with it",
+                )
+        else:
+            offer = await self._prepaid_offer(
+                draft, self._address, params.max_price, params.nonce, None, None
+            )
+            signature = sign_request(offer.request_id)
+        assert offer.prepaid is not None
+        ticket = msgspec.structs.replace(offer.prepaid, signature=signature)
+        return msgspec.structs.replace(offer, prepaid=ticket)
+
+    async def quote(self, draft: wire.JobOffer, params: QuoteParams) -> wire.JobOffer:
+        """A prepaid offer for ``params.client`` to sign (its signature left blank)."""
+        return await self._prepaid_offer(
+            draft, params.client, params.max_price, params.nonce, params.deadline, None
+        )
+
+    async def _prepaid_offer(
+        self,
+        draft: wire.JobOffer,
+        client: str,
+        max_price: int | None,
+        nonce: int | None,
+        deadline: int | None,
+        drawn: tuple[list[str], wire.BlockRef] | None,
+    ) -> wire.JobOffer:
+        if self._payments is None:
+            raise RpcError(INVALID_PARAMS, "prepaid jobs need a chain (chain.mode local or rpc)")
+        terms = await self._payments.terms(draft.model)
+        if not terms.servable:
+            raise RpcError(
+                JOB_ERROR, f"model {draft.model} is not registered and active in the marketplace"
+            )
+        nonce = secrets.randbits(63) if nonce is None else nonce
+        if drawn is None:
+            try:
+                committee, block = await self._committees.draw(
+                    draft.model, terms.committee_size, nonce, requester=client
+                )
+            except CommitteeUnavailable as exc:
+                raise RpcError(JOB_ERROR, str(exc)) from None
+            if len(committee) < terms.committee_size or block is None:
+                raise RpcError(
+                    JOB_ERROR,
+                    f"{len(committee)} node(s) serving {draft.model} are up; its committees "
+                    f"need {terms.committee_size}",
+                )
+        else:
+            committee, block = [to_checksum_address(a) for a in drawn[0]], drawn[1]
+        ticket = wire.PrepaidTicket(
+            chain_id=terms.chain_id,
+            contract=terms.contract,
+            client=to_checksum_address(client),
+            max_price=(terms.price if max_price is None else max_price).to_bytes(32, "big"),
+            nonce=nonce.to_bytes(32, "big"),
+            deadline=terms.default_deadline if deadline is None else deadline,
+            signature=bytes(65),
+        )
+        offer = msgspec.structs.replace(
+            draft, nonce=0, committee=committee, committee_block=block, prepaid=ticket
+        )
+        return msgspec.structs.replace(
+            offer, request_id=prepaid_request_id(prepaid_request_of(offer))
+        )
 
 
 def on_the_wire(policy: wire.Verification) -> wire.Verification | None:

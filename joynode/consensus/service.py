@@ -19,7 +19,9 @@ This module wires the job's life; each phase has its room:
 - ``prefill`` and ``verification``: executing, or checking the executor's
   claim; ``delivery``: sending to the followers;
 - ``tally``: counting votes into a certificate, spotting equivocation;
-- ``settlement``: landing a paid job's certificate, refunds, reports;
+- ``settlement``: landing a paid job's certificate, refunds, reports (a
+  prepaid job's certificate goes to the ``prepaid`` actor, which settles in
+  batches);
 - here: the job's state machine (open, vote, finish, deadlines) and recovery
   after a restart.
 
@@ -40,6 +42,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 import trio
@@ -47,12 +50,12 @@ from eth_utils.address import to_checksum_address
 from prometheus_client import CollectorRegistry
 
 from joynode import wire
-from joynode.abc import InferenceRunner, JobNetwork, SettlementChain
+from joynode.abc import InferenceRunner, JobNetwork, PrepaidPayments, SettlementChain
 from joynode.config import ConsensusSection
-from joynode.consensus.admission import Admission
+from joynode.consensus.admission import Admission, Dropped
 from joynode.consensus.committee import Committees
-from joynode.consensus.control import JOB_ERROR, SubmitParams
-from joynode.consensus.delivery import Delivery
+from joynode.consensus.control import JOB_ERROR, QuoteParams, SubmitParams
+from joynode.consensus.delivery import REFUSED, Delivery
 from joynode.consensus.job import (
     CLOCK_GRACE_S,
     Job,
@@ -68,6 +71,7 @@ from joynode.consensus.job import (
     short,
     trio_deadline,
 )
+from joynode.consensus.jobs import prepaid_request_of
 from joynode.consensus.metrics import ConsensusMetrics
 from joynode.consensus.offering import Offering
 from joynode.consensus.prefill import PrefillMember, execute
@@ -133,6 +137,7 @@ class ConsensusService:
         votes_receive: trio.MemoryReceiveChannel[VerifiedGossip],
         chain: SettlementChain | None = None,
         chain_events_receive: trio.MemoryReceiveChannel[ChainEvent] | None = None,
+        payments: PrepaidPayments | None = None,
     ) -> None:
         self._settings = settings
         self._key = key
@@ -145,6 +150,7 @@ class ConsensusService:
         self._votes = votes_receive
         self._chain = chain
         self._chain_events = chain_events_receive
+        self._payments = payments
         self.address = key.address
         self.jobs: dict[bytes, Job] = {}
         self._early: dict[bytes, list[tuple[wire.VoteCommit | wire.VoteReveal, str]]] = {}
@@ -154,10 +160,10 @@ class ConsensusService:
         self._metrics = ConsensusMetrics(registry)
         committees = Committees(key.address, p2p.peers, serving_status, chain)
         self._offering = Offering(
-            key.address, settings, committees, chain, verification_of, self._metrics
+            key.address, settings, committees, chain, verification_of, self._metrics, payments
         )
         self._admission = Admission(
-            key.address, settings, committees, chain, verification_of, self._metrics
+            key.address, settings, committees, chain, verification_of, self._metrics, payments
         )
         self._prefill = PrefillMember(key.address, inference, self._refuse, committees.same_build)
         self._delivery = Delivery(p2p, self._peer_of, self._metrics.messages)
@@ -232,7 +238,9 @@ class ConsensusService:
         if sender is None:
             return wire.ErrorReply(400, "the sender's peer id has no secp256k1 key")
         if isinstance(message, wire.JobOffer):
-            await self._on_offer(message, sender)
+            dropped = await self._on_offer(message, sender)
+            if dropped is not None and message.prepaid is not None:
+                return wire.ErrorReply(REFUSED, f"{dropped.reason}: {dropped.detail}"[:1024])
         elif isinstance(message, wire.VoteCommit | wire.VoteReveal | wire.ClaimRefusal):
             await self._on_vote(message, sender)
         return wire.Received()
@@ -252,6 +260,11 @@ class ConsensusService:
         """Offer a new job to a committee; return it (pending)."""
         model_id = self._model_id_of(params.model) or params.model
         draft = await self._offering.draft(params, model_id)
+        if params.prepaid is not False:
+            offer = await self._offering.prepaid(draft, params, partial(sign, self._key))
+            if offer.request_id in self.jobs or await self._known(offer.request_id):
+                raise RpcError(JOB_ERROR, "that prepaid request was already submitted")
+            return await self._offer_prepaid(offer)
         if params.paid or params.onchain_request_id is not None:
             # Shielded from the caller going away: once the escrow is paid, the job
             # must be recorded (and so refunded if it fails), whoever still waits.
@@ -266,6 +279,40 @@ class ConsensusService:
             raise RpcError(JOB_ERROR, "that job (same request and nonce) was already submitted")
         return self._offer(await self._open(offer, submitter=True))
 
+    async def quote_prepaid(self, params: QuoteParams) -> wire.JobOffer:
+        """A prepaid job for ``params.client`` to sign (``prepaid.quote``)."""
+        draft = await self._offering.draft(params, self._model_id_of(params.model) or params.model)
+        return await self._offering.quote(draft, params)
+
+    async def _offer_prepaid(self, offer: wire.JobOffer) -> Job:
+        """Judge a prepaid offer as its members will, then ask each of them, and take it
+        only if none refuses: a client whose balance does not cover it hears why before
+        any inference runs."""
+        assert offer.prepaid is not None
+        assert self._payments is not None
+        request = prepaid_request_of(offer)
+        settle_by = offer.reveal_deadline_ms / 1000
+        refusal = await self._payments.refusal(request, offer.prepaid.signature, settle_by)
+        if refusal is not None:
+            raise RpcError(JOB_ERROR, f"refused: {refusal.reason}: {refusal.detail}")
+        me = self.address.lower()
+        others = [a for a in offer.committee if a.lower() != me]
+        refusals = await self._delivery.offer_and_hear(others, JOBS, offer)
+        if refusals:
+            await self._payments.released(offer.request_id)
+            heard = "; ".join(f"{member}: {why}" for member, why in refusals.items())
+            raise RpcError(JOB_ERROR, f"refused by the committee before running it: {heard}")
+        job = await self._open(offer, submitter=True)
+        self._metrics.jobs.labels("submitted").inc()
+        log.info(
+            "job %s: prepaid by %s, offered to %d member(s) for model %s",
+            short(job),
+            offer.prepaid.client,
+            len(offer.committee),
+            offer.model,
+        )
+        return job
+
     def _offer(self, job: Job) -> Job:
         """Send a job this node took to its committee."""
         self._send(job, JOBS, job.offer)
@@ -279,14 +326,18 @@ class ConsensusService:
         )
         return job
 
-    async def _on_offer(self, offer: wire.JobOffer, signer: str) -> None:
+    async def _on_offer(self, offer: wire.JobOffer, signer: str) -> Dropped | None:
+        """Take the offer if this node is to run it; why not, if it refuses it."""
         if offer.request_id in self.jobs or await self._known(offer.request_id):
-            return  # a replay (maybe of a job finished before a restart): never run it twice
+            return None  # a replay (maybe of a job finished before a restart): never run it twice
         pending = [j for j in self.jobs.values() if not j.finished()]
         admitted = await self._admission.admit(offer, signer, pending)
+        if isinstance(admitted, Dropped):
+            return admitted
         if admitted is None or offer.request_id in self.jobs:  # (or it came again meanwhile)
-            return
+            return None
         await self._open(offer, submitter=False, payment=admitted.payment)
+        return None
 
     async def _known(self, request_id: bytes) -> bool:
         def read(conn: sqlite3.Connection) -> bool:
@@ -507,6 +558,13 @@ class ConsensusService:
     ) -> None:
         if job.status != "pending":
             return
+        if job.offer.prepaid is not None and self._payments is not None:
+            # Before the job is stored as finished: a restart decides it again and repeats this.
+            if certificate is not None:
+                request = prepaid_request_of(job.offer)
+                await self._payments.certified(request, job.offer.prepaid.signature, certificate)
+            else:
+                await self._payments.released(job.request_id)
         job.status, job.reason, job.certificate = status, reason, certificate
         job.finished_at = time.time()
         job.done.set()

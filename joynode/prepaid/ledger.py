@@ -1,0 +1,288 @@
+"""The prepaid requests this node has seen, in SQLite: what each client owes, what to settle.
+
+A request's row moves through these states::
+
+    pending --certified--> certified --batch sent--> sending --receipt--> settled | refused
+       \\--job failed--> released          ^--------- restart, not settled ----/
+
+Pending, certified and sending requests count against their client's balance
+(``pending_for``), so members never admit two requests that the balance
+cannot both pay. ``sending`` rows are written before a batch is sent, so a
+settler that dies mid-batch finds them at restart and asks the chain which
+settled (``PrepaidInference.isSettled``) before sending the rest again; the
+contract's nonce bitmap makes a second settlement impossible anyway, and this
+keeps the settler from paying gas for one.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from joynode.signatures import PrepaidRequest
+
+State = Literal["pending", "certified", "sending", "settled", "refused", "released"]
+OWING: tuple[State, ...] = ("pending", "certified", "sending")
+
+
+@dataclass(frozen=True)
+class Redemption:
+    """A request, its client's signature and its committee's certificate, as
+    ``PrepaidInference.settleBatch`` takes them."""
+
+    request: PrepaidRequest
+    client_signature: bytes
+    output_hash: bytes
+    signed_by: int  # bit i: committee[i] signed
+    signatures: bytes  # 65 bytes per signer, in committee order
+
+    def as_call_argument(self) -> tuple[object, ...]:
+        return (
+            self.request.as_call_argument(),
+            self.client_signature,
+            self.output_hash,
+            self.signed_by,
+            self.signatures,
+        )
+
+    def to_json(self) -> str:
+        r = self.request
+        return json.dumps(
+            {
+                "chain_id": r.chain_id,
+                "contract": r.contract,
+                "client": r.client,
+                "model": r.model.hex(),
+                "input_hash": r.input_hash.hex(),
+                "max_price": str(r.max_price),
+                "nonce": str(r.nonce),
+                "deadline": r.deadline,
+                "committee": list(r.committee),
+                "client_signature": self.client_signature.hex(),
+                "output_hash": self.output_hash.hex(),
+                "signed_by": self.signed_by,
+                "signatures": self.signatures.hex(),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Redemption:
+        d = json.loads(text)
+        request = PrepaidRequest(
+            chain_id=d["chain_id"],
+            contract=d["contract"],
+            client=d["client"],
+            model=bytes.fromhex(d["model"]),
+            input_hash=bytes.fromhex(d["input_hash"]),
+            max_price=int(d["max_price"]),
+            nonce=int(d["nonce"]),
+            deadline=d["deadline"],
+            committee=tuple(d["committee"]),
+        )
+        return cls(
+            request,
+            bytes.fromhex(d["client_signature"]),
+            bytes.fromhex(d["output_hash"]),
+            d["signed_by"],
+            bytes.fromhex(d["signatures"]),
+        )
+
+
+@dataclass(frozen=True)
+class Due:
+    """A certified request ready to settle."""
+
+    request_id: bytes
+    redemption: Redemption
+    deadline: int
+    certified_at: float
+    first_signer: bool  # this node is the first member who signed: it settles without waiting
+
+
+def known(conn: sqlite3.Connection, request_id: bytes) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM prepaid_requests WHERE request_id = ? AND state != 'released'",
+        (request_id,),
+    )
+    return row.fetchone() is not None
+
+
+def nonce_taken(conn: sqlite3.Connection, client: str, nonce: int, request_id: bytes) -> bool:
+    """Whether another request of ``client`` with this nonce is owed or settled."""
+    row = conn.execute(
+        "SELECT 1 FROM prepaid_requests WHERE client = ? AND nonce = ? AND request_id != ? "
+        "AND state IN ('pending', 'certified', 'sending', 'settled')",
+        (client.lower(), str(nonce), request_id),
+    )
+    return row.fetchone() is not None
+
+
+def pending_for(conn: sqlite3.Connection, client: str, now: float) -> int:
+    """What ``client`` owes for requests this node saw that have not settled (nor expired)."""
+    rows = conn.execute(
+        "SELECT price FROM prepaid_requests WHERE client = ? AND deadline >= ? "
+        "AND state IN ('pending', 'certified', 'sending')",
+        (client.lower(), int(now)),
+    )
+    return sum(int(price) for (price,) in rows)
+
+
+def record_pending(
+    conn: sqlite3.Connection, request_id: bytes, request: PrepaidRequest, price: int
+) -> None:
+    conn.execute(
+        "INSERT INTO prepaid_requests (request_id, client, nonce, price, deadline, state, "
+        "updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?) ON CONFLICT (request_id) DO UPDATE "
+        "SET state = 'pending', updated_at = excluded.updated_at WHERE state = 'released'",
+        (
+            request_id,
+            request.client.lower(),
+            str(request.nonce),
+            str(price),
+            request.deadline,
+            time.time(),
+        ),
+    )
+
+
+def record_certified(
+    conn: sqlite3.Connection,
+    request_id: bytes,
+    redemption: Redemption,
+    price: int,
+    settle_after: float,
+) -> None:
+    """Queue a certified request (also one this node had not recorded: a follower's)."""
+    now = time.time()
+    request = redemption.request
+    conn.execute(
+        "INSERT INTO prepaid_requests (request_id, client, nonce, price, deadline, state, "
+        "redemption, settle_after, certified_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, 'certified', ?, ?, ?, ?) ON CONFLICT (request_id) DO UPDATE "
+        "SET state = 'certified', redemption = excluded.redemption, "
+        "settle_after = excluded.settle_after, certified_at = excluded.certified_at, "
+        "updated_at = excluded.updated_at WHERE state IN ('pending', 'released')",
+        (
+            request_id,
+            request.client.lower(),
+            str(request.nonce),
+            str(price),
+            request.deadline,
+            redemption.to_json(),
+            settle_after,
+            now,
+            now,
+        ),
+    )
+
+
+def release(conn: sqlite3.Connection, request_id: bytes) -> None:
+    """A job that failed: its request will never settle, its client owes nothing for it."""
+    conn.execute(
+        "UPDATE prepaid_requests SET state = 'released', updated_at = ? "
+        "WHERE request_id = ? AND state = 'pending'",
+        (time.time(), request_id),
+    )
+
+
+def due(conn: sqlite3.Connection, now: float, limit: int) -> list[Due]:
+    """Certified requests whose turn has come (first signers' at once), oldest first."""
+    rows = conn.execute(
+        "SELECT request_id, redemption, deadline, certified_at, settle_after FROM "
+        "prepaid_requests WHERE state = 'certified' AND settle_after <= ? AND deadline >= ? "
+        "ORDER BY certified_at LIMIT ?",
+        (now, int(now), limit),
+    )
+    return [
+        Due(rid, Redemption.from_json(text), deadline, certified_at, settle_after == 0)
+        for rid, text, deadline, certified_at, settle_after in rows
+    ]
+
+
+def mark_sending(conn: sqlite3.Connection, request_ids: Sequence[bytes]) -> None:
+    now = time.time()
+    conn.executemany(
+        "UPDATE prepaid_requests SET state = 'sending', attempts = attempts + 1, updated_at = ? "
+        "WHERE request_id = ?",
+        [(now, rid) for rid in request_ids],
+    )
+
+
+def mark_outcome(
+    conn: sqlite3.Connection, request_id: bytes, state: State, tx: str | None, reason: str = ""
+) -> None:
+    conn.execute(
+        "UPDATE prepaid_requests SET state = ?, tx = COALESCE(?, tx), reason = ?, "
+        "updated_at = ? WHERE request_id = ?",
+        (state, tx, reason, time.time(), request_id),
+    )
+
+
+def resumed(
+    conn: sqlite3.Connection, stuck: list[tuple[bytes, Redemption]], settled: set[int]
+) -> None:
+    """The batch cut short by a restart: ``settled`` (indexes into ``stuck``) landed."""
+    for index, (rid, _) in enumerate(stuck):
+        if index in settled:
+            mark_outcome(conn, rid, "settled", None, "settled before a restart")
+        else:
+            mark_outcome(conn, rid, "certified", None, "sent again after a restart")
+
+
+def retry_later(
+    conn: sqlite3.Connection, request_ids: Sequence[bytes], why: str, max_attempts: int
+) -> None:
+    """A batch that reverted whole: its requests wait again, up to ``max_attempts`` batches."""
+    for rid in request_ids:
+        row = conn.execute("SELECT attempts FROM prepaid_requests WHERE request_id = ?", (rid,))
+        (attempts,) = row.fetchone()
+        state: State = "refused" if attempts >= max_attempts else "certified"
+        mark_outcome(conn, rid, state, None, why[:512])
+
+
+def settled_elsewhere(conn: sqlite3.Connection, request_id: bytes, tx: str) -> None:
+    """Another node's batch settled it (the watcher saw ``RequestSettled``)."""
+    conn.execute(
+        "UPDATE prepaid_requests SET state = 'settled', tx = ?, updated_at = ? "
+        "WHERE request_id = ? AND state IN ('pending', 'certified', 'sending', 'released')",
+        (tx, time.time(), request_id),
+    )
+
+
+def sending(conn: sqlite3.Connection) -> list[tuple[bytes, Redemption]]:
+    """Requests of a batch that was being sent when the node stopped."""
+    rows = conn.execute(
+        "SELECT request_id, redemption FROM prepaid_requests WHERE state = 'sending'"
+    )
+    return [(rid, Redemption.from_json(text)) for rid, text in rows]
+
+
+def counts(conn: sqlite3.Connection) -> dict[str, int]:
+    rows = conn.execute("SELECT state, COUNT(*) FROM prepaid_requests GROUP BY state")
+    return dict(rows)
+
+
+def recent(conn: sqlite3.Connection, limit: int) -> list[dict[str, object]]:
+    rows = conn.execute(
+        "SELECT request_id, client, nonce, price, deadline, state, tx, reason, attempts "
+        "FROM prepaid_requests ORDER BY updated_at DESC LIMIT ?",
+        (limit,),
+    )
+    return [
+        {
+            "request_id": "0x" + rid.hex(),
+            "client": client,
+            "nonce": nonce,
+            "price": price,
+            "deadline": deadline,
+            "state": state,
+            "tx": tx,
+            "reason": reason,
+            "attempts": attempts,
+        }
+        for rid, client, nonce, price, deadline, state, tx, reason, attempts in rows
+    ]

@@ -1,0 +1,437 @@
+"""The ``prepaid`` actor: admits clients' signed requests and settles them in batches.
+
+Admitting (``refusal``, for the consensus actor): a member runs a prepaid
+request only if its client's balance covers it. It reads, in one round trip,
+the model's terms (``ModelMarketplace.payoutOf``), the client's account
+(``PrepaidInference.accountOf``: what is not withdrawing) and whether the
+nonce settled, and subtracts what the client owes for the requests this node
+has seen and not yet settled (``ledger.pending_for``). One client's requests
+are judged one at a time, so two cannot spend the same JOY.
+
+Settling: each certified request this node followed is queued in SQLite. Its
+first signer (in committee order) settles it under the flush policy of
+``[prepaid]``: once ``batch_size`` wait, once the oldest has waited
+``max_age_s``, or at once when a deadline is close; not while gas costs more
+than ``max_gas_price_gwei``. Every other member settles it ``takeover_s``
+later if it has not settled by then (the watcher's ``RequestSettled`` clears
+it first). ``settleBatch`` checks each request alone, so a bad one is refused
+with its reason and the rest settle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import trio
+from prometheus_client import CollectorRegistry, Counter
+from web3.logs import DISCARD
+
+from joynode.abc import GovernanceChain
+from joynode.chain.rpc import ChainUnreachable
+from joynode.chain.sender import TransactionFailed
+from joynode.config import PrepaidSection
+from joynode.consensus.tally import Certificate
+from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
+from joynode.messages import ChainEvent, PrepaidRefusal, PrepaidTerms, model_key
+from joynode.prepaid import ledger
+from joynode.prepaid.ledger import Redemption
+from joynode.signatures import PrepaidRequest, prepaid_request_id
+from joynode.state import StateStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CONTRACT = "PrepaidInference"
+MAX_BATCH = 256  # PrepaidInference.MAX_BATCH
+DEADLINE_MARGIN_S = 120  # a request this close to its deadline is settled at once, gas or not
+FLUSH_POLL_S = 1.0
+MAX_ATTEMPTS = 5  # batches that reverted whole with a request in them; then it is given up
+# PrepaidInference.Refusal, by value
+REFUSALS = (
+    "none",
+    "bad_client_signature",
+    "already_settled",
+    "expired",
+    "model_not_servable",
+    "price_above_max",
+    "wrong_committee",
+    "no_majority",
+    "bad_signature",
+    "insufficient_balance",
+)
+
+
+class PrepaidUnavailable(RpcError):
+    """This node's chain has no ``PrepaidInference`` (or is not connected yet)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(INVALID_PARAMS, message)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepaidStatistics:
+    """What the settler has done since the node started (``PrepaidService.statistics``)."""
+
+    batches_sent: int
+    batches_failed: int
+    requests_settled: int  # by this node's batches
+    requests_refused: int  # by this node's batches, with their reasons in the ledger
+
+
+class PrepaidService:
+    """Judges prepaid requests against balances; settles certified ones in batches."""
+
+    name = "prepaid"
+
+    def __init__(
+        self,
+        settings: PrepaidSection,
+        state: StateStore,
+        chain: GovernanceChain,
+        registry: CollectorRegistry,
+        events_receive: trio.MemoryReceiveChannel[ChainEvent],
+    ) -> None:
+        self._settings = settings
+        self._state = state
+        self._chain = chain
+        self._events = events_receive
+        self._client_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
+        self._wake = trio.Event()
+        self._stats = PrepaidStatistics(0, 0, 0, 0)
+        self._m_requests = Counter(
+            "joynode_prepaid_requests",
+            "Prepaid requests by what this node's batches did with them (settled, refused) "
+            "and those others settled first (elsewhere)",
+            ["outcome"],
+            registry=registry,
+        )
+        self._m_batches = Counter(
+            "joynode_prepaid_batches",
+            "settleBatch transactions sent, by result",
+            ["result"],
+            registry=registry,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._settle_loop)
+            nursery.start_soon(self._read_events)
+            task_status.started()
+
+    def statistics(self) -> PrepaidStatistics:
+        return self._stats
+
+    @property
+    def address(self) -> str:
+        """This node's account: the client of the requests it signs, a settler."""
+        return self._chain.address
+
+    async def transact(self, call: Any) -> Any:
+        return await self._chain.transact(call)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A read of the ledger (``joynode.prepaid.ledger``)."""
+        return await self._state.read(fn)
+
+    # ---- what the chain says
+
+    def contract(self, name: str = CONTRACT) -> Any:
+        deployment = self._chain.deployment
+        if deployment is None:
+            raise PrepaidUnavailable("the chain is not connected yet")
+        if name not in deployment.addresses:
+            raise PrepaidUnavailable(f"this node's deployment has no {name}")
+        return deployment.contract(self._chain.w3, name)
+
+    async def terms(self, model_id: str) -> PrepaidTerms:
+        prepaid, market = self.contract(), self.contract("ModelMarketplace")
+
+        def read() -> PrepaidTerms:
+            _, price, size, servable, _, _ = market.functions.payoutOf(model_key(model_id)).call()
+            return PrepaidTerms(
+                chain_id=self._chain.w3.eth.chain_id,
+                contract=prepaid.address,
+                price=int(price),
+                committee_size=int(size),
+                servable=bool(servable),
+                default_deadline=int(time.time() + self._settings.request_ttl_s),
+            )
+
+        return await self._chain.call(read)
+
+    async def account(self, client: str) -> dict[str, Any]:
+        """A client's balance as the contract has it, and what this node sees it owe."""
+        prepaid = self.contract()
+
+        def read() -> tuple[Any, ...]:
+            account = prepaid.functions.accountOf(client).call()
+            return (*account, prepaid.functions.claimable(client).call())
+
+        balance, withdrawing, withdrawable_at, available, claimable = await self._chain.call(read)
+        pending = await self._state.read(lambda c: ledger.pending_for(c, client, time.time()))
+        return {
+            "client": client,
+            "balance": str(balance),
+            "withdrawing": str(withdrawing),
+            "withdrawable_at": int(withdrawable_at),
+            "available": str(available),
+            "pending": str(pending),
+            "spendable": str(max(0, int(available) - pending)),
+            "claimable": str(claimable),
+        }
+
+    # ---- admitting (the consensus actor asks)
+
+    async def refusal(
+        self, request: PrepaidRequest, signature: bytes, settle_by: float
+    ) -> PrepaidRefusal | None:
+        """Why this node will not run ``request`` (None: it is now pending against its client).
+
+        ``settle_by``: when the job will be decided; the request's deadline must
+        leave room after it to settle (``takeover_s``, ``max_age_s`` and a margin).
+        """
+        try:
+            prepaid = self.contract()
+        except PrepaidUnavailable as exc:
+            return PrepaidRefusal("prepaid_unavailable", str(exc))
+        if request.contract.lower() != prepaid.address.lower():
+            return PrepaidRefusal(
+                "wrong_prepaid_contract",
+                f"the request names contract {request.contract}; this network's is "
+                f"{prepaid.address}",
+            )
+        request_id = prepaid_request_id(request)
+        s = self._settings
+        settle_until = settle_by + s.takeover_s + s.max_age_s + DEADLINE_MARGIN_S
+        if request.deadline < settle_until:
+            return PrepaidRefusal(
+                "expires_too_soon",
+                f"its deadline {request.deadline} leaves no time to settle it "
+                f"(at least {int(settle_until)} needed)",
+            )
+        async with self._client_locks[request.client.lower()]:
+            if await self._state.read(lambda c: ledger.known(c, request_id)):
+                return None  # admitted already (the relay and a member are the same node)
+            return await self._judge(request, request_id, prepaid)
+
+    async def _judge(
+        self, request: PrepaidRequest, request_id: bytes, prepaid: Any
+    ) -> PrepaidRefusal | None:
+        market = self.contract("ModelMarketplace")
+
+        def read() -> tuple[int, int, int, bool, int, bool]:
+            _, price, size, servable, _, _ = market.functions.payoutOf(request.model).call()
+            if request.chain_id != self._chain.w3.eth.chain_id:
+                return 0, 0, 0, False, 0, False
+            available = prepaid.functions.accountOf(request.client).call()[3]
+            used = prepaid.functions.isSettled(request.client, request.nonce).call()
+            return request.chain_id, int(price), int(size), bool(servable), int(available), used
+
+        chain_id, price, size, servable, available, used = await self._chain.call(read)
+        if chain_id != request.chain_id:
+            return PrepaidRefusal("wrong_prepaid_contract", f"chain {request.chain_id} is not ours")
+        if not servable:
+            return PrepaidRefusal("model_not_servable", "the model is not registered and active")
+        if len(request.committee) != size:
+            return PrepaidRefusal(
+                "wrong_committee_size",
+                f"the model's committees have {size} members, not {len(request.committee)}",
+            )
+        if price > request.max_price:
+            return PrepaidRefusal(
+                "price_above_max",
+                f"the model costs {price} wei of JOY, more than the request's {request.max_price}",
+            )
+
+        def owed(conn: sqlite3.Connection) -> tuple[bool, int]:
+            taken = ledger.nonce_taken(conn, request.client, request.nonce, request_id)
+            return taken, ledger.pending_for(conn, request.client, time.time())
+
+        taken, pending = await self._state.read(owed)
+        if used or taken:
+            return PrepaidRefusal(
+                "nonce_used", f"nonce {request.nonce} of {request.client} is already used"
+            )
+        if price > available - pending:
+            return PrepaidRefusal(
+                "insufficient_balance",
+                f"{request.client} has {available} wei of JOY available, {pending} of it "
+                f"owed for pending requests: not enough for {price}",
+            )
+        await self._state.write(lambda c: ledger.record_pending(c, request_id, request, price))
+        return None
+
+    async def certified(
+        self, request: PrepaidRequest, signature: bytes, certificate: Certificate
+    ) -> None:
+        """Queue a certified request: at once if this node is its first signer, else for
+        ``takeover_s`` later."""
+        committee = [a.lower() for a in request.committee]
+        signed = zip(certificate.signers, certificate.signatures, strict=True)
+        by_member = {signer.lower(): sig for signer, sig in signed}
+        signed_by = sum(1 << i for i, member in enumerate(committee) if member in by_member)
+        signatures = b"".join(by_member[m] for m in committee if m in by_member)
+        redemption = Redemption(request, signature, certificate.output_hash, signed_by, signatures)
+        first = next(m for m in committee if m in by_member)
+        me = self._chain.address.lower()
+        settle_after = 0.0 if first == me else time.time() + self._settings.takeover_s
+        request_id = certificate.request_id
+        await self._state.write(
+            lambda c: ledger.record_certified(
+                c, request_id, redemption, request.max_price, settle_after
+            )
+        )
+        self._wake.set()
+
+    async def released(self, request_id: bytes) -> None:
+        await self._state.write(lambda c: ledger.release(c, request_id))
+
+    # ---- settling
+
+    async def _settle_loop(self) -> None:
+        await self._resume()
+        while True:
+            with trio.move_on_after(FLUSH_POLL_S):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            try:
+                await self._flush()
+            except (ChainUnreachable, PrepaidUnavailable) as exc:
+                log.debug("prepaid: not settling now: %s", exc)
+
+    async def _resume(self) -> None:
+        """A batch was being sent when the node stopped: what settled is marked, the rest
+        waits again. Retried until the chain answers."""
+        while True:
+            try:
+                stuck = await self._state.read(ledger.sending)
+                if stuck:
+                    settled = await self._settled_on_chain([r for _, r in stuck])
+                    await self._state.write(partial(ledger.resumed, stuck=stuck, settled=settled))
+                    log.info(
+                        "prepaid: resumed a batch cut short: %d settled, %d to send again",
+                        len(settled),
+                        len(stuck) - len(settled),
+                    )
+                return
+            except (ChainUnreachable, PrepaidUnavailable) as exc:
+                log.debug("prepaid: cannot resume yet: %s", exc)
+                await trio.sleep(FLUSH_POLL_S)
+
+    async def _settled_on_chain(self, redemptions: list[Redemption]) -> set[int]:
+        """Which of these requests settled already (by index)."""
+        prepaid = self.contract()
+
+        def read() -> set[int]:
+            return {
+                i
+                for i, r in enumerate(redemptions)
+                if prepaid.functions.isSettled(r.request.client, r.request.nonce).call()
+            }
+
+        return await self._chain.call(read)
+
+    async def _flush(self) -> None:
+        now = time.time()
+        items = await self._state.read(lambda c: ledger.due(c, now, MAX_BATCH))
+        if not items:
+            return
+        s = self._settings
+        mine = [i for i in items if i.first_signer]
+        urgent = any(i.deadline - now < DEADLINE_MARGIN_S for i in items)
+        ready = (
+            urgent
+            or len(mine) < len(items)  # some waited takeover_s for their first signer
+            or len(mine) >= s.batch_size
+            or now - mine[0].certified_at >= s.max_age_s
+        )
+        if not ready:
+            return
+        if s.max_gas_price_gwei > 0 and not urgent:
+            gas_price = await self._chain.call(lambda: self._chain.w3.eth.gas_price)
+            if gas_price > s.max_gas_price_gwei * 1e9:
+                log.debug("prepaid: holding %d requests: gas at %d wei", len(items), gas_price)
+                return
+        taken_over = [i for i in items if not i.first_signer]
+        if taken_over:
+            settled = await self._settled_on_chain([i.redemption for i in taken_over])
+            for index in settled:
+                rid = taken_over[index].request_id
+                await self._state.write(partial(ledger.settled_elsewhere, request_id=rid, tx=""))
+                self._m_requests.labels("elsewhere").inc()
+            gone = {taken_over[i].request_id for i in settled}
+            items = [i for i in items if i.request_id not in gone]
+        if items:
+            await self._send([i.request_id for i in items], [i.redemption for i in items])
+
+    async def _send(self, request_ids: list[bytes], redemptions: list[Redemption]) -> None:
+        """One ``settleBatch``; each request's outcome from its events."""
+        prepaid = self.contract()
+        await self._state.write(lambda c: ledger.mark_sending(c, request_ids))
+        try:
+            receipt = await self._chain.transact(
+                prepaid.functions.settleBatch([r.as_call_argument() for r in redemptions])
+            )
+        except (TransactionFailed, ChainUnreachable) as exc:
+            self._m_batches.labels("failed").inc()
+            self._stats = dataclasses.replace(
+                self._stats, batches_failed=self._stats.batches_failed + 1
+            )
+            log.warning("prepaid: a batch of %d did not settle: %s", len(request_ids), exc)
+            retry = partial(
+                ledger.retry_later, request_ids=request_ids, why=str(exc), max_attempts=MAX_ATTEMPTS
+            )
+            await self._state.write(retry)
+            return
+        tx = receipt["transactionHash"].to_0x_hex()
+        outcomes: dict[bytes, tuple[ledger.State, str]] = {}
+        for event in prepaid.events.RequestSettled().process_receipt(receipt, errors=DISCARD):
+            outcomes[bytes(event["args"]["requestId"])] = ("settled", "")
+        for event in prepaid.events.SettlementRefused().process_receipt(receipt, errors=DISCARD):
+            reason = REFUSALS[int(event["args"]["reason"])]
+            state: ledger.State = "settled" if reason == "already_settled" else "refused"
+            outcomes[bytes(event["args"]["requestId"])] = (state, reason)
+
+        def record(conn: sqlite3.Connection) -> None:
+            for rid in request_ids:
+                state, reason = outcomes.get(rid, ("refused", "no event for it"))
+                ledger.mark_outcome(conn, rid, state, tx, reason)
+
+        await self._state.write(record)
+        settled = sum(1 for s, r in outcomes.values() if s == "settled" and not r)
+        refused = sum(1 for s, _ in outcomes.values() if s == "refused")
+        self._m_batches.labels("ok").inc()
+        self._m_requests.labels("settled").inc(settled)
+        self._m_requests.labels("refused").inc(refused)
+        self._m_requests.labels("elsewhere").inc(len(outcomes) - settled - refused)
+        self._stats = dataclasses.replace(
+            self._stats,
+            batches_sent=self._stats.batches_sent + 1,
+            requests_settled=self._stats.requests_settled + settled,
+            requests_refused=self._stats.requests_refused + refused,
+        )
+        log.info(
+            "prepaid: settled %d of %d requests in %s (gas %d)%s",
+            settled,
+            len(request_ids),
+            tx,
+            receipt["gasUsed"],
+            f"; {refused} refused" if refused else "",
+        )
+
+    async def _read_events(self) -> None:
+        """Requests other nodes' batches settled: no longer owed nor to settle here."""
+        async for event in self._events:
+            if event.removed or event.contract != CONTRACT or event.name != "RequestSettled":
+                continue
+            rid = bytes.fromhex(str(event.args["requestId"])[2:])
+            await self._state.write(
+                partial(ledger.settled_elsewhere, request_id=rid, tx=event.tx_hash)
+            )
