@@ -290,9 +290,15 @@ async def mirrors(node: Node, count: int) -> bool:
 
 @asynccontextmanager
 async def paid_cluster(
-    root: Path, settings: Settings, engine: VllmEngine, chain: Chain, k: int
+    root: Path,
+    settings: Settings,
+    engine: VllmEngine,
+    chain: Chain,
+    k: int,
+    extra: Sequence[tuple[str, str, str]] = (),
 ) -> AsyncIterator[Cluster]:
-    """k staked, registered nodes serving the tiny model, priced with committee size k."""
+    """k staked, registered nodes serving the tiny model, priced with committee size k;
+    ``extra``: more config, as (section, key, TOML value)."""
     deployment_file = root / "deployment.json"
     chain.deployment.write(deployment_file)
     home_settings = consensus.Settings(
@@ -318,6 +324,8 @@ async def paid_cluster(
             home.set("chain", "poll_interval_s", str(settings.poll_interval_s))
             home.set("consensus", "settle_timeout_s", str(SETTLE_TIMEOUT_S))
             home.set("consensus", "takeover_s", str(settings.takeover_s))
+            for section, key, value in extra:
+                home.set(section, key, value)
             nodes.append(await stack.enter_async_context(running_node(home, {MODEL: engine})))
         for node in nodes:
             await chain_of(node).register()

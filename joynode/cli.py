@@ -32,7 +32,7 @@ from joynode.config import (
     url,
 )
 from joynode.consensus.calibration import DTYPES, calibrate
-from joynode.console import describe_job, print_job, step, verified_inference
+from joynode.console import Payment, describe_job, print_job, step, verified_inference
 from joynode.control.client import ControlClient
 from joynode.control.jsonrpc import RpcError
 from joynode.endpoints import Endpoints
@@ -87,8 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="infer: the model (default: the node's first)")
     p.add_argument("--max-tokens", type=int, default=48, help="infer: most tokens to generate")
-    p.add_argument(
+    paying = p.add_mutually_exclusive_group()
+    paying.add_argument(
         "--unpaid", action="store_true", help="infer: no payment (default: paid if on a chain)"
+    )
+    paying.add_argument(
+        "--prepaid",
+        action="store_true",
+        help="infer: pay from the node account's prepaid balance, a request signed with the "
+        "node's key (no transaction; see balance.deposit)",
     )
 
     p = commands.add_parser("keys", help="inspect or create the node key and control token")
@@ -571,7 +578,8 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     if args.method == "infer":
         if not args.params:
             raise UsageError('ctl infer needs a prompt: joynode ctl infer "PROMPT"')
-        return _infer(args.config, args.params, args.model, args.max_tokens, not args.unpaid)
+        payment: Payment = "prepaid" if args.prepaid else "unpaid" if args.unpaid else "paid"
+        return _infer(args.config, args.params, args.model, args.max_tokens, payment)
     params: dict[str, Any] | None = None
     if args.params is not None:
         try:
@@ -609,14 +617,16 @@ def _control_call(
     return EXIT_OK
 
 
-def _infer(config_path: Path, prompt: str, model: str | None, max_tokens: int, paid: bool) -> int:
+def _infer(
+    config_path: Path, prompt: str, model: str | None, max_tokens: int, payment: Payment
+) -> int:
     """``infer.submit`` + ``job.wait`` with progress; the output, certificate and settlement."""
     config = load_config(config_path)
     token = ControlToken.load(config.control.token_file).value
     url = _control_url(config)
 
     try:
-        job = trio.run(verified_inference, url, token, prompt, model, max_tokens, paid)
+        job = trio.run(verified_inference, url, token, prompt, model, max_tokens, payment)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     except RpcError as exc:

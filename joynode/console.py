@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -67,14 +67,18 @@ def describe_job(progress: dict[str, Any]) -> str:
     return phase
 
 
+Payment = Literal["paid", "prepaid", "unpaid"]
+
+
 async def verified_inference(
-    url: str, token: str, prompt: str, model: str | None, max_tokens: int, paid: bool
+    url: str, token: str, prompt: str, model: str | None, max_tokens: int, payment: Payment
 ) -> dict[str, Any]:
     """Submit ``prompt`` as a verified job, show its progress, and return it once final.
 
     ``model`` defaults to the node's first; an instruct model (one with a chat
-    template) is asked through it, as people talk to it. ``paid`` applies when
-    the node is on a chain.
+    template) is asked through it, as people talk to it. ``payment`` applies when
+    the node is on a chain: ``paid`` escrows it in the marketplace, ``prepaid``
+    signs a request against the node account's prepaid balance.
     """
     with step("verified inference") as shown:
 
@@ -94,8 +98,9 @@ async def verified_inference(
                 "model": name,
                 **({"messages": [turn]} if chat else {"prompt": prompt}),
                 "max_tokens": max_tokens,
-                "paid": paid and "chain" in actors,
             }
+            if "chain" in actors and payment != "unpaid":
+                params[payment] = True
             submitted = await client.call("infer.submit", params)
             request_id = submitted["request_id"]
             shown.note(f"job {request_id[:14]} offered")

@@ -207,7 +207,7 @@ async def _run(
                 _print_summary(devnet, options, network, governance)
                 if options.demo:
                     job = await verified_inference(
-                        first.control_url(), first.token.value, DEMO_PROMPT, None, 32, True
+                        first.control_url(), first.token.value, DEMO_PROMPT, None, 32, "paid"
                     )
                     print_job(job)
                 phase = "ready"

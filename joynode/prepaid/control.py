@@ -64,7 +64,16 @@ def prepaid_methods(prepaid: PrepaidService) -> list[ControlMethod]:
         stats = prepaid.statistics()
         return {"by_state": counts, "statistics": vars(stats), "requests": recent}
 
+    async def settle(_: NoParams, __: ControlSession) -> dict[str, Any]:
+        return {"requests": await prepaid.settle_now(), **vars(prepaid.statistics())}
+
     return [
+        ControlMethod(
+            "prepaid.settle",
+            NoParams,
+            settle,
+            "Settle what is due now in one batch, whatever its size, age or the gas price.",
+        ),
         ControlMethod(
             "balance.get",
             BalanceParams,

@@ -338,14 +338,19 @@ class PrepaidService:
 
         return await self._chain.call(read)
 
-    async def _flush(self) -> None:
+    async def settle_now(self) -> int:
+        """Send what is due now in one batch, whatever its size, age or the gas price (an
+        operator's ``prepaid.settle``); how many requests it held."""
+        return await self._flush(force=True)
+
+    async def _flush(self, *, force: bool = False) -> int:
         now = time.time()
         items = await self._state.read(lambda c: ledger.due(c, now, MAX_BATCH))
         if not items:
-            return
+            return 0
         s = self._settings
         mine = [i for i in items if i.first_signer]
-        urgent = any(i.deadline - now < DEADLINE_MARGIN_S for i in items)
+        urgent = force or any(i.deadline - now < DEADLINE_MARGIN_S for i in items)
         ready = (
             urgent
             or len(mine) < len(items)  # some waited takeover_s for their first signer
@@ -353,12 +358,12 @@ class PrepaidService:
             or now - mine[0].certified_at >= s.max_age_s
         )
         if not ready:
-            return
+            return 0
         if s.max_gas_price_gwei > 0 and not urgent:
             gas_price = await self._chain.call(lambda: self._chain.w3.eth.gas_price)
             if gas_price > s.max_gas_price_gwei * 1e9:
                 log.debug("prepaid: holding %d requests: gas at %d wei", len(items), gas_price)
-                return
+                return 0
         taken_over = [i for i in items if not i.first_signer]
         if taken_over:
             settled = await self._settled_on_chain([i.redemption for i in taken_over])
@@ -370,6 +375,7 @@ class PrepaidService:
             items = [i for i in items if i.request_id not in gone]
         if items:
             await self._send([i.request_id for i in items], [i.redemption for i in items])
+        return len(items)
 
     async def _send(self, request_ids: list[bytes], redemptions: list[Redemption]) -> None:
         """One ``settleBatch``; each request's outcome from its events."""
