@@ -369,8 +369,8 @@ class PrepaidSection(_Section):
     )
     takeover_s: Seconds = Field(
         60.0,
-        description="How long a member that is not a request's first signer waits for that "
-        "signer to settle it before settling it itself.",
+        description="How long each member waits, per rank below the first in a request's "
+        "committee, for those above it to settle the request before settling it itself.",
     )
     request_ttl_s: Seconds = Field(
         3600.0,

@@ -124,6 +124,12 @@ def print_job(job: dict[str, Any]) -> None:
         f"{len(signers)} of {len(job.get('committee') or [])} signed:",
         ", ".join(str(s) for s in signers),
     )
-    payment = job.get("payment")
+    payment, prepaid = job.get("payment"), job.get("prepaid")
     if payment:
         out.print("[bold]settlement[/bold]  ", f"{payment.get('status')}, tx {payment.get('tx')}")
+    elif prepaid:
+        out.print(
+            "[bold]settlement[/bold]  ",
+            f"prepaid by {prepaid['client']} (nonce {prepaid['nonce']}): no transaction of its "
+            "own; its committee's first-ranked member settles it in a batch",
+        )

@@ -216,6 +216,9 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX prepaid_requests_client ON prepaid_requests (client, state);
     CREATE INDEX prepaid_requests_state ON prepaid_requests (state, settle_after);
     """,
+    """
+    CREATE INDEX prepaid_requests_nonce ON prepaid_requests (client, nonce);
+    """,
 )
 
 

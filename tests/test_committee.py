@@ -32,9 +32,14 @@ class MirrorChain:
         self.cursor = cursor
         self.candidates = {a: Candidate(a, 100 + i, 1000) for i, a in enumerate(NODES)}
         self.hashes = {n: bytes([n % 256]) * 32 for n in range(0, cursor + 1, SEED_EPOCH_BLOCKS)}
+        # The registry as the chain had it at each boundary (``candidates`` is the mirror's now).
+        self.at_block = {n: dict(self.candidates) for n in self.hashes}
 
     async def registry_candidates(self) -> dict[str, Candidate]:
         return dict(self.candidates)
+
+    async def committee_candidates(self, block: wire.BlockRef) -> dict[str, Candidate]:
+        return dict(self.at_block[block.number])
 
     async def seed_block(self) -> wire.BlockRef | None:
         number = self.cursor - self.cursor % SEED_EPOCH_BLOCKS
@@ -46,7 +51,9 @@ class MirrorChain:
         return self.hashes.get(number)
 
 
-def view(me: str, down: frozenset[str] = frozenset()) -> Committees:
+def view(
+    me: str, down: frozenset[str] = frozenset(), chain: MirrorChain | None = None
+) -> Committees:
     """Node ``me``'s committees: every registered node up and serving, but ``down``."""
     peers = PeerTable(timeout_s=10)
     for address in NODES:
@@ -57,7 +64,8 @@ def view(me: str, down: frozenset[str] = frozenset()) -> Committees:
                 wire.Heartbeat(1, "1.0", 2, [], [MODEL], 0, 4),
                 sent_ms=1,
             )
-    return Committees(me, peers, lambda: ServingStatus((MODEL,), 0, 4), MirrorChain(cursor=100))
+    chain = chain or MirrorChain(cursor=100)
+    return Committees(me, peers, lambda: ServingStatus((MODEL,), 0, 4), chain)
 
 
 def offer(committee: list[str], block: wire.BlockRef | None) -> wire.JobOffer:
@@ -87,6 +95,23 @@ async def test_members_accept_a_fairly_drawn_committee() -> None:
     committee, block = await view(REQUESTER).draw(MODEL, 3, 0)
     for member in committee:
         assert await view(member).check(offer(committee, block)) is None
+
+
+async def test_members_rank_by_the_registry_at_the_block_not_by_their_mirrors_latest() -> None:
+    """Settlements move reputations every few blocks, and mirrors apply them at different
+    moments: a member whose mirror has moved on since the boundary agrees all the same."""
+    committee, block = await view(REQUESTER).draw(MODEL, 3, 0)
+    assert block is not None
+    moved_on = MirrorChain(cursor=100)
+    moved_on.candidates = {
+        a: Candidate(a, c.stake, 1000 if a in committee else 50_000)
+        for a, c in moved_on.candidates.items()
+    }
+    for member in committee:
+        assert await view(member, chain=moved_on).check(offer(committee, block)) is None
+    # What the chain had at the block is what counts.
+    moved_on.at_block[block.number] = dict(moved_on.candidates)
+    assert await view(committee[0], chain=moved_on).check(offer(committee, block)) is not None
 
 
 async def test_a_requester_may_skip_nodes_that_are_down_but_not_ones_that_are_up() -> None:

@@ -9,7 +9,7 @@ snapshot (see ``chain_fixtures``).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -510,6 +510,22 @@ async def test_an_unpaid_committee_comes_from_a_recent_block_and_members_refuse_
         assert job.offer.committee == ranking[:2]  # all three are up and serving
         assert (await wait_job(a, job.request_id))["status"] == "certified"
 
+        # Committees rank the registry as it was at their block: stake added since shows
+        # in the mirror, not in the weights of a draw from an earlier block.
+        head = chain.w3.eth.get_block("latest")
+        earlier_block = wire.BlockRef(int(head["number"]), bytes(head["hash"]))
+        address = a.consensus.address
+        await trio.to_thread.run_sync(stake, chain, dev_account(FIRST_NODE_ACCOUNT))
+
+        async def mirrored_stake() -> int:
+            assert a.chain is not None
+            return (await a.chain.registry_candidates())[address].stake
+
+        await wait_for(lambda: _equals(mirrored_stake(), 2 * STAKE), 30, "the stake mirrored")
+        at_block = await a.chain.committee_candidates(earlier_block)
+        assert at_block[address].stake == STAKE
+        assert set(at_block) == set(await a.chain.registry_candidates())
+
         # The requester lists the committee it would like: the two members drop it.
         now_ms = time.time_ns() // 1_000_000
         chosen = msgspec.structs.replace(
@@ -530,6 +546,10 @@ async def test_an_unpaid_committee_comes_from_a_recent_block_and_members_refuse_
                 "the offer dropped",
             )
             assert chosen.request_id not in member.consensus.jobs
+
+
+async def _equals(value: Awaitable[Any], expected: Any) -> bool:
+    return bool(await value == expected)
 
 
 def _dropped(node: Node, reason: str, times: float) -> bool:

@@ -974,15 +974,21 @@ def test_internal_calls_need_their_roles(chain: Chain) -> None:
 
 
 def permit_signature(
-    w: World, owner: LocalAccount, value: int, deadline: int, signer: LocalAccount | None = None
+    w: World,
+    owner: LocalAccount,
+    value: int,
+    deadline: int,
+    signer: LocalAccount | None = None,
+    spender: str | None = None,
 ) -> tuple[int, bytes, bytes]:
-    """An EIP-2612 permit for the marketplace to spend ``value`` of ``owner``'s JOY."""
+    """An EIP-2612 permit for ``spender`` (the marketplace) to spend ``value`` of ``owner``'s
+    JOY."""
     nonce = int(w.token.functions.nonces(owner.address).call())
     permit = Permit(
         w.chain.w3.eth.chain_id,
         w.token.address,
         owner.address,
-        w.marketplace.address,
+        spender or w.marketplace.address,
         value,
         nonce,
         deadline,

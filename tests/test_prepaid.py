@@ -31,6 +31,7 @@ from tests.test_contracts import (
     _quiet_anvil,
     account,
     node_accounts,
+    permit_signature,
     reverts,
 )
 
@@ -265,6 +266,42 @@ def test_replays_overspending_and_bad_certificates_are_refused_and_charge_nothin
     assert p.settled(receipt) == [prepaid_request_id(covered)]
     assert p.refusals(receipt) == [INSUFFICIENT_BALANCE]
     assert p.account_of(client)[0] == 0
+
+
+def test_a_deposit_with_a_permit_needs_no_approval_and_survives_a_front_run_permit(
+    chain: Chain,
+) -> None:
+    p = Prepaid.of(chain)
+    client, other = account(CLIENTS[0]), account(CLIENTS[1])
+    joy = p.w.token.functions
+    assert joy.allowance(client.address, p.contract.address).call() == 0
+    deadline = p.w.now() + 600
+
+    def deposit(amount: int, permit: tuple[int, bytes, bytes]) -> TxReceipt:
+        call = p.contract.functions.depositWithPermit(amount, deadline, *permit)
+        return p.w.tx(client, call)
+
+    before = int(joy.balanceOf(client.address).call())
+    permit = permit_signature(p.w, client, PRICE, deadline, spender=p.contract.address)
+    receipt = deposit(PRICE, permit)  # one transaction, no approve before it
+    (deposited,) = p.w.events(p.contract, "Deposited", receipt)
+    assert (deposited["amount"], deposited["balance"]) == (PRICE, PRICE)
+    assert int(joy.balanceOf(client.address).call()) == before - PRICE
+    # Someone submits the client's next permit first: the deposit still goes through.
+    permit = permit_signature(p.w, client, 2 * PRICE, deadline, spender=p.contract.address)
+    p.w.tx(other, joy.permit(client.address, p.contract.address, 2 * PRICE, deadline, *permit))
+    deposit(2 * PRICE, permit)
+    assert p.account_of(client)[0] == 3 * PRICE
+    # A permit signed by another key moves nothing.
+    forged = permit_signature(
+        p.w, client, PRICE, deadline, signer=other, spender=p.contract.address
+    )
+    with reverts(
+        f"ERC20InsufficientAllowance(spender={p.contract.address.lower()}, allowance=0, "
+        f"needed={PRICE})"
+    ):
+        deposit(PRICE, forged)
+    assert p.account_of(client)[0] == 3 * PRICE
 
 
 def test_a_client_who_starts_withdrawing_still_pays_for_what_it_signed_before(

@@ -188,6 +188,20 @@ async def test_over_spending_and_replays_are_refused_before_any_inference_runs(
         with pytest.raises(RpcError, match="signature is not"):
             await a.consensus.submit(stolen)
 
+        # Another member settles the first request only when told to take over from the
+        # committee's first-ranked member (prepaid.settle {"take_over": true}), who then
+        # sees it settled.
+        first_ranked = prepaid_request_of(first.offer).committee[0].lower()
+        by_address = {n.consensus.address.lower(): n for n in nodes}
+        other = next(n for address, n in by_address.items() if address != first_ranked)
+        assert other.prepaid is not None
+        assert await other.prepaid.settle_now() == 0  # its turn comes after takeover_s
+        assert await other.prepaid.settle_now(take_over=True) == 1
+        assert balance_of(chain, CLIENT) == PRICE // 2
+        await wait_for(
+            lambda: _count(by_address[first_ranked], "settled", 1), 30, "seen settled elsewhere"
+        )
+
 
 class KilledMidBatch(Exception):
     """The settler's process dying (in a test: its actor raising) during a batch."""
@@ -215,7 +229,7 @@ async def test_a_settler_killed_mid_batch_resumes_and_settles_nothing_twice(
     tmp_path: Path, tiny_model: Path, tiny_engine: VllmEngine, chain: Chain, after_send: bool
 ) -> None:
     await trio.to_thread.run_sync(deposit, chain, CLIENT, 10 * PRICE)
-    # The nodes' own settlers hold everything; a second settler over the first signer's
+    # The nodes' own settlers hold everything; a second settler over the first-ranked's
     # ledger does the work, and dies in the middle of it.
     settings = [("batch_size", "256"), ("max_age_s", "600"), ("takeover_s", "600")]
     async with prepaid_committee(tmp_path, tiny_model, tiny_engine, chain, settings) as nodes:
@@ -225,11 +239,11 @@ async def test_a_settler_killed_mid_batch_resumes_and_settles_nothing_twice(
             for i in range(3)
         ]
         results = [await certified(a, job.request_id) for job in jobs]
-        first = results[0]["certificate"]["committee"][0]  # all signed; same committee
+        first = results[0]["certificate"]["committee"][0]  # the same committee for all three
         settler = next(n for n in nodes if n.consensus.address == first)
         assert settler.chain is not None
         await wait_for(
-            lambda: _count(settler, "certified", 3), 30, "the first signer queued all three"
+            lambda: _count(settler, "certified", 3), 30, "the first-ranked member queued all three"
         )
         settler_settings = PrepaidSection(batch_size=1, max_age_s=600, takeover_s=600)
         _, no_events = trio.open_memory_channel[ChainEvent](0)

@@ -2,7 +2,8 @@
 
 The client (dev account 19) deposits JOY once, then for each request asks a node
 for a quote (``prepaid.quote``), signs its EIP-712 typed data with its own key
-(eth-account), and submits it (``infer.submit`` with ``prepaid``), to each of
+(eth-account in Python; every third request viem in Node, given the quote's JSON
+as is, as a web client would be), and submits it (``infer.submit`` with ``prepaid``), to each of
 the three nodes in turn. No transaction of its own stands on the request path.
 The nodes settle the certified requests in batches; the test checks that every
 request settled once, in fewer transactions than requests, and that the client
@@ -11,6 +12,7 @@ paid exactly the price of each.
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,15 +37,34 @@ FIRST_ACCOUNT = 13
 CLIENT = dev_account(19)
 REQUESTS = 30
 PRICE = 100 * JOY  # test_consensus_chain.register_model's
+ROOT = Path(__file__).resolve().parent.parent
+VIEM_SIGN = ROOT / "tests" / "viem_sign.mjs"
 
 
 async def signed_request(relay: NodeHome, client: LocalAccount, i: int) -> dict[str, Any]:
     """What a client does: a quote from ``relay``, signed, and the job to submit with it."""
     job = {"model": "tiny", "prompt": f"Request {i}:", "max_tokens": 8, "ignore_eos": True}
     quote = await call(relay, "prepaid.quote", {**job, "client": client.address})
-    signed = client.sign_typed_data(full_message=quote["typed_data"])
-    prepaid = {**quote["prepaid"], "signature": "0x" + bytes(signed.signature).hex()}
-    return {**job, "prepaid": prepaid}
+    if i % 3 == 2:
+        signature = await viem_signature(client, quote["typed_data"])
+    else:
+        signature = (
+            "0x" + bytes(client.sign_typed_data(full_message=quote["typed_data"]).signature).hex()
+        )
+    return {**job, "prepaid": {**quote["prepaid"], "signature": signature}}
+
+
+async def viem_signature(client: LocalAccount, typed_data: dict[str, Any]) -> str:
+    """The signature viem makes of the typed data, JSON-encoded as the node sent it."""
+    stdin = json.dumps({"key": "0x" + bytes(client.key).hex(), "typed_data": typed_data})
+    done = await trio.run_process(
+        ["node", str(VIEM_SIGN)], stdin=stdin.encode(), capture_stdout=True, cwd=ROOT
+    )
+    return done.stdout.decode()
+
+
+async def mirrors_registry(home: NodeHome, count: int) -> bool:
+    return bool((await call(home, "chain.status"))["registered_nodes"] == count)
 
 
 async def owes_nothing(home: NodeHome) -> bool:
@@ -83,6 +104,7 @@ async def test_three_processes_serve_and_settle_thirty_signed_requests_in_batche
         await trio.to_thread.run_sync(register_model, chain, cid, 3)
         for h in homes:
             await wait_for(partial(sees_serving, h, cid, 2), 30, "every node sees the others")
+            await wait_for(partial(mirrors_registry, h, 3), 30, "every node mirrors the registry")
 
         submitted: list[tuple[NodeHome, str]] = []
 

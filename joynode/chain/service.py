@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, cast
 
 import pydantic
 import trio
@@ -192,6 +192,9 @@ class ChainService:
         self._watcher: ChainWatcher | None = None
         self._min_stake: int | None = None
         self._boundaries: dict[int, bytes] = {}  # recent epoch blocks read from the RPC
+        # By boundary block hash: the mirror's addresses asked about, and the registry then.
+        self._candidates_at: dict[bytes, tuple[frozenset[str], dict[str, Candidate]]] = {}
+        self._contracts: dict[tuple[int, int, str], Any] = {}
         self._known: dict[str, Any] = {}  # chain.status's last live values, for outages
         self._paying = trio.Lock()
         self._m_events = Counter(
@@ -696,6 +699,53 @@ class ChainService:
         self._boundaries[number] = bytes(block["hash"])
         return self._boundaries[number]
 
+    async def committee_candidates(self, block: wire.BlockRef) -> dict[str, Candidate]:
+        """The registered nodes the unpaid and prepaid committees drawn from ``block`` (an
+        epoch boundary) rank: those registered then, weighted as they were then, read from
+        the chain at that block (once per boundary), so that every node ranks them alike
+        whatever its mirror has applied since (reputations move with every settlement);
+        and those registered since, as the mirror has them. While the RPC cannot answer
+        (or has pruned that state), the mirror's rows alone."""
+        current = await self.registry_candidates()
+        known = await self._state.read(
+            lambda c: frozenset(str(a) for (a,) in c.execute("SELECT address FROM registry_nodes"))
+        )
+        asked, _ = self._candidates_at.get(block.hash, (frozenset(), {}))
+        if block.hash not in self._candidates_at or not known <= asked:  # the mirror grew
+            try:
+                at_block = await self._registry_at(block.number, sorted(known))
+            except (ChainUnreachable, Web3Exception) as exc:
+                log.debug("registry at block %d not readable (%s)", block.number, exc)
+                return current
+            for old in list(self._candidates_at)[: max(0, len(self._candidates_at) - 3)]:
+                del self._candidates_at[old]
+            self._candidates_at[block.hash] = (known, at_block)
+        _, registered_then = self._candidates_at[block.hash]
+        newcomers = {a: c for a, c in current.items() if a not in registered_then}
+        return {a: c for a, c in registered_then.items() if c.stake * c.reputation > 0} | newcomers
+
+    async def _registry_at(self, number: int, addresses: list[str]) -> dict[str, Candidate]:
+        """Those of ``addresses`` registered at block ``number``, as then (stake below the
+        minimum then: weight 0)."""
+        coordinator = self.contract("NodeCoordinator")
+
+        def read() -> dict[str, Candidate]:
+            at = {"block_identifier": number}
+            with self._link.w3.batch_requests() as batch:  # one round trip
+                batch.add(coordinator.functions.minStake().call(**at))
+                for address in addresses:
+                    batch.add(coordinator.functions.nodeInfo(address).call(**at))
+                min_stake, *infos = cast(list[Any], batch.execute())
+            return {
+                address: Candidate(
+                    address, int(info[0]) if int(info[0]) >= int(min_stake) else 0, int(info[3])
+                )
+                for address, info in zip(addresses, infos, strict=True)
+                if info[5]
+            }
+
+        return await self.call(read)
+
     async def registry_candidates(self) -> dict[str, Candidate]:
         """Registered nodes by address, weighted as the contract weighs them (from the mirror).
 
@@ -872,7 +922,10 @@ class ChainService:
 
     def contract(self, name: str) -> Any:
         w3, deployment = self._connected()
-        return deployment.contract(w3, name)
+        key = (id(w3), id(deployment), name)  # building one from its ABI costs milliseconds
+        if key not in self._contracts:
+            self._contracts[key] = deployment.contract(w3, name)
+        return self._contracts[key]
 
     async def _guarded(self, action: Any) -> Any:
         try:

@@ -8,7 +8,9 @@ the offer; members accept only the last boundaries their own watcher knows)
 and the requester's address. No nonce, prompt or deadline enters the seed, so a
 requester cannot search for a committee; it can choose between the two most
 recent boundaries at most. The ranking is ``select_committee`` over the
-registered nodes (stake x reputation, as the mirror has them); the committee is
+registered nodes (stake x reputation as of that block, read from the chain at
+it, so that settlements since cannot make two nodes rank apart; nodes that
+registered since, as the mirror has them); the committee is
 its first ``k`` nodes that serve the model and are up as the requester sees
 them. A member accepts an offer only if the committee is in ranking order and
 every node ranked above its last member that was left out is, as the member
@@ -74,7 +76,7 @@ class Committees:
                 raise CommitteeUnavailable(
                     "the chain mirror holds no recent block yet to draw a committee from"
                 )
-            ranking = await self._ranking(unpaid_seed(block.hash, requester))
+            ranking = await self._ranking(block, requester)
             committee = [a for a in ranking if a in up][:k]
         if not committee:
             raise CommitteeUnavailable(
@@ -93,7 +95,7 @@ class Committees:
         if await self._chain.recent_block_hash(block.number) != block.hash:
             return "unknown_committee_block"
         requester = offer.prepaid.client if offer.prepaid is not None else offer.requester
-        ranking = await self._ranking(unpaid_seed(block.hash, requester))
+        ranking = await self._ranking(block, requester)
         position = {address.lower(): rank for rank, address in enumerate(ranking)}
         ranks = [position.get(a.lower(), -1) for a in offer.committee]
         if -1 in ranks or ranks != sorted(ranks):
@@ -116,9 +118,12 @@ class Committees:
             for r in self._peers.records()
         )
 
-    async def _ranking(self, seed: bytes) -> list[str]:
+    async def _ranking(self, block: wire.BlockRef, requester: str) -> list[str]:
+        """Every registered node, in the order the committees of ``requester`` drawn from
+        ``block`` take them (weights as of that block, the same on every node)."""
         assert self._chain is not None
-        candidates = await self._chain.registry_candidates()
+        candidates = await self._chain.committee_candidates(block)
+        seed = unpaid_seed(block.hash, requester)
         return select_committee(candidates.values(), seed, len(candidates), 0)
 
     def _up_and_serving(self, model_id: str) -> list[str]:

@@ -23,6 +23,7 @@ JOB_ERROR = -32040  # JSON-RPC application error: the job is unknown or failed
 
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
 UINT256 = 2**256 - 1
+JS_SAFE_INT = 2**53 - 1  # Number.MAX_SAFE_INTEGER
 
 
 class BlockParams(pydantic.BaseModel):
@@ -146,8 +147,8 @@ def consensus_methods(consensus: ConsensusService) -> list[ControlMethod]:
             "typed_data": json_typed_data(request.typed_data()),
             "prepaid": {
                 "client": ticket.client,
-                "max_price": request.max_price,
-                "nonce": request.nonce,
+                "max_price": str(request.max_price),  # uint256: decimal strings, as in typed_data
+                "nonce": str(request.nonce),
                 "deadline": ticket.deadline,
                 "committee": list(offer.committee),
                 "committee_block": {"number": block.number, "hash": "0x" + block.hash.hex()},
@@ -203,9 +204,13 @@ async def _job_json(consensus: ConsensusService, request_id: str) -> dict[str, A
 
 
 def json_typed_data(typed: dict[str, Any]) -> dict[str, Any]:
-    """EIP-712 typed data as JSON: bytes as 0x-hex, as eth-account and viem take them."""
+    """EIP-712 typed data as JSON, as eth-account and viem take it: bytes as 0x-hex, and
+    integers beyond JavaScript's safe range as decimal strings (JSON.parse would round
+    them, and the client would sign another request)."""
 
     def plain(value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > JS_SAFE_INT:
+            return str(value)
         if isinstance(value, bytes):
             return "0x" + value.hex()
         if isinstance(value, dict):

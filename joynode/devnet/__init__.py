@@ -64,6 +64,7 @@ STAKE_JOY = 1_000
 MODEL_PRICE_JOY = 1
 MESH_TIMEOUT_S = 120.0
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
+DEMO_DEPOSIT_JOY = 10  # ten jobs at MODEL_PRICE_JOY
 
 Override = tuple[str, str, str]  # section, key, TOML value
 
@@ -206,10 +207,7 @@ async def _run(
                 )
                 _print_summary(devnet, options, network, governance)
                 if options.demo:
-                    job = await verified_inference(
-                        first.control_url(), first.token.value, DEMO_PROMPT, None, 32, "paid"
-                    )
-                    print_job(job)
+                    await _demo(first)
                 phase = "ready"
                 changed()
                 print("devnet ready; Ctrl-C stops it", flush=True)
@@ -348,6 +346,22 @@ def _config_text(
         text += f"\n[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
     text += "\n[[inference.models]]\n" + "".join(f"{k} = {v}\n" for k, v in models.items())
     return text
+
+
+async def _demo(node: DevnetNode) -> None:
+    """One paid job (escrowed by a transaction), then a prepaid one: node 0's account
+    deposits once, signs the request, and the committee settles it in its next batch."""
+    url, token = node.control_url(), node.token.value
+    print_job(await verified_inference(url, token, DEMO_PROMPT, None, 32, "paid"))
+    with step(f"depositing {DEMO_DEPOSIT_JOY} JOY into node 0's prepaid balance"):
+        balance = await _call(node, "balance.deposit", {"amount_joy": DEMO_DEPOSIT_JOY})
+    print_job(await verified_inference(url, token, DEMO_PROMPT, None, 32, "prepaid"))
+    spendable = (await _call(node, "balance.get"))["spendable"]
+    print(
+        f"prepaid balance {int(balance['balance']) / JOY:g} JOY, {int(spendable) / JOY:g} "
+        "spendable (the job is owed until its batch lands: joynode ctl prepaid.settlements)",
+        flush=True,
+    )
 
 
 async def _call(node: DevnetNode, method: str, params: dict[str, Any] | None = None) -> Any:

@@ -26,6 +26,15 @@ class BalanceParams(pydantic.BaseModel):
     )
 
 
+class SettleParams(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    take_over: bool = pydantic.Field(
+        False,
+        description="also the requests members ranked above this node have not settled yet "
+        "(this node pays their gas): for a first-ranked member known to be down",
+    )
+
+
 class SettlementsParams(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
     limit: int = pydantic.Field(50, ge=1, le=1000)
@@ -64,15 +73,17 @@ def prepaid_methods(prepaid: PrepaidService) -> list[ControlMethod]:
         stats = prepaid.statistics()
         return {"by_state": counts, "statistics": vars(stats), "requests": recent}
 
-    async def settle(_: NoParams, __: ControlSession) -> dict[str, Any]:
-        return {"requests": await prepaid.settle_now(), **vars(prepaid.statistics())}
+    async def settle(params: SettleParams, _: ControlSession) -> dict[str, Any]:
+        sent = await prepaid.settle_now(take_over=params.take_over)
+        return {"requests": sent, **vars(prepaid.statistics())}
 
     return [
         ControlMethod(
             "prepaid.settle",
-            NoParams,
+            SettleParams,
             settle,
-            "Settle what is due now in one batch, whatever its size, age or the gas price.",
+            "Settle what is due now in one batch, whatever its size, age or the gas price "
+            "(take_over: and what members ranked above it hold).",
         ),
         ControlMethod(
             "balance.get",

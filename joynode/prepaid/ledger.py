@@ -100,7 +100,7 @@ class Due:
     redemption: Redemption
     deadline: int
     certified_at: float
-    first_signer: bool  # this node is the first member who signed: it settles without waiting
+    first_ranked: bool  # this node ranks first in the committee: it settles without waiting
 
 
 def known(conn: sqlite3.Connection, request_id: bytes) -> bool:
@@ -121,14 +121,20 @@ def nonce_taken(conn: sqlite3.Connection, client: str, nonce: int, request_id: b
     return row.fetchone() is not None
 
 
-def pending_for(conn: sqlite3.Connection, client: str, now: float) -> int:
-    """What ``client`` owes for requests this node saw that have not settled (nor expired)."""
+def owed(conn: sqlite3.Connection, client: str, now: float) -> list[tuple[int, int]]:
+    """(nonce, price) of the requests of ``client`` this node saw that have not settled (nor
+    expired) as far as it knows, oldest first."""
     rows = conn.execute(
-        "SELECT price FROM prepaid_requests WHERE client = ? AND deadline >= ? "
-        "AND state IN ('pending', 'certified', 'sending')",
+        "SELECT nonce, price FROM prepaid_requests WHERE client = ? AND deadline >= ? "
+        "AND state IN ('pending', 'certified', 'sending') ORDER BY rowid",
         (client.lower(), int(now)),
     )
-    return sum(int(price) for (price,) in rows)
+    return [(int(nonce), int(price)) for nonce, price in rows]
+
+
+def pending_for(conn: sqlite3.Connection, client: str, now: float) -> int:
+    """What ``client`` owes for requests this node saw that have not settled (nor expired)."""
+    return sum(price for _, price in owed(conn, client, now))
 
 
 def record_pending(
@@ -189,13 +195,16 @@ def release(conn: sqlite3.Connection, request_id: bytes) -> None:
     )
 
 
-def due(conn: sqlite3.Connection, now: float, limit: int) -> list[Due]:
-    """Certified requests whose turn has come (first signers' at once), oldest first."""
+def due(
+    conn: sqlite3.Connection, now: float, limit: int, *, until: float | None = None
+) -> list[Due]:
+    """Certified, unexpired requests whose turn comes by ``until`` (default ``now``; first
+    signers' at once), oldest first."""
     rows = conn.execute(
         "SELECT request_id, redemption, deadline, certified_at, settle_after FROM "
         "prepaid_requests WHERE state = 'certified' AND settle_after <= ? AND deadline >= ? "
         "ORDER BY certified_at LIMIT ?",
-        (now, int(now), limit),
+        (now if until is None else until, int(now), limit),
     )
     return [
         Due(rid, Redemption.from_json(text), deadline, certified_at, settle_after == 0)

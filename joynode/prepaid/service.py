@@ -5,29 +5,34 @@ request only if its client's balance covers it. It reads, in one round trip,
 the model's terms (``ModelMarketplace.payoutOf``), the client's account
 (``PrepaidInference.accountOf``: what is not withdrawing) and whether the
 nonce settled, and subtracts what the client owes for the requests this node
-has seen and not yet settled (``ledger.pending_for``). One client's requests
-are judged one at a time, so two cannot spend the same JOY.
+has seen and not yet settled (``ledger.owed``), less those the chain shows
+settled at that same block (the watcher may lag it: counting them twice
+refused clients who could pay). One client's requests are judged one at a
+time, so two cannot spend the same JOY.
 
-Settling: each certified request this node followed is queued in SQLite. Its
-first signer (in committee order) settles it under the flush policy of
+Settling: each certified request this node followed is queued in SQLite. The
+first-ranked member of its committee settles it under the flush policy of
 ``[prepaid]``: once ``batch_size`` wait, once the oldest has waited
 ``max_age_s``, or at once when a deadline is close; not while gas costs more
-than ``max_gas_price_gwei``. Every other member settles it ``takeover_s``
-later if it has not settled by then (the watcher's ``RequestSettled`` clears
-it first). ``settleBatch`` checks each request alone, so a bad one is refused
-with its reason and the rest settle.
+than ``max_gas_price_gwei``. The member ranked i-th after it settles it
+i x ``takeover_s`` later if it has not settled by then (the watcher's
+``RequestSettled`` clears it first). The rank is in the signed request, so
+every node agrees who goes first, whatever certificate it assembled.
+``settleBatch`` checks each request alone, so a bad one is refused with its
+reason and the rest settle.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 from prometheus_client import CollectorRegistry, Counter
@@ -50,6 +55,7 @@ T = TypeVar("T")
 
 CONTRACT = "PrepaidInference"
 MAX_BATCH = 256  # PrepaidInference.MAX_BATCH
+MAX_OWED_CHECKED = 256  # owed requests asked the chain about per admission (the rest count)
 DEADLINE_MARGIN_S = 120  # a request this close to its deadline is settled at once, gas or not
 FLUSH_POLL_S = 1.0
 MAX_ATTEMPTS = 5  # batches that reverted whole with a request in them; then it is given up
@@ -103,6 +109,7 @@ class PrepaidService:
         self._chain = chain
         self._events = events_receive
         self._client_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
+        self._contracts: dict[tuple[int, str], Any] = {}
         self._wake = trio.Event()
         self._stats = PrepaidStatistics(0, 0, 0, 0)
         self._m_requests = Counter(
@@ -148,7 +155,16 @@ class PrepaidService:
             raise PrepaidUnavailable("the chain is not connected yet")
         if name not in deployment.addresses:
             raise PrepaidUnavailable(f"this node's deployment has no {name}")
-        return deployment.contract(self._chain.w3, name)
+        key = (id(deployment), name)  # building one from its ABI costs milliseconds
+        if key not in self._contracts:
+            self._contracts[key] = deployment.contract(self._chain.w3, name)
+        return self._contracts[key]
+
+    def _chain_id(self) -> int:
+        deployment = self._chain.deployment
+        if deployment is None:
+            raise PrepaidUnavailable("the chain is not connected yet")
+        return deployment.chain_id  # the chain actor checked it is the RPC's
 
     async def terms(self, model_id: str) -> PrepaidTerms:
         prepaid, market = self.contract(), self.contract("ModelMarketplace")
@@ -156,7 +172,7 @@ class PrepaidService:
         def read() -> PrepaidTerms:
             _, price, size, servable, _, _ = market.functions.payoutOf(model_key(model_id)).call()
             return PrepaidTerms(
-                chain_id=self._chain.w3.eth.chain_id,
+                chain_id=self._chain_id(),
                 contract=prepaid.address,
                 price=int(price),
                 committee_size=int(size),
@@ -226,17 +242,31 @@ class PrepaidService:
     ) -> PrepaidRefusal | None:
         market = self.contract("ModelMarketplace")
 
-        def read() -> tuple[int, int, int, bool, int, bool]:
-            _, price, size, servable, _, _ = market.functions.payoutOf(request.model).call()
-            if request.chain_id != self._chain.w3.eth.chain_id:
-                return 0, 0, 0, False, 0, False
-            available = prepaid.functions.accountOf(request.client).call()[3]
-            used = prepaid.functions.isSettled(request.client, request.nonce).call()
-            return request.chain_id, int(price), int(size), bool(servable), int(available), used
-
-        chain_id, price, size, servable, available, used = await self._chain.call(read)
-        if chain_id != request.chain_id:
+        if request.chain_id != self._chain_id():
             return PrepaidRefusal("wrong_prepaid_contract", f"chain {request.chain_id} is not ours")
+
+        def seen(conn: sqlite3.Connection) -> tuple[bool, list[tuple[int, int]]]:
+            taken = ledger.nonce_taken(conn, request.client, request.nonce, request_id)
+            return taken, ledger.owed(conn, request.client, time.time())
+
+        taken, owed = await self._state.read(seen)
+        checked = owed[:MAX_OWED_CHECKED]
+
+        def read() -> tuple[int, int, bool, int, bool, list[bool]]:
+            # One round trip, on the admit path. The balance is the latest block's, and so
+            # is whether each request this node counts as owed has settled meanwhile (the
+            # watcher may not have applied that block yet): both from the same block.
+            with self._chain.w3.batch_requests() as batch:
+                batch.add(market.functions.payoutOf(request.model))
+                batch.add(prepaid.functions.accountOf(request.client))
+                batch.add(prepaid.functions.isSettled(request.client, request.nonce))
+                for nonce, _ in checked:
+                    batch.add(prepaid.functions.isSettled(request.client, nonce))
+                payout, account, used, *settled = cast(list[Any], batch.execute())
+            _, price, size, servable, _, _ = payout
+            return int(price), int(size), bool(servable), int(account[3]), bool(used), settled
+
+        price, size, servable, available, used, settled = await self._chain.call(read)
         if not servable:
             return PrepaidRefusal("model_not_servable", "the model is not registered and active")
         if len(request.committee) != size:
@@ -249,12 +279,9 @@ class PrepaidService:
                 "price_above_max",
                 f"the model costs {price} wei of JOY, more than the request's {request.max_price}",
             )
-
-        def owed(conn: sqlite3.Connection) -> tuple[bool, int]:
-            taken = ledger.nonce_taken(conn, request.client, request.nonce, request_id)
-            return taken, ledger.pending_for(conn, request.client, time.time())
-
-        taken, pending = await self._state.read(owed)
+        settled_since = zip(checked, settled, strict=True)
+        gone = sum(owed_price for (_, owed_price), done in settled_since if done)
+        pending = sum(owed_price for _, owed_price in owed) - gone
         if used or taken:
             return PrepaidRefusal(
                 "nonce_used", f"nonce {request.nonce} of {request.client} is already used"
@@ -271,17 +298,18 @@ class PrepaidService:
     async def certified(
         self, request: PrepaidRequest, signature: bytes, certificate: Certificate
     ) -> None:
-        """Queue a certified request: at once if this node is its first signer, else for
-        ``takeover_s`` later."""
+        """Queue a certified request: at once if this node ranks first in its committee,
+        else ``takeover_s`` later per rank below the first (a relay outside the
+        committee comes last)."""
         committee = [a.lower() for a in request.committee]
         signed = zip(certificate.signers, certificate.signatures, strict=True)
         by_member = {signer.lower(): sig for signer, sig in signed}
         signed_by = sum(1 << i for i, member in enumerate(committee) if member in by_member)
         signatures = b"".join(by_member[m] for m in committee if m in by_member)
         redemption = Redemption(request, signature, certificate.output_hash, signed_by, signatures)
-        first = next(m for m in committee if m in by_member)
         me = self._chain.address.lower()
-        settle_after = 0.0 if first == me else time.time() + self._settings.takeover_s
+        rank = committee.index(me) if me in committee else len(committee)
+        settle_after = 0.0 if rank == 0 else time.time() + rank * self._settings.takeover_s
         request_id = certificate.request_id
         await self._state.write(
             lambda c: ledger.record_certified(
@@ -338,22 +366,25 @@ class PrepaidService:
 
         return await self._chain.call(read)
 
-    async def settle_now(self) -> int:
+    async def settle_now(self, *, take_over: bool = False) -> int:
         """Send what is due now in one batch, whatever its size, age or the gas price (an
-        operator's ``prepaid.settle``); how many requests it held."""
-        return await self._flush(force=True)
+        operator's ``prepaid.settle``); how many requests it held. ``take_over``: also
+        the requests whose first-ranked member has not settled them yet (this node pays their
+        gas; one that signer settles first is refused as already settled)."""
+        return await self._flush(force=True, take_over=take_over)
 
-    async def _flush(self, *, force: bool = False) -> int:
+    async def _flush(self, *, force: bool = False, take_over: bool = False) -> int:
         now = time.time()
-        items = await self._state.read(lambda c: ledger.due(c, now, MAX_BATCH))
+        until = math.inf if take_over else now
+        items = await self._state.read(lambda c: ledger.due(c, now, MAX_BATCH, until=until))
         if not items:
             return 0
         s = self._settings
-        mine = [i for i in items if i.first_signer]
+        mine = [i for i in items if i.first_ranked]
         urgent = force or any(i.deadline - now < DEADLINE_MARGIN_S for i in items)
         ready = (
             urgent
-            or len(mine) < len(items)  # some waited takeover_s for their first signer
+            or len(mine) < len(items)  # some waited takeover_s for their first-ranked member
             or len(mine) >= s.batch_size
             or now - mine[0].certified_at >= s.max_age_s
         )
@@ -364,7 +395,7 @@ class PrepaidService:
             if gas_price > s.max_gas_price_gwei * 1e9:
                 log.debug("prepaid: holding %d requests: gas at %d wei", len(items), gas_price)
                 return 0
-        taken_over = [i for i in items if not i.first_signer]
+        taken_over = [i for i in items if not i.first_ranked]
         if taken_over:
             settled = await self._settled_on_chain([i.redemption for i in taken_over])
             for index in settled:
