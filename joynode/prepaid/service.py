@@ -250,12 +250,10 @@ class PrepaidService:
             return taken, ledger.owed(conn, request.client, time.time())
 
         taken, owed = await self._state.read(seen)
-        checked = owed[:MAX_OWED_CHECKED]
 
-        def read() -> tuple[int, int, bool, int, bool, list[bool]]:
-            # One round trip, on the admit path. The balance is the latest block's, and so
-            # is whether each request this node counts as owed has settled meanwhile (the
-            # watcher may not have applied that block yet): both from the same block.
+        def read(checked: list[tuple[int, int]]) -> tuple[int, int, bool, int, bool, int]:
+            """(price, committee size, servable, available, nonce used, what of ``checked``
+            settled): one round trip, all as of one block."""
             with self._chain.w3.batch_requests() as batch:
                 batch.add(market.functions.payoutOf(request.model))
                 batch.add(prepaid.functions.accountOf(request.client))
@@ -264,9 +262,18 @@ class PrepaidService:
                     batch.add(prepaid.functions.isSettled(request.client, nonce))
                 payout, account, used, *settled = cast(list[Any], batch.execute())
             _, price, size, servable, _, _ = payout
-            return int(price), int(size), bool(servable), int(account[3]), bool(used), settled
+            gone = sum(p for (_, p), done in zip(checked, settled, strict=True) if done)
+            return int(price), int(size), bool(servable), int(account[3]), bool(used), gone
 
-        price, size, servable, available, used, settled = await self._chain.call(read)
+        price, size, servable, available, used, _ = await self._chain.call(read, [])
+        pending = sum(owed_price for _, owed_price in owed)
+        if price > available - pending and owed:
+            # The balance is the latest block's; the watcher may not have applied the batches
+            # that debited it yet, so some of what this node counts as owed may be paid:
+            # ask, as of one block, before refusing a client who can pay.
+            checked = owed[:MAX_OWED_CHECKED]
+            price, size, servable, available, used, gone = await self._chain.call(read, checked)
+            pending -= gone
         if not servable:
             return PrepaidRefusal("model_not_servable", "the model is not registered and active")
         if len(request.committee) != size:
@@ -279,9 +286,6 @@ class PrepaidService:
                 "price_above_max",
                 f"the model costs {price} wei of JOY, more than the request's {request.max_price}",
             )
-        settled_since = zip(checked, settled, strict=True)
-        gone = sum(owed_price for (_, owed_price), done in settled_since if done)
-        pending = sum(owed_price for _, owed_price in owed) - gone
         if used or taken:
             return PrepaidRefusal(
                 "nonce_used", f"nonce {request.nonce} of {request.client} is already used"
