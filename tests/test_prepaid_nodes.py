@@ -263,7 +263,13 @@ async def test_a_settler_killed_mid_batch_resumes_and_settles_nothing_twice(
         except* KilledMidBatch:
             killed = True
         assert killed
-        assert await _count(settler, "sending", 3)
+        # Cut short while sending: unless the transaction landed and the node's own watcher
+        # has already seen its requests settled.
+        counts = await states(settler)
+        if after_send:
+            assert counts.get("sending", 0) + counts.get("settled", 0) == 3, counts
+        else:
+            assert counts.get("sending", 0) == 3, counts
 
         # Restarted: it asks the chain what landed, and sends only the rest.
         restarted = PrepaidService(

@@ -194,7 +194,8 @@ class ChainService:
         self._boundaries: dict[int, bytes] = {}  # recent epoch blocks read from the RPC
         # By boundary block hash: the mirror's addresses asked about, and the registry then.
         self._candidates_at: dict[bytes, tuple[frozenset[str], dict[str, Candidate]]] = {}
-        self._contracts: dict[tuple[int, int, str], Any] = {}
+        self._contracts: dict[str, Any] = {}
+        self._contracts_for: tuple[Web3, Deployment] | None = None
         self._known: dict[str, Any] = {}  # chain.status's last live values, for outages
         self._paying = trio.Lock()
         self._m_events = Counter(
@@ -922,10 +923,11 @@ class ChainService:
 
     def contract(self, name: str) -> Any:
         w3, deployment = self._connected()
-        key = (id(w3), id(deployment), name)  # building one from its ABI costs milliseconds
-        if key not in self._contracts:
-            self._contracts[key] = deployment.contract(w3, name)
-        return self._contracts[key]
+        if self._contracts_for != (w3, deployment):  # a new connection or deployment
+            self._contracts_for, self._contracts = (w3, deployment), {}
+        if name not in self._contracts:  # building one from its ABI costs milliseconds
+            self._contracts[name] = deployment.contract(w3, name)
+        return self._contracts[name]
 
     async def _guarded(self, action: Any) -> Any:
         try:

@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter
 from web3.logs import DISCARD
 
 from joynode.abc import GovernanceChain
+from joynode.chain.deploy import Deployment
 from joynode.chain.rpc import ChainUnreachable
 from joynode.chain.sender import TransactionFailed
 from joynode.config import PrepaidSection
@@ -109,7 +110,8 @@ class PrepaidService:
         self._chain = chain
         self._events = events_receive
         self._client_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
-        self._contracts: dict[tuple[int, str], Any] = {}
+        self._contracts: dict[str, Any] = {}
+        self._contracts_for: Deployment | None = None
         self._wake = trio.Event()
         self._stats = PrepaidStatistics(0, 0, 0, 0)
         self._m_requests = Counter(
@@ -155,10 +157,11 @@ class PrepaidService:
             raise PrepaidUnavailable("the chain is not connected yet")
         if name not in deployment.addresses:
             raise PrepaidUnavailable(f"this node's deployment has no {name}")
-        key = (id(deployment), name)  # building one from its ABI costs milliseconds
-        if key not in self._contracts:
-            self._contracts[key] = deployment.contract(self._chain.w3, name)
-        return self._contracts[key]
+        if self._contracts_for is not deployment:
+            self._contracts_for, self._contracts = deployment, {}
+        if name not in self._contracts:  # building one from its ABI costs milliseconds
+            self._contracts[name] = deployment.contract(self._chain.w3, name)
+        return self._contracts[name]
 
     def _chain_id(self) -> int:
         deployment = self._chain.deployment
