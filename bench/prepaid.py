@@ -54,14 +54,12 @@ from bench.settlement import (
 )
 from joynode.chain.anvil import dev_account
 from joynode.chain.deploy import JOY
-from joynode.consensus.control import QuoteParams, SignedPrepaid, SubmitParams, json_typed_data
-from joynode.consensus.jobs import prepaid_request_of
 from joynode.inference.engine import EngineSpec, VllmEngine
 from joynode.inference.models import prepare
 from joynode.node import Node
 from tests.chain_fixtures import Chain
 from tests.test_consensus_chain import PRICE
-from tests.test_prepaid_nodes import deposit
+from tests.test_prepaid_nodes import deposit, signed_job
 
 K = 3
 JOB_TIMEOUT_S = 30.0
@@ -86,31 +84,12 @@ class Result:
     batches: list[BatchResult]
 
 
-async def signed(node: Node, client: LocalAccount, prompt: str, max_tokens: int) -> SubmitParams:
-    job = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}
-    offer = await node.consensus.quote_prepaid(QuoteParams(**job, client=client.address))
-    request = prepaid_request_of(offer)
-    signature = client.sign_typed_data(full_message=json_typed_data(request.typed_data()))
-    assert offer.committee_block is not None
-    block = offer.committee_block
-    ticket = SignedPrepaid(
-        client=client.address,
-        max_price=request.max_price,
-        nonce=request.nonce,
-        deadline=request.deadline,
-        committee=list(offer.committee),
-        committee_block={"number": block.number, "hash": "0x" + block.hash.hex()},
-        signature="0x" + bytes(signature.signature).hex(),
-    )
-    return SubmitParams(**job, prepaid=ticket)
-
-
 async def prepaid_job(
     node: Node, client: LocalAccount, prompt: str, max_tokens: int
 ) -> tuple[float, float]:
     """(quote ms, submit -> certified ms) of one prepaid job of ``client`` through node 0."""
     began = time.perf_counter()
-    params = await signed(node, client, prompt, max_tokens)
+    params = await signed_job(node, client, model=MODEL, prompt=prompt, max_tokens=max_tokens)
     quoted = time.perf_counter()
     job = await node.consensus.submit(params)
     with trio.fail_after(JOB_TIMEOUT_S):
