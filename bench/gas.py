@@ -53,6 +53,7 @@ from joynode.chain.deploy import (
 )
 from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.keys import NodeKey
+from joynode.prepaid.redemption import Redemption, pack_batch
 from joynode.signatures import (
     Eip712Domain,
     Permit,
@@ -430,7 +431,7 @@ class Bench:
         model = model_id(model_cid(10, 3))
         members = [m.address for m in committee]
 
-        def redemption(client: LocalAccount) -> tuple[Any, ...]:
+        def redemption(client: LocalAccount) -> Redemption:
             request = PrepaidRequest(
                 self.w3.eth.chain_id,
                 prepaid.address,
@@ -444,19 +445,15 @@ class Bench:
             )
             digest = domain.result_digest(prepaid_request_id(request), OUTPUT)
             signatures = [sign(NodeKey(bytes(m.key)), digest) for m in committee[:2]]
-            return (
-                request.as_call_argument(),
-                sign_prepaid_request(client, request),
-                OUTPUT,
-                0b011,
-                b"".join(signatures),
+            return Redemption(
+                request, sign_prepaid_request(client, request), OUTPUT, 0b011, b"".join(signatures)
             )
 
         for size in (0, 1, 16, 64):  # (0: warm-up, a batch of 8)
             batch = [redemption(clients[i % len(clients)]) for i in range(size or 8)]
-            receipt = self.tx(self.admin, prepaid.functions.settleBatch(batch))
-            settled = prepaid.events.RequestSettled().process_receipt(receipt, errors=DISCARD)
-            assert len(settled) == len(batch)
+            receipt = self.tx(self.admin, prepaid.functions.settleBatch(pack_batch(batch)))
+            (settled,) = prepaid.events.Settled().process_receipt(receipt, errors=DISCARD)
+            assert len(settled["args"]["requestIds"]) == len(batch)
             if size:
                 gas = int(receipt["gasUsed"])
                 self.record(f"PrepaidInference.settleBatch ({size} requests, 2/3 signed)", gas)

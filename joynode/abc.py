@@ -203,6 +203,18 @@ class JobTransport(Protocol):
     async def request(self, peer_id: str, message: wire.Message) -> wire.AnyMessage: ...
 
 
+class PeerRequests(Protocol):
+    """Asking the node of an address, and answering peers, over ``/joynet/rpc``
+    (``P2PService`` provides it): what the prepaid actor needs for vouchers."""
+
+    @property
+    def peers(self) -> PeerTable: ...
+
+    def handle_requests(self, kind: type[wire.Message], handler: RequestHandler) -> None: ...
+
+    async def request(self, peer_id: str, message: wire.Message) -> wire.AnyMessage: ...
+
+
 class JobNetwork(JobTransport, Protocol):
     """What the consensus actor needs of the p2p actor (``P2PService`` provides it): the
     peer table, gossip, ``/joynet/rpc`` requests both ways, and peer scores."""

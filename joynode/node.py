@@ -19,7 +19,7 @@ Actor graph (arrows are memory channels, named by direction and payload)::
     chain      ChainService      (chain.mode local/rpc: anvil or RPC, deployment, watcher ->
                                   registry mirror in state, transaction sender; tells the
                                   supervisor it is degraded while the RPC is unreachable)
-    prepaid    PrepaidService    <--ChainEvent-- chain (prepaid_events_send: RequestSettled)
+    prepaid    PrepaidService    <--ChainEvent-- chain (prepaid_events_send: Settled)
                                  (clients' balances less what they owe in SQLite; settles
                                  certified prepaid jobs in batches through chain; balance.* /
                                  prepaid.settlements on control)
@@ -173,7 +173,13 @@ class Node:
         self.disputes = Disputes(self.state, self.chain) if self.chain is not None else None
         self.prepaid = (
             PrepaidService(
-                config.prepaid, self.state, self.chain, self.registry, prepaid_events_receive
+                config.prepaid,
+                key,
+                self.state,
+                self.chain,
+                self.p2p,
+                self.registry,
+                prepaid_events_receive,
             )
             if self.chain is not None
             else None

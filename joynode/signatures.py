@@ -11,6 +11,7 @@ ProofOfInference contract and the chain id (``Eip712Domain``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from eth_abi.abi import encode as abi_encode
@@ -264,3 +265,22 @@ def sign_prepaid_request(signer: LocalAccount, request: PrepaidRequest) -> bytes
     Ethereum key: ``eth_account.Account.from_key(...)``; viem signs the same typed data."""
     signed = signer.sign_typed_data(full_message=request.typed_data())
     return bytes(signed.signature)
+
+
+RESULTS_TYPEHASH = keccak(b"Results(bytes32 chain)")
+
+
+def results_chain(results: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """(requestId, outputHash) pairs folded in order, as ``PrepaidInference`` folds the
+    results a member's voucher covers: ``chain = keccak256(chain || id || output)``."""
+    chain = bytes(32)
+    for request_id, output_hash in results:
+        chain = keccak(chain + request_id + output_hash)
+    return chain
+
+
+def voucher_digest(chain_id: int, contract: str, chain: bytes) -> bytes:
+    """What a member signs to vouch for a batch's results it certified: EIP-712
+    ``Results(chain)`` in the domain of the ``PrepaidInference`` at ``contract``."""
+    domain = Eip712Domain(chain_id, contract, name=PREPAID_DOMAIN_NAME)
+    return domain._typed(keccak(abi_encode(["bytes32", "bytes32"], [RESULTS_TYPEHASH, chain])))

@@ -259,6 +259,28 @@ class JobVotesReply(Message, tag="job_votes_reply", frozen=True):
     reveals: Annotated[list[VoteReveal], msgspec.Meta(max_length=MAX_COMMITTEE)]
 
 
+class CertifiedResult(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    request_id: Bytes32
+    output_hash: Bytes32
+
+
+MAX_VOUCHED = 256  # PrepaidInference.MAX_BATCH
+
+
+class VoucherRequest(Message, tag="voucher_request", frozen=True):
+    """Asks a committee member for its voucher over prepaid results it certified: one
+    signature for a whole batch, instead of one per request (``PrepaidInference``'s
+    ``Results(chain)``, the results folded in this order)."""
+
+    results: Annotated[list[CertifiedResult], msgspec.Meta(min_length=1, max_length=MAX_VOUCHED)]
+
+
+class Voucher(Message, tag="voucher", frozen=True):
+    """The member's signature of the results asked for, in its prepaid contract's domain."""
+
+    signature: Signature
+
+
 class ZkJob(Message, tag="zk_job", frozen=True):
     """The input of a paid request for a zk model, for the nodes that prove that model.
 
@@ -288,6 +310,8 @@ AnyMessage: TypeAlias = (
     | JobVotesRequest
     | JobVotesReply
     | ZkJob
+    | VoucherRequest
+    | Voucher
 )
 MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     Ping,
@@ -303,6 +327,8 @@ MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     JobVotesRequest,
     JobVotesReply,
     ZkJob,
+    VoucherRequest,
+    Voucher,
 )
 
 

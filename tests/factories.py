@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from joynode import wire
+from joynode.abc import RequestHandler
 from joynode.cli import main as joynode_main
 from joynode.config import Config, load_config
 from joynode.endpoints import Endpoints
@@ -26,7 +28,8 @@ from joynode.inference.engine import VllmEngine
 from joynode.keys import ControlToken, NodeKey
 from joynode.node import Node
 from joynode.p2p import libp2p_compat
-from joynode.p2p.peers import PeerState
+from joynode.p2p.peers import PeerState, PeerTable
+from joynode.p2p.rpc import RpcFailure
 
 LOOPBACK_PORT_ZERO = "127.0.0.1:0"
 
@@ -297,3 +300,19 @@ def sees_all_serving(node: Node, nodes: Sequence[Node], model: str) -> bool:
         for n in nodes
         if n is not node
     )
+
+
+class NoPeers:
+    """A ``PeerRequests`` with nobody to ask (each request fails); handlers are kept, for
+    a test to call."""
+
+    def __init__(self) -> None:
+        self.peers = PeerTable(60.0)
+        self.handlers: dict[type[wire.Message], RequestHandler] = {}
+
+    def handle_requests(self, kind: type[wire.Message], handler: RequestHandler) -> None:
+        self.handlers[kind] = handler
+
+    async def request(self, peer_id: str, message: wire.Message) -> wire.AnyMessage:
+        await trio.lowlevel.checkpoint()
+        raise RpcFailure(f"no peer {peer_id}")

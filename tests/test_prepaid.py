@@ -19,7 +19,15 @@ from eth_account.signers.local import LocalAccount
 from web3.types import TxReceipt
 
 from joynode.chain.deploy import JOY
-from joynode.signatures import PrepaidRequest, prepaid_request_id, sign, sign_prepaid_request
+from joynode.prepaid.redemption import Redemption, pack_batch, vouched_results
+from joynode.signatures import (
+    PrepaidRequest,
+    prepaid_request_id,
+    results_chain,
+    sign,
+    sign_prepaid_request,
+    voucher_digest,
+)
 from tests.chain_fixtures import Chain, anvil_url, chain, deployed, node_key_of
 from tests.test_contracts import (
     OUTPUT,
@@ -93,23 +101,42 @@ class Prepaid:
         client: LocalAccount,
         signers: tuple[int, ...] = (0, 1, 2),
         client_signature: bytes | None = None,
-    ) -> tuple[Any, ...]:
+    ) -> Redemption:
         """The request, its client's signature, and a certificate by the members at
         ``signers`` (committee positions)."""
         request_id = prepaid_request_id(request)
         digest = self.w.domain.result_digest(request_id, OUTPUT)
         by: dict[str, LocalAccount] = {n.address: n for n in self.nodes}
         signatures = [sign(node_key_of(by[request.committee[i]]), digest) for i in signers]
-        return (
-            request.as_call_argument(),
+        return Redemption(
+            request,
             client_signature or sign_prepaid_request(client, request),
             OUTPUT,
             sum(1 << i for i in signers),
             b"".join(signatures),
         )
 
-    def settle(self, redemptions: list[tuple[Any, ...]]) -> TxReceipt:
-        return self.w.tx(account(STAKER), self.contract.functions.settleBatch(redemptions))
+    def settle(
+        self, redemptions: list[Redemption], vouchers: dict[str, bytes] | None = None
+    ) -> TxReceipt:
+        return self.settle_packed(pack_batch(redemptions, vouchers))
+
+    def settle_packed(self, batch: bytes) -> TxReceipt:
+        return self.w.tx(account(STAKER), self.contract.functions.settleBatch(batch))
+
+    def vouchers(
+        self, redemptions: list[Redemption], signer: LocalAccount | None = None
+    ) -> dict[str, bytes]:
+        """Every member's voucher for what it signed in ``redemptions`` (each signed by
+        ``signer`` instead, if given: a forgery)."""
+        ids = [prepaid_request_id(r.request) for r in redemptions]
+        chain_id = self.w.chain.w3.eth.chain_id
+        vouchers = {}
+        for node in self.nodes:
+            chain = results_chain(vouched_results(node.address, ids, redemptions))
+            digest = voucher_digest(chain_id, self.contract.address, chain)
+            vouchers[node.address.lower()] = sign(node_key_of(signer or node), digest)
+        return vouchers
 
     def account_of(self, client: LocalAccount) -> tuple[int, int, int, int]:
         balance, withdrawing, at, available = self.contract.functions.accountOf(
@@ -121,7 +148,9 @@ class Prepaid:
         return [e["reason"] for e in self.w.events(self.contract, "SettlementRefused", receipt)]
 
     def settled(self, receipt: TxReceipt) -> list[bytes]:
-        return [e["requestId"] for e in self.w.events(self.contract, "RequestSettled", receipt)]
+        return [
+            rid for e in self.w.events(self.contract, "Settled", receipt) for rid in e["requestIds"]
+        ]
 
 
 def test_a_hundred_signed_requests_from_three_clients_settle_in_batches_to_the_wei(
@@ -158,8 +187,9 @@ def test_a_hundred_signed_requests_from_three_clients_settle_in_batches_to_the_w
     earned_before = {a: w.earned(a) for a in nodes}
     stakers_expected: dict[str, int] = defaultdict(int)
     treasury_expected = 0
-    for batch in batches:
-        receipt = p.settle(batch)
+    for index, batch in enumerate(batches):
+        # The larger batches carry each member's voucher instead of its signatures.
+        receipt = p.settle(batch, p.vouchers(batch) if index >= 2 else None)
         assert p.refusals(receipt) == []
         assert len(p.settled(receipt)) == len(batch)
         # The stakers' share goes once per batch, per-token rounding to the treasury.
@@ -238,7 +268,7 @@ def test_replays_overspending_and_bad_certificates_are_refused_and_charge_nothin
     assert p.refusals(p.settle([first])) == [ALREADY_SETTLED]  # and in a later one
     assert p.account_of(client)[0] == PRICE
 
-    def refused(redemption: tuple[Any, ...]) -> int:
+    def refused(redemption: Redemption) -> int:
         (reason,) = p.refusals(p.settle([redemption]))
         return reason
 
@@ -248,9 +278,19 @@ def test_replays_overspending_and_bad_certificates_are_refused_and_charge_nothin
     )
     assert refused(p.redemption(request, other)) == BAD_CLIENT_SIGNATURE  # signed by another
     assert refused(p.redemption(request, client, signers=(0,))) == NO_MAJORITY
-    forged = list(p.redemption(request, client, signers=(0, 1)))
-    forged[4] = forged[4][65:] + forged[4][:65]  # signatures out of committee order
-    assert refused(tuple(forged)) == BAD_SIGNATURE
+    forged = p.redemption(request, client, signers=(0, 1))
+    swapped = forged.signatures[65:] + forged.signatures[:65]  # out of committee order
+    assert refused(replace(forged, signatures=swapped)) == BAD_SIGNATURE
+    # Vouchers: signed by another key, or naming a 4th member, they certify nothing.
+    redemption = p.redemption(request, client)
+    (reason,) = p.refusals(p.settle([redemption], p.vouchers([redemption], signer=other)))
+    assert reason == NO_MAJORITY
+    packed = bytearray(pack_batch([redemption], p.vouchers([redemption])))
+    vouched_by = 2 + 20 * 4 + 2 + 32 + 2 + 3 * 67 + 2 + 208  # after the header, 3 vouchers
+    assert packed[vouched_by : vouched_by + 2] == b"\x00\x07"
+    packed[vouched_by : vouched_by + 2] = b"\x00\x0f"
+    (reason,) = p.refusals(p.settle_packed(bytes(packed)))
+    assert reason == WRONG_COMMITTEE
     cheap = p.request(client, next(nonces), max_price=PRICE - 1)
     assert refused(p.redemption(cheap, client)) == PRICE_ABOVE_MAX
     late = p.request(client, next(nonces), deadline_s=-1)
@@ -266,6 +306,26 @@ def test_replays_overspending_and_bad_certificates_are_refused_and_charge_nothin
     assert p.settled(receipt) == [prepaid_request_id(covered)]
     assert p.refusals(receipt) == [INSUFFICIENT_BALANCE]
     assert p.account_of(client)[0] == 0
+
+
+def test_a_batch_that_does_not_decode_reverts_whole_and_settles_nothing(chain: Chain) -> None:
+    p = Prepaid.of(chain)
+    client = account(CLIENTS[0])
+    p.fund(client, PRICE)
+    request = p.request(client, 1)
+    # The contract's id of a request is the digest the client signed.
+    assert p.contract.functions.requestId(request.as_call_argument()).call() == (
+        prepaid_request_id(request)
+    )
+    packed = pack_batch([p.redemption(request, client)])
+    items_at = 2 + 20 * 4 + 2 + 32 + 2 + 2  # 4 addresses (the client, 3 members), 1 model
+    bad_index = packed[:items_at] + b"\x00\x04" + packed[items_at + 2 :]  # address 4 of 4
+    no_items = packed[: items_at - 2] + b"\x00\x00"
+    for bad in (packed[:-1], packed + b"\x00", bad_index, no_items, b"\x00"):
+        with reverts("OutOfBounds(parameter=batch)"):
+            p.w.tx(account(STAKER), p.contract.functions.settleBatch(bad))
+    assert p.account_of(client)[0] == PRICE
+    assert len(p.settled(p.settle([p.redemption(request, client)]))) == 1
 
 
 def test_a_deposit_with_a_permit_needs_no_approval_and_survives_a_front_run_permit(

@@ -19,18 +19,26 @@ import trio
 from eth_account.signers.local import LocalAccount
 from prometheus_client import CollectorRegistry
 
+from joynode import wire
 from joynode.config import PrepaidSection
 from joynode.consensus.control import QuoteParams, SignedPrepaid, SubmitParams, json_typed_data
 from joynode.consensus.jobs import prepaid_request_of
 from joynode.control.jsonrpc import RpcError
 from joynode.inference.engine import VllmEngine
+from joynode.keys import NodeKey
 from joynode.messages import ChainEvent
 from joynode.node import Node
+from joynode.p2p.rpc import RpcFailure
 from joynode.prepaid import ledger
 from joynode.prepaid.service import PrepaidService
-from joynode.signatures import prepaid_request_id
+from joynode.signatures import (
+    prepaid_request_id,
+    recover_address,
+    results_chain,
+    voucher_digest,
+)
 from tests.chain_fixtures import Chain, anvil_url, chain, deployed, dev_account
-from tests.factories import LIBP2P_TEARDOWN_LEAK, wait_for
+from tests.factories import LIBP2P_TEARDOWN_LEAK, NoPeers, wait_for
 from tests.inference_fixtures import tiny_engine, tiny_model
 from tests.test_consensus import PROMPT
 from tests.test_consensus_chain import PRICE, paid_committee
@@ -137,6 +145,37 @@ async def test_a_client_that_is_no_node_pays_from_its_balance_and_batches_settle
                 if row["state"] == "settled" and row["tx"]:
                     txs.add(row["tx"])
         assert 1 <= len(txs) < 6
+        # Members vouched for their results once per batch rather than per request.
+        vouchers = {
+            outcome: sum(
+                n.registry.get_sample_value("joynode_prepaid_vouchers_total", {"outcome": outcome})
+                or 0
+                for n in nodes
+            )
+            for outcome in ("own", "received", "missing")
+        }
+        assert vouchers["own"] >= 1, vouchers
+        assert vouchers["received"] >= 1, vouchers
+        assert vouchers["missing"] == 0, vouchers
+
+        # A member vouches for what it certified, and for nothing else.
+        relay, job = jobs[0]
+        output = bytes.fromhex(certified_output(await certified(relay, job.request_id)))
+        member = next(n for n in nodes if n is not relay)
+        digest = voucher_digest(
+            chain.w3.eth.chain_id, prepaid.address, results_chain([(job.request_id, output)])
+        )
+        asked = wire.VoucherRequest([wire.CertifiedResult(job.request_id, output)])
+        reply = await relay.p2p.request(member.p2p.peer_id, asked)
+        assert isinstance(reply, wire.Voucher)
+        assert recover_address(digest, reply.signature) == member.consensus.address
+        for request_id, output_hash, why in (
+            (job.request_id, bytes(32), "was certified with another output"),
+            (bytes(32), output, "is not certified here"),
+        ):
+            asked = wire.VoucherRequest([wire.CertifiedResult(request_id, output_hash)])
+            with pytest.raises(RpcFailure, match=f"403 request 0x[0-9a-f]{{64}} {why}"):
+                await relay.p2p.request(member.p2p.peer_id, asked)
         # Every member's ledger ends with nothing owed.
         for node in nodes:
             await wait_for(partial(_owes_nothing, node), 30, "members see every request settled")
@@ -247,10 +286,13 @@ async def test_a_settler_killed_mid_batch_resumes_and_settles_nothing_twice(
         )
         settler_settings = PrepaidSection(batch_size=1, max_age_s=600, takeover_s=600)
         _, no_events = trio.open_memory_channel[ChainEvent](0)
+        key = NodeKey.load(settler.config.node.key_file)
         dying = PrepaidService(
             settler_settings,
+            key,
             settler.state,
             DiesDuringBatch(settler.chain, after_send=after_send),
+            NoPeers(),
             CollectorRegistry(),
             no_events,
         )
@@ -273,7 +315,13 @@ async def test_a_settler_killed_mid_batch_resumes_and_settles_nothing_twice(
 
         # Restarted: it asks the chain what landed, and sends only the rest.
         restarted = PrepaidService(
-            settler_settings, settler.state, settler.chain, CollectorRegistry(), no_events
+            settler_settings,
+            key,
+            settler.state,
+            settler.chain,
+            NoPeers(),
+            CollectorRegistry(),
+            no_events,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(restarted.run)
@@ -282,11 +330,16 @@ async def test_a_settler_killed_mid_batch_resumes_and_settles_nothing_twice(
         assert restarted.statistics().batches_sent == (0 if after_send else 1)
         assert balance_of(chain, CLIENT) == 7 * PRICE  # each paid once
         prepaid = chain.contract("PrepaidInference")
-        logs = prepaid.events.RequestSettled().get_logs(from_block=0)
-        ids = [bytes(e["args"]["requestId"]) for e in logs]
+        logs = prepaid.events.Settled().get_logs(from_block=0)
+        ids = [bytes(rid) for e in logs for rid in e["args"]["requestIds"]]
         for job in jobs:
             assert ids.count(prepaid_request_id(prepaid_request_of(job.offer))) == 1
 
 
 async def _count(node: Node, state: str, n: int) -> bool:
     return (await states(node)).get(state, 0) == n
+
+
+def certified_output(result: dict[str, Any]) -> str:
+    """The output hash a job's certificate signs (hex, no 0x)."""
+    return str(result["certificate"]["output_hash"]).removeprefix("0x")

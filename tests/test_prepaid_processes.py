@@ -128,8 +128,8 @@ async def test_three_processes_serve_and_settle_thirty_signed_requests_in_batche
 
         async def settled_ids() -> set[bytes]:
             def read() -> set[bytes]:
-                logs = prepaid.events.RequestSettled().get_logs(from_block=0)
-                return {bytes(e["args"]["requestId"]) for e in logs}
+                logs = prepaid.events.Settled().get_logs(from_block=0)
+                return {bytes(rid) for e in logs for rid in e["args"]["requestIds"]}
 
             return await trio.to_thread.run_sync(read)
 
@@ -137,10 +137,10 @@ async def test_three_processes_serve_and_settle_thirty_signed_requests_in_batche
             return ids <= await settled_ids()
 
         await wait_for(all_settled, 120, "all thirty settled")
-        logs = prepaid.events.RequestSettled().get_logs(from_block=0)
-        mine = [e for e in logs if bytes(e["args"]["requestId"]) in ids]
+        logs = prepaid.events.Settled().get_logs(from_block=0)
+        mine = [(e, rid) for e in logs for rid in e["args"]["requestIds"] if bytes(rid) in ids]
         assert len(mine) == REQUESTS  # each once
-        batches = {e["transactionHash"] for e in mine}
+        batches = {e["transactionHash"] for e, _ in mine}
         assert len(batches) < REQUESTS // 2, f"{len(batches)} transactions"
         assert balance_of(chain, CLIENT) == 2 * PRICE  # paid the price of each, once
 

@@ -93,7 +93,6 @@ from joynode.messages import (
     output_hash,
 )
 from joynode.p2p.gossip import JOBS, VOTES, Topic, VerifiedGossip
-from joynode.p2p.peers import PeerState
 from joynode.p2p.rpc import RpcFailure
 from joynode.p2p.scoring import Offence
 from joynode.signatures import Eip712Domain, sign
@@ -683,10 +682,7 @@ class ConsensusService:
         return json.loads(stored) if stored is not None else None
 
     def _peer_of(self, address: str) -> str | None:
-        for record in self._p2p.peers.records():
-            if record.address.lower() == address.lower() and record.state is PeerState.UP:
-                return record.peer_id
-        return None
+        return self._p2p.peers.up_peer_of(address)
 
     async def _answer_votes(self, peer: str, request: wire.Message) -> wire.Message:
         assert isinstance(request, wire.JobVotesRequest)

@@ -81,6 +81,13 @@ class PeerTable:
     def records(self) -> list[PeerRecord]:
         return list(self._records.values())
 
+    def up_peer_of(self, address: str) -> str | None:
+        """The peer id of the node with this Ethereum address, while it is up."""
+        for record in self._records.values():
+            if record.address.lower() == address.lower() and record.state is PeerState.UP:
+                return record.peer_id
+        return None
+
     def _record(self, peer_id: str, address: str) -> PeerRecord:
         record = self._records.get(peer_id)
         if record is None:

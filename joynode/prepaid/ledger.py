@@ -16,80 +16,17 @@ keeps the settler from paying gas for one.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from joynode.prepaid.redemption import Redemption, signers_of
 from joynode.signatures import PrepaidRequest
 
 State = Literal["pending", "certified", "sending", "settled", "refused", "released"]
 OWING: tuple[State, ...] = ("pending", "certified", "sending")
-
-
-@dataclass(frozen=True)
-class Redemption:
-    """A request, its client's signature and its committee's certificate, as
-    ``PrepaidInference.settleBatch`` takes them."""
-
-    request: PrepaidRequest
-    client_signature: bytes
-    output_hash: bytes
-    signed_by: int  # bit i: committee[i] signed
-    signatures: bytes  # 65 bytes per signer, in committee order
-
-    def as_call_argument(self) -> tuple[object, ...]:
-        return (
-            self.request.as_call_argument(),
-            self.client_signature,
-            self.output_hash,
-            self.signed_by,
-            self.signatures,
-        )
-
-    def to_json(self) -> str:
-        r = self.request
-        return json.dumps(
-            {
-                "chain_id": r.chain_id,
-                "contract": r.contract,
-                "client": r.client,
-                "model": r.model.hex(),
-                "input_hash": r.input_hash.hex(),
-                "max_price": str(r.max_price),
-                "nonce": str(r.nonce),
-                "deadline": r.deadline,
-                "committee": list(r.committee),
-                "client_signature": self.client_signature.hex(),
-                "output_hash": self.output_hash.hex(),
-                "signed_by": self.signed_by,
-                "signatures": self.signatures.hex(),
-            }
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> Redemption:
-        d = json.loads(text)
-        request = PrepaidRequest(
-            chain_id=d["chain_id"],
-            contract=d["contract"],
-            client=d["client"],
-            model=bytes.fromhex(d["model"]),
-            input_hash=bytes.fromhex(d["input_hash"]),
-            max_price=int(d["max_price"]),
-            nonce=int(d["nonce"]),
-            deadline=d["deadline"],
-            committee=tuple(d["committee"]),
-        )
-        return cls(
-            request,
-            bytes.fromhex(d["client_signature"]),
-            bytes.fromhex(d["output_hash"]),
-            d["signed_by"],
-            bytes.fromhex(d["signatures"]),
-        )
 
 
 @dataclass(frozen=True)
@@ -186,6 +123,28 @@ def record_certified(
     )
 
 
+def not_certified_by(
+    conn: sqlite3.Connection, member: str, results: Sequence[tuple[bytes, bytes]]
+) -> str | None:
+    """Why ``member`` (this node) may not vouch for these (request id, output hash)
+    results, or ``None``: each must be one it recorded certified with that output and
+    its own signature in the certificate."""
+    for request_id, output_hash in results:
+        row = conn.execute(
+            "SELECT redemption FROM prepaid_requests WHERE request_id = ? "
+            "AND state IN ('certified', 'sending', 'settled') AND redemption IS NOT NULL",
+            (request_id,),
+        ).fetchone()
+        if row is None:
+            return f"request 0x{request_id.hex()} is not certified here"
+        redemption = Redemption.from_json(row[0])
+        if redemption.output_hash != output_hash:
+            return f"request 0x{request_id.hex()} was certified with another output"
+        if member.lower() not in signers_of(redemption):
+            return f"request 0x{request_id.hex()} was certified without this node's signature"
+    return None
+
+
 def release(conn: sqlite3.Connection, request_id: bytes) -> None:
     """A job that failed: its request will never settle, its client owes nothing for it."""
     conn.execute(
@@ -254,7 +213,7 @@ def retry_later(
 
 
 def settled_elsewhere(conn: sqlite3.Connection, request_id: bytes, tx: str) -> None:
-    """Another node's batch settled it (the watcher saw ``RequestSettled``)."""
+    """Another node's batch settled it (the watcher saw it in ``Settled``)."""
     conn.execute(
         "UPDATE prepaid_requests SET state = 'settled', tx = ?, updated_at = ? "
         "WHERE request_id = ? AND state IN ('pending', 'certified', 'sending', 'released')",

@@ -16,7 +16,7 @@ first-ranked member of its committee settles it under the flush policy of
 ``max_age_s``, or at once when a deadline is close; not while gas costs more
 than ``max_gas_price_gwei``. The member ranked i-th after it settles it
 i x ``takeover_s`` later if it has not settled by then (the watcher's
-``RequestSettled`` clears it first). The rank is in the signed request, so
+``Settled`` clears it first). The rank is in the signed request, so
 every node agrees who goes first, whatever certificate it assembled.
 ``settleBatch`` checks each request alone, so a bad one is refused with its
 reason and the rest settle.
@@ -38,27 +38,46 @@ import trio
 from prometheus_client import CollectorRegistry, Counter
 from web3.logs import DISCARD
 
-from joynode.abc import GovernanceChain
+from joynode import wire
+from joynode.abc import GovernanceChain, PeerRequests
 from joynode.chain.deploy import Deployment
 from joynode.chain.rpc import ChainUnreachable
 from joynode.chain.sender import TransactionFailed
 from joynode.config import PrepaidSection
 from joynode.consensus.tally import Certificate
 from joynode.control.jsonrpc import INVALID_PARAMS, RpcError
+from joynode.keys import NodeKey
 from joynode.messages import ChainEvent, PrepaidRefusal, PrepaidTerms, model_key
+from joynode.p2p.rpc import RpcFailure
 from joynode.prepaid import ledger
-from joynode.prepaid.ledger import Redemption
-from joynode.signatures import PrepaidRequest, prepaid_request_id
+from joynode.prepaid.redemption import (
+    MAX_BATCH,
+    Redemption,
+    pack_batch,
+    signers_of,
+    vouched_results,
+)
+from joynode.signatures import (
+    PrepaidRequest,
+    SignatureError,
+    prepaid_request_id,
+    recover_address,
+    results_chain,
+    sign,
+    voucher_digest,
+)
 from joynode.state import StateStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONTRACT = "PrepaidInference"
-MAX_BATCH = 256  # PrepaidInference.MAX_BATCH
 MAX_OWED_CHECKED = 256  # owed requests asked the chain about per admission (the rest count)
 DEADLINE_MARGIN_S = 120  # a request this close to its deadline is settled at once, gas or not
 FLUSH_POLL_S = 1.0
+VOUCHER_TIMEOUT_S = 3.0  # a member's voucher, asked when a batch is sent
+VOUCHER_WAIT_S = 2.0  # a member asked to vouch for results it is still certifying
+MIN_VOUCHED = 2  # in fewer requests of a batch, a member's own signatures cost no more
 MAX_ATTEMPTS = 5  # batches that reverted whole with a request in them; then it is given up
 # PrepaidInference.Refusal, by value
 REFUSALS = (
@@ -100,14 +119,18 @@ class PrepaidService:
     def __init__(
         self,
         settings: PrepaidSection,
+        key: NodeKey,
         state: StateStore,
         chain: GovernanceChain,
+        network: PeerRequests,
         registry: CollectorRegistry,
         events_receive: trio.MemoryReceiveChannel[ChainEvent],
     ) -> None:
         self._settings = settings
+        self._key = key
         self._state = state
         self._chain = chain
+        self._network = network
         self._events = events_receive
         self._client_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
         self._contracts: dict[str, Any] = {}
@@ -127,8 +150,16 @@ class PrepaidService:
             ["result"],
             registry=registry,
         )
+        self._m_vouchers = Counter(
+            "joynode_prepaid_vouchers",
+            "Members' vouchers for this node's batches: signed here (own), received, "
+            "missing (no answer, refused or invalid: their signatures went instead)",
+            ["outcome"],
+            registry=registry,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._network.handle_requests(wire.VoucherRequest, self._answer_voucher)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._settle_loop)
             nursery.start_soon(self._read_events)
@@ -419,11 +450,11 @@ class PrepaidService:
         """One ``settleBatch``; each request's outcome from its events."""
         prepaid = self.contract()
         await self._state.write(lambda c: ledger.mark_sending(c, request_ids))
+        vouchers = await self._vouchers(request_ids, redemptions)
         try:
-            receipt = await self._chain.transact(
-                prepaid.functions.settleBatch([r.as_call_argument() for r in redemptions])
-            )
-        except (TransactionFailed, ChainUnreachable) as exc:
+            call = prepaid.functions.settleBatch(pack_batch(redemptions, vouchers))
+            receipt = await self._chain.transact(call)
+        except (TransactionFailed, ChainUnreachable, ValueError) as exc:
             self._m_batches.labels("failed").inc()
             self._stats = dataclasses.replace(
                 self._stats, batches_failed=self._stats.batches_failed + 1
@@ -436,8 +467,9 @@ class PrepaidService:
             return
         tx = receipt["transactionHash"].to_0x_hex()
         outcomes: dict[bytes, tuple[ledger.State, str]] = {}
-        for event in prepaid.events.RequestSettled().process_receipt(receipt, errors=DISCARD):
-            outcomes[bytes(event["args"]["requestId"])] = ("settled", "")
+        for event in prepaid.events.Settled().process_receipt(receipt, errors=DISCARD):
+            for rid in event["args"]["requestIds"]:
+                outcomes[bytes(rid)] = ("settled", "")
         for event in prepaid.events.SettlementRefused().process_receipt(receipt, errors=DISCARD):
             reason = REFUSALS[int(event["args"]["reason"])]
             state: ledger.State = "settled" if reason == "already_settled" else "refused"
@@ -462,20 +494,95 @@ class PrepaidService:
             requests_refused=self._stats.requests_refused + refused,
         )
         log.info(
-            "prepaid: settled %d of %d requests in %s (gas %d)%s",
+            "prepaid: settled %d of %d requests in %s (gas %d, %d vouchers)%s",
             settled,
             len(request_ids),
             tx,
             receipt["gasUsed"],
+            len(vouchers),
             f"; {refused} refused" if refused else "",
+        )
+
+    # ---- vouchers: one signature per member and batch
+
+    async def _vouchers(
+        self, request_ids: list[bytes], redemptions: list[Redemption]
+    ) -> dict[str, bytes]:
+        """The voucher of each member that signed at least ``MIN_VOUCHED`` requests of the
+        batch (this node's own signed here, the others' asked for at once); a member
+        that does not give one in ``VOUCHER_TIMEOUT_S`` is paid through its signatures."""
+        chain_id, contract = self._chain_id(), self.contract().address
+        me = self._key.address.lower()
+        vouchers: dict[str, bytes] = {}
+
+        async def ask(member: str, results: list[tuple[bytes, bytes]]) -> None:
+            digest = voucher_digest(chain_id, contract, results_chain(results))
+            if member == me:
+                vouchers[member] = sign(self._key, digest)
+                self._m_vouchers.labels("own").inc()
+                return
+            peer = self._network.peers.up_peer_of(member)
+            request = wire.VoucherRequest([wire.CertifiedResult(r, o) for r, o in results])
+            reply: wire.AnyMessage | None = None
+            if peer is not None:
+                with trio.move_on_after(VOUCHER_TIMEOUT_S):
+                    try:
+                        reply = await self._network.request(peer, request)
+                    except RpcFailure as exc:
+                        log.debug("prepaid: no voucher from %s: %s", member, exc)
+            if isinstance(reply, wire.Voucher) and _signed_by(digest, reply.signature, member):
+                vouchers[member] = reply.signature
+                self._m_vouchers.labels("received").inc()
+            else:
+                self._m_vouchers.labels("missing").inc()
+
+        members = {m for r in redemptions for m in signers_of(r)}
+        async with trio.open_nursery() as nursery:
+            for member in sorted(members):
+                results = vouched_results(member, request_ids, redemptions)
+                if len(results) >= MIN_VOUCHED:
+                    nursery.start_soon(ask, member, results)
+        return vouchers
+
+    async def _answer_voucher(self, peer: str, request: wire.Message) -> wire.Message:
+        """Vouch for results this node certified itself, and only those."""
+        assert isinstance(request, wire.VoucherRequest)
+        results = [(r.request_id, r.output_hash) for r in request.results]
+        try:
+            chain_id, contract = self._chain_id(), self.contract().address
+        except PrepaidUnavailable as exc:
+            return wire.ErrorReply(503, str(exc))
+        check = partial(ledger.not_certified_by, member=self._key.address, results=results)
+        doubt = await self._state.read(check)
+        # The settler may ask before this node has finished certifying the batch's last
+        # requests: a moment's wait for them, then refused.
+        with trio.move_on_after(VOUCHER_WAIT_S):
+            while doubt is not None:
+                await trio.sleep(0.1)
+                doubt = await self._state.read(check)
+        if doubt is not None:
+            log.debug("prepaid: no voucher for %s: %s", peer, doubt)
+            return wire.ErrorReply(403, doubt)
+        return wire.Voucher(
+            sign(self._key, voucher_digest(chain_id, contract, results_chain(results)))
         )
 
     async def _read_events(self) -> None:
         """Requests other nodes' batches settled: no longer owed nor to settle here."""
         async for event in self._events:
-            if event.removed or event.contract != CONTRACT or event.name != "RequestSettled":
+            if event.removed or event.contract != CONTRACT or event.name != "Settled":
                 continue
-            rid = bytes.fromhex(str(event.args["requestId"])[2:])
-            await self._state.write(
-                partial(ledger.settled_elsewhere, request_id=rid, tx=event.tx_hash)
-            )
+            ids = [bytes.fromhex(str(rid)[2:]) for rid in cast(list[str], event.args["requestIds"])]
+
+            def settled(conn: sqlite3.Connection, ids: list[bytes], tx: str) -> None:
+                for rid in ids:
+                    ledger.settled_elsewhere(conn, rid, tx)
+
+            await self._state.write(partial(settled, ids=ids, tx=event.tx_hash))
+
+
+def _signed_by(digest: bytes, signature: bytes, member: str) -> bool:
+    try:
+        return recover_address(digest, signature).lower() == member
+    except SignatureError:
+        return False
