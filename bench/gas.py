@@ -53,15 +53,17 @@ from joynode.chain.deploy import (
 )
 from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.keys import NodeKey
-from joynode.prepaid.redemption import Redemption, pack_batch
+from joynode.prepaid.redemption import Redemption, pack_batch, vouched_results
 from joynode.signatures import (
     Eip712Domain,
     Permit,
     PrepaidRequest,
     prepaid_request_id,
+    results_chain,
     sign,
     sign_permit,
     sign_prepaid_request,
+    voucher_digest,
 )
 
 NODES = 128  # NodeCoordinator.MAX_NODES_PER_MODEL
@@ -416,9 +418,10 @@ class Bench:
         self.signers[request_id] = signers
 
     def prepaid(self, committee: Sequence[LocalAccount], clients: Sequence[LocalAccount]) -> None:
-        """Signed requests settled in batches of 1, 16 and 64 (2 of 3 sign each certificate):
-        the batch's gas and its share per request, after a warm-up batch (the clients' nonce
-        words, the payees' claimable slots already written)."""
+        """Signed requests settled in batches of 1, 16 and 64 (2 of 3 sign each certificate),
+        each certificate's signatures in the batch, then (16 and 64) the three members'
+        vouchers instead: the batch's gas and its share per request, after a warm-up batch
+        (the clients' nonce words, the payees' claimable slots already written)."""
         prepaid, token = self.contract("PrepaidInference"), self.contract("JoyToken")
         poi = self.contract("ProofOfInference")
         domain = Eip712Domain(self.w3.eth.chain_id, poi.address)
@@ -444,20 +447,50 @@ class Bench:
                 tuple(members),
             )
             digest = domain.result_digest(prepaid_request_id(request), OUTPUT)
-            signatures = [sign(NodeKey(bytes(m.key)), digest) for m in committee[:2]]
-            return Redemption(
-                request, sign_prepaid_request(client, request), OUTPUT, 0b011, b"".join(signatures)
-            )
+            # Two of three sign, in turn (a member who never signed would lose its
+            # reputation, and its eligibility, over the runs).
+            signers = [m for i, m in enumerate(committee) if i != request.nonce % 3]
+            signatures = [sign(NodeKey(bytes(m.key)), digest) for m in signers]
+            signed_by = sum(1 << i for i, m in enumerate(committee) if m in signers)
+            client_signature = sign_prepaid_request(client, request)
+            return Redemption(request, client_signature, OUTPUT, signed_by, b"".join(signatures))
 
-        for size in (0, 1, 16, 64):  # (0: warm-up, a batch of 8)
+        def vouchers(batch: list[Redemption]) -> dict[str, bytes]:
+            ids = [prepaid_request_id(r.request) for r in batch]
+            return {
+                m.address.lower(): sign(
+                    NodeKey(bytes(m.key)),
+                    voucher_digest(
+                        self.w3.eth.chain_id,
+                        prepaid.address,
+                        results_chain(vouched_results(m.address, ids, batch)),
+                    ),
+                )
+                for m in committee
+            }
+
+        for size, vouched in (
+            (0, False),
+            (1, False),
+            (16, False),
+            (64, False),
+            (16, True),
+            (64, True),
+        ):
             batch = [redemption(clients[i % len(clients)]) for i in range(size or 8)]
-            receipt = self.tx(self.admin, prepaid.functions.settleBatch(pack_batch(batch)))
+            packed = pack_batch(batch, vouchers(batch) if vouched else None)
+            receipt = self.tx(self.admin, prepaid.functions.settleBatch(packed))
+            refused = prepaid.events.SettlementRefused().process_receipt(receipt, errors=DISCARD)
+            assert not refused, (size, vouched, [e["args"]["reason"] for e in refused][:3])
             (settled,) = prepaid.events.Settled().process_receipt(receipt, errors=DISCARD)
             assert len(settled["args"]["requestIds"]) == len(batch)
             if size:
                 gas = int(receipt["gasUsed"])
-                self.record(f"PrepaidInference.settleBatch ({size} requests, 2/3 signed)", gas)
-                self.record(f"PrepaidInference.settleBatch ({size}), per request", gas // size)
+                how = "3 vouchers" if vouched else "2/3 signed"
+                self.record(f"PrepaidInference.settleBatch ({size} requests, {how})", gas)
+                self.record(
+                    f"PrepaidInference.settleBatch ({size}, {how}), per request", gas // size
+                )
 
     def request_with_permit(self, user: LocalAccount, cid: str) -> None:
         token, market = self.contract("JoyToken"), self.contract("ModelMarketplace")
