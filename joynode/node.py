@@ -21,8 +21,9 @@ Actor graph (arrows are memory channels, named by direction and payload)::
                                   supervisor it is degraded while the RPC is unreachable)
     prepaid    PrepaidService    <--ChainEvent-- chain (prepaid_events_send: Settled)
                                  (clients' balances less what they owe in SQLite; settles
-                                 certified prepaid jobs in batches through chain; balance.* /
-                                 prepaid.settlements on control)
+                                 certified prepaid jobs in batches through chain, with the
+                                 members' vouchers asked over p2p (PeerRequests), and
+                                 answers theirs; balance.* / prepaid.settlements on control)
     consensus  ConsensusService  <--VerifiedGossip(JobOffer)-- p2p (offers_send)
                                  <--VerifiedGossip(VoteCommit/VoteReveal)-- p2p (votes_send)
                                  <--ChainEvent-- chain (chain_events_send: settlements, refunds)
