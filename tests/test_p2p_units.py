@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import trio
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 from libp2p.peer.id import ID
+from libp2p.transport.tcp.tcp import TCPListener
 
 from joynode import wire
 from joynode.keys import NodeKey
-from joynode.p2p import gossip, rpc
+from joynode.p2p import gossip, libp2p_compat, rpc
 from joynode.p2p.gossip import HEARTBEAT, TOPICS, GossipRejected, GossipSigner, GossipVerifier
 from joynode.p2p.peers import PeerState, PeerTable
 from joynode.p2p.scoring import Offence, PeerScorer, TokenBucket
@@ -252,3 +255,28 @@ def test_high_s_twin_of_a_signature_is_refused() -> None:
     twin = signature[:32] + (order - s).to_bytes(32, "big") + bytes([55 - signature[64]])
     with pytest.raises(SignatureError, match="upper half"):
         recover_address(message, twin)
+
+
+async def test_a_closing_listener_reports_only_its_open_sockets() -> None:
+    """libp2p_compat item 15: a pubsub task asking a closing host for its addresses."""
+    assert TCPListener.get_addrs.__module__ == libp2p_compat.__name__
+    open_socket, closed_socket = trio.socket.socket(), trio.socket.socket()
+    for s in (open_socket, closed_socket):
+        await s.bind(("127.0.0.1", 0))
+        s.listen()
+    closed_socket.close()
+    listener = SimpleNamespace(
+        listeners=[SimpleNamespace(socket=closed_socket), SimpleNamespace(socket=open_socket)]
+    )
+    with open_socket:
+        port = open_socket.getsockname()[1]
+        addrs = TCPListener.get_addrs(listener)  # type: ignore[arg-type]
+    assert [str(a) for a in addrs] == [f"/ip4/127.0.0.1/tcp/{port}"]
+
+
+def test_peer_table_finds_an_up_peer_by_address() -> None:
+    table = PeerTable(60.0)
+    key = NodeKey.generate()
+    assert table.up_peer_of(key.address) is None
+    table.heard("peer-1", key.address)
+    assert table.up_peer_of(key.address.lower()) == "peer-1"
