@@ -142,7 +142,10 @@ class HttpSection(_Section):
     enabled: StrictBool = Field(True, description="Serve /metrics and /healthz.")
     listen: HostPort = Field("127.0.0.1:7761", description="HTTP listen address.")
     max_connections: StrictInt = Field(
-        64, ge=1, le=10_000, description="Further connections are closed at once."
+        64,
+        ge=1,
+        le=10_000,
+        description="HTTP requests served at once; further ones get 503 at once.",
     )
 
 

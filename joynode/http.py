@@ -1,33 +1,42 @@
-"""The ``http`` actor: Prometheus ``/metrics``, ``/healthz`` and the dashboard over HTTP/1.1.
+"""The ``http`` actor: Prometheus ``/metrics``, ``/healthz`` and the dashboard, over ASGI.
 
-A small h11 server on trio: GET only, keep-alive, bounded connections and
-timeouts, so a slow or hostile scraper cannot pin the node. It serves what
-monitoring needs and nothing that changes state (that is the control socket's
-job, behind its token). The dashboard (``/``) is static files; the page reads
-``/dashboard/endpoints.json`` to find the control socket and talks to it
-with the token the operator gives it.
+An ASGI app (FastAPI, on Starlette) served by hypercorn's trio worker in the
+node's own trio run: HTTP/1.1 and h2c, keep-alive, read and keep-alive
+timeouts, bounded request heads, and at most ``http.max_connections``
+requests served at once (more get 503), so a slow or hostile client cannot
+pin the node. It serves what monitoring needs and nothing that changes
+state (that is the control socket's job, behind its token), and its OpenAPI
+schema at ``/openapi.json``. The dashboard (``/``) is static files; the page
+reads ``/dashboard/endpoints.json`` to find the control socket and talks to
+it with the token the operator gives it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from importlib import resources
+from typing import Any, cast
 
-import h11
 import trio
+from fastapi import FastAPI
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from hypercorn.typing import ASGIFramework
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from joynode import __version__
 from joynode.config import HttpSection, SettingError, split_host_port, url
 
 log = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 10.0
-MAX_REQUEST_BYTES = 16 * 1024
+KEEP_ALIVE_S = 10.0
+MAX_REQUEST_HEAD_BYTES = 16 * 1024
 DASHBOARD_TYPES = {
     "index.html": "text/html; charset=utf-8",
     "dashboard.js": "text/javascript; charset=utf-8",
@@ -38,30 +47,20 @@ DASHBOARD_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 )
+DASHBOARD_HEADERS = {
+    "content-security-policy": DASHBOARD_POLICY,
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
 
 
-@dataclass(frozen=True)
-class Response:
-    status: int
-    body: bytes
-    content_type: str
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-def _dashboard_files() -> dict[str, Response]:
-    """The dashboard's files by path, read once (they are part of the package)."""
+def _dashboard_files() -> dict[str, tuple[bytes, str]]:
+    """The dashboard's files (body, content type) by name, read once (they are part of
+    the package)."""
     folder = resources.files("joynode.dashboard")
-    headers = (
-        ("content-security-policy", DASHBOARD_POLICY),
-        ("x-content-type-options", "nosniff"),
-        ("referrer-policy", "no-referrer"),
-    )
-    files = {
-        f"/dashboard/{name}": Response(200, folder.joinpath(name).read_bytes(), kind, headers)
-        for name, kind in DASHBOARD_TYPES.items()
+    return {
+        name: (folder.joinpath(name).read_bytes(), kind) for name, kind in DASHBOARD_TYPES.items()
     }
-    files["/"] = files["/dashboard/index.html"]
-    return files
 
 
 class HttpServer:
@@ -81,124 +80,141 @@ class HttpServer:
         self._health = health
         self._dashboard_endpoints = dashboard_endpoints
         self._dashboard = _dashboard_files()
-        self._connections = trio.Semaphore(settings.max_connections)
         self._requests = Counter(
             "joynode_http_requests_total",
             "HTTP requests by path and status",
             ["path", "code"],
             registry=registry,
         )
+        self.app = _Bounded(_Counted(self._routes(), self._requests), settings.max_connections)
         self.url: str | None = None
+
+    def _routes(self) -> FastAPI:
+        app = FastAPI(
+            title="joynode",
+            version=__version__,
+            docs_url=None,  # the interactive docs load scripts from a CDN
+            redoc_url=None,
+        )
+        get = partial(_get, app)
+        get("/metrics", self._metrics, "Prometheus metrics", response_class=PlainTextResponse)
+        get("/healthz", self._healthz, "Whether every actor runs")
+        get("/dashboard/endpoints.json", self._endpoints, "Where the dashboard finds the node")
+        get("/", partial(self._file, "index.html"), None, response_class=Response)
+        get("/dashboard/{name}", self._file, None, response_class=Response)
+        return app
+
+    def _metrics(self) -> Response:
+        return Response(generate_latest(self._registry), media_type=CONTENT_TYPE_LATEST)
+
+    def _healthz(self) -> JSONResponse:
+        # Degraded is 200: the node runs and serves (a load balancer keeps it); the body
+        # says what it cannot do. 503 only while an actor is not running.
+        health, detail = self._health()
+        status = 503 if health == "unavailable" else 200
+        return JSONResponse({"status": health, **detail}, status_code=status)
+
+    def _endpoints(self) -> JSONResponse:
+        return JSONResponse(self._dashboard_endpoints())
+
+    def _file(self, name: str) -> Response:
+        if name not in self._dashboard:
+            raise HTTPException(404)
+        body, kind = self._dashboard[name]
+        return Response(body, media_type=kind, headers=DASHBOARD_HEADERS)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         host, port = split_host_port(self._settings.listen)
+        config = HypercornConfig()
+        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        config.accesslog = None
+        config.errorlog = log
+        config.read_timeout = int(READ_TIMEOUT_S)
+        config.keep_alive_timeout = KEEP_ALIVE_S
+        config.h11_max_incomplete_size = MAX_REQUEST_HEAD_BYTES
+        config.graceful_timeout = 1.0
+        config.include_server_header = False
         async with trio.open_nursery() as nursery:
             try:
-                listeners = await nursery.start(
-                    partial(trio.serve_tcp, self._serve_connection, port, host=host)
-                )
-            except OSError as exc:
+                app = cast(ASGIFramework, self.app)
+                binds = await nursery.start(partial(serve, app, config, mode="asgi"))
+            except* OSError as failures:  # binding, inside hypercorn's nurseries
+                error: BaseException = failures
+                while isinstance(error, BaseExceptionGroup):
+                    error = error.exceptions[0]
                 listen = self._settings.listen
-                raise SettingError.cannot_listen("http.listen", listen, exc) from None
-            bound = listeners[0].socket.getsockname()
-            self.url = url("http", host, bound[1])
+                raise SettingError.cannot_listen(
+                    "http.listen", listen, cast(OSError, error)
+                ) from None
+            bound = int(binds[0].rsplit(":", 1)[1])
+            self.url = url("http", host, bound)
             log.info("http listening on %s", self.url)
             task_status.started()
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        if self._connections.value == 0:
-            await stream.aclose()
+
+def _get(
+    app: FastAPI, path: str, endpoint: Callable[..., Response], summary: str | None, **kw: Any
+) -> None:
+    """A GET route (in the OpenAPI schema when it has a summary) and its HEAD twin."""
+    app.add_api_route(
+        path, endpoint, methods=["GET"], summary=summary, include_in_schema=bool(summary), **kw
+    )
+    app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False, **kw)
+
+
+class _Counted:
+    """Counts each response by the kind of path asked (not the path itself: a scanner
+    must not grow the metric) and its status."""
+
+    def __init__(self, app: ASGIApp, requests: Counter) -> None:
+        self._app = app
+        self._requests = requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
             return
-        async with self._connections, stream:
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
-            try:
-                while True:
-                    request = await self._next_request(conn, stream)
-                    if request is None:
-                        return
-                    response = self._route(request)
-                    with trio.fail_after(READ_TIMEOUT_S):  # a client that never reads
-                        await self._send(conn, stream, response)
-                    if conn.our_state is h11.MUST_CLOSE:
-                        return
-                    conn.start_next_cycle()
-            except h11.RemoteProtocolError as exc:
-                await self._send_bad_request(conn, stream, exc.error_status_hint)
-            except (
-                h11.LocalProtocolError,
-                trio.BrokenResourceError,
-                trio.ClosedResourceError,
-                trio.TooSlowError,
-            ):
-                return
-
-    async def _next_request(
-        self, conn: h11.Connection, stream: trio.SocketStream
-    ) -> h11.Request | None:
-        request: h11.Request | None = None
-        with trio.fail_after(READ_TIMEOUT_S):
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(4096)
-                    conn.receive_data(data)
-                    if not data and conn.their_state is h11.IDLE:
-                        return None
-                elif isinstance(event, h11.Request):
-                    request = event
-                elif isinstance(event, h11.EndOfMessage):
-                    return request
-                elif isinstance(event, h11.ConnectionClosed):
-                    return None
-
-    def _route(self, request: h11.Request) -> Response:
-        path = request.target.decode("ascii", "replace").split("?", 1)[0]
-        if request.method not in (b"GET", b"HEAD"):
-            response = Response(405, b"method not allowed\n", "text/plain")
-        elif path == "/metrics":
-            response = Response(200, generate_latest(self._registry), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            # Degraded is 200: the node runs and serves (a load balancer keeps it); the
-            # body says what it cannot do. 503 only while an actor is not running.
-            health, detail = self._health()
-            body = json.dumps({"status": health, **detail}).encode()
-            response = Response(503 if health == "unavailable" else 200, body, "application/json")
-        elif path in self._dashboard:
-            response = self._dashboard[path]
-        elif path == "/dashboard/endpoints.json":
-            body = json.dumps(self._dashboard_endpoints()).encode()
-            response = Response(200, body, "application/json")
+        path = scope["path"]
+        if path in ("/metrics", "/healthz", "/openapi.json"):
+            kind = path
+        elif path == "/" or path.startswith("/dashboard/"):
+            kind = "dashboard"
         else:
-            response = Response(404, b"not found\n", "text/plain")
-        if path in ("/metrics", "/healthz"):
-            known = path
-        elif path in self._dashboard or path == "/dashboard/endpoints.json":
-            known = "dashboard"
-        else:
-            known = "other"
-        self._requests.labels(known, str(response.status)).inc()
-        if request.method == b"HEAD":
-            return Response(response.status, b"", response.content_type, response.headers)
-        return response
+            kind = "other"
 
-    async def _send_bad_request(
-        self, conn: h11.Connection, stream: trio.SocketStream, status: int
-    ) -> None:
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self._requests.labels(kind, str(message["status"])).inc()
+            await send(message)
+
+        await self._app(scope, receive, counted)
+
+
+class _Bounded:
+    """At most ``limit`` HTTP requests served at once; the next ones get 503 at once.
+    Every response is ``no-store``: what it says is the node's state now."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self._app = app
+        self._slots = trio.Semaphore(limit)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
             return
-        with trio.move_on_after(READ_TIMEOUT_S):
-            with contextlib.suppress(
-                h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError
-            ):
-                await self._send(conn, stream, Response(status, b"bad request\n", "text/plain"))
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            busy = PlainTextResponse("busy: too many requests at once\n", status_code=503)
+            await busy(scope, receive, send)
+            return
 
-    async def _send(self, conn: h11.Connection, stream: trio.SocketStream, r: Response) -> None:
-        headers = [
-            ("content-type", r.content_type),
-            ("content-length", str(len(r.body))),
-            ("cache-control", "no-store"),
-            *r.headers,
-        ]
-        await stream.send_all(conn.send(h11.Response(status_code=r.status, headers=headers)) or b"")
-        await stream.send_all(conn.send(h11.Data(data=r.body)) or b"")
-        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        async def no_store(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"cache-control", b"no-store")]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, no_store)
+        finally:
+            self._slots.release()

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from urllib.parse import urlsplit
 
 import trio
+import trio.testing
+from starlette.responses import PlainTextResponse
+from starlette.types import Message, Receive, Scope, Send
 
+from joynode.http import _Bounded
 from joynode.node import Node
 from tests.factories import NodeHome, running_node
 
@@ -80,7 +85,7 @@ async def test_keep_alive_serves_several_requests(home: NodeHome) -> None:
     async with running_node(home) as node:
         status, _, body = await http_exchange(node, two)
     assert status == 200
-    assert body.count(b'"status": "ok"') == 2
+    assert len(re.findall(rb'"status":\s*"ok"', body)) == 2
 
 
 async def test_dashboard_is_served_with_a_strict_policy_and_finds_the_control_socket(
@@ -109,3 +114,46 @@ async def test_dashboard_is_served_with_a_strict_policy_and_finds_the_control_so
             node.identity.peer_id,
         )
         assert (await http_exchange(node, get("/dashboard/../state.db")))[0] == 404
+
+
+async def test_openapi_schema_head_and_no_store(home: NodeHome) -> None:
+    async with running_node(home) as node:
+        status, headers, body = await http_exchange(node, get("/openapi.json"))
+        assert status == 200
+        schema = json.loads(body)
+        assert {"/metrics", "/healthz", "/dashboard/endpoints.json"} <= set(schema["paths"])
+        assert headers["cache-control"] == "no-store"
+        head = get("/healthz").replace(b"GET", b"HEAD")
+        status, headers, body = await http_exchange(node, head)
+        assert (status, body) == (200, b"")
+        assert "server" not in headers  # no version banner
+
+
+async def test_requests_over_the_limit_get_503_and_the_others_finish() -> None:
+    release = trio.Event()
+
+    async def slow(scope: Scope, receive: Receive, send: Send) -> None:
+        await release.wait()
+        await PlainTextResponse("done")(scope, receive, send)
+
+    app = _Bounded(slow, limit=1)
+    sent: list[list[Message]] = [[], []]
+
+    async def call(index: int) -> None:
+        async def send(message: Message) -> None:
+            sent[index].append(message)
+
+        async def receive() -> Message:
+            await trio.sleep_forever()
+            raise AssertionError
+
+        await app({"type": "http", "method": "GET", "path": "/", "headers": []}, receive, send)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        await call(1)  # the one slot is taken: refused at once
+        release.set()
+    assert [m["status"] for m in sent[1] if m["type"] == "http.response.start"] == [503]
+    assert [m["status"] for m in sent[0] if m["type"] == "http.response.start"] == [200]
+    assert (b"cache-control", b"no-store") in sent[0][0]["headers"]

@@ -155,6 +155,7 @@ async def _read_pubsub_stream_dropping_garbage(self: Pubsub, stream: INetStream)
 
 Pubsub.continuously_read_stream = _read_pubsub_stream_dropping_garbage  # type: ignore[method-assign]
 
+
 # 15.
 def _open_listener_addrs(self: TCPListener) -> tuple[multiaddr.Multiaddr, ...]:
     """The listener's addresses, leaving out sockets closed already."""
