@@ -12,7 +12,7 @@ CONFIG ?= joynode.toml
 BACKEND ?= cpu
 MODELS := .joynode/models
 
-.PHONY: install system-deps browser contracts circuits run node test lint typecheck pytest chaos clean
+.PHONY: install system-deps browser contracts circuits monitoring run node test lint typecheck pytest chaos clean
 
 install: $(STAMP) $(NODE_STAMP)
 
@@ -46,6 +46,21 @@ browser:
 	  echo "installing chromium"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    --no-install-recommends chromium; }
+
+# promtool, to check and unit-test configs/monitoring: Debian's prometheus package
+# ships it; the package is unpacked, not installed (no Prometheus daemon here).
+PROMTOOL := $(BIN)/promtool
+$(PROMTOOL): | $(STAMP)
+	@rm -rf $(VENV)/.prometheus-deb && mkdir -p $(VENV)/.prometheus-deb
+	cd $(VENV)/.prometheus-deb && { apt-get download prometheus 2>/dev/null || \
+	  { apt-get update -qq && apt-get download prometheus; }; } && dpkg-deb -x prometheus_*.deb unpacked
+	cp $(VENV)/.prometheus-deb/unpacked/usr/bin/promtool $(PROMTOOL)
+	@rm -rf $(VENV)/.prometheus-deb
+
+# The alert rules and the scrape config: checked, and the rules unit-tested.
+monitoring: $(PROMTOOL)
+	cd configs/monitoring && ../../$(PROMTOOL) check config prometheus.yml && \
+	  ../../$(PROMTOOL) test rules joynode-alerts.test.yml
 
 $(STAMP): setup.cfg pyproject.toml | system-deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -91,7 +106,7 @@ chaos: install circuits
 	CHAOS_JOBS=100 CHAOS_KILLS=10 $(BIN)/pytest tests/chaos -s --timeout 3600
 
 # pytest exits 5 when it collects no tests; make treats that as a failure too.
-test: lint typecheck pytest
+test: lint typecheck monitoring pytest
 
 clean:
 	rm -rf $(VENV) .joynode .mypy_cache .pytest_cache .ruff_cache .hypothesis

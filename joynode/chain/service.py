@@ -207,6 +207,12 @@ class ChainService:
         self._m_block = Gauge(
             "joynode_chain_processed_block", "Last block the watcher finished", registry=registry
         )
+        self._m_head = Gauge(
+            "joynode_chain_head_block",
+            "The chain's head at the watcher's last poll (it processes up to head less "
+            "chain.confirmations)",
+            registry=registry,
+        )
         self._m_tx = Counter(
             "joynode_chain_transactions_total", "Transactions sent", ["outcome"], registry=registry
         )
@@ -379,6 +385,7 @@ class ChainService:
                 for events_send in self._events_sends:
                     await events_send.send(event)
             self._m_block.set((await self._watcher.cursor()).block)
+            self._m_head.set(self._watcher.head)
             if not events:
                 await trio.sleep(self._settings.poll_interval_s)
 

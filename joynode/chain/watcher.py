@@ -139,6 +139,7 @@ class ChainWatcher:
         self._deployment = deployment
         self._state = state
         self._confirmations = confirmations
+        self.head = 0  # the chain's head at the last poll (0 before the first)
         self._range = block_range
         self._decoder = EventDecoder(link.w3, deployment)
         self._mirrors = mirrors
@@ -176,6 +177,7 @@ class ChainWatcher:
             retracted = await self._state.read(lambda c: _events_after(c, fork.block))
             cursor = fork
         head = await self._link.call(lambda: int(self._w3.eth.block_number))
+        self.head = head
         target = head - self._confirmations
         events: list[ChainEvent] = []
         end: Cursor | None = None

@@ -18,6 +18,13 @@ class ConsensusMetrics:
             ["reason"],
             registry=registry,
         )
+        self.dissents = Counter(
+            "joynode_consensus_dissents",
+            "Committee members who revealed an output against the certified majority: this "
+            "node (self: its engine disagrees with its peers') or another member (peer)",
+            ["who"],
+            registry=registry,
+        )
         self.seconds = Histogram(
             "joynode_consensus_job_seconds", "Offer to outcome", registry=registry
         )

@@ -574,6 +574,7 @@ class ConsensusService:
         self._metrics.seconds.observe(job.finished_at - job.created_at)
         log.info("job %s: %s%s", short(job), status, f" ({reason})" if reason else "")
         for dissenter in job.tally.dissenters():
+            self._metrics.dissents.labels("self" if dissenter == self.address else "peer").inc()
             peer = self._peer_of(dissenter)
             if peer is not None and dissenter != self.address:
                 self._p2p.penalize(peer, Offence.OUTVOTED)

@@ -182,6 +182,7 @@ class InferenceService:
         self.models[entry.name] = LoadedModel(
             entry.name, identity, engine, borrowed is None, policy
         )
+        self._metrics.capacity.labels(entry.name).set(self._settings.max_num_seqs)
         log.info("model %s ready in %.1f s: %s", entry.name, trio.current_time() - began, identity)
 
     def serving_status(self) -> ServingStatus:
@@ -594,6 +595,12 @@ class _InferenceMetrics:
         self.inflight = Gauge(
             "joynode_inference_inflight",
             "Requests running or waiting",
+            ["model"],
+            registry=registry,
+        )
+        self.capacity = Gauge(
+            "joynode_inference_capacity",
+            "Requests the engine runs at once (inference.max_num_seqs), by model",
             ["model"],
             registry=registry,
         )
