@@ -154,15 +154,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     gov = p.add_subparsers(dest="gov_command", required=True, metavar="ACTION")
     g = gov.add_parser("status", help="the governor, timelock, settings and this node's votes")
-    _gov_args(g)
+    _control_call_args(g)
     g = gov.add_parser("delegate", help="delegate this node's JOY and stJOY votes")
-    _gov_args(g)
+    _control_call_args(g)
     g.add_argument("to", nargs="?", help="the delegatee's address (default: this node)")
     g = gov.add_parser("propose", help="propose the actions of a TOML file (docs/operator.md)")
-    _gov_args(g)
+    _control_call_args(g)
     g.add_argument("file", type=Path, help="the proposal: description and [[actions]]")
     g = gov.add_parser("list", help="the newest proposals, with state and votes")
-    _gov_args(g)
+    _control_call_args(g)
     g.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     for action, text in (
         ("show", "one proposal: state, votes, quorum, times, actions in words, voters"),
@@ -171,17 +171,31 @@ def _parser() -> argparse.ArgumentParser:
         ("cancel", "cancel a proposal (its proposer while Pending)"),
     ):
         g = gov.add_parser(action, help=text)
-        _gov_args(g)
+        _control_call_args(g)
         g.add_argument("proposal", help="its id, or the first digits of one")
     g = gov.add_parser("vote", help="vote on a proposal")
-    _gov_args(g)
+    _control_call_args(g)
     g.add_argument("proposal", help="its id, or the first digits of one")
     g.add_argument("support", choices=["for", "against", "abstain"])
     g.add_argument("--reason", default="", help="why, recorded on-chain with the vote")
     g = gov.add_parser("dispute", help="dispute a request's certificate, for the DAO to resolve")
-    _gov_args(g)
+    _control_call_args(g)
     g.add_argument("request_id", help="the paid request (0x and 64 hex digits)")
     g.add_argument("--reason", required=True, help="why the certificate is wrong, for voters")
+
+    p = commands.add_parser("apikeys", help="the HTTP gateway's API keys: create, list, revoke")
+    keys_actions = p.add_subparsers(dest="apikeys_command", required=True, metavar="ACTION")
+    a = keys_actions.add_parser("create", help="a new key, printed once (stored hashed)")
+    _control_call_args(a)
+    a.add_argument("name", help="who or what it is for (1-64 characters)")
+    a.add_argument("--rate-per-minute", type=int, default=60, help="requests a minute (60)")
+    a.add_argument("--quota-tokens", type=int, help="tokens in all (default: no quota)")
+    a = keys_actions.add_parser("list", help="the keys, their limits and use (never a secret)")
+    _control_call_args(a)
+    a.add_argument("--revoked", action="store_true", help="revoked keys too")
+    a = keys_actions.add_parser("revoke", help="revoke a key by its id")
+    _control_call_args(a)
+    a.add_argument("id", help="the key's id (the 12 hex digits after jn-)")
 
     p = commands.add_parser("circuits", help="build the ZoKrates circuits (keys, verifiers)")
     circuits_actions = p.add_subparsers(dest="circuits_command", required=True, metavar="ACTION")
@@ -247,7 +261,7 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _gov_args(parser: argparse.ArgumentParser) -> None:
+def _control_call_args(parser: argparse.ArgumentParser) -> None:
     _config_arg(parser)
     parser.add_argument("--json", action="store_true", help="print the JSON result instead")
 
@@ -389,6 +403,45 @@ def cmd_gov(args: argparse.Namespace) -> int:
         print("\n".join(lines))
 
     return _control_call(args.config, method, params, show)
+
+
+def cmd_apikeys(args: argparse.Namespace) -> int:
+    """``joynode apikeys ACTION``: an ``apikeys.*`` control call, shown for people."""
+    action = args.apikeys_command
+    params: dict[str, Any] = {}
+    if action == "create":
+        params = {"name": args.name, "rate_per_minute": args.rate_per_minute}
+        if args.quota_tokens is not None:
+            params["quota_tokens"] = args.quota_tokens
+    elif action == "list":
+        params = {"revoked": args.revoked}
+    else:
+        params = {"id": args.id}
+
+    def line(key: dict[str, Any]) -> str:
+        quota = key["quota_tokens"]
+        used = f"{key['used_tokens']}/{quota}" if quota is not None else f"{key['used_tokens']}/-"
+        revoked = " revoked" if key["revoked_at"] is not None else ""
+        return (
+            f"{key['id']}  {key['name']}  {key['rate_per_minute']}/min  "
+            f"tokens {used}  requests {key['used_requests']}{revoked}"
+        )
+
+    def show(result: Any) -> None:
+        if args.json:
+            print(json.dumps(result, indent=2))
+        elif action == "create":
+            print(result["key"])
+            print(
+                f"API key {result['id']} ({result['name']}): shown this once, keep it secret",
+                file=sys.stderr,
+            )
+        elif action == "list":
+            print("\n".join(line(k) for k in result["keys"]) or "no API keys")
+        else:
+            print(line(result))
+
+    return _control_call(args.config, f"apikeys.{action}", params, show)
 
 
 def cmd_circuits(_: argparse.Namespace) -> int:
@@ -698,6 +751,7 @@ _COMMANDS = {
     "deploy": cmd_deploy,
     "models": cmd_models,
     "gov": cmd_gov,
+    "apikeys": cmd_apikeys,
     "verify": cmd_verify,
     "circuits": cmd_circuits,
     "zk": cmd_zk,

@@ -68,6 +68,7 @@ from joynode.consensus.service import ConsensusService
 from joynode.control.methods import ControlMethod, ControlSession, MethodTable, NoParams, Reply
 from joynode.control.server import ControlServer
 from joynode.endpoints import Endpoints
+from joynode.gateway.control import apikey_methods
 from joynode.governance.disputes import Disputes
 from joynode.governance.mirror import GovernanceMirror
 from joynode.governance.service import GovernanceService
@@ -229,6 +230,7 @@ class Node:
                     *(self.governance.control_methods() if self.governance is not None else []),
                     *(self.disputes.control_methods() if self.disputes is not None else []),
                     *(prepaid_methods(self.prepaid) if self.prepaid is not None else []),
+                    *apikey_methods(self.state),
                     *self.prover.control_methods(self.prover_client),
                     *self.zk.control_methods(),
                 ]

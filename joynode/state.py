@@ -219,6 +219,20 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX prepaid_requests_nonce ON prepaid_requests (client, nonce);
     """,
+    """
+    CREATE TABLE api_keys (
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL,
+        secret_sha256   BLOB NOT NULL,
+        rate_per_minute INTEGER NOT NULL,
+        quota_tokens    INTEGER,
+        used_tokens     INTEGER NOT NULL DEFAULT 0,
+        used_requests   INTEGER NOT NULL DEFAULT 0,
+        created_at      REAL NOT NULL,
+        last_used_at    REAL,
+        revoked_at      REAL
+    ) STRICT;
+    """,
 )
 
 
