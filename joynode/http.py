@@ -20,7 +20,7 @@ from importlib import resources
 from typing import Any, cast
 
 import trio
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from joynode import __version__
 from joynode.config import HttpSection, SettingError, split_host_port, url
+from joynode.gateway.openai_api import install_error_handlers
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,12 @@ class HttpServer:
         registry: CollectorRegistry,
         health: Callable[[], tuple[str, dict[str, object]]],
         dashboard_endpoints: Callable[[], dict[str, object]],
+        api: APIRouter | None = None,
     ) -> None:
         """``health``: ok, degraded or unavailable, and the detail (``Supervisor.health``);
-        ``dashboard_endpoints``: what the page needs to find the node (control URL, ids)."""
+        ``dashboard_endpoints``: what the page needs to find the node (control URL, ids);
+        ``api``: more routes (the OpenAI-compatible ``/v1``, ``gateway.openai_api``)."""
+        self._api = api
         self._settings = settings
         self._registry = registry
         self._health = health
@@ -102,6 +106,9 @@ class HttpServer:
         get("/dashboard/endpoints.json", self._endpoints, "Where the dashboard finds the node")
         get("/", partial(self._file, "index.html"), None, response_class=Response)
         get("/dashboard/{name}", self._file, None, response_class=Response)
+        if self._api is not None:
+            app.include_router(self._api)
+        install_error_handlers(app)
         return app
 
     def _metrics(self) -> Response:

@@ -69,6 +69,7 @@ from joynode.control.methods import ControlMethod, ControlSession, MethodTable, 
 from joynode.control.server import ControlServer
 from joynode.endpoints import Endpoints
 from joynode.gateway.control import apikey_methods
+from joynode.gateway.openai_api import openai_api
 from joynode.governance.disputes import Disputes
 from joynode.governance.mirror import GovernanceMirror
 from joynode.governance.service import GovernanceService
@@ -215,7 +216,13 @@ class Node:
             self.chain,
             zk_chain_events_receive if self.chain is not None else None,
         )
-        self.http = HttpServer(config.http, self.registry, self._health, self._dashboard_endpoints)
+        self.http = HttpServer(
+            config.http,
+            self.registry,
+            self._health,
+            self._dashboard_endpoints,
+            openai_api(self.state, self._served_models),
+        )
         self.control = ControlServer(
             config.control,
             token,
@@ -321,6 +328,10 @@ class Node:
             "health": self.supervisor.health(),
             "actors": self.supervisor.snapshot(),
         }
+
+    def _served_models(self) -> dict[str, str]:
+        """The models this node serves, name -> id (CID)."""
+        return {name: m.model_id for name, m in self.inference.models.items()}
 
     def _dashboard_endpoints(self) -> dict[str, object]:
         return {

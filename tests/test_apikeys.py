@@ -7,11 +7,14 @@ import json
 import sqlite3
 from collections.abc import Iterator
 
+import httpx
+import openai
 import pytest
+import trio
 
 from joynode.gateway import apikeys
 from joynode.state import MIGRATIONS
-from tests.factories import NodeHome, node_process, run_cli
+from tests.factories import NodeHome, node_process, run_cli, running_node
 
 
 @pytest.fixture
@@ -99,3 +102,50 @@ def test_the_cli_creates_lists_and_revokes_keys_on_a_running_node(home: NodeHome
         assert "Traceback" not in bad.stderr + unknown.stderr
         # Not even at debug level does the node log the key.
         assert key.split("-")[2] not in node.log()
+
+
+async def test_the_official_openai_client_lists_models_with_a_key_and_gets_openai_errors(
+    home: NodeHome,
+) -> None:
+    async with running_node(home) as node:
+        assert node.http.url is not None
+        base_url = node.http.url + "/v1"
+        key, _ = await node.state.write(lambda c: apikeys.create(c, "sdk", 2, None))
+
+        def client(api_key: str) -> openai.OpenAI:
+            return openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+
+        def list_models(api_key: str) -> list[str]:
+            with client(api_key) as sdk:
+                return [m.id for m in sdk.models.list()]
+
+        served = sorted(node.inference.models)
+        assert await trio.to_thread.run_sync(list_models, key) == served
+        with pytest.raises(openai.AuthenticationError) as wrong:
+            await trio.to_thread.run_sync(list_models, key[:-2] + "xx")
+        assert wrong.value.code == "invalid_api_key"
+        # 2 a minute: the second passes, the third is over the rate.
+        await trio.to_thread.run_sync(list_models, key)
+        with pytest.raises(openai.RateLimitError) as limited:
+            await trio.to_thread.run_sync(list_models, key)
+        assert limited.value.code == "rate_limit_exceeded"
+        # An unknown route under /v1 is OpenAI's 404; a request without a key, 401.
+        missing = await trio.to_thread.run_sync(
+            lambda: httpx.get(base_url + "/nope", headers={"authorization": f"Bearer {key}"})
+        )
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "unknown_url"
+        bare = await trio.to_thread.run_sync(lambda: httpx.get(base_url + "/models"))
+        assert bare.status_code == 401
+        assert set(bare.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_a_key_over_its_quota_gets_429_insufficient_quota(home: NodeHome) -> None:
+    async with running_node(home) as node:
+        assert node.http.url is not None
+        key, record = await node.state.write(lambda c: apikeys.create(c, "metered", 60, 10))
+        await node.state.write(lambda c: apikeys.record_use(c, record.id, 10))
+        sdk = openai.OpenAI(base_url=node.http.url + "/v1", api_key=key, max_retries=0)
+        with sdk, pytest.raises(openai.RateLimitError) as over:
+            await trio.to_thread.run_sync(sdk.models.list)
+        assert over.value.code == "insufficient_quota"

@@ -17,7 +17,8 @@ from joynode.keys import NodeKey
 from joynode.p2p import gossip, libp2p_compat, rpc
 from joynode.p2p.gossip import HEARTBEAT, TOPICS, GossipRejected, GossipSigner, GossipVerifier
 from joynode.p2p.peers import PeerState, PeerTable
-from joynode.p2p.scoring import Offence, PeerScorer, TokenBucket
+from joynode.p2p.scoring import Offence, PeerScorer
+from joynode.ratelimit import TokenBucket
 from joynode.signatures import SignatureError, digest, recover_address, sign
 
 BEAT = wire.Heartbeat(1, "0.1.0", 2, ["/ip4/127.0.0.1/tcp/1"], ["tiny"], 0, 4)

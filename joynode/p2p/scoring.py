@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from joynode.ratelimit import TokenBucket
+
 
 class Offence(enum.Enum):
     """What a peer did wrong; ``cost`` is what it takes off the peer's score."""
@@ -40,24 +42,6 @@ _OFFENCE_COST = {
     Offence.REFUSED_OUTPUT: 30.0,
     Offence.OUTVOTED: 15.0,
 }
-
-
-class TokenBucket:
-    """``rate`` events per second on average, up to ``burst`` at once."""
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self._tokens = float(burst)
-        self._updated = now
-
-    def take(self, now: float) -> bool:
-        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
-        self._updated = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
 
 
 @dataclass
