@@ -36,6 +36,7 @@ from joynode.console import Payment, describe_job, print_job, step, verified_inf
 from joynode.control.client import ControlClient
 from joynode.control.jsonrpc import RpcError
 from joynode.endpoints import Endpoints
+from joynode.exceptiongroups import leaves
 from joynode.inference.engine import EngineError
 from joynode.inference.models import PREPARABLE, ModelError, model_id, prepare
 from joynode.keys import ControlToken, NodeKey, SecretFileError, read_secret_file
@@ -596,7 +597,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         failures, rest = group.split(ActorFailed)
         if failures is None or rest is not None:
             raise
-        failed = [e for e in _leaves(failures) if isinstance(e, ActorFailed)]
+        failed = [e for e in leaves(failures) if isinstance(e, ActorFailed)]
         names = sorted({e.actor for e in failed})
         log.error("node stopped because actor %s failed", ", ".join(names))
         return EXIT_FAILURE
@@ -605,13 +606,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     # vLLM's and torch's objects would only add seconds to it.
     gc.freeze()
     return EXIT_OK
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
 
 
 async def _serve_until_signal(node: Node) -> None:

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from joynode import __version__
 from joynode.config import HttpSection, SettingError, split_host_port, url
+from joynode.exceptiongroups import leaves
 from joynode.gateway.openai_api import install_error_handlers
 
 log = logging.getLogger(__name__)
@@ -146,13 +147,9 @@ class HttpServer:
                 app = cast(ASGIFramework, self.app)
                 binds = await nursery.start(partial(serve, app, config, mode="asgi"))
             except* OSError as failures:  # binding, inside hypercorn's nurseries
-                error: BaseException = failures
-                while isinstance(error, BaseExceptionGroup):
-                    error = error.exceptions[0]
+                bind_error = cast(OSError, leaves(failures)[0])
                 listen = self._settings.listen
-                raise SettingError.cannot_listen(
-                    "http.listen", listen, cast(OSError, error)
-                ) from None
+                raise SettingError.cannot_listen("http.listen", listen, bind_error) from None
             bound = int(binds[0].rsplit(":", 1)[1])
             self.url = url("http", host, bound)
             log.info("http listening on %s", self.url)

@@ -15,6 +15,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 
 from joynode.control import jsonrpc
 from joynode.control.jsonrpc import RpcError
+from joynode.exceptiongroups import leaves
 
 MAX_RESPONSE_BYTES = 64 << 20
 
@@ -52,10 +53,10 @@ async def open_control_websocket(
                     await ws.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        leaf = _only_leaf(group)
-        if leaf is None:
+        found = leaves(group)
+        if len(found) != 1:
             raise
-        raise leaf from None
+        raise found[0] from None
     finally:
         await stream.aclose()
 
@@ -137,15 +138,3 @@ class ControlClient:
             error = response["error"]
             raise RpcError(error.get("code", 0), error.get("message", ""), error.get("data"))
         return response.get("result")
-
-
-def _only_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    return leaves[0] if len(leaves) == 1 else None

@@ -55,6 +55,7 @@ from joynode.devnet.network import (
 )
 from joynode.devnet.processes import ChainKeeper, DevnetError, DevnetNode, NodeSupervisor
 from joynode.devnet.status import is_running, read_status, status_lines, write_status
+from joynode.exceptiongroups import leaves
 from joynode.inference.models import model_id, prepare
 from joynode.keys import ControlToken, NodeKey
 
@@ -240,7 +241,7 @@ def run_until_signal(options: DevnetOptions) -> int:
         failed, rest = group.split((DevnetError, NetworkError))
         if failed is None or rest is not None:
             raise
-        stderr.print(f"[red]devnet failed:[/red] {_first_leaf(failed)}", soft_wrap=True)
+        stderr.print(f"[red]devnet failed:[/red] {leaves(failed)[0]}", soft_wrap=True)
         return 1
     stderr.print("devnet stopped")
     return 0
@@ -254,11 +255,6 @@ def devnet_status(directory: Path) -> tuple[bool, list[str]]:
     if not is_running(data):
         return False, [f"no devnet running in {directory} (the last one is {data['phase']})"]
     return True, status_lines(data)
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _remove_leftovers(directory: Path) -> None:
