@@ -53,7 +53,7 @@ from joynode.chain.deploy import (
 )
 from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.keys import NodeKey
-from joynode.prepaid.redemption import Redemption, pack_batch, vouched_results
+from joynode.prepaid.redemption import Redemption, pack_batch, results_by_member
 from joynode.signatures import (
     Eip712Domain,
     Permit,
@@ -457,13 +457,14 @@ class Bench:
 
         def vouchers(batch: list[Redemption]) -> dict[str, bytes]:
             ids = [prepaid_request_id(r.request) for r in batch]
+            covered = results_by_member(ids, batch)
             return {
                 m.address.lower(): sign(
                     NodeKey(bytes(m.key)),
                     voucher_digest(
                         self.w3.eth.chain_id,
                         prepaid.address,
-                        results_chain(vouched_results(m.address, ids, batch)),
+                        results_chain(covered[m.address.lower()]),
                     ),
                 )
                 for m in committee

@@ -19,7 +19,7 @@ from eth_account.signers.local import LocalAccount
 from web3.types import TxReceipt
 
 from joynode.chain.deploy import JOY
-from joynode.prepaid.redemption import Redemption, pack_batch, vouched_results
+from joynode.prepaid.redemption import Redemption, pack_batch, results_by_member
 from joynode.signatures import (
     PrepaidRequest,
     prepaid_request_id,
@@ -130,10 +130,11 @@ class Prepaid:
         """Every member's voucher for what it signed in ``redemptions`` (each signed by
         ``signer`` instead, if given: a forgery)."""
         ids = [prepaid_request_id(r.request) for r in redemptions]
+        vouched = results_by_member(ids, redemptions)
         chain_id = self.w.chain.w3.eth.chain_id
         vouchers = {}
         for node in self.nodes:
-            chain = results_chain(vouched_results(node.address, ids, redemptions))
+            chain = results_chain(vouched.get(node.address.lower(), []))
             digest = voucher_digest(chain_id, self.contract.address, chain)
             vouchers[node.address.lower()] = sign(node_key_of(signer or node), digest)
         return vouchers

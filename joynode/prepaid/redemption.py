@@ -84,24 +84,24 @@ def signers_of(redemption: Redemption) -> dict[str, bytes]:
     return {committee[m].lower(): sigs[65 * i : 65 * i + 65] for i, m in enumerate(positions)}
 
 
-def vouched_results(
-    member: str, request_ids: Sequence[bytes], redemptions: Sequence[Redemption]
-) -> list[tuple[bytes, bytes]]:
-    """What ``member``'s voucher for this batch covers: the (request id, output hash) of
-    every request it signed, in batch order (as ``pack_batch`` marks them)."""
-    member = member.lower()
-    return [
-        (rid, r.output_hash)
-        for rid, r in zip(request_ids, redemptions, strict=True)
-        if member in signers_of(r)
-    ]
+def results_by_member(
+    request_ids: Sequence[bytes], redemptions: Sequence[Redemption]
+) -> dict[str, list[tuple[bytes, bytes]]]:
+    """What each member's voucher for this batch covers, by member (lowercase): the
+    (request id, output hash) of every request it signed, in batch order (as
+    ``pack_batch`` marks them)."""
+    by_member: dict[str, list[tuple[bytes, bytes]]] = {}
+    for rid, r in zip(request_ids, redemptions, strict=True):
+        for member in signers_of(r):
+            by_member.setdefault(member, []).append((rid, r.output_hash))
+    return by_member
 
 
 def pack_batch(
     redemptions: Sequence[Redemption], vouchers: Mapping[str, bytes] | None = None
 ) -> bytes:
     """``redemptions`` as one ``settleBatch`` argument. ``vouchers``: by member address
-    (lowercase), its signature over ``vouched_results`` (``signatures.voucher_digest``);
+    (lowercase), its signature over its ``results_by_member`` (``signatures.voucher_digest``);
     such a member's per-request signatures are left out. Raises ``ValueError`` for what
     the layout cannot hold (a committee over 16 members, over 65,535 distinct
     addresses or models, a signature not of 65 bytes)."""

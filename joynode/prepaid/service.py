@@ -54,8 +54,7 @@ from joynode.prepaid.redemption import (
     MAX_BATCH,
     Redemption,
     pack_batch,
-    signers_of,
-    vouched_results,
+    results_by_member,
 )
 from joynode.signatures import (
     PrepaidRequest,
@@ -536,10 +535,8 @@ class PrepaidService:
             else:
                 self._m_vouchers.labels("missing").inc()
 
-        members = {m for r in redemptions for m in signers_of(r)}
         async with trio.open_nursery() as nursery:
-            for member in sorted(members):
-                results = vouched_results(member, request_ids, redemptions)
+            for member, results in sorted(results_by_member(request_ids, redemptions).items()):
                 if len(results) >= MIN_VOUCHED:
                     nursery.start_soon(ask, member, results)
         return vouchers
