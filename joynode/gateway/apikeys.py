@@ -52,6 +52,10 @@ _SELECT_BY_ID = (
     "SELECT id, name, rate_per_minute, quota_tokens, used_tokens, used_requests, created_at, "
     "last_used_at, revoked_at FROM api_keys WHERE id = ?"
 )
+_SELECT_WITH_DIGEST = (
+    "SELECT id, name, rate_per_minute, quota_tokens, used_tokens, used_requests, created_at, "
+    "last_used_at, revoked_at, secret_sha256 FROM api_keys WHERE id = ?"
+)
 _SELECT_ALL = (
     "SELECT id, name, rate_per_minute, quota_tokens, used_tokens, used_requests, created_at, "
     "last_used_at, revoked_at FROM api_keys WHERE revoked_at IS NULL OR ? ORDER BY created_at"
@@ -100,14 +104,11 @@ def authenticate(conn: sqlite3.Connection, presented: str) -> ApiKey | None:
     if match is None:
         return None
     key_id, secret = match.groups()
-    row = conn.execute(
-        "SELECT secret_sha256, revoked_at FROM api_keys WHERE id = ?", (key_id,)
-    ).fetchone()
-    if row is None or not hmac.compare_digest(bytes(row[0]), _digest(secret)):
+    row = conn.execute(_SELECT_WITH_DIGEST, (key_id,)).fetchone()
+    if row is None or not hmac.compare_digest(bytes(row[-1]), _digest(secret)):
         return None
-    if row[1] is not None:
-        return None
-    return get(conn, key_id)
+    key = ApiKey(*row[:-1])
+    return key if key.revoked_at is None else None
 
 
 def record_use(conn: sqlite3.Connection, key_id: str, tokens: int) -> None:
