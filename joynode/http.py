@@ -36,7 +36,9 @@ from joynode.gateway.openai_api import install_error_handlers
 
 log = logging.getLogger(__name__)
 
-READ_TIMEOUT_S = 10.0
+# A connection with no request under way (none yet, a head still arriving, or between
+# requests) is closed after this. Hypercorn's read_timeout is not used: it would also
+# cut a request whose answer takes longer (a committee's job, a quiet stream).
 KEEP_ALIVE_S = 10.0
 MAX_REQUEST_HEAD_BYTES = 16 * 1024
 DASHBOARD_TYPES = {
@@ -137,7 +139,6 @@ class HttpServer:
         config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
         config.accesslog = None
         config.errorlog = log
-        config.read_timeout = int(READ_TIMEOUT_S)
         config.keep_alive_timeout = KEEP_ALIVE_S
         config.h11_max_incomplete_size = MAX_REQUEST_HEAD_BYTES
         config.graceful_timeout = 1.0

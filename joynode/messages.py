@@ -9,11 +9,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import Annotated, Literal, TypeAlias
 
 import pydantic
 import trio
 from eth_utils.crypto import keccak
+
+MAX_STOPS = 4  # as OpenAI's API allows
+StopSequence: TypeAlias = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=64)]
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class SamplingSpec(pydantic.BaseModel):
     top_k: int = pydantic.Field(-1, ge=-1, le=100_000, description="-1: no top-k cut")
     seed: int | None = pydantic.Field(None, ge=0, le=2**63 - 1)
     ignore_eos: bool = False
+    # Stop sequences: the output ends just before the first one it would contain
+    # (vLLM's ``stop``). Token ids include the token that completed it; the text does not.
+    stop: tuple[StopSequence, ...] = pydantic.Field((), max_length=MAX_STOPS)
 
     @pydantic.model_validator(mode="after")
     def _sampling_is_seeded(self) -> SamplingSpec:
@@ -105,7 +111,9 @@ class ClaimScores:
     For each claimed token: its log-probability, the log-probability of this
     model's top-1 token at that position (raw logits, before any sampling
     transform), and that token's rank (1: it is the top-1). ``eos_token_ids``:
-    the tokens that end this model's output.
+    the tokens that end this model's output. ``stop_index``: for a request with
+    stop sequences, the first claimed token whose text completes one (None: none
+    does), decoded by this node's tokenizer.
     """
 
     model: str
@@ -115,6 +123,7 @@ class ClaimScores:
     eos_token_ids: frozenset[int]
     prompt_tokens: int
     total_s: float
+    stop_index: int | None = None
 
 
 class FailureCode(enum.Enum):

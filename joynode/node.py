@@ -68,6 +68,7 @@ from joynode.consensus.service import ConsensusService
 from joynode.control.methods import ControlMethod, ControlSession, MethodTable, NoParams, Reply
 from joynode.control.server import ControlServer
 from joynode.endpoints import Endpoints
+from joynode.gateway.answers import Answerer
 from joynode.gateway.control import apikey_methods
 from joynode.gateway.openai_api import openai_api
 from joynode.governance.disputes import Disputes
@@ -79,6 +80,7 @@ from joynode.inference.service import InferenceClient, InferenceService
 from joynode.keys import ControlToken, NodeKey
 from joynode.messages import ChainEvent, InferenceRequest, ShutdownRequest
 from joynode.p2p.gossip import JOBS, VOTES, ZK_JOBS, VerifiedGossip
+from joynode.p2p.peers import PeerRecord, PeerState
 from joynode.p2p.service import P2PService
 from joynode.prepaid.control import prepaid_methods
 from joynode.prepaid.service import PrepaidService
@@ -221,7 +223,18 @@ class Node:
             self.registry,
             self._health,
             self._dashboard_endpoints,
-            openai_api(self.state, self._served_models),
+            openai_api(
+                self.state,
+                self._network_models,
+                Answerer(
+                    self.consensus,
+                    self.inference_client,
+                    key,
+                    self.state,
+                    self._eip712_domain,
+                    self._network_model_id,
+                ),
+            ),
         )
         self.control = ControlServer(
             config.control,
@@ -329,9 +342,23 @@ class Node:
             "actors": self.supervisor.snapshot(),
         }
 
-    def _served_models(self) -> dict[str, str]:
-        """The models this node serves, name -> id (CID)."""
-        return {name: m.model_id for name, m in self.inference.models.items()}
+    def _network_models(self) -> dict[str, str]:
+        """The models this node serves (name -> id) and those its up peers serve (id -> id)."""
+        models = {m: m for record in self._up_peers() for m in record.models}
+        models.update({name: m.model_id for name, m in self.inference.models.items()})
+        return models
+
+    def _network_model_id(self, name_or_id: str) -> str | None:
+        """The id (CID) of a model this node or an up peer serves, by its name or id."""
+        served = self.inference.model_id(name_or_id)
+        if served is not None:
+            return served
+        if any(name_or_id in record.models for record in self._up_peers()):
+            return name_or_id
+        return None
+
+    def _up_peers(self) -> list[PeerRecord]:
+        return [r for r in self.p2p.peers.records() if r.state == PeerState.UP]
 
     def _dashboard_endpoints(self) -> dict[str, object]:
         return {

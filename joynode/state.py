@@ -233,6 +233,14 @@ MIGRATIONS: tuple[str, ...] = (
         revoked_at      REAL
     ) STRICT;
     """,
+    """
+    CREATE TABLE local_answers (
+        request_id  BLOB PRIMARY KEY,
+        model       TEXT NOT NULL,
+        certificate TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    ) STRICT;
+    """,
 )
 
 

@@ -93,6 +93,9 @@ Address = Annotated[str, msgspec.Meta(pattern=r"^0x[0-9a-fA-F]{40}$")]
 MAX_COMMITTEE = 16
 MAX_PROMPT_CHARS = 1 << 16
 MAX_OUTPUT_TOKENS = 1 << 14
+StopSequences: TypeAlias = Annotated[
+    list[Annotated[str, msgspec.Meta(min_length=1, max_length=64)]], msgspec.Meta(max_length=4)
+]
 
 
 class ChatTurn(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
@@ -199,6 +202,8 @@ class JobOffer(Message, tag="job_offer", frozen=True):
     verification: Verification | None = None  # None: replicate
     committee_block: BlockRef | None = None  # unpaid and prepaid jobs on a chain
     prepaid: PrepaidTicket | None = None
+    # Stop sequences (``SamplingSpec.stop``): part of the request, so of its id and input hash.
+    stop: StopSequences | None = None
 
 
 class VoteCommit(Message, tag="vote_commit", frozen=True):
@@ -225,6 +230,8 @@ class VoteReveal(Message, tag="vote_reveal", frozen=True):
     text: Annotated[str, msgspec.Meta(max_length=MAX_OUTPUT_TOKENS * 64)]
     salt: Bytes32
     signature: Signature
+    # The prompt's length in this member's tokenizer (for usage counts; not signed).
+    prompt_tokens: U32 | None = None
 
 
 class ClaimRefusal(Message, tag="claim_refusal", frozen=True):
@@ -238,6 +245,17 @@ class ClaimRefusal(Message, tag="claim_refusal", frozen=True):
     request_id: Bytes32
     claimant: Address
     output_hash: Bytes32
+    reason: ShortStr
+
+
+class JobCancel(Message, tag="job_cancel", frozen=True):
+    """The requester calling off a job it no longer wants (its client went away).
+
+    Members take it from the job's requester only (the stream's peer or the
+    gossip signer), stop their inference, and fail the job with ``reason``.
+    """
+
+    request_id: Bytes32
     reason: ShortStr
 
 
@@ -306,6 +324,7 @@ AnyMessage: TypeAlias = (
     | VoteCommit
     | VoteReveal
     | ClaimRefusal
+    | JobCancel
     | Received
     | JobVotesRequest
     | JobVotesReply
@@ -323,6 +342,7 @@ MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     VoteCommit,
     VoteReveal,
     ClaimRefusal,
+    JobCancel,
     Received,
     JobVotesRequest,
     JobVotesReply,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,10 +18,11 @@ from prometheus_client import CollectorRegistry
 
 from joynode.inference.engine import STOP_TIMEOUT_S, EngineSpec, VllmEngine
 from joynode.inference.models import model_id, prepare
-from joynode.inference.service import InferenceClient, InferenceService
+from joynode.inference.service import InferenceClient, InferenceService, tokenize_request
 from joynode.messages import (
     ChatMessage,
     FailureCode,
+    InferenceEvent,
     InferenceFailed,
     InferenceRequest,
     InferenceResult,
@@ -258,14 +261,36 @@ async def test_greedy_ids_equal_hugging_face_transformers(
 async def test_chat_messages_go_through_the_chat_template(
     tiny_model: Path, tiny_engine: VllmEngine
 ) -> None:
-    # The tiny tokenizer has no chat template: a clear refusal, not a crash.
+    turns = [ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi")]
     async with inference(tiny_model, tiny_engine) as (_, client):
-        with pytest.raises(InferenceFailed) as info:
-            await client.complete(
-                "tiny", messages=[ChatMessage(role="user", content="hi")], sampling=GREEDY_16
-            )
-    assert info.value.failure.code is FailureCode.INVALID_REQUEST
-    assert "chat template" in info.value.failure.message
+        chat = await client.complete("tiny", messages=turns, sampling=GREEDY_16)
+        rendered = "system: be brief\nuser: hi\nassistant:"
+        plain = await client.complete("tiny", rendered, sampling=GREEDY_16)
+    assert chat.token_ids == plain.token_ids
+    assert chat.prompt_tokens == plain.prompt_tokens
+
+
+def test_a_tokenizer_without_a_chat_template_refuses_chat_by_name(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """What ``_prompt_ids`` turns into "has no chat template; send a plain prompt"."""
+    from transformers import AutoTokenizer
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare)
+    (bare / "chat_template.jinja").unlink()
+    tokenizer = AutoTokenizer.from_pretrained(bare)
+    chat = InferenceRequest(
+        "tiny",
+        None,
+        (ChatMessage(role="user", content="hi"),),
+        GREEDY_16,
+        trio.open_memory_channel[InferenceEvent](1)[0],
+    )
+    with pytest.raises(Exception, match="chat_template"):
+        tokenize_request(tokenizer, chat)
+    plain = dataclasses.replace(chat, prompt="hi", messages=None)
+    assert tokenize_request(tokenizer, plain)  # a plain prompt still tokenizes
 
 
 def test_tiny_model_is_byte_identical_when_prepared_again(tmp_path: Path, tiny_model: Path) -> None:

@@ -29,7 +29,7 @@ from joynode.consensus.prefill import exact
 from joynode.consensus.tally import Certificate, CertificateVerifier
 from joynode.consensus.verification import judge, length_problem
 from joynode.inference.engine import VllmEngine
-from joynode.inference.service import InferenceClient
+from joynode.inference.service import InferenceClient, first_stop
 from joynode.messages import ClaimScores, SamplingSpec
 from joynode.node import Node
 from joynode.signatures import OFFCHAIN_DOMAIN
@@ -121,6 +121,30 @@ def test_outputs_of_the_wrong_length_are_refused_whatever_their_tokens() -> None
     verdict = judge(PREFILL, stop, [5, 6, 7], scores([0, 0, 0]))
     assert not verdict.accepted
     assert "truncated" in verdict.reason
+
+
+def test_an_output_ends_at_its_first_stop_sequence_and_not_elsewhere() -> None:
+    spec = SamplingSpec(max_tokens=6, stop=("\n\n",))
+    assert length_problem([5, 6, 7], spec, EOS, stop_index=2) == ""  # the stop completed at 2
+    assert "after its stop sequence at 1" in length_problem([5, 6, 7], spec, EOS, stop_index=1)
+    assert "truncated" in length_problem([5, 6, 7], spec, EOS, stop_index=None)
+    assert length_problem([5, 6, 2], spec, EOS, stop_index=None) == ""  # EOS still ends it
+
+
+class Letters:
+    """A tokenizer whose token i is the letter chr(i) (``first_stop`` only decodes)."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def test_the_first_token_completing_a_stop_sequence_is_found() -> None:
+    tokens = [ord(c) for c in "ab. cd. ef"]
+    assert first_stop(Letters(), tokens, [". c"]) == 5
+    assert first_stop(Letters(), tokens, ["zz", "d."]) == 6
+    assert first_stop(Letters(), tokens, ["."]) == 2
+    assert first_stop(Letters(), tokens, ["nowhere"]) is None
+    assert first_stop(Letters(), [], ["."]) is None
 
 
 def test_policies_travel_as_integers_and_replicate_needs_no_tolerance() -> None:

@@ -13,7 +13,7 @@ from joynode import wire
 from joynode.consensus.jobs import prepaid_request_of
 from joynode.control.jsonrpc import RpcError
 from joynode.control.methods import ControlMethod, ControlSession
-from joynode.messages import ChatMessage
+from joynode.messages import MAX_STOPS, ChatMessage, StopSequence
 
 if TYPE_CHECKING:
     from joynode.consensus.service import ConsensusService
@@ -74,6 +74,7 @@ class SubmitParams(pydantic.BaseModel):
     top_k: int = pydantic.Field(-1, ge=-1, le=1 << 20)
     seed: int | None = pydantic.Field(None, ge=0, le=2**63 - 1)
     ignore_eos: bool = False
+    stop: tuple[StopSequence, ...] = pydantic.Field((), max_length=MAX_STOPS)
     committee_size: int | None = pydantic.Field(
         None, ge=1, le=wire.MAX_COMMITTEE, description="unpaid jobs (paid: the model's)"
     )

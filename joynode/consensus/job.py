@@ -77,6 +77,8 @@ class Job:
     payment: Payment | None = None  # paid jobs only
     restored: bool = False  # taken up again after a restart
     stored: bool = False  # in SQLite: a restart takes it up again (job.get shows no other)
+    # this member's inference for the job: cancelled when the requester calls the job off
+    work: trio.CancelScope = field(default_factory=trio.CancelScope)
     # prefill jobs: claimant -> [(verifier, reason)] for each refusal heard
     refusals: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
@@ -159,10 +161,15 @@ class Job:
                 # Only token ids are certified; take the text most of the majority sent.
                 text = collections.Counter(r.text for r in agreeing).most_common(1)[0][0]
                 token_ids = agreeing[0].token_ids
+            counted = [r.prompt_tokens for r in agreeing if r.prompt_tokens is not None]
             result["output"] = {
                 "text": text,
                 "token_ids": list(token_ids),
                 "output_hash": "0x" + certificate.output_hash.hex(),
+                # as most of the majority counted it (members report it, unsigned)
+                "prompt_tokens": collections.Counter(counted).most_common(1)[0][0]
+                if counted
+                else None,
             }
         return result
 
@@ -174,6 +181,7 @@ class MyVote:
     salt: bytes
     commitment: bytes
     revealed: bool = False
+    prompt_tokens: int | None = None  # not stored: None after a restart
 
 
 def trio_deadline(wall_ms: int) -> float:

@@ -75,6 +75,9 @@ def prepaid_request_of(offer: wire.JobOffer) -> PrepaidRequest:
 
 
 def _request_fields(offer: wire.JobOffer) -> tuple[object, ...]:
+    # Stop sequences are appended only when given, so a request without them keeps the id
+    # and input hash it had before they existed.
+    stop = (offer.stop,) if offer.stop else ()
     return (
         offer.model,
         offer.prompt,
@@ -87,6 +90,7 @@ def _request_fields(offer: wire.JobOffer) -> tuple[object, ...]:
         offer.top_k,
         offer.seed,
         offer.ignore_eos,
+        *stop,
     )
 
 
@@ -98,6 +102,7 @@ def sampling_of(offer: wire.JobOffer) -> SamplingSpec:
         top_k=offer.top_k,
         seed=offer.seed,
         ignore_eos=offer.ignore_eos,
+        stop=tuple(offer.stop or ()),
     )
 
 

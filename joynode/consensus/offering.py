@@ -92,6 +92,7 @@ class Offering:
             top_k=params.top_k,
             seed=params.seed,
             ignore_eos=params.ignore_eos,
+            stop=list(params.stop) or None,
             verification=on_the_wire(await self._verification_of(model_id)),
             requester=self._address,
             nonce=params.nonce if params.nonce is not None else time.time_ns(),

@@ -56,6 +56,7 @@ class Output:
     token_ids: tuple[int, ...]
     text: str
     executed: bool  # generated here (False: endorsed another member's claim)
+    prompt_tokens: int | None = None  # the prompt's length in this node's tokenizer
 
 
 Refuse = Callable[[Job, str, bytes, Verdict], Awaitable[None]]
@@ -95,14 +96,15 @@ class PrefillMember:
                 continue
             if claim.output_hash in refused:
                 continue  # it endorsed a claim this member already refused
-            verdict = await self._judge(job, member, claim.token_ids)
-            if verdict is None:
+            judged = await self._judge(job, member, claim.token_ids)
+            if judged is None:
                 return None  # this node cannot check (its engine failed): it abstains
+            verdict, prompt_tokens = judged
             if verdict.accepted:
                 log.info(
                     "job %s: %s's output accepted (%s)", short(job), member, verdict.describe()
                 )
-                return Output(claim.token_ids, claim.text, executed=False)
+                return Output(claim.token_ids, claim.text, False, prompt_tokens)
             refused.add(claim.output_hash)
             log.warning("job %s: %s's output refused: %s", short(job), member, verdict.reason)
             await self._refuse(job, member, claim.output_hash, verdict)
@@ -115,10 +117,15 @@ class PrefillMember:
                 await job.changed.wait()
         return job.tally.reveals.get(member)
 
-    async def _judge(self, job: Job, member: str, claimed: tuple[int, ...]) -> Verdict | None:
+    async def _judge(
+        self, job: Job, member: str, claimed: tuple[int, ...]
+    ) -> tuple[Verdict, int] | None:
+        """This member's verdict on ``claimed``, with the prompt's length in its tokenizer."""
         offer = job.offer
         try:
-            scores = await self._inference.score(offer.model, offer.prompt, chat_of(offer), claimed)
+            scores = await self._inference.score(
+                offer.model, offer.prompt, chat_of(offer), claimed, offer.stop or ()
+            )
         except InferenceFailed as exc:
             log.warning("job %s: cannot check a claim: %s", short(job), exc)
             return None
@@ -126,7 +133,7 @@ class PrefillMember:
         sampling = sampling_of(offer)
         if sampling.temperature == 0 and self._same_build(member):
             policy = exact(policy)
-        return judge(policy, sampling, claimed, scores)
+        return judge(policy, sampling, claimed, scores), scores.prompt_tokens
 
 
 def exact(policy: wire.Verification) -> wire.Verification:
@@ -142,7 +149,7 @@ async def execute(inference: InferenceRunner, job: Job) -> Output | None:
             result = await inference.complete(
                 offer.model, offer.prompt, chat_of(offer), sampling_of(offer)
             )
-            return Output(result.token_ids, result.text, executed=True)
+            return Output(result.token_ids, result.text, True, result.prompt_tokens)
     except InferenceFailed as exc:
         log.warning("job %s: cannot run it: %s", short(job), exc)
         return None

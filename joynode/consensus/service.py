@@ -184,7 +184,13 @@ class ConsensusService:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._p2p.handle_requests(wire.JobVotesRequest, self._answer_votes)
-        for kind in (wire.JobOffer, wire.VoteCommit, wire.VoteReveal, wire.ClaimRefusal):
+        for kind in (
+            wire.JobOffer,
+            wire.VoteCommit,
+            wire.VoteReveal,
+            wire.ClaimRefusal,
+            wire.JobCancel,
+        ):
             self._p2p.handle_requests(kind, self._receive_direct)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -240,7 +246,9 @@ class ConsensusService:
             dropped = await self._on_offer(message, sender)
             if dropped is not None and message.prepaid is not None:
                 return wire.ErrorReply(REFUSED, f"{dropped.reason}: {dropped.detail}"[:1024])
-        elif isinstance(message, wire.VoteCommit | wire.VoteReveal | wire.ClaimRefusal):
+        elif isinstance(
+            message, wire.VoteCommit | wire.VoteReveal | wire.ClaimRefusal | wire.JobCancel
+        ):
             await self._on_vote(message, sender)
         return wire.Received()
 
@@ -277,6 +285,18 @@ class ConsensusService:
         if offer.request_id in self.jobs or await self._known(offer.request_id):
             raise RpcError(JOB_ERROR, "that job (same request and nonce) was already submitted")
         return self._offer(await self._open(offer, submitter=True))
+
+    async def cancel(self, request_id: bytes, reason: str) -> bool:
+        """Call off a pending job this node submitted: its members stop their inference and
+        the job fails with ``reason``. False if there is no such job pending."""
+        job = self.jobs.get(request_id)
+        if job is None or job.status != "pending" or job.role == "member":
+            return False
+        job.work.cancel()
+        self._send(job, VOTES, wire.JobCancel(request_id, reason[:256]))
+        self._metrics.jobs.labels("cancelled").inc()
+        await self._finish(job, "failed", f"cancelled by the requester: {reason}")
+        return True
 
     async def quote_prepaid(self, params: QuoteParams) -> wire.JobOffer:
         """A prepaid job for ``params.client`` to sign (``prepaid.quote``)."""
@@ -385,14 +405,20 @@ class ConsensusService:
         prefill = offer.verification is not None and offer.verification.mode == "prefill"
         if job.my_vote is None:
             began = time.monotonic()
-            output = await (self._prefill.decide(job) if prefill else execute(self._inference, job))
+            output = None
+            with job.work:
+                output = await (
+                    self._prefill.decide(job) if prefill else execute(self._inference, job)
+                )
             if output is None:
                 return
             phase = "inference" if output.executed else "verification"
             self._metrics.phase.labels(phase).observe(time.monotonic() - began)
             salt = os.urandom(32)
             commitment = vote_commitment(offer.request_id, output_hash(output.token_ids), salt)
-            job.my_vote = MyVote(output.token_ids, output.text, salt, commitment)
+            job.my_vote = MyVote(
+                output.token_ids, output.text, salt, commitment, prompt_tokens=output.prompt_tokens
+            )
             await self._state.write(lambda conn: save_my_vote(conn, job))
         vote = job.my_vote
         domain = job.tally.domain  # the domain the job is tallied in, whatever happens later
@@ -428,6 +454,7 @@ class ConsensusService:
             vote.text,
             vote.salt,
             sign(self._key, domain.result_digest(offer.request_id, output_hash(vote.token_ids))),
+            vote.prompt_tokens,
         )
         await self._count_vote(job, self.address, reveal)
         self._send(job, VOTES, reveal)
@@ -465,6 +492,9 @@ class ConsensusService:
 
     async def _on_vote(self, message: wire.AnyMessage, sender: str) -> None:
         """A vote or refusal from ``sender`` (the gossip signer, or the direct stream's peer)."""
+        if isinstance(message, wire.JobCancel):
+            await self._on_cancel(message, sender)
+            return
         if isinstance(message, wire.ClaimRefusal):
             job = self._live_job(message.request_id)
             members = job.tally.committee if job is not None else ()
@@ -497,6 +527,17 @@ class ConsensusService:
             self._metrics.rejected.labels("late").inc()
             return
         await self._count_vote(job, sender, message)
+
+    async def _on_cancel(self, message: wire.JobCancel, sender: str) -> None:
+        """The requester called its job off: stop this member's inference, fail the job."""
+        job = self._live_job(message.request_id)
+        if job is None or job.status != "pending":
+            return
+        if sender.lower() != job.offer.requester.lower():
+            self._metrics.rejected.labels("cancel_not_requester").inc()
+            return
+        job.work.cancel()
+        await self._finish(job, "failed", f"cancelled by the requester: {message.reason}")
 
     async def _count_vote(
         self, job: Job, signer: str, vote: wire.VoteCommit | wire.VoteReveal

@@ -131,10 +131,16 @@ class Reveal:
     text: str
     salt: bytes
     signature: bytes
+    prompt_tokens: int | None = None  # as the member reported it (unsigned)
 
     def to_wire(self, request_id: bytes) -> wire.VoteReveal:
         return wire.VoteReveal(
-            request_id, list(self.token_ids), self.text, self.salt, self.signature
+            request_id,
+            list(self.token_ids),
+            self.text,
+            self.salt,
+            self.signature,
+            self.prompt_tokens,
         )
 
 
@@ -193,7 +199,13 @@ class JobTally:
         if member in self.reveals:
             return False
         self.reveals[member] = Reveal(
-            member, result, tuple(reveal.token_ids), reveal.text, reveal.salt, reveal.signature
+            member,
+            result,
+            tuple(reveal.token_ids),
+            reveal.text,
+            reveal.salt,
+            reveal.signature,
+            reveal.prompt_tokens,
         )
         return True
 

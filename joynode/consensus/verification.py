@@ -17,8 +17,9 @@ outside (``sampled_outside_bps`` for sampled jobs: an honest draw often
 lands on a token well below the top-1, a different model's far more often;
 this check is statistical, and a cheater who picks plausible tokens without
 the seed passes it), and when its length is one the request allows: no
-more than ``max_tokens``, nothing after an end-of-sequence token, and no
-early stop without one (a truncated output). Pure functions, no I/O.
+more than ``max_tokens``, nothing after an end-of-sequence token or a stop
+sequence, and no early stop without one (a truncated output). Pure functions,
+no I/O.
 
 Why prompt logprobs and not TOPLOC's hidden-state proofs: vLLM returns the
 logprobs of a prefill from its public API on every build (CPU included),
@@ -58,8 +59,17 @@ class Verdict:
         )
 
 
-def length_problem(claimed: Sequence[int], sampling: SamplingSpec, eos: frozenset[int]) -> str:
-    """Why ``claimed`` cannot be a whole output of this request ("" if it can)."""
+def length_problem(
+    claimed: Sequence[int],
+    sampling: SamplingSpec,
+    eos: frozenset[int],
+    stop_index: int | None = None,
+) -> str:
+    """Why ``claimed`` cannot be a whole output of this request ("" if it can).
+
+    ``stop_index``: the first claimed token whose text completes one of the
+    request's stop sequences (``ClaimScores.stop_index``); the output must end there.
+    """
     if not claimed:
         return "the claimed output is empty"
     if len(claimed) > sampling.max_tokens:
@@ -71,7 +81,10 @@ def length_problem(claimed: Sequence[int], sampling: SamplingSpec, eos: frozense
     early_end = next((i for i, t in enumerate(claimed[:-1]) if t in eos), None)
     if early_end is not None:
         return f"the claimed output goes on after its end-of-sequence token at {early_end}"
-    if len(claimed) < sampling.max_tokens and claimed[-1] not in eos:
+    last = len(claimed) - 1
+    if stop_index is not None and stop_index < last:
+        return f"the claimed output goes on after its stop sequence at {stop_index}"
+    if len(claimed) < sampling.max_tokens and claimed[-1] not in eos and stop_index != last:
         return (
             f"the claimed output stops at {len(claimed)} of {sampling.max_tokens} tokens "
             "without an end-of-sequence token (truncated)"
@@ -97,7 +110,7 @@ def judge(
 ) -> Verdict:
     """Accept or refuse ``claimed`` given this verifier's ``scores`` of it."""
     n = len(claimed)
-    problem = length_problem(claimed, sampling, scores.eos_token_ids)
+    problem = length_problem(claimed, sampling, scores.eos_token_ids, scores.stop_index)
     if problem:
         return Verdict(False, problem, n, 0, 0.0)
     margin = policy.margin_milli / 1000

@@ -79,6 +79,13 @@ TINY_CORPUS = (
 )
 
 
+# A plain chat template, so chat requests run on the tiny model as on a real one.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def _prepare_tiny(out: Path, report: Report) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -97,7 +104,9 @@ def _prepare_tiny(out: Path, report: Report) -> None:
     )
     tokenizer.train_from_iterator(list(TINY_CORPUS) * 20, trainer=trainer)
     specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **specials)
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, chat_template=TINY_CHAT_TEMPLATE, **specials
+    )
     hf_tokenizer.save_pretrained(out)
 
     report("tiny: building a seeded 2-layer Llama")

@@ -286,7 +286,9 @@ class InferenceService:
         """The request's prompt as token ids, or the failure the requester was just told (it
         does not tokenize, is empty, or with ``output_tokens`` does not fit the model)."""
         try:
-            token_ids = await trio.to_thread.run_sync(_tokenize, model.engine.tokenizer, request)
+            token_ids = await trio.to_thread.run_sync(
+                tokenize_request, model.engine.tokenizer, request
+            )
         except Exception as exc:  # tokenizers and jinja chat templates raise many types
             reason = (
                 f"{model.name} has no chat template; send a plain prompt"
@@ -386,6 +388,12 @@ class InferenceService:
             token_logprobs.append(float(mine.logprob))
             top_logprobs.append(float(top.logprob))
             ranks.append(int(mine.rank))
+        stops = request.sampling.stop
+        stop_index = (
+            await trio.to_thread.run_sync(first_stop, model.engine.tokenizer, claimed, stops)
+            if stops
+            else None
+        )
         await request.reply.send(
             ClaimScores(
                 model=model.name,
@@ -395,6 +403,7 @@ class InferenceService:
                 eos_token_ids=_eos_ids(model.engine.tokenizer),
                 prompt_tokens=len(token_ids),
                 total_s=round(trio.current_time() - began, 6),
+                stop_index=stop_index,
             )
         )
         return "scored"
@@ -437,7 +446,7 @@ class InferenceService:
         ]
 
 
-def _tokenize(tokenizer: Any, request: InferenceRequest) -> list[int]:
+def tokenize_request(tokenizer: Any, request: InferenceRequest) -> list[int]:
     if request.messages is not None:
         ids = tokenizer.apply_chat_template(
             [m.model_dump() for m in request.messages], add_generation_prompt=True, tokenize=True
@@ -459,6 +468,7 @@ def _sampling_params(spec: SamplingSpec) -> Any:
         top_k=spec.top_k,
         seed=spec.seed,
         ignore_eos=spec.ignore_eos,
+        stop=list(spec.stop) or None,
         output_kind=RequestOutputKind.DELTA,
     )
 
@@ -474,6 +484,29 @@ def _scoring_params() -> Any:
         detokenize=False,
         output_kind=RequestOutputKind.FINAL_ONLY,
     )
+
+
+def first_stop(tokenizer: Any, token_ids: Sequence[int], stops: Sequence[str]) -> int | None:
+    """The first token whose text completes one of ``stops`` (None: none does).
+
+    Whether a prefix's text contains a stop sequence only grows with the
+    prefix, so a binary search decodes about log2(n) prefixes, not n.
+    """
+
+    def stopped(n: int) -> bool:
+        text = tokenizer.decode(list(token_ids[:n]), skip_special_tokens=True)
+        return any(stop in text for stop in stops)
+
+    if not token_ids or not stopped(len(token_ids)):
+        return None
+    low, high = 1, len(token_ids)  # stopped(high); the answer is the least such n
+    while low < high:
+        middle = (low + high) // 2
+        if stopped(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low - 1
 
 
 def _eos_ids(tokenizer: Any) -> frozenset[int]:
@@ -542,14 +575,16 @@ class InferenceClient:
         prompt: str | None,
         messages: Sequence[ChatMessage] | None,
         claimed: Sequence[int],
+        stop: Sequence[str] = (),
     ) -> ClaimScores:
-        """Score a claimed output with this node's model; raise ``InferenceFailed`` if refused."""
+        """Score a claimed output with this node's model (and find where it meets a stop
+        sequence); raise ``InferenceFailed`` if refused."""
         send, receive = trio.open_memory_channel[InferenceEvent](REPLY_BUFFER)
         request = InferenceRequest(
             model,
             prompt,
             tuple(messages) if messages is not None else None,
-            SamplingSpec(max_tokens=max(1, len(claimed))),
+            SamplingSpec(max_tokens=max(1, len(claimed)), stop=tuple(stop)),
             send,
             teacher_forced=tuple(claimed),
         )
