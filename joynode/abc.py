@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         PrepaidRefusal,
         PrepaidTerms,
         SamplingSpec,
+        TokenDelta,
         ZkModelInfo,
         ZkSettlement,
     )
@@ -119,6 +120,7 @@ class InferenceRunner(Protocol):
         prompt: str | None = None,
         messages: Sequence[ChatMessage] | None = None,
         sampling: SamplingSpec | None = None,
+        on_tokens: Callable[[TokenDelta], None] | None = None,
     ) -> InferenceResult: ...
 
     async def score(

@@ -204,6 +204,9 @@ class JobOffer(Message, tag="job_offer", frozen=True):
     prepaid: PrepaidTicket | None = None
     # Stop sequences (``SamplingSpec.stop``): part of the request, so of its id and input hash.
     stop: StopSequences | None = None
+    # The requester wants the executor's tokens as they come (``JobTokens``): how the
+    # output is delivered, not what it is, so not part of the id.
+    stream: bool = False
 
 
 class VoteCommit(Message, tag="vote_commit", frozen=True):
@@ -246,6 +249,21 @@ class ClaimRefusal(Message, tag="claim_refusal", frozen=True):
     claimant: Address
     output_hash: Bytes32
     reason: ShortStr
+
+
+class JobTokens(Message, tag="job_tokens", frozen=True):
+    """The executor's output as it generates it, for a requester that asked (``stream``).
+
+    Sent by the committee's first member straight to the requester, in order
+    (``seq`` counts from 0), never gossiped. Not verified: the certificate
+    that follows says what the committee agreed on, and the requester checks
+    what it passed on against it.
+    """
+
+    request_id: Bytes32
+    seq: UInt
+    token_ids: Annotated[list[U32], msgspec.Meta(max_length=MAX_OUTPUT_TOKENS)]
+    text: Annotated[str, msgspec.Meta(max_length=MAX_OUTPUT_TOKENS * 64)]
 
 
 class JobCancel(Message, tag="job_cancel", frozen=True):
@@ -325,6 +343,7 @@ AnyMessage: TypeAlias = (
     | VoteReveal
     | ClaimRefusal
     | JobCancel
+    | JobTokens
     | Received
     | JobVotesRequest
     | JobVotesReply
@@ -343,6 +362,7 @@ MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     VoteReveal,
     ClaimRefusal,
     JobCancel,
+    JobTokens,
     Received,
     JobVotesRequest,
     JobVotesReply,

@@ -17,12 +17,13 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+from eth_utils.crypto import keccak
 from prometheus_client import CollectorRegistry, Counter
 
 from joynode import wire
 from joynode.consensus.control import JOB_ERROR, SubmitParams
 from joynode.consensus.delivery import Delivery
-from joynode.consensus.jobs import request_id_of
+from joynode.consensus.jobs import input_hash_of, request_id_of
 from joynode.consensus.tally import (
     Certificate,
     CertificateVerifier,
@@ -224,6 +225,8 @@ def test_the_request_id_covers_every_field_but_the_id() -> None:
         {"top_p": 0.9},
         {"top_k": 3},
         {"ignore_eos": True},
+        {"stop": ["\n"]},
+        {"stop": ["\n", "."]},
         {"requester": "0x" + "cd" * 20},
         {"nonce": 2},
         # who runs it, drawn from which block, until when
@@ -234,6 +237,12 @@ def test_the_request_id_covers_every_field_but_the_id() -> None:
     ]
     ids = {request_id_of(msgspec.structs.replace(base, **change)) for change in changed}
     assert len(ids | {request_id_of(base)}) == len(changed) + 1
+    # Stop sequences weigh in only when given: an offer without them keeps its old id.
+    before_stops = ("model", "prompt", None, 8, 0.0, 1.0, -1, None, False)
+    assert input_hash_of(base) == keccak(msgspec.msgpack.encode(before_stops))
+    assert input_hash_of(base) != input_hash_of(msgspec.structs.replace(base, stop=["\n"]))
+    # How the output is delivered is not what it is.
+    assert request_id_of(base) == request_id_of(msgspec.structs.replace(base, stream=True))
 
 
 # ---- real nodes

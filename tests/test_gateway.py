@@ -34,6 +34,7 @@ from joynode.messages import (
     InferenceFailure,
     InferenceResult,
     SamplingSpec,
+    TokenDelta,
 )
 from joynode.node import Node
 from tests.factories import LIBP2P_TEARDOWN_LEAK, running_node, wait_for
@@ -300,6 +301,35 @@ async def test_bad_requests_get_openai_errors_and_the_node_keeps_serving(
         assert fine.choices[0].text
 
 
+class DiesMidStream:
+    """An inference client that, asked to stream (only the executor is), passes on two
+    tokens and dies."""
+
+    def __init__(self, honest: InferenceClient) -> None:
+        self._honest = honest
+
+    async def complete(
+        self,
+        model: str,
+        prompt: str | None = None,
+        messages: Any = None,
+        sampling: SamplingSpec | None = None,
+        on_tokens: Any = None,
+    ) -> InferenceResult:
+        args = (model, prompt, messages, sampling)
+        if on_tokens is None:
+            return await self._honest.complete(*args)
+        passed: list[int] = []
+
+        def two(delta: TokenDelta) -> None:
+            if len(passed) >= 2:
+                raise InferenceFailed(InferenceFailure(FailureCode.ENGINE_ERROR, "killed"))
+            passed.extend(delta.token_ids)
+            on_tokens(delta)
+
+        return await self._honest.complete(*args, on_tokens=two)
+
+
 class FailsOnce:
     """An inference client whose first request fails: an executor that died."""
 
@@ -338,6 +368,40 @@ async def test_a_failed_committee_job_is_retried_and_a_gone_client_stops_every_m
         check_offline(answer.model_extra["joynet"])
         failed = [j for j in gateway.consensus.jobs.values() if j.status == "failed"]
         assert len(failed) == 1
+
+        # The executor dies mid-stream, after streaming two tokens: the other two members
+        # certify the output, and the client gets the rest of it, then the certificate.
+        for node in nodes:
+            node.consensus._inference = DiesMidStream(node.inference_client)  # type: ignore[assignment]
+
+        def stream(client: openai.OpenAI) -> list[Any]:
+            with client:
+                return list(
+                    client.completions.create(
+                        model=model_id,
+                        prompt="Hello world",
+                        max_tokens=8,
+                        temperature=0,
+                        stream=True,
+                    )
+                )
+
+        reference = await nodes[0].inference_client.complete(
+            model_id, "Hello world", None, SamplingSpec(max_tokens=8)
+        )
+        chunks = await in_thread(stream, sdk(gateway))
+        last = chunks[-1].model_extra["joynet"]
+        executor = last["certificate"]["committee"][0]
+        assert executor not in last["certificate"]["signers"]
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == reference.text
+        assert last["token_ids"] == list(reference.token_ids)
+        pieces = [c.model_extra["joynet"]["token_ids"] for c in chunks if c.model_extra["joynet"]]
+        *streamed, rest, _ = pieces  # (the last: the certificate)
+        live = [t for piece in streamed for t in piece]  # the executor's, as it made them
+        assert live == list(reference.token_ids[: len(live)])
+        assert len(live) >= 2
+        assert rest == list(reference.token_ids[len(live) :])  # the rest, once certified
+        assert rest
 
         # A client that goes away while its committee works: every member stops its job.
         for node in nodes:

@@ -75,6 +75,9 @@ class SubmitParams(pydantic.BaseModel):
     seed: int | None = pydantic.Field(None, ge=0, le=2**63 - 1)
     ignore_eos: bool = False
     stop: tuple[StopSequence, ...] = pydantic.Field((), max_length=MAX_STOPS)
+    stream: bool = pydantic.Field(
+        False, description="the executor sends this node its tokens as it makes them"
+    )
     committee_size: int | None = pydantic.Field(
         None, ge=1, le=wire.MAX_COMMITTEE, description="unpaid jobs (paid: the model's)"
     )

@@ -47,7 +47,7 @@ class Delivery:
         self._network = network
         self._peer_of = peer_of
         self._sent = sent
-        self._outboxes: dict[str, trio.MemorySendChannel[tuple[Topic, wire.Message]]] = {}
+        self._outboxes: dict[str, trio.MemorySendChannel[tuple[Topic | None, wire.Message]]] = {}
         self._unreachable_until: dict[str, float] = {}
         self._published: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._nursery: trio.Nursery | None = None
@@ -58,13 +58,16 @@ class Delivery:
             task_status.started()
             await trio.sleep_forever()
 
-    def send(self, followers: list[str], topic: Topic, message: wire.Message) -> None:
-        """Queue ``message`` for each of ``followers`` (node addresses)."""
+    def send(self, followers: list[str], topic: Topic | None, message: wire.Message) -> None:
+        """Queue ``message`` for each of ``followers`` (node addresses). With no ``topic``
+        it goes straight or not at all (what only one follower wants: tokens)."""
         for address in followers:
             key = address.lower()
             outbox = self._outboxes.get(key)
             if outbox is None:
-                outbox, inbox = trio.open_memory_channel[tuple[Topic, wire.Message]](math.inf)
+                outbox, inbox = trio.open_memory_channel[tuple[Topic | None, wire.Message]](
+                    math.inf
+                )
                 self._outboxes[key] = outbox
                 assert self._nursery is not None, "Delivery.run is not running"
                 self._nursery.start_soon(self._drain, key, address, inbox)
@@ -109,7 +112,7 @@ class Delivery:
         self,
         key: str,
         address: str,
-        inbox: trio.MemoryReceiveChannel[tuple[Topic, wire.Message]],
+        inbox: trio.MemoryReceiveChannel[tuple[Topic | None, wire.Message]],
     ) -> None:
         async with inbox:
             while True:
@@ -122,7 +125,9 @@ class Delivery:
                 del self._outboxes[key]
                 return
 
-    async def _deliver(self, key: str, address: str, topic: Topic, message: wire.Message) -> None:
+    async def _deliver(
+        self, key: str, address: str, topic: Topic | None, message: wire.Message
+    ) -> None:
         kind = type(message).__name__
         peer = self._peer_of(address)
         if peer is not None and trio.current_time() >= self._unreachable_until.get(key, 0.0):
@@ -137,6 +142,9 @@ class Delivery:
             except Exception as exc:  # libp2p raises many unrelated types: never the actor's end
                 log.info("%s not delivered to %s: %r", kind, address, exc)
             self._unreachable_until[key] = trio.current_time() + BACKOFF_S
+        if topic is None:
+            self._sent.labels(kind, "dropped").inc()
+            return
         await self._publish(topic, message)
 
     async def _publish(self, topic: Topic, message: wire.Message) -> None:

@@ -79,6 +79,8 @@ class Job:
     stored: bool = False  # in SQLite: a restart takes it up again (job.get shows no other)
     # this member's inference for the job: cancelled when the requester calls the job off
     work: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # stream jobs, at the requester: the executor's (token ids, text) as they came, unverified
+    streamed: list[tuple[tuple[int, ...], str]] = field(default_factory=list)
     # prefill jobs: claimant -> [(verifier, reason)] for each refusal heard
     refusals: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 

@@ -37,7 +37,8 @@ class ConsensusMetrics:
         self.messages = Counter(
             "joynode_consensus_messages_sent",
             "Job messages sent, by kind and route (direct: one per recipient; gossip: one "
-            "publish for whoever could not be reached directly)",
+            "publish for whoever could not be reached directly; dropped: direct-only "
+            "messages, tokens, that could not be delivered)",
             ["kind", "route"],
             registry=registry,
         )

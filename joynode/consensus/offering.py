@@ -93,6 +93,7 @@ class Offering:
             seed=params.seed,
             ignore_eos=params.ignore_eos,
             stop=list(params.stop) or None,
+            stream=params.stream,
             verification=on_the_wire(await self._verification_of(model_id)),
             requester=self._address,
             nonce=params.nonce if params.nonce is not None else time.time_ns(),

@@ -44,7 +44,7 @@ from joynode.consensus.job import Job, short, trio_deadline
 from joynode.consensus.jobs import chat_of, sampling_of
 from joynode.consensus.tally import Reveal
 from joynode.consensus.verification import Verdict, judge
-from joynode.messages import InferenceFailed
+from joynode.messages import InferenceFailed, TokenDelta
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class Output:
 
 
 Refuse = Callable[[Job, str, bytes, Verdict], Awaitable[None]]
+TokenSink = Callable[[TokenDelta], None]
 
 
 class PrefillMember:
@@ -78,8 +79,9 @@ class PrefillMember:
         self._refuse = refuse
         self._same_build = same_build
 
-    async def decide(self, job: Job) -> Output | None:
-        """The output this member votes for, or None if it has none by the commit deadline."""
+    async def decide(self, job: Job, on_tokens: TokenSink | None = None) -> Output | None:
+        """The output this member votes for, or None if it has none by the commit deadline.
+        ``on_tokens``: where this member's tokens go if it is the one that generates."""
         offer = job.offer
         committee = job.tally.committee
         commit_by = offer.commit_deadline_ms / 1000
@@ -87,7 +89,7 @@ class PrefillMember:
         refused: set[bytes] = set()
         for rank, member in enumerate(committee):
             if member == self._address:
-                return await execute(self._inference, job)
+                return await execute(self._inference, job, on_tokens)
             claim = await self._claim_of(job, member, job.created_at + turn * (rank + 1))
             if not job.open_for_votes():
                 return None
@@ -141,13 +143,16 @@ def exact(policy: wire.Verification) -> wire.Verification:
     return wire.Verification("prefill", 0, 0, policy.sampled_outside_bps)
 
 
-async def execute(inference: InferenceRunner, job: Job) -> Output | None:
-    """Run the job on this node's engine, until its commit deadline (both modes use it)."""
+async def execute(
+    inference: InferenceRunner, job: Job, on_tokens: TokenSink | None = None
+) -> Output | None:
+    """Run the job on this node's engine, until its commit deadline (both modes use it),
+    passing its tokens to ``on_tokens`` as they come."""
     offer = job.offer
     try:
         with trio.move_on_at(trio_deadline(offer.commit_deadline_ms)):
             result = await inference.complete(
-                offer.model, offer.prompt, chat_of(offer), sampling_of(offer)
+                offer.model, offer.prompt, chat_of(offer), sampling_of(offer), on_tokens=on_tokens
             )
             return Output(result.token_ids, result.text, True, result.prompt_tokens)
     except InferenceFailed as exc:

@@ -74,8 +74,9 @@ from joynode.consensus.job import (
 from joynode.consensus.jobs import prepaid_request_of
 from joynode.consensus.metrics import ConsensusMetrics
 from joynode.consensus.offering import Offering
-from joynode.consensus.prefill import PrefillMember, execute
+from joynode.consensus.prefill import PrefillMember, TokenSink, execute
 from joynode.consensus.settlement import Settlement
+from joynode.consensus.streaming import TokenRelay
 from joynode.consensus.tally import (
     Certificate,
     CertificateVerifier,
@@ -90,6 +91,7 @@ from joynode.keys import NodeKey
 from joynode.messages import (
     ChainEvent,
     ServingStatus,
+    TokenDelta,
     output_hash,
 )
 from joynode.p2p.gossip import JOBS, VOTES, Topic, VerifiedGossip
@@ -190,6 +192,7 @@ class ConsensusService:
             wire.VoteReveal,
             wire.ClaimRefusal,
             wire.JobCancel,
+            wire.JobTokens,
         ):
             self._p2p.handle_requests(kind, self._receive_direct)
         async with trio.open_nursery() as nursery:
@@ -247,7 +250,8 @@ class ConsensusService:
             if dropped is not None and message.prepaid is not None:
                 return wire.ErrorReply(REFUSED, f"{dropped.reason}: {dropped.detail}"[:1024])
         elif isinstance(
-            message, wire.VoteCommit | wire.VoteReveal | wire.ClaimRefusal | wire.JobCancel
+            message,
+            wire.VoteCommit | wire.VoteReveal | wire.ClaimRefusal | wire.JobCancel | wire.JobTokens,
         ):
             await self._on_vote(message, sender)
         return wire.Received()
@@ -406,10 +410,15 @@ class ConsensusService:
         if job.my_vote is None:
             began = time.monotonic()
             output = None
+            on_tokens = self._token_sink(job)
             with job.work:
                 output = await (
-                    self._prefill.decide(job) if prefill else execute(self._inference, job)
+                    self._prefill.decide(job, on_tokens)
+                    if prefill
+                    else execute(self._inference, job, on_tokens)
                 )
+            if isinstance(on_tokens, TokenRelay):
+                on_tokens.flush()
             if output is None:
                 return
             phase = "inference" if output.executed else "verification"
@@ -495,6 +504,9 @@ class ConsensusService:
         if isinstance(message, wire.JobCancel):
             await self._on_cancel(message, sender)
             return
+        if isinstance(message, wire.JobTokens):
+            self._on_tokens(message, sender)
+            return
         if isinstance(message, wire.ClaimRefusal):
             job = self._live_job(message.request_id)
             members = job.tally.committee if job is not None else ()
@@ -527,6 +539,34 @@ class ConsensusService:
             self._metrics.rejected.labels("late").inc()
             return
         await self._count_vote(job, sender, message)
+
+    def _on_tokens(self, message: wire.JobTokens, sender: str) -> None:
+        """The executor's tokens for a job this node streams: kept in order, for the gateway."""
+        job = self._live_job(message.request_id)
+        if job is None or not job.offer.stream or job.status != "pending":
+            return
+        if sender.lower() != job.tally.committee[0].lower() or message.seq != len(job.streamed):
+            self._metrics.rejected.labels("stray_tokens").inc()
+            return
+        job.streamed.append((tuple(message.token_ids), message.text))
+        job.touch()
+
+    def _token_sink(self, job: Job) -> TokenRelay | TokenSink | None:
+        """Where this member's tokens go: to the requester if it asked for them and this
+        member is the committee's first (the one that streams), else nowhere."""
+        if not job.offer.stream or job.tally.committee[0] != self.address:
+            return None
+        if job.role != "member":  # this node asked: keep them on the job itself
+
+            def keep(delta: TokenDelta) -> None:
+                job.streamed.append((delta.token_ids, delta.text))
+                job.touch()
+
+            return keep
+        requester = job.offer.requester
+        return TokenRelay(
+            job.request_id, lambda tokens: self._delivery.send([requester], None, tokens)
+        )
 
     async def _on_cancel(self, message: wire.JobCancel, sender: str) -> None:
         """The requester called its job off: stop this member's inference, fail the job."""

@@ -26,7 +26,7 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -138,29 +138,61 @@ class Answerer:
 
     # ---- committee
 
-    async def committee(self, ask: Ask, model_id: str) -> Answer:
-        """The committee's certified answer; a client going away (cancellation) calls the
-        job off on every member."""
+    async def committee(
+        self, ask: Ask, model_id: str, *, stream: bool = False
+    ) -> AsyncIterator[TokenDelta | Answer]:
+        """The committee's certified answer; with ``stream``, first the executor's tokens
+        as it makes them (passed on unverified, then checked against the certificate).
+
+        A job that fails before any token was passed on is submitted again (a new
+        nonce: a new draw). A client going away (this generator cancelled or closed)
+        calls the job off on every member.
+        """
         reasons: list[str] = []
         for _ in range(1 + RETRIES):
-            job = await self._submit(ask, model_id)
+            job = await self._submit(ask, model_id, stream)
+            passed = 0  # chunks of job.streamed passed on
             try:
-                await job.done.wait()
+                while True:
+                    changed = job.changed
+                    while passed < len(job.streamed):
+                        token_ids, text = job.streamed[passed]
+                        passed += 1
+                        yield TokenDelta(text, token_ids)
+                    if job.done.is_set():
+                        break
+                    await changed.wait()
             finally:
                 if not job.done.is_set():
                     with trio.CancelScope(shield=True):
                         await self._jobs.cancel(job.request_id, "the client went away")
             if job.status == "certified":
-                return self._answer_of(job, ask)
-            reasons.append(job.reason)
+                answer = self._answer_of(job, ask)
+                rest = _rest_of(answer, job.streamed[:passed])
+                if rest is None:
+                    raise OpenAIError(
+                        502,
+                        "the executor streamed an output that was not the certified one; "
+                        f"the certificate is at /v1/joynet/certificates/0x{job.request_id.hex()}",
+                        "stream_not_certified",
+                    )
+                if rest.token_ids or rest.text:
+                    yield rest
+                yield answer
+                return
             log.info("gateway: job 0x%s failed: %s", job.request_id.hex()[:12], job.reason)
+            if passed:
+                raise OpenAIError(
+                    503, f"the job failed after its stream began: {job.reason}", "job_failed"
+                )
+            reasons.append(job.reason)
         raise OpenAIError(
             503,
             "no committee certified an answer: " + "; then ".join(reasons),
             "verification_failed",
         )
 
-    async def _submit(self, ask: Ask, model_id: str) -> Job:
+    async def _submit(self, ask: Ask, model_id: str, stream: bool) -> Job:
         s = ask.sampling
         params = SubmitParams(
             model=model_id,
@@ -171,6 +203,7 @@ class Answerer:
             top_p=s.top_p,
             seed=s.seed,
             stop=s.stop,
+            stream=stream,
             committee_size=ask.committee_size,
         )
         try:
@@ -198,7 +231,7 @@ class Answerer:
 
     # ---- local
 
-    def local_request_id(self, ask: Ask, model_id: str) -> bytes:
+    def _local_request_id(self, ask: Ask, model_id: str) -> bytes:
         """A new local request's id: keccak256 over what was asked, of whom, and a nonce."""
         turns = [(m.role, m.content) for m in ask.messages] if ask.messages is not None else None
         fields = (
@@ -212,11 +245,10 @@ class Answerer:
         )
         return bytes(keccak(_canonical.encode(fields)))
 
-    async def local(
-        self, ask: Ask, model_id: str, request_id: bytes
-    ) -> AsyncIterator[TokenDelta | Answer]:
+    async def local(self, ask: Ask, model_id: str) -> AsyncIterator[TokenDelta | Answer]:
         """This node's engine's tokens as they come, then the answer it signed alone.
         Leaving early (the client went away) aborts the request inside vLLM."""
+        request_id = self._local_request_id(ask, model_id)
         async with self._engine.stream(model_id, ask.prompt, ask.messages, ask.sampling) as events:
             async for event in events:
                 if isinstance(event, TokenDelta):
@@ -311,6 +343,26 @@ class Answerer:
             "quorum": 1,
             "domain": domain,
         }
+
+
+async def last_answer(events: AsyncIterator[TokenDelta | Answer]) -> Answer:
+    """The answer at the end of ``events`` (``committee`` or ``local``), tokens skipped."""
+    async with aclosing(events):  # type: ignore[type-var]
+        async for event in events:
+            if isinstance(event, Answer):
+                return event
+    raise OpenAIError(503, "the request ended without an answer", "engine_error")
+
+
+def _rest_of(answer: Answer, streamed: list[tuple[tuple[int, ...], str]]) -> TokenDelta | None:
+    """What the client still needs after ``streamed`` to have the certified output (None:
+    what it was streamed is not a beginning of it). Empty when it has it all."""
+    token_ids = tuple(t for ids, _ in streamed for t in ids)
+    text = "".join(piece for _, piece in streamed)
+    n = len(token_ids)
+    if answer.token_ids[:n] != token_ids or not answer.text.startswith(text):
+        return None
+    return TokenDelta(answer.text[len(text) :], answer.token_ids[n:])
 
 
 def domain_json(domain: Eip712Domain) -> dict[str, Any]:

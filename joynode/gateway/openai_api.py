@@ -23,6 +23,7 @@ committee's members are told to stop (``JobCancel``).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
@@ -39,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 
 from joynode.exceptiongroups import leaves
 from joynode.gateway import apikeys
-from joynode.gateway.answers import Answer, Answerer
+from joynode.gateway.answers import Answer, Answerer, last_answer
 from joynode.gateway.apikeys import ApiKey
 from joynode.gateway.errors import OpenAIError
 from joynode.gateway.requests import (
@@ -181,23 +182,17 @@ async def _answer(
     record = partial(_record_use, state, key)
     if ask.stream:
         return _stream(answerer, ask, model_id, record)
-    if ask.verification == "committee":
-        answer = await _unless_gone(request, answerer.committee, ask, model_id)
-    else:
-        request_id = answerer.local_request_id(ask, model_id)
-        answer = await _unless_gone(request, _last_of, answerer.local(ask, model_id, request_id))
+    answer = await _unless_gone(request, last_answer, _events(answerer, ask, model_id))
     await record(answer.prompt_tokens + len(answer.token_ids))
     shown = _Shape(ask, answer.request_id)
     body_json = shown.whole(answer, answer.extension(answerer.domain(), ask.sampling.seed))
     return JSONResponse(body_json, headers=_headers(answer))
 
 
-async def _last_of(events: AsyncIterator[TokenDelta | Answer]) -> Answer:
-    async with aclosing(events):  # type: ignore[type-var]
-        async for event in events:
-            if isinstance(event, Answer):
-                return event
-    raise OpenAIError(503, "the engine ended the request without a result", "engine_error")
+def _events(answerer: Answerer, ask: Ask, model_id: str) -> AsyncIterator[TokenDelta | Answer]:
+    if ask.verification == "local":
+        return answerer.local(ask, model_id)
+    return answerer.committee(ask, model_id, stream=ask.stream)
 
 
 async def _unless_gone(request: Request, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -319,20 +314,13 @@ def _stream(
     model_id: str,
     record: Callable[[int], Awaitable[None]],
 ) -> EventSourceResponse:
-    local = ask.verification == "local"
-    request_id = answerer.local_request_id(ask, model_id) if local else None
+    shape = _Shape(ask, os.urandom(12))  # (the request id comes with the certificate)
 
     async def events() -> AsyncIterator[dict[str, str]]:
         chain = bytes(32)
         sent = 0
+        source = _events(answerer, ask, model_id)
         try:
-            if request_id is not None:
-                shape = _Shape(ask, request_id)
-                source = answerer.local(ask, model_id, request_id)
-            else:
-                answer = await answerer.committee(ask, model_id)
-                shape = _Shape(ask, answer.request_id)
-                source = _certified(answer)
             async with aclosing(source):  # type: ignore[type-var]
                 async for event in source:
                     if isinstance(event, TokenDelta):
@@ -355,16 +343,8 @@ def _stream(
             yield {"data": json.dumps(exc.body())}  # headers are gone: the error is an event
         yield {"data": "[DONE]"}
 
-    headers: dict[str, str] = {"X-JoyNet-Verification": ask.verification}
-    if request_id is not None:
-        headers["X-JoyNet-Request-Id"] = "0x" + request_id.hex()
+    headers = {"X-JoyNet-Verification": ask.verification}
     return EventSourceResponse(events(), ping=int(PING_S), headers=headers)
-
-
-async def _certified(answer: Answer) -> AsyncIterator[TokenDelta | Answer]:
-    """A committee's certified output as one delta, then the answer."""
-    yield TokenDelta(answer.text, answer.token_ids)
-    yield answer
 
 
 def install_error_handlers(app: FastAPI) -> None:

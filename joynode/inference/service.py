@@ -605,11 +605,15 @@ class InferenceClient:
         prompt: str | None = None,
         messages: Sequence[ChatMessage] | None = None,
         sampling: SamplingSpec | None = None,
+        on_tokens: Callable[[TokenDelta], None] | None = None,
     ) -> InferenceResult:
-        """Run a request to the end; raise ``InferenceFailed`` if it is refused or fails."""
+        """Run a request to the end (passing each ``TokenDelta`` to ``on_tokens`` as it
+        comes); raise ``InferenceFailed`` if it is refused or fails."""
         async with self.stream(model, prompt, messages, sampling or SamplingSpec()) as events:
             async for event in events:
-                if isinstance(event, InferenceResult):
+                if isinstance(event, TokenDelta) and on_tokens is not None:
+                    on_tokens(event)
+                elif isinstance(event, InferenceResult):
                     return event
                 if isinstance(event, InferenceFailure):
                     raise InferenceFailed(event)
