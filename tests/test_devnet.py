@@ -165,8 +165,33 @@ def test_devnet_serves_a_paid_inference_and_a_live_dashboard_then_stops_cleanly(
     assert re.search(r"certificate\s+2 of 2 signed", infer.stdout), infer.stdout
     assert re.search(r"settlement\s+settled, tx\s+0x[0-9a-f]{64}", infer.stdout), infer.stdout
 
-    token = ControlToken.load(devnet.dir / "node0" / "control.token").value
+    # curl, through the OpenAI-compatible API with a key made by the CLI: certified answers,
+    # whole and streamed (server-sent events ending in [DONE], the certificate just before).
     assert node0.http_url is not None
+    made = run_cli("apikeys", "create", "curl", "--config", str(config))
+    assert made.returncode == 0, made.stderr
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+    for stream in (False, True):
+        curl = subprocess.run(
+            ["/usr/bin/curl", "-sS", "-N", "--fail-with-body", "--max-time", "120",
+             f"{node0.http_url}/v1/chat/completions",
+             "-H", f"authorization: Bearer {made.stdout.strip()}",
+             "-H", "content-type: application/json",
+             "-d", json.dumps({**chat, "stream": stream})],
+            capture_output=True, text=True, timeout=150,
+        )  # fmt: skip
+        assert curl.returncode == 0, curl.stdout + curl.stderr
+        if stream:
+            events = [line[6:] for line in curl.stdout.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            answer = json.loads(events[-2])
+        else:
+            answer = json.loads(curl.stdout)
+        certificate = answer["joynet"]["certificate"]
+        assert len(certificate["signers"]) == 2, answer
+        assert answer["joynet"]["verification"] == "committee"
+
+    token = ControlToken.load(devnet.dir / "node0" / "control.token").value
     screenshot = devnet.dir / "dashboard.png"
     with sync_playwright() as playwright:
         assert CHROMIUM.exists(), "Debian's chromium is missing: run `make browser`"

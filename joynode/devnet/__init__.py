@@ -23,10 +23,13 @@ adds or replaces keys in all of them); everything else in a home is the node's o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import tomllib
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -45,6 +48,7 @@ from joynode.chain.sender import RevertDecoder, TransactionSender
 from joynode.config import ConfigError, parse_config
 from joynode.console import print_job, stderr, step, verified_inference
 from joynode.control.client import ControlClient
+from joynode.control.jsonrpc import RpcError
 from joynode.devnet.governance import give_votes, governance_lines
 from joynode.devnet.network import (
     LOOPBACK_HOST,
@@ -57,7 +61,7 @@ from joynode.devnet.processes import ChainKeeper, DevnetError, DevnetNode, NodeS
 from joynode.devnet.status import is_running, read_status, status_lines, write_status
 from joynode.exceptiongroups import leaves
 from joynode.inference.models import model_id, prepare
-from joynode.keys import ControlToken, NodeKey
+from joynode.keys import ControlToken, NodeKey, write_secret_file
 
 NODE_FUNDING_ETH = 100
 NODE_FUNDING_JOY = 10_000
@@ -209,6 +213,7 @@ async def _run(
                 _print_summary(devnet, options, network, governance)
                 if options.demo:
                     await _demo(first)
+                    await _openai_demo(first, options.model)
                 phase = "ready"
                 changed()
                 print("devnet ready; Ctrl-C stops it", flush=True)
@@ -360,6 +365,57 @@ async def _demo(node: DevnetNode) -> None:
     )
 
 
+async def _openai_demo(node: DevnetNode, model: str) -> None:
+    """A chat answer through node 0's OpenAI-compatible API, with its certificate; the
+    API key it made is left in ``openai.key`` (0600) beside the node's config."""
+    key_file = openai_key_file(node)
+    with step("asking node 0's OpenAI-compatible API") as shown:
+        if key_file.exists():  # from an earlier start: a new key replaces it
+            old_id = key_file.read_text().split("-")[1]
+            with contextlib.suppress(RpcError):
+                await _call(node, "apikeys.revoke", {"id": old_id})
+        made = await _call(node, "apikeys.create", {"name": "devnet"})
+        write_secret_file(key_file, made["key"], force=True)
+        assert node.endpoints is not None
+        assert node.endpoints.http_url is not None
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": DEMO_PROMPT}],
+            "max_tokens": 32,
+            "temperature": 0,
+        }
+        url = node.endpoints.http_url + "/v1/chat/completions"
+        answer = await trio.to_thread.run_sync(post_json, url, made["key"], body)
+        certificate = answer["joynet"]["certificate"]
+        shown.note(f"{len(certificate['signers'])} of {len(certificate['committee'])} signed")
+    text = answer["choices"][0]["message"]["content"].strip()
+    print(
+        f'OpenAI API: "{text}" ({len(certificate["signers"])} of '
+        f"{len(certificate['committee'])} signed, request {certificate['request_id'][:14]}...)",
+        flush=True,
+    )
+
+
+def openai_key_file(node: DevnetNode) -> Path:
+    return node.home / "openai.key"
+
+
+def post_json(url: str, key: str, body: dict[str, Any]) -> Any:
+    """POST ``body`` with an API key; the JSON answer (``DevnetError`` with its message)."""
+    if not url.startswith("http://"):
+        raise DevnetError(f"not an http URL: {url}")
+    request = urllib.request.Request(  # noqa: S310 (checked above)
+        url,
+        json.dumps(body).encode(),
+        {"content-type": "application/json", "authorization": f"Bearer {key}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise DevnetError(f"{url}: {exc.code}: {exc.read().decode(errors='replace')}") from None
+
+
 async def _call(node: DevnetNode, method: str, params: dict[str, Any] | None = None) -> Any:
     async with ControlClient.connect(node.control_url(), node.token.value) as client:
         return await client.call(method, params)
@@ -458,3 +514,16 @@ def _print_summary(
     out.print(f"dashboard token: the node's control.token, e.g. {home}/control.token")
     out.print(f"governance:      joynode gov --config {home}/joynode.toml list")
     out.print(f'send a request:  joynode ctl --config {home}/joynode.toml infer "Tell me a joke"')
+    first = devnet.nodes[0]
+    if first.endpoints is not None and first.endpoints.http_url is not None:
+        out.print(
+            f"OpenAI API:      {first.endpoints.http_url}/v1 (key in {openai_key_file(first)} "
+            "with --demo, or make one: joynode apikeys create NAME)"
+        )
+        out.print(
+            f"  curl {first.endpoints.http_url}/v1/chat/completions "
+            f'-H "authorization: Bearer $(cat {openai_key_file(first)})" '
+            "-H 'content-type: application/json' "
+            f"""-d '{{"model": "{options.model}", "messages": [{{"role": "user", """
+            """"content": "Tell me a joke"}]}'"""
+        )
