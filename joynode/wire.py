@@ -266,6 +266,20 @@ class JobTokens(Message, tag="job_tokens", frozen=True):
     text: Annotated[str, msgspec.Meta(max_length=MAX_OUTPUT_TOKENS * 64)]
 
 
+class RunRefusal(Message, tag="run_refusal", frozen=True):
+    """A member that cannot run a job as it is asked (its engine refuses the request: a
+    prompt too long for the model, a chat request to a model without a chat template).
+
+    ``code`` is the engine's reason (``FailureCode``). Followers fail the job as
+    soon as too few members are left to make a majority, instead of at the reveal
+    deadline, and a gateway answers its client with the reason.
+    """
+
+    request_id: Bytes32
+    code: Annotated[str, msgspec.Meta(max_length=32)]
+    reason: ShortStr
+
+
 class JobCancel(Message, tag="job_cancel", frozen=True):
     """The requester calling off a job it no longer wants (its client went away).
 
@@ -344,6 +358,7 @@ AnyMessage: TypeAlias = (
     | ClaimRefusal
     | JobCancel
     | JobTokens
+    | RunRefusal
     | Received
     | JobVotesRequest
     | JobVotesReply
@@ -363,6 +378,7 @@ MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     ClaimRefusal,
     JobCancel,
     JobTokens,
+    RunRefusal,
     Received,
     JobVotesRequest,
     JobVotesReply,

@@ -109,6 +109,8 @@ def test_a_majority_certifies_and_the_certificate_verifies() -> None:
     assert tally.add_reveal(c.address, c.reveal([9]))
     assert tally.certificate() is None
     assert not tally.majority_impossible()
+    # (had b said it cannot run the job, no output could reach 2 of 3 any more)
+    assert tally.majority_impossible(cannot_run={b.address})
     assert tally.add_reveal(b.address, b.reveal([1, 2]))
     certificate = tally.certificate()
     assert certificate is not None

@@ -262,9 +262,11 @@ async def test_bad_requests_get_openai_errors_and_the_node_keeps_serving(
     async with network(tmp_path, tiny_model, tiny_engine) as (nodes, gateway, _):
         node = nodes[0]
 
-        def ask(client: openai.OpenAI, **kwargs: Any) -> Any:
+        model_id = str(node.inference.model_id("tiny"))
+
+        def ask(client: openai.OpenAI, prompt: str = "Hi", **kwargs: Any) -> Any:
             with client:
-                return client.completions.create(prompt="Hi", max_tokens=2, **kwargs)
+                return client.completions.create(prompt=prompt, max_tokens=2, **kwargs)
 
         with pytest.raises(openai.NotFoundError) as unknown:
             await in_thread(ask, sdk(node), model="no-such-model")
@@ -296,6 +298,12 @@ async def test_bad_requests_get_openai_errors_and_the_node_keeps_serving(
             httpx.get, url_of(node) + "/v1/joynet/certificates/0x" + "00" * 32, headers=headers
         )
         assert missing.status_code == 404
+        # A prompt too long for the members' model: they say so (RunRefusal) and the
+        # client hears why at once, not at the job's deadline.
+        with pytest.raises(openai.BadRequestError) as too_long:
+            await in_thread(ask, sdk(gateway), model=model_id, prompt="word " * 400)
+        assert too_long.value.code == "context_length_exceeded"
+        assert "members cannot run it" in str(too_long.value.message)
         # Still serving after all of that.
         fine = await in_thread(ask, sdk(node), model="tiny", temperature=0)
         assert fine.choices[0].text

@@ -79,6 +79,8 @@ class Job:
     stored: bool = False  # in SQLite: a restart takes it up again (job.get shows no other)
     # this member's inference for the job: cancelled when the requester calls the job off
     work: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # members that said they cannot run the job: member -> (FailureCode value, reason)
+    cannot_run: dict[str, tuple[str, str]] = field(default_factory=dict)
     # stream jobs, at the requester: the executor's (token ids, text) as they came, unverified
     streamed: list[tuple[tuple[int, ...], str]] = field(default_factory=list)
     # prefill jobs: claimant -> [(verifier, reason)] for each refusal heard

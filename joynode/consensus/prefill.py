@@ -44,7 +44,7 @@ from joynode.consensus.job import Job, short, trio_deadline
 from joynode.consensus.jobs import chat_of, sampling_of
 from joynode.consensus.tally import Reveal
 from joynode.consensus.verification import Verdict, judge
-from joynode.messages import InferenceFailed, TokenDelta
+from joynode.messages import FailureCode, InferenceFailed, TokenDelta
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,11 @@ class Output:
 
 Refuse = Callable[[Job, str, bytes, Verdict], Awaitable[None]]
 TokenSink = Callable[[TokenDelta], None]
+# Failures of the request itself, not of this member's engine: the member says so
+# (``RunRefusal``) rather than stay silent until the deadline.
+REQUEST_FAILURES = frozenset(
+    {FailureCode.UNKNOWN_MODEL, FailureCode.INVALID_REQUEST, FailureCode.PROMPT_TOO_LONG}
+)
 
 
 class PrefillMember:
@@ -81,7 +86,9 @@ class PrefillMember:
 
     async def decide(self, job: Job, on_tokens: TokenSink | None = None) -> Output | None:
         """The output this member votes for, or None if it has none by the commit deadline.
-        ``on_tokens``: where this member's tokens go if it is the one that generates."""
+        ``on_tokens``: where this member's tokens go if it is the one that generates.
+        Raises ``InferenceFailed`` when the request itself cannot run here
+        (``REQUEST_FAILURES``)."""
         offer = job.offer
         committee = job.tally.committee
         commit_by = offer.commit_deadline_ms / 1000
@@ -129,6 +136,8 @@ class PrefillMember:
                 offer.model, offer.prompt, chat_of(offer), claimed, offer.stop or ()
             )
         except InferenceFailed as exc:
+            if exc.failure.code in REQUEST_FAILURES:
+                raise  # the request itself: this member cannot run it (RunRefusal)
             log.warning("job %s: cannot check a claim: %s", short(job), exc)
             return None
         policy = offer.verification or wire.REPLICATE
@@ -147,7 +156,8 @@ async def execute(
     inference: InferenceRunner, job: Job, on_tokens: TokenSink | None = None
 ) -> Output | None:
     """Run the job on this node's engine, until its commit deadline (both modes use it),
-    passing its tokens to ``on_tokens`` as they come."""
+    passing its tokens to ``on_tokens`` as they come. None if the engine failed or was
+    late; ``InferenceFailed`` if the request itself cannot run (``REQUEST_FAILURES``)."""
     offer = job.offer
     try:
         with trio.move_on_at(trio_deadline(offer.commit_deadline_ms)):
@@ -156,6 +166,8 @@ async def execute(
             )
             return Output(result.token_ids, result.text, True, result.prompt_tokens)
     except InferenceFailed as exc:
+        if exc.failure.code in REQUEST_FAILURES:
+            raise  # the request itself: this member cannot run it (RunRefusal)
         log.warning("job %s: cannot run it: %s", short(job), exc)
         return None
     log.warning("job %s: inference missed the commit deadline", short(job))

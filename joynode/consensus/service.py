@@ -90,6 +90,8 @@ from joynode.control.jsonrpc import RpcError
 from joynode.keys import NodeKey
 from joynode.messages import (
     ChainEvent,
+    InferenceFailed,
+    InferenceFailure,
     ServingStatus,
     TokenDelta,
     output_hash,
@@ -193,6 +195,7 @@ class ConsensusService:
             wire.ClaimRefusal,
             wire.JobCancel,
             wire.JobTokens,
+            wire.RunRefusal,
         ):
             self._p2p.handle_requests(kind, self._receive_direct)
         async with trio.open_nursery() as nursery:
@@ -251,7 +254,12 @@ class ConsensusService:
                 return wire.ErrorReply(REFUSED, f"{dropped.reason}: {dropped.detail}"[:1024])
         elif isinstance(
             message,
-            wire.VoteCommit | wire.VoteReveal | wire.ClaimRefusal | wire.JobCancel | wire.JobTokens,
+            wire.VoteCommit
+            | wire.VoteReveal
+            | wire.ClaimRefusal
+            | wire.JobCancel
+            | wire.JobTokens
+            | wire.RunRefusal,
         ):
             await self._on_vote(message, sender)
         return wire.Received()
@@ -412,11 +420,15 @@ class ConsensusService:
             output = None
             on_tokens = self._token_sink(job)
             with job.work:
-                output = await (
-                    self._prefill.decide(job, on_tokens)
-                    if prefill
-                    else execute(self._inference, job, on_tokens)
-                )
+                try:
+                    output = await (
+                        self._prefill.decide(job, on_tokens)
+                        if prefill
+                        else execute(self._inference, job, on_tokens)
+                    )
+                except InferenceFailed as exc:
+                    await self._cannot_run(job, exc.failure)
+                    return
             if isinstance(on_tokens, TokenRelay):
                 on_tokens.flush()
             if output is None:
@@ -507,6 +519,9 @@ class ConsensusService:
         if isinstance(message, wire.JobTokens):
             self._on_tokens(message, sender)
             return
+        if isinstance(message, wire.RunRefusal):
+            await self._on_run_refusal(message, sender)
+            return
         if isinstance(message, wire.ClaimRefusal):
             job = self._live_job(message.request_id)
             members = job.tally.committee if job is not None else ()
@@ -539,6 +554,24 @@ class ConsensusService:
             self._metrics.rejected.labels("late").inc()
             return
         await self._count_vote(job, sender, message)
+
+    async def _cannot_run(self, job: Job, failure: InferenceFailure) -> None:
+        """Tell the followers this member cannot run the job as asked, and why."""
+        log.info("job %s: cannot run it: %s", short(job), failure.message)
+        refusal = wire.RunRefusal(job.request_id, failure.code.value, failure.message[:256])
+        self._send(job, VOTES, refusal)
+        await self._on_run_refusal(refusal, self.address)
+
+    async def _on_run_refusal(self, message: wire.RunRefusal, sender: str) -> None:
+        job = self._live_job(message.request_id)
+        if job is None or job.status != "pending":
+            return
+        member = next((m for m in job.tally.committee if m.lower() == sender.lower()), None)
+        if member is None or member in job.tally.reveals:
+            return
+        job.cannot_run[member] = (message.code, message.reason)
+        job.touch()
+        await self._settle(job)
 
     def _on_tokens(self, message: wire.JobTokens, sender: str) -> None:
         """The executor's tokens for a job this node streams: kept in order, for the gateway."""
@@ -608,6 +641,14 @@ class ConsensusService:
         if certificate is not None:
             CertificateVerifier(job.tally.domain).verify(certificate)
             await self._finish(job, "certified", "", certificate)
+        elif job.cannot_run and job.tally.majority_impossible(job.cannot_run):
+            reasons = sorted({reason for _, reason in job.cannot_run.values()})
+            await self._finish(
+                job,
+                "failed",
+                f"{len(job.cannot_run)} of {len(job.tally.committee)} members cannot run it: "
+                + "; ".join(reasons),
+            )
         elif job.tally.majority_impossible():
             votes = describe_votes(job.tally) + describe_refusals(job)
             await self._finish(job, "failed", "no majority: " + votes)

@@ -19,6 +19,7 @@ and reveals it hears, and asks for the outcome. The rules are the contract's
 from __future__ import annotations
 
 import collections
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from eth_abi.abi import encode as abi_encode
@@ -267,12 +268,15 @@ class JobTally:
             m for m, r in self.reveals.items() if result is not None and r.output_hash != result
         ]
 
-    def majority_impossible(self) -> bool:
-        """No output can reach the quorum any more, whatever the missing members reveal."""
+    def majority_impossible(self, cannot_run: Collection[str] = ()) -> bool:
+        """No output can reach the quorum any more, whatever the missing members reveal
+        (``cannot_run``: members that said they cannot run the job, and will not)."""
         counts = self.counts()
         best = max(counts.values(), default=0)
         outstanding = sum(
-            1 for m in self.committee if m not in self.reveals and m not in self.equivocations
+            1
+            for m in self.committee
+            if m not in self.reveals and m not in self.equivocations and m not in cannot_run
         )
         return best + outstanding < self.quorum
 

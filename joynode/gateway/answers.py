@@ -181,6 +181,10 @@ class Answerer:
                 yield answer
                 return
             log.info("gateway: job 0x%s failed: %s", job.request_id.hex()[:12], job.reason)
+            if job.cannot_run:  # the request itself: asking again would fail the same way
+                codes = [code for code, _ in job.cannot_run.values()]
+                status, code = _status_of(max(set(codes), key=codes.count))
+                raise OpenAIError(status, job.reason, code)
             if passed:
                 raise OpenAIError(
                     503, f"the job failed after its stream began: {job.reason}", "job_failed"
@@ -343,6 +347,14 @@ class Answerer:
             "quorum": 1,
             "domain": domain,
         }
+
+
+def _status_of(code: str) -> tuple[int, str | None]:
+    """The HTTP status and OpenAI code for a member's ``RunRefusal`` code (a peer's word)."""
+    try:
+        return _FAILURE_STATUS[FailureCode(code)]
+    except ValueError:
+        return 400, None
 
 
 async def last_answer(events: AsyncIterator[TokenDelta | Answer]) -> Answer:

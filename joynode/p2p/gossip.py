@@ -38,7 +38,7 @@ HEARTBEAT = Topic(f"joynet/{GOSSIP_PROTOCOL}/heartbeat", (wire.Heartbeat,))
 JOBS = Topic(f"joynet/{GOSSIP_PROTOCOL}/jobs", (wire.JobOffer,))
 VOTES = Topic(
     f"joynet/{GOSSIP_PROTOCOL}/votes",
-    (wire.VoteCommit, wire.VoteReveal, wire.ClaimRefusal, wire.JobCancel),
+    (wire.VoteCommit, wire.VoteReveal, wire.ClaimRefusal, wire.JobCancel, wire.RunRefusal),
 )
 ZK_JOBS = Topic(f"joynet/{GOSSIP_PROTOCOL}/zk", (wire.ZkJob,))
 TOPICS: dict[str, Topic] = {topic.name: topic for topic in (HEARTBEAT, JOBS, VOTES, ZK_JOBS)}
