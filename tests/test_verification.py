@@ -140,7 +140,7 @@ class Letters:
 
 def test_the_first_token_completing_a_stop_sequence_is_found() -> None:
     tokens = [ord(c) for c in "ab. cd. ef"]
-    assert first_stop(Letters(), tokens, [". c"]) == 5
+    assert first_stop(Letters(), tokens, [". c"]) == 4
     assert first_stop(Letters(), tokens, ["zz", "d."]) == 6
     assert first_stop(Letters(), tokens, ["."]) == 2
     assert first_stop(Letters(), tokens, ["nowhere"]) is None
