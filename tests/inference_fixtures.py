@@ -102,11 +102,14 @@ def smollm2_engine(path: Path, dtype: Literal["float32", "bfloat16"]) -> VllmEng
     return engine
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smollm2_engines(
     smollm2_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, VllmEngine]]:
-    """``f32``, ``bf16`` and ``other`` (float32 on other weights) SmolLM2 engines."""
+    """``f32``, ``bf16`` and ``other`` (float32 on other weights) SmolLM2 engines, for
+    one module: stopped before the next starts its own (test_verification_processes's
+    five nodes each load SmolLM2, and with these three still up a node's vLLM found
+    too little memory for its KV cache)."""
     other = other_weights(smollm2_model, tmp_path_factory.mktemp("models") / "smollm2-other")
     engines = {
         "f32": smollm2_engine(smollm2_model, "float32"),
