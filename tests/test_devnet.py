@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
@@ -119,6 +120,13 @@ def devnet(devnet_dir: Path) -> Iterator[Devnet]:
                 process.wait()
 
 
+def joynet_of(answer: Any) -> Any:
+    """The ``joynet`` extension field of an OpenAI client's answer or chunk."""
+    extra = answer.model_extra
+    assert extra is not None
+    return extra["joynet"]
+
+
 def ctl(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "joynode", "ctl", "--config", str(config), *args],
@@ -190,6 +198,17 @@ def test_devnet_serves_a_paid_inference_and_a_live_dashboard_then_stops_cleanly(
         certificate = answer["joynet"]["certificate"]
         assert len(certificate["signers"]) == 2, answer
         assert answer["joynet"]["verification"] == "committee"
+    # The official client, text completions, whole and streamed.
+    with openai.OpenAI(
+        base_url=node0.http_url + "/v1", api_key=made.stdout.strip(), max_retries=0
+    ) as client:
+        whole = client.completions.create(model="tiny", prompt="Hello", max_tokens=8)
+        assert len(joynet_of(whole)["certificate"]["signers"]) == 2
+        chunks = list(
+            client.completions.create(model="tiny", prompt="Hello", max_tokens=8, stream=True)
+        )
+        assert joynet_of(chunks[-1])["certificate"]["signers"]
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
 
     token = ControlToken.load(devnet.dir / "node0" / "control.token").value
     screenshot = devnet.dir / "dashboard.png"

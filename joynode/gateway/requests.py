@@ -38,7 +38,7 @@ UNSUPPORTED = (
     "tools",
     "top_logprobs",
 )
-NEUTRAL: tuple[Any, ...] = (None, False, 0, 0.0, "", [], {}, "auto", "none")
+NEUTRAL: tuple[Any, ...] = (None, False, 0, 0.0, "", [], {}, "auto", "none", {"type": "text"})
 
 
 class BadRequest(Exception):
