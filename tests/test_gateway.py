@@ -414,25 +414,27 @@ async def test_a_failed_committee_job_is_retried_and_a_gone_client_stops_every_m
         # A client that goes away while its committee works: every member stops its job.
         for node in nodes:
             node.consensus._inference = Slow(node.inference_client, 30.0)  # type: ignore[assignment]
-        before = set(gateway.consensus.jobs)
-        assert gateway.http.url is not None
-        body = {"model": model_id, "prompt": "Hello", "max_tokens": 4, "stream": True}
         headers = bearer(gateway)
-        async with (
-            httpx.AsyncClient() as client,
-            client.stream(
-                "POST", url_of(gateway) + "/v1/completions", json=body, headers=headers
-            ) as response,
-        ):
-            assert response.status_code == 200
-            assert response.headers["content-type"].startswith("text/event-stream")
-            await wait_for(lambda: len(gateway.consensus.jobs) > len(before), 10, "the job")
-        (request_id,) = set(gateway.consensus.jobs) - before
+        for asks_stream in (True, False):
+            before = set(gateway.consensus.jobs)
+            body = {"model": model_id, "prompt": "Hello", "max_tokens": 4, "stream": asks_stream}
+            async with httpx.AsyncClient() as client:
+                with trio.move_on_after(2):  # a client that gives up before the answer
+                    async with client.stream(
+                        "POST", url_of(gateway) + "/v1/completions", json=body, headers=headers
+                    ) as response:
+                        # (a stream's headers come at once; a whole answer's, with it)
+                        assert asks_stream
+                        assert response.headers["content-type"].startswith("text/event-stream")
+                        await trio.sleep_forever()
+            (request_id,) = set(gateway.consensus.jobs) - before
 
-        def all_cancelled() -> bool:
-            jobs = [n.consensus.jobs.get(request_id) for n in nodes]
-            return all(
-                j is not None and j.status == "failed" and "cancelled" in j.reason for j in jobs
+            def all_cancelled(request_id: bytes = request_id) -> bool:
+                jobs = [n.consensus.jobs.get(request_id) for n in nodes]
+                return all(
+                    j is not None and j.status == "failed" and "cancelled" in j.reason for j in jobs
+                )
+
+            await wait_for(
+                all_cancelled, 10, f"every member to stop the job (stream: {asks_stream})"
             )
-
-        await wait_for(all_cancelled, 10, "every member to stop the job")
