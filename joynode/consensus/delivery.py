@@ -73,6 +73,10 @@ class Delivery:
                 self._nursery.start_soon(self._drain, key, address, inbox)
             outbox.send_nowait((topic, message))
 
+    def send_only(self, follower: str, message: wire.Message) -> None:
+        """Queue ``message`` for ``follower``, straight or not at all (no gossip fallback)."""
+        self.send([follower], None, message)
+
     async def offer_and_hear(
         self, members: list[str], topic: Topic, offer: wire.JobOffer
     ) -> dict[str, str]:

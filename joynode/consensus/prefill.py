@@ -42,9 +42,10 @@ from joynode import wire
 from joynode.abc import InferenceRunner
 from joynode.consensus.job import Job, short, trio_deadline
 from joynode.consensus.jobs import chat_of, sampling_of
+from joynode.consensus.streaming import TokenSink
 from joynode.consensus.tally import Reveal
 from joynode.consensus.verification import Verdict, judge
-from joynode.messages import FailureCode, InferenceFailed, TokenDelta
+from joynode.messages import FailureCode, InferenceFailed
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ class Output:
 
 
 Refuse = Callable[[Job, str, bytes, Verdict], Awaitable[None]]
-TokenSink = Callable[[TokenDelta], None]
 # Failures of the request itself, not of this member's engine: the member says so
 # (``RunRefusal``) rather than stay silent until the deadline.
 REQUEST_FAILURES = frozenset(

@@ -74,9 +74,9 @@ from joynode.consensus.job import (
 from joynode.consensus.jobs import prepaid_request_of
 from joynode.consensus.metrics import ConsensusMetrics
 from joynode.consensus.offering import Offering
-from joynode.consensus.prefill import PrefillMember, TokenSink, execute
+from joynode.consensus.prefill import PrefillMember, execute
 from joynode.consensus.settlement import Settlement
-from joynode.consensus.streaming import TokenRelay
+from joynode.consensus.streaming import TokenRelay, take_tokens, token_sink
 from joynode.consensus.tally import (
     Certificate,
     CertificateVerifier,
@@ -93,7 +93,6 @@ from joynode.messages import (
     InferenceFailed,
     InferenceFailure,
     ServingStatus,
-    TokenDelta,
     output_hash,
 )
 from joynode.p2p.gossip import JOBS, VOTES, Topic, VerifiedGossip
@@ -418,7 +417,7 @@ class ConsensusService:
         if job.my_vote is None:
             began = time.monotonic()
             output = None
-            on_tokens = self._token_sink(job)
+            on_tokens = token_sink(job, self.address, self._delivery.send_only)
             with job.work:
                 try:
                     output = await (
@@ -574,32 +573,9 @@ class ConsensusService:
         await self._settle(job)
 
     def _on_tokens(self, message: wire.JobTokens, sender: str) -> None:
-        """The executor's tokens for a job this node streams: kept in order, for the gateway."""
         job = self._live_job(message.request_id)
-        if job is None or not job.offer.stream or job.status != "pending":
-            return
-        if sender.lower() != job.tally.committee[0].lower() or message.seq != len(job.streamed):
+        if job is not None and not take_tokens(job, message, sender):
             self._metrics.rejected.labels("stray_tokens").inc()
-            return
-        job.streamed.append((tuple(message.token_ids), message.text))
-        job.touch()
-
-    def _token_sink(self, job: Job) -> TokenRelay | TokenSink | None:
-        """Where this member's tokens go: to the requester if it asked for them and this
-        member is the committee's first (the one that streams), else nowhere."""
-        if not job.offer.stream or job.tally.committee[0] != self.address:
-            return None
-        if job.role != "member":  # this node asked: keep them on the job itself
-
-            def keep(delta: TokenDelta) -> None:
-                job.streamed.append((delta.token_ids, delta.text))
-                job.touch()
-
-            return keep
-        requester = job.offer.requester
-        return TokenRelay(
-            job.request_id, lambda tokens: self._delivery.send([requester], None, tokens)
-        )
 
     async def _on_cancel(self, message: wire.JobCancel, sender: str) -> None:
         """The requester called its job off: stop this member's inference, fail the job."""

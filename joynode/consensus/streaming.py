@@ -16,9 +16,41 @@ from collections.abc import Callable
 import trio
 
 from joynode import wire
+from joynode.consensus.job import Job
 from joynode.messages import TokenDelta
 
 FLUSH_S = 0.02  # at most this long between a token and the message that carries it
+TokenSink = Callable[[TokenDelta], None]
+
+
+def token_sink(
+    job: Job, address: str, send_only: Callable[[str, wire.Message], None]
+) -> TokenRelay | TokenSink | None:
+    """Where the tokens of member ``address`` go: to the requester if it asked for them
+    and this member is the committee's first (the one that streams), else nowhere."""
+    if not job.offer.stream or job.tally.committee[0] != address:
+        return None
+    if job.role != "member":  # this node asked: keep them on the job itself
+
+        def keep(delta: TokenDelta) -> None:
+            job.streamed.append((delta.token_ids, delta.text))
+            job.touch()
+
+        return keep
+    requester = job.offer.requester
+    return TokenRelay(job.request_id, lambda tokens: send_only(requester, tokens))
+
+
+def take_tokens(job: Job, message: wire.JobTokens, sender: str) -> bool:
+    """Keep the executor's tokens on a job this node streams, in order. False for stray
+    ones: not from the committee's first member, or out of order."""
+    if not job.offer.stream or job.status != "pending":
+        return True  # (late, or never asked for: nothing to keep)
+    if sender.lower() != job.tally.committee[0].lower() or message.seq != len(job.streamed):
+        return False
+    job.streamed.append((tuple(message.token_ids), message.text))
+    job.touch()
+    return True
 
 
 class TokenRelay:
