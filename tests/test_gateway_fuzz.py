@@ -33,7 +33,7 @@ __all__ = ["tiny_engine", "tiny_model"]
 
 pytestmark = LIBP2P_TEARDOWN_LEAK
 
-EXAMPLES = 50  # per operation and mode
+EXAMPLES = 30  # per operation and mode
 # Requests that name the served model, so they reach consensus and the engine; more with
 # JOYNODE_FUZZ_RUNS=N.
 RUNS = int(os.environ.get("JOYNODE_FUZZ_RUNS", "20"))
