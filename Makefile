@@ -14,7 +14,7 @@ CONFIG ?= joynode.toml
 BACKEND ?= cpu
 MODELS := .joynode/models
 
-.PHONY: install system-deps browser contracts circuits monitoring run node test lint typecheck pytest chaos clean
+.PHONY: install system-deps browser contracts circuits monitoring run node test lint typecheck pytest soak chaos clean
 
 install: $(STAMP) $(NODE_STAMP)
 
@@ -99,8 +99,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Without the soak variants (longer forms of tests that run here in a shorter one).
 pytest: install circuits browser
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not soak"
+
+# The soak variants alone: five-process prefill settlement.
+soak: install circuits browser
+	$(BIN)/pytest -m soak
 
 # The full chaos run (tests/chaos; make test runs a bounded one): 100 jobs, 10 kills,
 # an anvil restart and a partition; its figures are in docs/benchmarks.md.

@@ -30,7 +30,7 @@ PROMPT = {"model": "tiny", "prompt": "Hello world", "max_tokens": 16, "ignore_eo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("count", [3, 5])
+@pytest.mark.parametrize("count", [3, pytest.param(5, marks=pytest.mark.soak)])
 async def test_processes_settle_a_prefill_job_on_chain(
     tmp_path: Path, tiny_model: Path, chain: Chain, count: int
 ) -> None:
