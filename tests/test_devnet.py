@@ -202,10 +202,12 @@ def test_devnet_serves_a_paid_inference_and_a_live_dashboard_then_stops_cleanly(
     with openai.OpenAI(
         base_url=node0.http_url + "/v1", api_key=made.stdout.strip(), max_retries=0
     ) as client:
-        whole = client.completions.create(model="tiny", prompt="Hello", max_tokens=8)
+        whole = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0)
         assert len(joynet_of(whole)["certificate"]["signers"]) == 2
         chunks = list(
-            client.completions.create(model="tiny", prompt="Hello", max_tokens=8, stream=True)
+            client.completions.create(
+                model="tiny", prompt="Hello", max_tokens=8, temperature=0, stream=True
+            )
         )
         assert joynet_of(chunks[-1])["certificate"]["signers"]
         assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
