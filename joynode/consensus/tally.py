@@ -234,7 +234,7 @@ class JobTally:
     @property
     def quorum(self) -> int:
         """Votes an output needs: a strict majority of the committee."""
-        return len(self.committee) // 2 + 1
+        return quorum_of(len(self.committee))
 
     def counts(self) -> collections.Counter[bytes]:
         return collections.Counter(r.output_hash for r in self.reveals.values())
@@ -279,6 +279,11 @@ class JobTally:
             if m not in self.reveals and m not in self.equivocations and m not in cannot_run
         )
         return best + outstanding < self.quorum
+
+
+def quorum_of(committee_size: int) -> int:
+    """Signers a certificate needs: a strict majority of the committee."""
+    return committee_size // 2 + 1
 
 
 def _require_signed(member: str, digest: bytes, signature: bytes) -> None:

@@ -36,6 +36,7 @@ from eth_utils.crypto import keccak
 
 from joynode.consensus.control import JOB_ERROR, SubmitParams
 from joynode.consensus.job import Job
+from joynode.consensus.tally import quorum_of
 from joynode.control.jsonrpc import RpcError
 from joynode.gateway.errors import OpenAIError
 from joynode.gateway.requests import Ask
@@ -111,7 +112,7 @@ class Answer:
             "seed": seed,
             "token_ids": list(self.token_ids),
             "certificate": self.certificate,
-            "quorum": len(self.certificate["committee"]) // 2 + 1,
+            "quorum": quorum_of(len(self.certificate["committee"])),
             "domain": domain_json(domain),
         }
 
@@ -320,7 +321,7 @@ class Answerer:
                 "token_ids": output.get("token_ids"),
                 "text": output.get("text"),
                 "certificate": job["certificate"],
-                "quorum": len(job["committee"]) // 2 + 1,
+                "quorum": quorum_of(len(job["committee"])),
                 "domain": domain,
             }
 
