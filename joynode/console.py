@@ -115,7 +115,7 @@ def print_job(job: dict[str, Any]) -> None:
         out.print(f"[red]job {job['request_id']} {job.get('status')}[/red]: {job.get('reason')}")
         return
     output, certificate = job.get("output") or {}, job.get("certificate") or {}
-    out.print("[bold]output[/bold]      ", output.get("text", "").strip())
+    out.print("[bold]output[/bold]      ", (output.get("text") or "(known by its hash)").strip())
     out.print("[bold]request[/bold]     ", job["request_id"])
     out.print("[bold]output hash[/bold] ", output.get("output_hash"))
     signers = certificate.get("signers") or []

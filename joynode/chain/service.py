@@ -40,6 +40,7 @@ import pydantic
 import trio
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_typing import HexStr
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from web3 import Web3
 from web3.exceptions import Web3Exception
@@ -555,6 +556,30 @@ class ChainService:
             )
         )
         return str(receipt["transactionHash"].to_0x_hex())
+
+    async def landed_signatures(self, tx_hash: str) -> dict[str, bytes] | None:
+        """The signatures a ``submitCertificate`` transaction carried, by signer: how a node
+        that missed the reveals still learns the certificate that landed. None if the
+        transaction is not a ``submitCertificate`` call."""
+        w3 = self._connected()[0]
+        proof = self.contract("ProofOfInference")
+
+        def read() -> dict[str, bytes] | None:
+            tx = w3.eth.get_transaction(HexStr(tx_hash))
+            if tx.get("to") != proof.address:
+                return None
+            try:
+                function, args = proof.decode_function_input(tx["input"])
+            except ValueError:
+                return None
+            if function.fn_name != "submitCertificate":
+                return None
+            return {
+                Web3.to_checksum_address(signer): bytes(signature)
+                for signer, signature in zip(args["signers"], args["signatures"], strict=True)
+            }
+
+        return await self.call(read)
 
     async def submit_zk_result(self, request_id: bytes, proven: MlpProof) -> str:
         """Settle a zk model's request with a proof of its outputs; the transaction hash."""

@@ -159,16 +159,19 @@ class Job:
                 r for r in self.tally.reveals.values() if r.output_hash == certificate.output_hash
             ]
             mine = self.my_vote
+            text: str | None = None
+            token_ids: tuple[int, ...] | None = None
             if mine is not None and output_hash(mine.token_ids) == certificate.output_hash:
                 text, token_ids = mine.text, mine.token_ids  # decoded by this node's own engine
-            else:
+            elif agreeing:
                 # Only token ids are certified; take the text most of the majority sent.
                 text = collections.Counter(r.text for r in agreeing).most_common(1)[0][0]
                 token_ids = agreeing[0].token_ids
+            # (else the certificate came from the chain alone: the output is known by hash)
             counted = [r.prompt_tokens for r in agreeing if r.prompt_tokens is not None]
             result["output"] = {
                 "text": text,
-                "token_ids": list(token_ids),
+                "token_ids": None if token_ids is None else list(token_ids),
                 "output_hash": "0x" + certificate.output_hash.hex(),
                 # as most of the majority counted it (members report it, unsigned)
                 "prompt_tokens": collections.Counter(counted).most_common(1)[0][0]

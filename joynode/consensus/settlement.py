@@ -35,6 +35,7 @@ T = TypeVar("T")
 REFUND_MARGIN_S = 2.0  # after a paid job's deadline, before its offerer asks for a refund
 REFUND_ATTEMPTS = 30  # each REFUND_MARGIN_S apart, while the chain's clock lags ours
 CHAIN_RETRY_S = 2.0  # after the RPC failed, before trying a paid job's transaction again
+READ_ATTEMPTS = 10  # of reading a landed certificate's transaction, CHAIN_RETRY_S apart
 
 JobTask = Callable[[Job], Awaitable[None]]
 
@@ -239,6 +240,30 @@ class Settlement:
             tuple(r.signature for r in reveals if r is not None),
         )
 
+    async def _certificate_in_transaction(self, job: Job, event: ChainEvent) -> Certificate | None:
+        """The certificate as the ``submitCertificate`` transaction carried it."""
+        output = event.args.get("outputHash")
+        if not isinstance(output, str):
+            return None
+        for _ in range(READ_ATTEMPTS):
+            try:
+                signatures = await self._chain_call(self._chain.landed_signatures, event.tx_hash)
+                break
+            except _ChainUnreachable:
+                await trio.sleep(CHAIN_RETRY_S)
+        else:
+            return None
+        if not signatures:
+            return None
+        return Certificate(
+            job.request_id,
+            job.tally.model,
+            bytes.fromhex(output.removeprefix("0x")),
+            job.tally.committee,
+            tuple(signatures),
+            tuple(signatures.values()),
+        )
+
     def certified_on_chain(self, event: ChainEvent) -> Callable[[Job], Awaitable[None]]:
         """The chain's verdict overrules this node's: a job it failed or still follows
         (it was down or cut off while the others voted) is certified as it landed."""
@@ -250,11 +275,13 @@ class Settlement:
                 landed = self.landed_certificate(job, event)
             if job.status == "certified":
                 return  # the votes just asked for decided it
+            if landed is None:  # the members are out of reach: read the transaction
+                landed = await self._certificate_in_transaction(job, event)
             was = f"{job.status}: {job.reason}" if job.reason else job.status
             job.status, job.certificate = "certified", landed
             job.reason = f"certified on-chain; this node had it {was}"
             if landed is None:
-                job.reason += "; it has not every signer's reveal"
+                job.reason += "; neither the signers' reveals nor the transaction were at hand"
             job.finished_at = job.finished_at or time.time()
             job.done.set()
             job.touch()

@@ -221,6 +221,8 @@ class Answerer:
     def _answer_of(self, job: Job, ask: Ask) -> Answer:
         shown = job.to_json()
         output = shown["output"]
+        if output["token_ids"] is None:  # certified on-chain while this node was cut off
+            raise OpenAIError(503, "the committee's answer never reached this node", None)
         token_ids = tuple(output["token_ids"])
         payment = shown["payment"]
         return Answer(
