@@ -103,7 +103,7 @@ typecheck: install
 pytest: install circuits browser
 	$(BIN)/pytest -m "not soak"
 
-# The soak variants alone: five-process prefill settlement.
+# The soak variants alone: five node processes settling paid jobs (through kills) and a prefill job.
 soak: install circuits browser
 	$(BIN)/pytest -m soak
 
