@@ -32,6 +32,12 @@ import {ProofOfUse} from "./ProofOfUse.sol";
 /// and the treasury's paid once per batch, reputations and usage counted once per
 /// batch per node and per client. A withdrawal waits `withdrawalDelay`, during which
 /// what the client signed before still settles from the balance.
+///
+/// A client may also let one node sign requests for it (a `Spender`: an EIP-712
+/// approval of that node, capped in JOY and expiring, which anyone may bring here). A
+/// gateway holding it serves a signed-in wallet with no signature per request; the cap
+/// bounds what the node can spend of the client's balance, and the client can revoke
+/// it at any time. Requests signed by the spender settle as the client's own.
 contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
@@ -44,6 +50,9 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
     uint256 public constant MAX_BATCH = 256;
     uint256 public constant MIN_WITHDRAWAL_DELAY = 1 days; // 10 seconds on the devnet
     uint256 public constant MAX_WITHDRAWAL_DELAY = 30 days;
+    bytes32 public constant SPENDER_TYPEHASH =
+        keccak256("Spender(address client,address spender,uint256 cap,uint64 expiry,uint64 nonce)");
+    uint256 public constant MAX_SPENDER_LIFETIME = 30 days;
 
     struct InferenceRequest {
         address client;
@@ -61,6 +70,15 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
         uint64 withdrawableAt;
     }
 
+    /// What a client let a node spend for it: `spent` of `cap` until `expiry`; `nonce`
+    /// orders the client's approvals of that node (an older one cannot come back).
+    struct Spending {
+        uint128 cap;
+        uint128 spent;
+        uint64 expiry;
+        uint64 nonce;
+    }
+
     enum Refusal {
         None,
         BadClientSignature,
@@ -71,7 +89,8 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
         WrongCommittee,
         NoMajority,
         BadSignature,
-        InsufficientBalance
+        InsufficientBalance,
+        OverSpenderCap
     }
 
     IERC20 public token;
@@ -84,6 +103,7 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
     mapping(address => Account) private _accounts;
     mapping(address => mapping(uint256 => uint256)) private _settledNonces; // client, word: bits
     mapping(address => uint256) public claimable; // owners, royalty recipients, signers
+    mapping(address => mapping(address => Spending)) private _spenders; // client, spender
 
     event Deposited(address indexed client, uint256 amount, uint256 balance);
     event WithdrawalStarted(address indexed client, uint256 amount, uint64 withdrawableAt);
@@ -94,10 +114,14 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
     event SettlementRefused(bytes32 indexed requestId, address indexed client, Refusal reason);
     event Claimed(address indexed account, uint256 amount);
     event ParametersChanged(uint256 withdrawalDelay);
+    event SpenderApproved(address indexed client, address indexed spender, uint256 cap, uint64 expiry);
+    event SpenderRevoked(address indexed client, address indexed spender);
 
     error NoWithdrawalStarted();
     error StillWithdrawing(uint64 withdrawableAt);
     error NothingToClaim();
+    error BadSpenderApproval();
+    error StaleSpenderApproval(uint64 nonce);
 
     function initialize(
         IERC20 token_,
@@ -192,6 +216,48 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
         return _settledNonces[client][nonce >> 8] & (1 << (nonce & 0xff)) != 0;
     }
 
+    // ---- spenders
+
+    /// Record `client`'s signed approval of `spender` (anyone may bring it: the spender
+    /// does). It replaces an older approval of that spender, spent amount and all.
+    function approveSpender(
+        address client,
+        address spender,
+        uint256 cap,
+        uint64 expiry,
+        uint64 nonce,
+        bytes calldata signature
+    ) external {
+        if (spender == address(0) || spender == client) revert BadSpenderApproval();
+        if (cap == 0 || cap > type(uint128).max) revert OutOfBounds("cap");
+        if (expiry <= block.timestamp || expiry > block.timestamp + MAX_SPENDER_LIFETIME) {
+            revert OutOfBounds("expiry");
+        }
+        Spending storage current = _spenders[client][spender];
+        if (nonce <= current.nonce) revert StaleSpenderApproval(current.nonce);
+        bytes32 digest =
+            _hashTypedDataV4(keccak256(abi.encode(SPENDER_TYPEHASH, client, spender, cap, expiry, nonce)));
+        (address signer, ECDSA.RecoverError bad,) = ECDSA.tryRecover(digest, signature);
+        if (bad != ECDSA.RecoverError.NoError || signer != client) revert BadSpenderApproval();
+        _spenders[client][spender] = Spending(uint128(cap), 0, expiry, nonce);
+        emit SpenderApproved(client, spender, cap, expiry);
+    }
+
+    /// The caller takes back what it let `spender` spend (what already settled stays).
+    function revokeSpender(address spender) external {
+        _spenders[msg.sender][spender].expiry = 0;
+        emit SpenderRevoked(msg.sender, spender);
+    }
+
+    function spenderOf(address client, address spender)
+        external
+        view
+        returns (uint256 cap, uint256 spent, uint64 expiry, uint64 nonce)
+    {
+        Spending memory s = _spenders[client][spender];
+        return (s.cap, s.spent, s.expiry, s.nonce);
+    }
+
     // ---- settlement
 
     /// A batch, packed as below (big-endian, no padding), so that a request costs the
@@ -275,6 +341,7 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
         uint256 certifiedBy; // the members whose certificate holds (signed or vouched)
         uint256[] members; // address indexes
         address[] committee; // their addresses
+        address spender; // who signed for the client (zero: the client itself)
     }
 
     /// Settle every request of `batch` (packed as above) that holds; refuse the others
@@ -457,7 +524,12 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
             bytes32(_read(batch, pos + 140, 32)),
             bytes32(_read(batch, pos + 172, 32))
         );
-        if (failed != ECDSA.RecoverError.NoError || signer != client) return Refusal.BadClientSignature;
+        if (failed != ECDSA.RecoverError.NoError) return Refusal.BadClientSignature;
+        if (signer != client) {
+            Spending storage spending = _spenders[client][signer];
+            if (spending.expiry < block.timestamp) return Refusal.BadClientSignature;
+            item.spender = signer;
+        }
         if (isSettled(client, _read(batch, pos + 68, 32))) return Refusal.AlreadySettled;
         if (block.timestamp > _read(batch, pos + 100, 8)) return Refusal.Expired;
         Terms memory t = b.terms[item.model];
@@ -498,13 +570,19 @@ contract PrepaidInference is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTran
             }
         }
         if (_balance(b, item.client) - b.spent[item.client] < t.price) return Refusal.InsufficientBalance;
+        if (item.spender != address(0)) {
+            Spending storage spending = _spenders[client][item.spender];
+            if (spending.cap - spending.spent < t.price) return Refusal.OverSpenderCap;
+        }
         return Refusal.None;
     }
 
     function _settle(Batch memory b, bytes calldata batch, Item memory item) private {
         uint256 nonce = _read(batch, item.offset + 68, 32);
-        _settledNonces[b.addresses[item.client]][nonce >> 8] |= 1 << (nonce & 0xff);
+        address client = b.addresses[item.client];
+        _settledNonces[client][nonce >> 8] |= 1 << (nonce & 0xff);
         Terms memory t = b.terms[item.model];
+        if (item.spender != address(0)) _spenders[client][item.spender].spent += uint128(t.price);
         // Sums of prices and reputation steps: far below 2^255 for any JOY supply.
         unchecked {
             b.spent[item.client] += t.price;

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from joynode.p2p.gossip import Topic
     from joynode.p2p.peers import PeerTable
     from joynode.p2p.scoring import Offence
-    from joynode.signatures import PrepaidRequest
+    from joynode.signatures import PrepaidRequest, SpenderApproval
     from joynode.zk.mlp import MlpProof
 
 T = TypeVar("T")
@@ -171,6 +171,20 @@ class SettlementChain(CommitteeChain, Protocol):
     async def report_equivocation(self, evidence: Equivocation) -> str | None: ...
 
     async def refund(self, request_id: bytes) -> str: ...
+
+
+class SpenderApprovals(Protocol):
+    """What the gateway's wallet routes need of the prepaid actor (``PrepaidService``):
+    a wallet's approval of this node as the spender of its prepaid balance."""
+
+    @property
+    def address(self) -> str: ...
+
+    async def spender_approval(self, client: str, cap: int, expiry: int) -> SpenderApproval: ...
+
+    async def approve_spender(self, approval: SpenderApproval, signature: bytes) -> str: ...
+
+    async def spending(self, client: str) -> dict[str, Any]: ...
 
 
 class PrepaidPayments(Protocol):

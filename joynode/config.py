@@ -147,6 +147,20 @@ class HttpSection(_Section):
         le=10_000,
         description="HTTP requests served at once; further ones get 503 at once.",
     )
+    public_host: StrictStr | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$",
+        description="The host (and port) wallets sign in to (EIP-4361 domain), as clients "
+        "reach this node; unset: the request's Host header.",
+    )
+    wallet_session_s: Seconds = Field(
+        3600.0, ge=60, description="How long a wallet's sign-in lasts."
+    )
+    wallet_rate_per_minute: StrictInt = Field(
+        60, ge=1, le=100_000, description="Requests per minute for each signed-in wallet."
+    )
 
 
 class P2PSection(_Section):

@@ -14,7 +14,7 @@ it with the token the operator gives it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from importlib import resources
 from typing import Any, cast
@@ -76,12 +76,13 @@ class HttpServer:
         registry: CollectorRegistry,
         health: Callable[[], tuple[str, dict[str, object]]],
         dashboard_endpoints: Callable[[], dict[str, object]],
-        api: APIRouter | None = None,
+        apis: Sequence[APIRouter] = (),
     ) -> None:
         """``health``: ok, degraded or unavailable, and the detail (``Supervisor.health``);
         ``dashboard_endpoints``: what the page needs to find the node (control URL, ids);
-        ``api``: more routes (the OpenAI-compatible ``/v1``, ``gateway.openai_api``)."""
-        self._api = api
+        ``apis``: more routes (the OpenAI-compatible ``/v1``, ``gateway.openai_api``, and
+        the wallets', ``gateway.wallet_api``)."""
+        self._apis = apis
         self._settings = settings
         self._registry = registry
         self._health = health
@@ -109,8 +110,8 @@ class HttpServer:
         get("/dashboard/endpoints.json", self._endpoints, "Where the dashboard finds the node")
         get("/", partial(self._file, "index.html"), None, response_class=Response)
         get("/dashboard/{name}", self._file, None, response_class=Response)
-        if self._api is not None:
-            app.include_router(self._api)
+        for api in self._apis:
+            app.include_router(api)
         install_error_handlers(app)
         return app
 

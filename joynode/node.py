@@ -68,9 +68,12 @@ from joynode.consensus.service import ConsensusService
 from joynode.control.methods import ControlMethod, ControlSession, MethodTable, NoParams, Reply
 from joynode.control.server import ControlServer
 from joynode.endpoints import Endpoints
+from joynode.gateway.access import ClientCheck
 from joynode.gateway.answers import Answerer
 from joynode.gateway.control import apikey_methods
 from joynode.gateway.openai_api import openai_api
+from joynode.gateway.wallet_api import wallet_api
+from joynode.gateway.wallets import WalletSignIn
 from joynode.governance.disputes import Disputes
 from joynode.governance.mirror import GovernanceMirror
 from joynode.governance.service import GovernanceService
@@ -218,23 +221,34 @@ class Node:
             self.chain,
             zk_chain_events_receive if self.chain is not None else None,
         )
+        wallets = WalletSignIn(
+            config.node.data_dir / "gateway-session.key",
+            key.address,
+            self._wallet_chain_id,
+            config.http.wallet_session_s,
+        )
+        clients = ClientCheck(self.state, wallets, config.http.wallet_rate_per_minute)
         self.http = HttpServer(
             config.http,
             self.registry,
             self._health,
             self._dashboard_endpoints,
-            openai_api(
-                self.state,
-                self._network_models,
-                Answerer(
-                    self.consensus,
-                    self.inference_client,
-                    key,
+            [
+                openai_api(
                     self.state,
-                    self._eip712_domain,
-                    self._network_model_id,
+                    self._network_models,
+                    Answerer(
+                        self.consensus,
+                        self.inference_client,
+                        key,
+                        self.state,
+                        self._eip712_domain,
+                        self._network_model_id,
+                    ),
+                    clients,
                 ),
-            ),
+                wallet_api(wallets, clients, self.prepaid, config.http.public_host),
+            ],
         )
         self.control = ControlServer(
             config.control,
@@ -327,6 +341,11 @@ class Node:
         if self.chain is not None and self.chain.deployment is not None:
             return self.chain.deployment.eip712_domain()
         return OFFCHAIN_DOMAIN
+
+    def _wallet_chain_id(self) -> int | None:
+        """The chain wallets sign in on: none before the chain actor is connected."""
+        chain_id = self._eip712_domain().chain_id
+        return chain_id or None
 
     def _health(self) -> tuple[str, dict[str, object]]:
         return self.supervisor.health(), {"actors": self.supervisor.snapshot()}

@@ -267,6 +267,65 @@ def sign_prepaid_request(signer: LocalAccount, request: PrepaidRequest) -> bytes
     return bytes(signed.signature)
 
 
+_SPENDER_TYPE = [
+    {"name": "client", "type": "address"},
+    {"name": "spender", "type": "address"},
+    {"name": "cap", "type": "uint256"},
+    {"name": "expiry", "type": "uint64"},
+    {"name": "nonce", "type": "uint64"},
+]
+
+
+@dataclass(frozen=True)
+class SpenderApproval:
+    """A client's approval of one node to sign its prepaid requests (``approveSpender``):
+    at most ``cap`` wei of JOY, until ``expiry``; a higher ``nonce`` replaces it."""
+
+    chain_id: int
+    contract: str  # the PrepaidInference proxy
+    client: str
+    spender: str
+    cap: int
+    expiry: int  # unix seconds
+    nonce: int
+
+    def typed_data(self) -> dict[str, object]:
+        """The full EIP-712 message, for eth-account's ``sign_typed_data`` or a wallet's
+        ``eth_signTypedData_v4``."""
+        return {
+            "types": {
+                "EIP712Domain": [
+                    {"name": "name", "type": "string"},
+                    {"name": "version", "type": "string"},
+                    {"name": "chainId", "type": "uint256"},
+                    {"name": "verifyingContract", "type": "address"},
+                ],
+                "Spender": _SPENDER_TYPE,
+            },
+            "primaryType": "Spender",
+            "domain": {
+                "name": PREPAID_DOMAIN_NAME,
+                "version": "1",
+                "chainId": self.chain_id,
+                "verifyingContract": self.contract,
+            },
+            "message": {
+                "client": self.client,
+                "spender": self.spender,
+                "cap": self.cap,
+                "expiry": self.expiry,
+                "nonce": self.nonce,
+            },
+        }
+
+    def digest(self) -> bytes:
+        """What the client signs."""
+        from eth_account.messages import encode_typed_data
+
+        signable = encode_typed_data(full_message=self.typed_data())
+        return keccak(b"\x19" + signable.version + signable.header + signable.body)
+
+
 RESULTS_TYPEHASH = keccak(b"Results(bytes32 chain)")
 
 

@@ -22,6 +22,7 @@ from joynode.chain.deploy import JOY
 from joynode.prepaid.redemption import Redemption, pack_batch, results_by_member
 from joynode.signatures import (
     PrepaidRequest,
+    SpenderApproval,
     prepaid_request_id,
     results_chain,
     sign,
@@ -54,6 +55,7 @@ PRECISION = 10**18
 # What settleBatch refuses, by its Refusal enum.
 BAD_CLIENT_SIGNATURE, ALREADY_SETTLED, EXPIRED, MODEL_NOT_SERVABLE, PRICE_ABOVE_MAX = 1, 2, 3, 4, 5
 WRONG_COMMITTEE, NO_MAJORITY, BAD_SIGNATURE, INSUFFICIENT_BALANCE = 6, 7, 8, 9
+OVER_SPENDER_CAP = 10
 
 
 @dataclass
@@ -307,6 +309,79 @@ def test_replays_overspending_and_bad_certificates_are_refused_and_charge_nothin
     assert p.settled(receipt) == [prepaid_request_id(covered)]
     assert p.refusals(receipt) == [INSUFFICIENT_BALANCE]
     assert p.account_of(client)[0] == 0
+
+
+def test_a_spender_the_client_approved_signs_for_it_within_its_cap_until_revoked(
+    chain: Chain,
+) -> None:
+    """A gateway node signs requests for a wallet that approved it once: they settle from
+    the wallet's balance up to the cap, and not after the wallet revokes it."""
+    p = Prepaid.of(chain)
+    client, gateway, other = account(CLIENTS[0]), account(CLIENTS[2]), account(CLIENTS[1])
+    p.fund(client, 5 * PRICE)
+    nonces = itertools.count(1)
+
+    def by_gateway(nonce: int) -> Redemption:
+        request = p.request(client, nonce)
+        return p.redemption(
+            request, client, client_signature=sign_prepaid_request(gateway, request)
+        )
+
+    # Not approved yet: the gateway's signature is not the client's.
+    assert p.refusals(p.settle([by_gateway(next(nonces))])) == [BAD_CLIENT_SIGNATURE]
+
+    def approval(**changes: Any) -> SpenderApproval:
+        fields = {
+            "chain_id": chain.w3.eth.chain_id,
+            "contract": p.contract.address,
+            "client": client.address,
+            "spender": gateway.address,
+            "cap": 2 * PRICE,
+            "expiry": p.w.now() + 3600,
+            "nonce": 1,
+            **changes,
+        }
+        return SpenderApproval(**fields)
+
+    def approve(a: SpenderApproval, signer: LocalAccount = client) -> TxReceipt:
+        signature = signer.sign_typed_data(full_message=a.typed_data()).signature
+        call = p.contract.functions.approveSpender(
+            a.client, a.spender, a.cap, a.expiry, a.nonce, bytes(signature)
+        )
+        return p.w.tx(account(STAKER), call)  # anyone may bring it
+
+    with reverts("PrepaidInference.BadSpenderApproval()"):
+        approve(approval(), signer=other)
+    with reverts("PrepaidInference.BadSpenderApproval()"):
+        approve(approval(spender=client.address))
+    with reverts("OutOfBounds(parameter=cap)"):
+        approve(approval(cap=0))
+    with reverts("OutOfBounds(parameter=expiry)"):
+        approve(approval(expiry=p.w.now() + 31 * 86400))
+    approve(approval())
+    with reverts("PrepaidInference.StaleSpenderApproval(nonce=1)"):
+        approve(approval(cap=100 * PRICE))  # an old approval cannot come back
+    assert p.contract.functions.spenderOf(client.address, gateway.address).call()[:2] == [
+        2 * PRICE,
+        0,
+    ]
+
+    # Three in one batch: two fit the cap, the third does not.
+    batch = [by_gateway(next(nonces)) for _ in range(3)]
+    receipt = p.settle(batch)
+    assert p.settled(receipt) == [prepaid_request_id(r.request) for r in batch[:2]]
+    assert p.refusals(receipt) == [OVER_SPENDER_CAP]
+    assert p.account_of(client)[0] == 3 * PRICE
+    assert p.contract.functions.spenderOf(client.address, gateway.address).call()[1] == 2 * PRICE
+
+    # A new approval (higher nonce) restarts the count; a revoked one signs nothing.
+    approve(approval(nonce=2))
+    assert p.settled(p.settle([by_gateway(next(nonces))]))
+    p.w.tx(client, p.contract.functions.revokeSpender(gateway.address))
+    assert p.refusals(p.settle([by_gateway(next(nonces))])) == [BAD_CLIENT_SIGNATURE]
+    own = p.redemption(p.request(client, next(nonces)), client)  # the client's own still settle
+    assert p.settled(p.settle([own])) == [prepaid_request_id(own.request)]
+    assert p.account_of(client)[0] == PRICE
 
 
 def test_a_batch_that_does_not_decode_reverts_whole_and_settles_nothing(chain: Chain) -> None:

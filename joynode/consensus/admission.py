@@ -169,16 +169,16 @@ class Admission:
             raise Dropped("bad_offer", signer, "an offer cannot be both paid and prepaid")
         if prepaid_request_id(prepaid_request_of(offer)) != offer.request_id:
             raise Dropped("bad_request_id", signer, "its request id is not its signed request's")
+        # Signed by the client, or by a spender it approved (the prepaid actor checks that
+        # approval on-chain, with the balance).
         try:
-            client = recover_address(offer.request_id, offer.prepaid.signature)
+            recover_address(offer.request_id, offer.prepaid.signature)
         except SignatureError:
-            client = ""
-        if client.lower() != offer.prepaid.client.lower():
             raise Dropped(
                 "bad_client_signature",
                 signer,
                 f"the request is not signed by its client {offer.prepaid.client}",
-            )
+            ) from None
 
     def _deadlines_problem(self, offer: wire.JobOffer) -> str | None:
         now_ms = time.time_ns() // 1_000_000

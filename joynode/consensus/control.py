@@ -54,6 +54,14 @@ class SignedPrepaid(pydantic.BaseModel):
         return value
 
 
+class SpendFor(pydantic.BaseModel):
+    """Pay from ``client``'s prepaid balance, this node signing the request as the spender
+    the client approved (``approveSpender``; the gateway's signed-in wallets)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    client: str = pydantic.Field(pattern=ADDRESS)
+
+
 class SubmitParams(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
     model: str = pydantic.Field(min_length=1, max_length=128)
@@ -97,10 +105,11 @@ class SubmitParams(pydantic.BaseModel):
         description="relay a request someone already paid for; this prompt must match it",
     )
 
-    prepaid: bool | SignedPrepaid = pydantic.Field(
+    prepaid: bool | SignedPrepaid | SpendFor = pydantic.Field(
         False,
         description="pay from a prepaid balance: true signs as this node's account (max_price "
-        "and nonce apply); or a client's signed request (prepaid.quote)",
+        "and nonce apply); or a client's signed request (prepaid.quote); or {client}: this "
+        "node signs for a client that approved it as its spender",
     )
 
     @pydantic.model_validator(mode="after")

@@ -25,7 +25,7 @@ from joynode.abc import PrepaidPayments, SettlementChain
 from joynode.chain.sender import TransactionFailed
 from joynode.config import ConsensusSection
 from joynode.consensus.committee import Committees, CommitteeUnavailable
-from joynode.consensus.control import JOB_ERROR, QuoteParams, SignedPrepaid, SubmitParams
+from joynode.consensus.control import JOB_ERROR, QuoteParams, SignedPrepaid, SpendFor, SubmitParams
 from joynode.consensus.job import MIN_SETTLE_S, Payment
 from joynode.consensus.jobs import input_hash_of, prepaid_request_of, request_id_of, sampling_of
 from joynode.consensus.metrics import ConsensusMetrics
@@ -207,9 +207,10 @@ class Offering:
                     f"the signature is not {signed.client}'s over this request: sign the typed "
                     "data prepaid.quote returns, and submit the same job with it",
                 )
-        else:
+        else:  # this node signs: for itself, or as a client's approved spender
+            client = signed.client if isinstance(signed, SpendFor) else self._address
             offer = await self._prepaid_offer(
-                draft, self._address, params.max_price, params.nonce, None, None
+                draft, client, params.max_price, params.nonce, None, None
             )
             signature = sign_request(offer.request_id)
         assert offer.prepaid is not None

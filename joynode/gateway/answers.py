@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -34,7 +35,7 @@ import msgspec
 import trio
 from eth_utils.crypto import keccak
 
-from joynode.consensus.control import JOB_ERROR, SubmitParams
+from joynode.consensus.control import JOB_ERROR, SpendFor, SubmitParams
 from joynode.consensus.job import Job
 from joynode.consensus.tally import quorum_of
 from joynode.control.jsonrpc import RpcError
@@ -57,6 +58,13 @@ from joynode.state import StateStore
 log = logging.getLogger(__name__)
 
 RETRIES = 1  # a failed committee job is submitted again this many times
+# A prepaid refusal (``PrepaidRefusal.reason``), as the node or a member said it
+_PAYMENT_REFUSED = re.compile(r"\b(insufficient_balance|over_spender_cap|bad_client_signature)\b")
+_PAYMENT_STATUS = {
+    "insufficient_balance": (429, "insufficient_quota"),  # as OpenAI says "add credit"
+    "over_spender_cap": (429, "insufficient_quota"),
+    "bad_client_signature": (402, "spender_not_approved"),
+}
 _canonical = msgspec.msgpack.Encoder()
 _FAILURE_STATUS = {
     FailureCode.UNKNOWN_MODEL: (404, "model_not_found"),
@@ -140,10 +148,12 @@ class Answerer:
     # ---- committee
 
     async def committee(
-        self, ask: Ask, model_id: str, *, stream: bool = False
+        self, ask: Ask, model_id: str, *, stream: bool = False, pay_for: str | None = None
     ) -> AsyncIterator[TokenDelta | Answer]:
         """The committee's certified answer; with ``stream``, first the executor's tokens
         as it makes them (passed on unverified, then checked against the certificate).
+        ``pay_for``: a wallet that approved this node as its spender pays, from its
+        prepaid balance (else the job is unpaid).
 
         A job that fails before any token was passed on is submitted again (a new
         nonce: a new draw). A client going away (this generator cancelled or closed)
@@ -151,7 +161,7 @@ class Answerer:
         """
         reasons: list[str] = []
         for _ in range(1 + RETRIES):
-            job = await self._submit(ask, model_id, stream)
+            job = await self._submit(ask, model_id, stream, pay_for)
             passed = 0  # chunks of job.streamed passed on
             try:
                 while True:
@@ -197,7 +207,7 @@ class Answerer:
             "verification_failed",
         )
 
-    async def _submit(self, ask: Ask, model_id: str, stream: bool) -> Job:
+    async def _submit(self, ask: Ask, model_id: str, stream: bool, pay_for: str | None) -> Job:
         s = ask.sampling
         params = SubmitParams(
             model=model_id,
@@ -210,13 +220,18 @@ class Answerer:
             stop=s.stop,
             stream=stream,
             committee_size=ask.committee_size,
+            prepaid=False if pay_for is None else SpendFor(client=pay_for),
         )
         try:
             return await self._jobs.submit(params)
         except RpcError as exc:
-            if exc.code == JOB_ERROR:
-                raise OpenAIError(503, exc.message, "no_committee") from None
-            raise OpenAIError(400, exc.message, None) from None
+            if exc.code != JOB_ERROR:
+                raise OpenAIError(400, exc.message, None) from None
+            refused = _PAYMENT_REFUSED.search(exc.message)
+            if refused is not None:  # the wallet's balance or approval, not the network
+                status, code = _PAYMENT_STATUS.get(refused[1], (402, refused[1]))
+                raise OpenAIError(status, exc.message, code) from None
+            raise OpenAIError(503, exc.message, "no_committee") from None
 
     def _answer_of(self, job: Job, ask: Ask) -> Answer:
         shown = job.to_json()
@@ -225,6 +240,9 @@ class Answerer:
             raise OpenAIError(503, "the committee's answer never reached this node", None)
         token_ids = tuple(output["token_ids"])
         payment = shown["payment"]
+        settlement = payment["status"] if payment else "unpaid"
+        if shown["prepaid"] is not None:
+            settlement = "prepaid"  # settled in a batch later (prepaid.settlements)
         return Answer(
             request_id=job.request_id,
             text=output["text"],
@@ -233,7 +251,7 @@ class Answerer:
             finish_reason="length" if len(token_ids) >= ask.sampling.max_tokens else "stop",
             verification="committee",
             certificate=shown["certificate"],
-            settlement=payment["status"] if payment else "unpaid",
+            settlement=settlement,
         )
 
     # ---- local

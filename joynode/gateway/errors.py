@@ -2,7 +2,9 @@
 
 The status codes are OpenAI's (400 a bad request, 401 a missing or wrong key,
 404 an unknown model or route, 429 a rate or a quota, 503 no capacity or no
-certified answer), so the official clients raise their usual exceptions.
+certified answer; JoyNet adds 402 for a wallet that has not approved this node as
+its spender, and 403 for a wallet route called with an API key), so the official
+clients raise their usual exceptions.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from starlette.responses import JSONResponse
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
+    402: "invalid_request_error",
+    403: "invalid_request_error",
     404: "invalid_request_error",
     429: "requests",
 }

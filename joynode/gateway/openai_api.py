@@ -1,12 +1,12 @@
 """The OpenAI-compatible API on the http actor: models, completions, chat, certificates.
 
-Every route is behind the API keys of ``gateway.apikeys`` (``Authorization:
-Bearer jn-...``), each key held to its rate per minute (a token bucket in
-memory, a minute's worth of burst) and its token quota; errors are OpenAI's
-(``gateway.errors``). Answers come from ``gateway.answers``: a committee's
-certified job by default, or this node alone (``"joynet": {"verification":
-"local"}``), and carry their certificate in the ``joynet`` field and in
-``X-JoyNet-*`` headers.
+Every route is behind a bearer token (``gateway.access``): an API key of
+``gateway.apikeys`` (``jn-...``), held to its rate and token quota, or a
+signed-in wallet's session (``gateway.wallets``), whose answers its own
+prepaid balance pays for; errors are OpenAI's (``gateway.errors``). Answers
+come from ``gateway.answers``: a committee's certified job by default, or this
+node alone (``"joynet": {"verification": "local"}``), and carry their
+certificate in the ``joynet`` field and in ``X-JoyNet-*`` headers.
 
 Streams are server-sent events ending in ``data: [DONE]``. A ``local`` stream
 sends tokens as the engine makes them; a ``committee`` stream sends the
@@ -40,6 +40,7 @@ from starlette.responses import JSONResponse, Response
 
 from joynode.exceptiongroups import leaves
 from joynode.gateway import apikeys
+from joynode.gateway.access import Client, ClientCheck
 from joynode.gateway.answers import Answer, Answerer, last_answer
 from joynode.gateway.apikeys import ApiKey
 from joynode.gateway.errors import OpenAIError
@@ -50,8 +51,8 @@ from joynode.gateway.requests import (
     CompletionRequest,
     ask_of,
 )
+from joynode.gateway.wallets import WalletSession
 from joynode.messages import TokenDelta
-from joynode.ratelimit import TokenBucket
 from joynode.state import StateStore
 
 OWNER = "joynet"
@@ -59,60 +60,18 @@ PING_S = 15.0  # an SSE comment this often keeps proxies from closing a quiet st
 T = TypeVar("T")
 
 
-class KeyCheck:
-    """The FastAPI dependency that admits a request's API key, or raises ``OpenAIError``."""
-
-    def __init__(self, state: StateStore, clock: Callable[[], float] = time.monotonic) -> None:
-        self._state = state
-        self._clock = clock
-        self._buckets: dict[str, tuple[int, TokenBucket]] = {}
-
-    async def __call__(self, request: Request) -> ApiKey:
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip():
-            raise OpenAIError(
-                401,
-                "You didn't provide an API key: send it as 'Authorization: Bearer jn-...'.",
-                "invalid_api_key",
-            )
-        key = await self._state.read(partial(apikeys.authenticate, presented=presented.strip()))
-        if key is None:
-            raise OpenAIError(401, "Incorrect API key provided.", "invalid_api_key")
-        if not self._bucket(key).take(self._clock()):
-            raise OpenAIError(
-                429,
-                f"Rate limit reached for API key {key.id}: {key.rate_per_minute} requests "
-                "per minute.",
-                "rate_limit_exceeded",
-            )
-        if key.over_quota:
-            raise OpenAIError(
-                429,
-                f"API key {key.id} has used its quota of {key.quota_tokens} tokens.",
-                "insufficient_quota",
-                "insufficient_quota",
-            )
-        return key
-
-    def _bucket(self, key: ApiKey) -> TokenBucket:
-        """The key's bucket (a new one when its rate changed)."""
-        held = self._buckets.get(key.id)
-        if held is None or held[0] != key.rate_per_minute:
-            bucket = TokenBucket(key.rate_per_minute / 60.0, key.rate_per_minute, self._clock())
-            held = self._buckets[key.id] = (key.rate_per_minute, bucket)
-        return held[1]
-
-
 def openai_api(
-    state: StateStore, models: Callable[[], Mapping[str, str]], answerer: Answerer
+    state: StateStore,
+    models: Callable[[], Mapping[str, str]],
+    answerer: Answerer,
+    clients: ClientCheck,
 ) -> APIRouter:
     """The ``/v1`` routes. ``models``: what the network serves that this node knows of,
     name (or id) -> id (CID)."""
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
-    key_check = KeyCheck(state)
 
     @router.get("/models", summary="The models this node and its peers serve")
-    async def list_models(_: ApiKey = Depends(key_check)) -> JSONResponse:  # noqa: B008
+    async def list_models(_: Client = Depends(clients)) -> JSONResponse:  # noqa: B008
         data = [
             {
                 "id": name,
@@ -129,23 +88,23 @@ def openai_api(
     async def chat(
         body: ChatCompletionRequest,
         request: Request,
-        key: ApiKey = Depends(key_check),  # noqa: B008
+        client: Client = Depends(clients),  # noqa: B008
     ) -> Response:
-        return await _answer(answerer, state, key, request, body)
+        return await _answer(answerer, state, client, request, body)
 
     @router.post("/completions", summary="A text completion, certified")
     async def completions(
         body: CompletionRequest,
         request: Request,
-        key: ApiKey = Depends(key_check),  # noqa: B008
+        client: Client = Depends(clients),  # noqa: B008
     ) -> Response:
-        return await _answer(answerer, state, key, request, body)
+        return await _answer(answerer, state, client, request, body)
 
     @router.get(
         "/joynet/certificates/{request_id}",
         summary="A job's certificate (and status), by request id",
     )
-    async def certificate(request_id: str, _: ApiKey = Depends(key_check)) -> JSONResponse:  # noqa: B008
+    async def certificate(request_id: str, _: Client = Depends(clients)) -> JSONResponse:  # noqa: B008
         try:
             raw = bytes.fromhex(request_id.removeprefix("0x"))
         except ValueError:
@@ -163,7 +122,7 @@ def openai_api(
 async def _answer(
     answerer: Answerer,
     state: StateStore,
-    key: ApiKey,
+    client: Client,
     request: Request,
     body: ChatCompletionRequest | CompletionRequest,
 ) -> Response:
@@ -171,6 +130,14 @@ async def _answer(
         ask = ask_of(body)
     except BadRequest as exc:
         raise OpenAIError(400, exc.message, exc.code, param=exc.param) from None
+    pay_for = client.address if isinstance(client, WalletSession) else None
+    if pay_for is not None and ask.verification == "local":
+        raise OpenAIError(
+            400,
+            "a signed-in wallet pays for committee answers only: 'local' answers settle nothing",
+            "unsupported_parameter",
+            param="joynet",
+        )
     model_id = answerer.model_id_of(ask.model)
     if model_id is None:
         raise OpenAIError(
@@ -179,20 +146,23 @@ async def _answer(
             "model_not_found",
             param="model",
         )
-    record = partial(_record_use, state, key)
+    record = partial(_record_use, state, client)
     if ask.stream:
-        return _stream(answerer, ask, model_id, record)
-    answer = await _unless_gone(request, last_answer, _events(answerer, ask, model_id))
+        return _stream(answerer, ask, model_id, record, pay_for)
+    events = _events(answerer, ask, model_id, pay_for)
+    answer = await _unless_gone(request, last_answer, events)
     await record(answer.prompt_tokens + len(answer.token_ids))
     shown = _Shape(ask, answer.request_id)
     body_json = shown.whole(answer, answer.extension(answerer.domain(), ask.sampling.seed))
     return JSONResponse(body_json, headers=_headers(answer))
 
 
-def _events(answerer: Answerer, ask: Ask, model_id: str) -> AsyncIterator[TokenDelta | Answer]:
+def _events(
+    answerer: Answerer, ask: Ask, model_id: str, pay_for: str | None
+) -> AsyncIterator[TokenDelta | Answer]:
     if ask.verification == "local":
         return answerer.local(ask, model_id)
-    return answerer.committee(ask, model_id, stream=ask.stream)
+    return answerer.committee(ask, model_id, stream=ask.stream, pay_for=pay_for)
 
 
 async def _unless_gone(request: Request, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -220,8 +190,10 @@ async def _unless_gone(request: Request, fn: Callable[..., Awaitable[T]], *args:
     return done[0]
 
 
-async def _record_use(state: StateStore, key: ApiKey, tokens: int) -> None:
-    await state.write(partial(apikeys.record_use, key_id=key.id, tokens=tokens))
+async def _record_use(state: StateStore, client: Client, tokens: int) -> None:
+    """Count an API key's tokens against its quota (a wallet pays instead)."""
+    if isinstance(client, ApiKey):
+        await state.write(partial(apikeys.record_use, key_id=client.id, tokens=tokens))
 
 
 def _headers(answer: Answer) -> dict[str, str]:
@@ -313,13 +285,14 @@ def _stream(
     ask: Ask,
     model_id: str,
     record: Callable[[int], Awaitable[None]],
+    pay_for: str | None,
 ) -> EventSourceResponse:
     shape = _Shape(ask, os.urandom(12))  # (the request id comes with the certificate)
 
     async def events() -> AsyncIterator[dict[str, str]]:
         chain = bytes(32)
         sent = 0
-        source = _events(answerer, ask, model_id)
+        source = _events(answerer, ask, model_id, pay_for)
         try:
             async with aclosing(source):  # type: ignore[type-var]
                 async for event in source:

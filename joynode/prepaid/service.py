@@ -59,6 +59,7 @@ from joynode.prepaid.redemption import (
 from joynode.signatures import (
     PrepaidRequest,
     SignatureError,
+    SpenderApproval,
     prepaid_request_id,
     recover_address,
     results_chain,
@@ -90,6 +91,7 @@ REFUSALS = (
     "no_majority",
     "bad_signature",
     "insufficient_balance",
+    "over_spender_cap",
 )
 
 
@@ -236,6 +238,40 @@ class PrepaidService:
             "claimable": str(claimable),
         }
 
+    # ---- spenders (a client lets this node sign for it: the gateway's signed-in wallets)
+
+    async def spender_approval(self, client: str, cap: int, expiry: int) -> SpenderApproval:
+        """The approval of this node that ``client`` would sign (the next nonce)."""
+        prepaid = self.contract()
+        _, _, _, nonce = await self._chain.call(
+            prepaid.functions.spenderOf(client, self.address).call
+        )
+        return SpenderApproval(
+            self._chain_id(), prepaid.address, client, self.address, cap, expiry, int(nonce) + 1
+        )
+
+    async def approve_spender(self, approval: SpenderApproval, signature: bytes) -> str:
+        """Bring ``approval``, signed by its client, on-chain; the transaction hash. Raises
+        ``TransactionFailed`` with the contract's reason (bad signature, stale, bounds)."""
+        call = self.contract().functions.approveSpender(
+            approval.client,
+            approval.spender,
+            approval.cap,
+            approval.expiry,
+            approval.nonce,
+            signature,
+        )
+        receipt = await self.transact(call)
+        return str(receipt["transactionHash"].to_0x_hex())
+
+    async def spending(self, client: str) -> dict[str, Any]:
+        """What ``client`` let this node spend: cap, spent, expiry (0: none or revoked)."""
+        prepaid = self.contract()
+        cap, spent, expiry, nonce = await self._chain.call(
+            prepaid.functions.spenderOf(client, self.address).call
+        )
+        return {"cap": str(cap), "spent": str(spent), "expiry": int(expiry), "nonce": int(nonce)}
+
     # ---- admitting (the consensus actor asks)
 
     async def refusal(
@@ -265,13 +301,26 @@ class PrepaidService:
                 f"its deadline {request.deadline} leaves no time to settle it "
                 f"(at least {int(settle_until)} needed)",
             )
+        try:
+            signer = recover_address(request_id, signature)
+        except SignatureError:
+            signer = ""
+        if not signer:
+            return PrepaidRefusal("bad_client_signature", "the signature does not recover")
+        # Signed by the client itself, or by a node it approved as its spender.
+        spender = None if signer.lower() == request.client.lower() else signer
         async with self._client_locks[request.client.lower()]:
             if await self._state.read(lambda c: ledger.known(c, request_id)):
                 return None  # admitted already (the relay and a member are the same node)
-            return await self._judge(request, request_id, prepaid)
+            return await self._judge(request, request_id, prepaid, spender, settle_until)
 
     async def _judge(
-        self, request: PrepaidRequest, request_id: bytes, prepaid: Any
+        self,
+        request: PrepaidRequest,
+        request_id: bytes,
+        prepaid: Any,
+        spender: str | None,
+        settle_until: float,
     ) -> PrepaidRefusal | None:
         market = self.contract("ModelMarketplace")
 
@@ -298,6 +347,18 @@ class PrepaidService:
             gone = sum(p for (_, p), done in zip(checked, settled, strict=True) if done)
             return int(price), int(size), bool(servable), int(account[3]), bool(used), gone
 
+        cap = spent = 0
+        if spender is not None:
+            spending = await self._chain.call(
+                prepaid.functions.spenderOf(request.client, spender).call
+            )
+            cap, spent, expiry, _ = (int(v) for v in spending)
+            if expiry < settle_until:
+                return PrepaidRefusal(
+                    "bad_client_signature",
+                    f"signed by {spender}, which {request.client} has not approved as its "
+                    f"spender until {int(settle_until)} (approveSpender)",
+                )
         price, size, servable, available, used, _ = await self._chain.call(read, [])
         pending = sum(owed_price for _, owed_price in owed)
         if price > available - pending and owed:
@@ -328,6 +389,14 @@ class PrepaidService:
                 "insufficient_balance",
                 f"{request.client} has {available} wei of JOY available, {pending} of it "
                 f"owed for pending requests: not enough for {price}",
+            )
+        # (What the client owes for pending requests counts against the cap too, whoever
+        # signed them: the cap is never passed, if sometimes reached early.)
+        if spender is not None and price > cap - spent - pending:
+            return PrepaidRefusal(
+                "over_spender_cap",
+                f"{request.client} let {spender} spend {cap} wei of JOY; {spent} is spent and "
+                f"{pending} owed for pending requests: not enough for {price}",
             )
         await self._state.write(lambda c: ledger.record_pending(c, request_id, request, price))
         return None
