@@ -211,24 +211,12 @@ class PrepaidRequest:
     def typed_data(self) -> dict[str, object]:
         """The full EIP-712 message: what eth-account's ``sign_typed_data(full_message=...)``
         and viem's ``signTypedData`` take."""
-        return {
-            "types": {
-                "EIP712Domain": [
-                    {"name": "name", "type": "string"},
-                    {"name": "version", "type": "string"},
-                    {"name": "chainId", "type": "uint256"},
-                    {"name": "verifyingContract", "type": "address"},
-                ],
-                "InferenceRequest": _PREPAID_REQUEST_TYPE,
-            },
-            "primaryType": "InferenceRequest",
-            "domain": {
-                "name": PREPAID_DOMAIN_NAME,
-                "version": "1",
-                "chainId": self.chain_id,
-                "verifyingContract": self.contract,
-            },
-            "message": {
+        return _prepaid_typed_data(
+            self.chain_id,
+            self.contract,
+            "InferenceRequest",
+            _PREPAID_REQUEST_TYPE,
+            {
                 "client": self.client,
                 "model": self.model,
                 "inputHash": self.input_hash,
@@ -237,7 +225,7 @@ class PrepaidRequest:
                 "deadline": self.deadline,
                 "committee": list(self.committee),
             },
-        }
+        )
 
     def as_call_argument(self) -> tuple[object, ...]:
         """The ``InferenceRequest`` struct as a contract call takes it."""
@@ -292,38 +280,48 @@ class SpenderApproval:
     def typed_data(self) -> dict[str, object]:
         """The full EIP-712 message, for eth-account's ``sign_typed_data`` or a wallet's
         ``eth_signTypedData_v4``."""
-        return {
-            "types": {
-                "EIP712Domain": [
-                    {"name": "name", "type": "string"},
-                    {"name": "version", "type": "string"},
-                    {"name": "chainId", "type": "uint256"},
-                    {"name": "verifyingContract", "type": "address"},
-                ],
-                "Spender": _SPENDER_TYPE,
-            },
-            "primaryType": "Spender",
-            "domain": {
-                "name": PREPAID_DOMAIN_NAME,
-                "version": "1",
-                "chainId": self.chain_id,
-                "verifyingContract": self.contract,
-            },
-            "message": {
+        return _prepaid_typed_data(
+            self.chain_id,
+            self.contract,
+            "Spender",
+            _SPENDER_TYPE,
+            {
                 "client": self.client,
                 "spender": self.spender,
                 "cap": self.cap,
                 "expiry": self.expiry,
                 "nonce": self.nonce,
             },
-        }
+        )
 
-    def digest(self) -> bytes:
-        """What the client signs."""
-        from eth_account.messages import encode_typed_data
 
-        signable = encode_typed_data(full_message=self.typed_data())
-        return keccak(b"\x19" + signable.version + signable.header + signable.body)
+def _prepaid_typed_data(
+    chain_id: int,
+    contract: str,
+    primary: str,
+    fields: list[dict[str, str]],
+    message: dict[str, object],
+) -> dict[str, object]:
+    """A full EIP-712 message in the domain of the ``PrepaidInference`` at ``contract``."""
+    return {
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+                {"name": "verifyingContract", "type": "address"},
+            ],
+            primary: fields,
+        },
+        "primaryType": primary,
+        "domain": {
+            "name": PREPAID_DOMAIN_NAME,
+            "version": "1",
+            "chainId": chain_id,
+            "verifyingContract": contract,
+        },
+        "message": message,
+    }
 
 
 RESULTS_TYPEHASH = keccak(b"Results(bytes32 chain)")

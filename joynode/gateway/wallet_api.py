@@ -11,6 +11,7 @@ running one. The cap is the most this node can ever spend of the wallet's JOY.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -26,7 +27,6 @@ from joynode.control.jsonrpc import RpcError
 from joynode.gateway.access import ClientCheck, WalletCheck
 from joynode.gateway.errors import OpenAIError
 from joynode.gateway.wallets import NONCE_TTL_S, SignInError, WalletSession, WalletSignIn
-from joynode.signatures import SpenderApproval
 
 STATEMENT = "Sign in to this JoyNet gateway."
 UINT128 = 2**128 - 1
@@ -142,15 +142,7 @@ def wallet_api(
     ) -> JSONResponse:
         found = approvals()
         quoted = await on_chain(found.spender_approval, session.address, signed.cap, signed.expiry)
-        approval = SpenderApproval(
-            quoted.chain_id,
-            quoted.contract,
-            session.address,
-            found.address,
-            signed.cap,
-            signed.expiry,
-            signed.nonce,
-        )
+        approval = dataclasses.replace(quoted, nonce=signed.nonce)  # the nonce the wallet signed
         try:
             tx = await on_chain(
                 found.approve_spender, approval, bytes.fromhex(signed.signature[2:])
