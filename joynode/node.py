@@ -71,6 +71,7 @@ from joynode.endpoints import Endpoints
 from joynode.gateway.access import ClientCheck
 from joynode.gateway.answers import Answerer
 from joynode.gateway.control import apikey_methods
+from joynode.gateway.forwarding import LocalForwarder
 from joynode.gateway.openai_api import openai_api
 from joynode.gateway.wallet_api import wallet_api
 from joynode.gateway.wallets import WalletSignIn
@@ -228,25 +229,23 @@ class Node:
             config.http.wallet_session_s,
         )
         clients = ClientCheck(self.state, wallets, config.http.wallet_rate_per_minute)
+        answerer = Answerer(
+            self.consensus,
+            self.inference_client,
+            key,
+            self.state,
+            self._eip712_domain,
+            self._network_model_id,
+        )
+        forwarder = LocalForwarder(self.p2p, answerer, self._has_room_for, self._eip712_domain)
+        forwarder.register()
         self.http = HttpServer(
             config.http,
             self.registry,
             self._health,
             self._dashboard_endpoints,
             [
-                openai_api(
-                    self.state,
-                    self._network_models,
-                    Answerer(
-                        self.consensus,
-                        self.inference_client,
-                        key,
-                        self.state,
-                        self._eip712_domain,
-                        self._network_model_id,
-                    ),
-                    clients,
-                ),
+                openai_api(self.state, self._network_models, answerer, clients, forwarder),
                 wallet_api(wallets, clients, self.prepaid, config.http.public_host),
             ],
         )
@@ -341,6 +340,13 @@ class Node:
         if self.chain is not None and self.chain.deployment is not None:
             return self.chain.deployment.eip712_domain()
         return OFFCHAIN_DOMAIN
+
+    def _has_room_for(self, model_id: str) -> bool:
+        """This node serves ``model_id`` and its engines are not full."""
+        if self.inference.model_id(model_id) is None:
+            return False
+        status = self.inference.serving_status()
+        return status.queue_depth < status.capacity
 
     def _wallet_chain_id(self) -> int | None:
         """The chain wallets sign in on: none before the chain actor is connected."""

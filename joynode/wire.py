@@ -346,6 +346,43 @@ class ZkJob(Message, tag="zk_job", frozen=True):
     ]
 
 
+class LocalAsk(Message, tag="local_ask", frozen=True):
+    """A gateway's ``local`` request for a model it does not serve (or while it is full):
+    the peer answers alone, as it would its own client (``/joynet/rpc``)."""
+
+    model: ModelId
+    prompt: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)] | None
+    messages: Annotated[list[ChatTurn], msgspec.Meta(max_length=64)] | None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_OUTPUT_TOKENS)]
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)]
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)]
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=1 << 20)]
+    seed: UInt | None
+    stop: StopSequences | None = None
+
+
+class LocalAnswer(Message, tag="local_answer", frozen=True):
+    """The peer's answer: its EIP-712 ``Result(request_id, keccak256(token ids))``
+    signature, as a committee of one."""
+
+    request_id: Bytes32
+    text: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
+    token_ids: Annotated[list[UInt], msgspec.Meta(max_length=MAX_OUTPUT_TOKENS)]
+    prompt_tokens: UInt
+    finish_reason: Annotated[str, msgspec.Meta(pattern=r"^(stop|length)$")]
+    signature: Signature
+
+
+class LocalRefusal(Message, tag="local_refusal", frozen=True):
+    """The peer did not answer a ``LocalAsk``: the HTTP status and OpenAI error code the
+    gateway answers its client with (a bad request), or tries another peer (a full or
+    failed engine)."""
+
+    status: Annotated[int, msgspec.Meta(ge=400, le=599)]
+    code: Annotated[str, msgspec.Meta(max_length=64)] | None
+    reason: ShortStr
+
+
 AnyMessage: TypeAlias = (
     Ping
     | Pong
@@ -365,6 +402,9 @@ AnyMessage: TypeAlias = (
     | ZkJob
     | VoucherRequest
     | Voucher
+    | LocalAsk
+    | LocalAnswer
+    | LocalRefusal
 )
 MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     Ping,
@@ -385,6 +425,9 @@ MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     ZkJob,
     VoucherRequest,
     Voucher,
+    LocalAsk,
+    LocalAnswer,
+    LocalRefusal,
 )
 
 

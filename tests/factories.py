@@ -310,9 +310,13 @@ class NoPeers:
         self.peers = PeerTable(60.0)
         self.handlers: dict[type[wire.Message], RequestHandler] = {}
 
-    def handle_requests(self, kind: type[wire.Message], handler: RequestHandler) -> None:
+    def handle_requests(
+        self, kind: type[wire.Message], handler: RequestHandler, *, timeout_s: float | None = None
+    ) -> None:
         self.handlers[kind] = handler
 
-    async def request(self, peer_id: str, message: wire.Message) -> wire.AnyMessage:
+    async def request(
+        self, peer_id: str, message: wire.Message, *, timeout_s: float | None = None
+    ) -> wire.AnyMessage:
         await trio.lowlevel.checkpoint()
         raise RpcFailure(f"no peer {peer_id}")

@@ -585,7 +585,9 @@ class FakeNetwork:
         self.received: dict[str, list[wire.Message]] = {}
         self.published: list[wire.Message] = []
 
-    async def request(self, peer_id: str, message: wire.Message) -> wire.AnyMessage:
+    async def request(
+        self, peer_id: str, message: wire.Message, *, timeout_s: float | None = None
+    ) -> wire.AnyMessage:
         if peer_id in self.gone:
             raise RpcFailure(f"no answer from {peer_id}")
         if peer_id in self.slow:

@@ -190,7 +190,18 @@ async def test_openai_clients_get_certified_answers_streamed_and_not(
         extension = local.model_extra["joynet"]
         assert local.choices[0].text == reference.text
         assert check_offline(extension) == {serving.consensus.address}
-        for node, answer in ((serving, extension), (gateway, routed.model_extra["joynet"])):
+        # Local on the gateway serving nothing: a serving peer answers alone, signed by it.
+        forwarded = await in_thread(
+            complete, sdk(gateway), model=model_id, extra_body={"joynet": {"verification": "local"}}
+        )
+        handed = forwarded.model_extra["joynet"]
+        assert forwarded.choices[0].text == reference.text
+        assert check_offline(handed) < members  # one serving peer
+        for node, answer in (
+            (serving, extension),
+            (gateway, routed.model_extra["joynet"]),
+            (gateway, handed),
+        ):
             url = f"{node.http.url}/v1/joynet/certificates/{answer['request_id']}"
             later = await in_thread(httpx.get, url, headers=bearer(node))
             assert later.status_code == 200, later.text
@@ -277,13 +288,15 @@ async def test_bad_requests_get_openai_errors_and_the_node_keeps_serving(
         with pytest.raises(openai.BadRequestError) as penalty:
             await in_thread(ask, sdk(node), model="tiny", presence_penalty=1.0)
         assert penalty.value.code == "unsupported_parameter"
-        with pytest.raises(openai.NotFoundError):  # local on a node that serves nothing
+        with pytest.raises(openai.BadRequestError) as too_long:  # forwarded, refused by the peer
             await in_thread(
                 ask,
                 sdk(gateway),
+                prompt="word " * 5000,
                 model=nodes[0].inference.model_id("tiny"),
                 extra_body={"joynet": {"verification": "local"}},
             )
+        assert too_long.value.code == "context_length_exceeded"
         bad_key = openai.OpenAI(base_url=url_of(node) + "/v1", api_key="jn-x-y", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             await in_thread(ask, bad_key, model="tiny")

@@ -307,19 +307,28 @@ class Answerer:
             certificate=certificate,
             settlement="unpaid",
         )
+        await self.keep(answer, result.model_id)
+        return answer
+
+    async def keep(self, answer: Answer, model_id: str) -> None:
+        """Keep a ``local`` answer (this node's, or a peer's it passed on) for
+        ``/v1/joynet/certificates``."""
         stored = json.dumps(
-            {"certificate": certificate, "text": result.text, "token_ids": list(result.token_ids)}
+            {
+                "certificate": answer.certificate,
+                "text": answer.text,
+                "token_ids": list(answer.token_ids),
+            }
         )
 
         def save(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO local_answers (request_id, model, certificate, created_at) "
+                "INSERT OR IGNORE INTO local_answers (request_id, model, certificate, created_at) "
                 "VALUES (?, ?, ?, ?)",
-                (request_id, result.model_id, stored, time.time()),
+                (answer.request_id, model_id, stored, time.time()),
             )
 
         await self._state.write(save)
-        return answer
 
     # ---- later
 

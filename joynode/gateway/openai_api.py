@@ -44,6 +44,7 @@ from joynode.gateway.access import Client, ClientCheck
 from joynode.gateway.answers import Answer, Answerer, last_answer
 from joynode.gateway.apikeys import ApiKey
 from joynode.gateway.errors import OpenAIError
+from joynode.gateway.forwarding import LocalForwarder
 from joynode.gateway.requests import (
     Ask,
     BadRequest,
@@ -65,10 +66,13 @@ def openai_api(
     models: Callable[[], Mapping[str, str]],
     answerer: Answerer,
     clients: ClientCheck,
+    forwarder: LocalForwarder,
 ) -> APIRouter:
     """The ``/v1`` routes. ``models``: what the network serves that this node knows of,
-    name (or id) -> id (CID)."""
+    name (or id) -> id (CID); ``forwarder``: where ``local`` requests this node cannot
+    answer go."""
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+    runner = Runner(answerer, forwarder)
 
     @router.get("/models", summary="The models this node and its peers serve")
     async def list_models(_: Client = Depends(clients)) -> JSONResponse:  # noqa: B008
@@ -90,7 +94,7 @@ def openai_api(
         request: Request,
         client: Client = Depends(clients),  # noqa: B008
     ) -> Response:
-        return await _answer(answerer, state, client, request, body)
+        return await _answer(runner, state, client, request, body)
 
     @router.post("/completions", summary="A text completion, certified")
     async def completions(
@@ -98,7 +102,7 @@ def openai_api(
         request: Request,
         client: Client = Depends(clients),  # noqa: B008
     ) -> Response:
-        return await _answer(answerer, state, client, request, body)
+        return await _answer(runner, state, client, request, body)
 
     @router.get(
         "/joynet/certificates/{request_id}",
@@ -119,8 +123,25 @@ def openai_api(
     return router
 
 
+class Runner:
+    """Where an ``Ask`` runs: a committee, this node's engine, or a peer's."""
+
+    def __init__(self, answerer: Answerer, forwarder: LocalForwarder) -> None:
+        self.answerer = answerer
+        self.forwarder = forwarder
+
+    def events(
+        self, ask: Ask, model_id: str, pay_for: str | None
+    ) -> AsyncIterator[TokenDelta | Answer]:
+        if ask.verification == "committee":
+            return self.answerer.committee(ask, model_id, stream=ask.stream, pay_for=pay_for)
+        if self.forwarder.forwards(model_id):
+            return self.forwarder.local(ask, model_id)
+        return self.answerer.local(ask, model_id)
+
+
 async def _answer(
-    answerer: Answerer,
+    runner: Runner,
     state: StateStore,
     client: Client,
     request: Request,
@@ -138,7 +159,7 @@ async def _answer(
             "unsupported_parameter",
             param="joynet",
         )
-    model_id = answerer.model_id_of(ask.model)
+    model_id = runner.answerer.model_id_of(ask.model)
     if model_id is None:
         raise OpenAIError(
             404,
@@ -148,21 +169,14 @@ async def _answer(
         )
     record = partial(_record_use, state, client)
     if ask.stream:
-        return _stream(answerer, ask, model_id, record, pay_for)
-    events = _events(answerer, ask, model_id, pay_for)
+        return _stream(runner, ask, model_id, record, pay_for)
+    events = runner.events(ask, model_id, pay_for)
     answer = await _unless_gone(request, last_answer, events)
     await record(answer.prompt_tokens + len(answer.token_ids))
     shown = _Shape(ask, answer.request_id)
-    body_json = shown.whole(answer, answer.extension(answerer.domain(), ask.sampling.seed))
+    domain = runner.answerer.domain()
+    body_json = shown.whole(answer, answer.extension(domain, ask.sampling.seed))
     return JSONResponse(body_json, headers=_headers(answer))
-
-
-def _events(
-    answerer: Answerer, ask: Ask, model_id: str, pay_for: str | None
-) -> AsyncIterator[TokenDelta | Answer]:
-    if ask.verification == "local":
-        return answerer.local(ask, model_id)
-    return answerer.committee(ask, model_id, stream=ask.stream, pay_for=pay_for)
 
 
 async def _unless_gone(request: Request, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -281,7 +295,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def _stream(
-    answerer: Answerer,
+    runner: Runner,
     ask: Ask,
     model_id: str,
     record: Callable[[int], Awaitable[None]],
@@ -292,7 +306,7 @@ def _stream(
     async def events() -> AsyncIterator[dict[str, str]]:
         chain = bytes(32)
         sent = 0
-        source = _events(answerer, ask, model_id, pay_for)
+        source = runner.events(ask, model_id, pay_for)
         try:
             async with aclosing(source):  # type: ignore[type-var]
                 async for event in source:
@@ -309,7 +323,7 @@ def _stream(
                     answer = event
                     await record(answer.prompt_tokens + len(answer.token_ids))
                     yield {"data": json.dumps(shape.chunk("", answer.finish_reason, None))}
-                    extension = answer.extension(answerer.domain(), ask.sampling.seed)
+                    extension = answer.extension(runner.answerer.domain(), ask.sampling.seed)
                     extension["chain"] = "0x" + chain.hex()
                     yield {"data": json.dumps(shape.last(answer, extension))}
         except OpenAIError as exc:

@@ -163,6 +163,7 @@ class P2PService:
             collections.OrderedDict()
         )
         self._rpc_handlers: dict[type[wire.Message], RpcHandler] = {wire.Ping: self._on_ping}
+        self._rpc_deadlines: dict[type[wire.Message], float] = {}  # longer than rpc_timeout_s
         self._events_send, self._events_receive = trio.open_memory_channel[tuple[str, ID]](1024)
         self._bans_send, self._bans_receive = trio.open_memory_channel[str](1024)
         self._backoff: dict[str, _Backoff] = {}
@@ -312,12 +313,16 @@ class P2PService:
 
     # ---- requests
 
-    async def request(self, peer_id: str, message: wire.Message) -> wire.AnyMessage:
-        """Send one request to ``peer_id`` and return its answer (``RpcFailure`` otherwise)."""
+    async def request(
+        self, peer_id: str, message: wire.Message, *, timeout_s: float | None = None
+    ) -> wire.AnyMessage:
+        """Send one request to ``peer_id`` and return its answer (``RpcFailure`` otherwise)
+        within ``timeout_s`` (default ``p2p.rpc_timeout_s``)."""
         stack = self._require_stack()
         outcome = "error"
+        timeout_s = timeout_s or self._settings.rpc_timeout_s
         try:
-            with trio.fail_after(self._settings.rpc_timeout_s):
+            with trio.fail_after(timeout_s):
                 stream = await stack.host.new_stream(ID.from_base58(peer_id), [rpc.PROTOCOL_ID])  # type: ignore[list-item]
                 try:
                     await rpc.write_frame(stream, message)
@@ -336,26 +341,30 @@ class P2PService:
             return response
         except trio.TooSlowError:
             outcome = "timeout"
-            raise rpc.RpcFailure(
-                f"no answer from {peer_id} in {self._settings.rpc_timeout_s} s"
-            ) from None
+            raise rpc.RpcFailure(f"no answer from {peer_id} in {timeout_s} s") from None
         except (BaseLibp2pError, wire.WireError, ValueError) as exc:
             raise rpc.RpcFailure(f"request to {peer_id} failed: {exc}") from None
         finally:
             self._metrics.requests.labels("out", outcome).inc()
 
-    def handle_requests(self, kind: type[wire.Message], handler: RpcHandler) -> None:
-        """Answer ``/joynet/rpc`` requests of type ``kind`` with ``handler(peer_id, request)``."""
+    def handle_requests(
+        self, kind: type[wire.Message], handler: RpcHandler, *, timeout_s: float | None = None
+    ) -> None:
+        """Answer ``/joynet/rpc`` requests of type ``kind`` with ``handler(peer_id, request)``,
+        within ``timeout_s`` of reading one (default ``p2p.rpc_timeout_s``: work that takes
+        longer, an inference, says so)."""
         if kind in self._rpc_handlers:
             raise ValueError(f"{kind.__name__} requests already have a handler")
         self._rpc_handlers[kind] = handler
+        if timeout_s is not None:
+            self._rpc_deadlines[kind] = timeout_s
 
     async def _serve_request(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id.to_base58()
         outcome = "ok"
         try:
             with trio.move_on_after(self._settings.rpc_timeout_s) as deadline:
-                outcome = await self._answer(peer, stream)
+                outcome = await self._answer(peer, stream, deadline)
             if deadline.cancelled_caught:
                 outcome = "timeout"
         except (BaseLibp2pError, rpc.RpcFailure, wire.WireError) as exc:
@@ -370,7 +379,7 @@ class P2PService:
             ):
                 await stream.close()
 
-    async def _answer(self, peer: str, stream: Any) -> str:
+    async def _answer(self, peer: str, stream: Any, deadline: trio.CancelScope) -> str:
         if self.scorer.is_banned(peer):
             await stream.reset()
             return "banned"
@@ -386,6 +395,8 @@ class P2PService:
             await rpc.write_frame(stream, wire.ErrorReply(400, str(exc)[:1024]))
             return "invalid"
         handler = self._rpc_handlers.get(type(request))
+        if type(request) in self._rpc_deadlines:
+            deadline.deadline = trio.current_time() + self._rpc_deadlines[type(request)]
         if handler is None:
             await rpc.write_frame(
                 stream, wire.ErrorReply(404, f"no handler for {type(request).__name__}")
