@@ -85,7 +85,6 @@ def test_eip_4361_messages_parse_and_render_back_exactly() -> None:
 def test_sign_in_checks_every_field_and_tokens_expire_and_sign_out(tmp_path: Path) -> None:
     now = [1_800_000_000.0]
     wallets = WalletSignIn(tmp_path / "k", "0x" + "11" * 20, lambda: 31337, 600, lambda: now[0])
-    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
 
     def message(nonce: str, **changes: Any) -> str:
         fields = {
@@ -119,6 +118,7 @@ def test_sign_in_checks_every_field_and_tokens_expire_and_sign_out(tmp_path: Pat
         with pytest.raises(SignInError, match=why):
             wallets.sign_in(text, signature or signed(text), host)
     token, session = wallets.sign_in(message(nonce), signed(message(nonce)), host)
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600  # the JWT key, made at first use
     assert session.address == WALLET.address
     assert wallets.session(token).address == WALLET.address
     with pytest.raises(SignInError, match="not issued by this gateway, or is used"):
@@ -136,6 +136,13 @@ def test_sign_in_checks_every_field_and_tokens_expire_and_sign_out(tmp_path: Pat
     wallets.sign_out(session)
     with pytest.raises(SignInError, match="signed out"):
         wallets.session(token)
+    # A key file others can read is not used: sign-in is off, said once in the log.
+    unsafe = tmp_path / "unsafe"
+    unsafe.write_text("x" * 44)
+    unsafe.chmod(0o644)
+    off = WalletSignIn(unsafe, "0x" + "11" * 20, lambda: 31337, 600, lambda: now[0])
+    with pytest.raises(SignInError, match="cannot keep wallet sessions"):
+        off.session(token)
     expiring = wallets.nonce()
     soon = datetime.fromtimestamp(now[0] + 30, UTC).isoformat()
     text = message(expiring, expiration_time=soon)

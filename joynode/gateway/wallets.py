@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import re
 import secrets
 import time
@@ -35,6 +36,8 @@ from eth_account.messages import encode_defunct
 from eth_utils.address import is_checksum_address
 
 from joynode.keys import SecretFileError, read_secret_file, write_secret_file
+
+log = logging.getLogger(__name__)
 
 AUDIENCE = "joynet-gateway"
 NONCE_TTL_S = 300.0
@@ -168,7 +171,8 @@ class WalletSignIn:
         session_s: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._key = _session_key(key_file)
+        self._key_file = key_file
+        self._key: bytes | None = None  # read (or made) at first use
         self._issuer = issuer
         self._chain_id = chain_id
         self._session_s = session_s
@@ -240,14 +244,14 @@ class WalletSignIn:
             "exp": int(expires_at),
             "jti": session.token_id,
         }
-        return jwt.encode(claims, self._key, algorithm="HS256"), session
+        return jwt.encode(claims, self._session_key(), algorithm="HS256"), session
 
     def session(self, token: str) -> WalletSession:
         """The session ``token`` opens; ``SignInError`` if it is not one of ours or is over."""
         try:
             claims = jwt.decode(
                 token,
-                self._key,
+                self._session_key(),
                 algorithms=["HS256"],
                 audience=AUDIENCE,
                 issuer=self._issuer,
@@ -269,6 +273,15 @@ class WalletSignIn:
     def sign_out(self, session: WalletSession) -> None:
         self._forget_expired(self._clock())
         self._revoked[session.token_id] = session.expires_at
+
+    def _session_key(self) -> bytes:
+        if self._key is None:
+            try:
+                self._key = _session_key(self._key_file)
+            except (SecretFileError, OSError) as exc:
+                log.error("wallet sign-in is off: %s", exc)
+                raise SignInError("this gateway cannot keep wallet sessions now") from None
+        return self._key
 
     def _forget_expired(self, now: float) -> None:
         for held in (self._nonces, self._revoked):
