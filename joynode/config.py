@@ -458,6 +458,70 @@ class ZkSection(_Section):
     )
 
 
+def _upstream_url(value: str) -> str:
+    scheme, _, rest = value.partition("://")
+    if scheme not in ("http", "https") or not rest or any(c.isspace() for c in value):
+        raise ValueError(f"not an http(s) URL (got {value!r})")
+    return value
+
+
+UpstreamUrl = Annotated[StrictStr, Field(max_length=2048), AfterValidator(_upstream_url)]
+
+
+class RpcChainEntry(_Section):
+    chain_id: StrictInt = Field(ge=1, le=2**53 - 1, description="The chain's EIP-155 id.")
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+    upstreams: list[UpstreamUrl] = Field(
+        min_length=1, max_length=16, description="JSON-RPC endpoints of this chain (http/https)."
+    )
+    finality_depth: StrictInt = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="Blocks under the head taken as final; 0: the chain's `finalized` tag.",
+    )
+
+
+class RpcSection(_Section):
+    """The chain RPC gateway (``/rpc/{chain_id}``): upstreams, cache, failover."""
+
+    chains: list[RpcChainEntry] = Field(
+        [], max_length=32, description="Chains served: [[rpc.chains]] chain_id, name, upstreams."
+    )
+    cache_mib: float = Field(64.0, gt=0, le=65_536, description="Memory for cached answers.")
+    head_poll_s: Seconds = Field(2.0, description="How often each chain's head is read.")
+    request_timeout_s: Seconds = Field(10.0, description="One upstream call's deadline.")
+    hedge_after_s: float = Field(
+        0.5,
+        ge=0,
+        le=60,
+        description="A read not answered by then is also sent to the next upstream (0: never).",
+    )
+    max_attempts: StrictInt = Field(
+        3, ge=1, le=8, description="Upstreams tried for one call before it fails."
+    )
+    breaker_failures: StrictInt = Field(
+        5, ge=1, le=1000, description="Failures in a row that open an upstream's circuit."
+    )
+    breaker_cooldown_s: Seconds = Field(
+        10.0, description="How long an open circuit waits before one trial call."
+    )
+    max_logs_range: StrictInt = Field(
+        2000, ge=1, le=1_000_000, description="eth_getLogs ranges are split into this many blocks."
+    )
+    rate_per_minute: StrictInt = Field(
+        600, ge=1, le=1_000_000, description="Calls per minute for each client (batch items count)."
+    )
+
+    @pydantic.field_validator("chains")
+    @classmethod
+    def _one_entry_per_chain(cls, chains: list[RpcChainEntry]) -> list[RpcChainEntry]:
+        ids = [c.chain_id for c in chains]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a chain id is listed twice")
+        return chains
+
+
 class LogSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="debug, info, warning or error (--log-level overrides)."
@@ -478,6 +542,7 @@ class Config(_Section):
     chain: ChainSection = ChainSection()
     prepaid: PrepaidSection = PrepaidSection()
     zk: ZkSection = ZkSection()
+    rpc: RpcSection = RpcSection()
     log: LogSection = LogSection()
     path: Path | None = Field(None, exclude=True, description="Where this config was read from.")
 

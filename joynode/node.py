@@ -62,6 +62,9 @@ from prometheus_client import CollectorRegistry, Info
 
 from joynode import __version__, wire
 from joynode.chain.service import ChainService
+from joynode.chainrpc.api import rpc_api
+from joynode.chainrpc.control import rpc_methods
+from joynode.chainrpc.service import ChainRpcService
 from joynode.config import Config
 from joynode.consensus.control import consensus_methods
 from joynode.consensus.service import ConsensusService
@@ -239,6 +242,7 @@ class Node:
         )
         forwarder = LocalForwarder(self.p2p, answerer, self._has_room_for, self._eip712_domain)
         forwarder.register()
+        self.rpc = ChainRpcService(config.rpc, self.registry)
         self.http = HttpServer(
             config.http,
             self.registry,
@@ -247,6 +251,7 @@ class Node:
             [
                 openai_api(self.state, self._network_models, answerer, clients, forwarder),
                 wallet_api(wallets, clients, self.prepaid, config.http.public_host),
+                rpc_api(self.rpc, clients),
             ],
         )
         self.control = ControlServer(
@@ -264,6 +269,7 @@ class Node:
                     *(self.disputes.control_methods() if self.disputes is not None else []),
                     *(prepaid_methods(self.prepaid) if self.prepaid is not None else []),
                     *apikey_methods(self.state),
+                    *rpc_methods(self.rpc),
                     *self.prover.control_methods(self.prover_client),
                     *self.zk.control_methods(),
                 ]
@@ -287,6 +293,8 @@ class Node:
                 await self.supervisor.start(nursery, self.consensus)
                 await self.supervisor.start(nursery, self.prover)
                 await self.supervisor.start(nursery, self.zk)
+                if self.config.rpc.chains:
+                    await self.supervisor.start(nursery, self.rpc)
                 if self.config.http.enabled:
                     await self.supervisor.start(nursery, self.http)
                 await self.supervisor.start(nursery, self.control)

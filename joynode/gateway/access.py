@@ -43,7 +43,11 @@ class ClientCheck:
         self._buckets: dict[str, tuple[int, TokenBucket]] = {}
 
     async def __call__(self, request: Request) -> Client:
-        presented = bearer_token(request)
+        return await self.admit(request.headers.get("authorization", ""))
+
+    async def admit(self, authorization: str) -> Client:
+        """The client an ``Authorization`` header's value names."""
+        presented = bearer_token(authorization)
         if presented.startswith(apikeys.PREFIX + "-"):
             return await self._api_key(presented)
         return self._wallet(presented)
@@ -102,8 +106,8 @@ class WalletCheck:
         return client
 
 
-def bearer_token(request: Request) -> str:
-    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+def bearer_token(authorization: str) -> str:
+    scheme, _, presented = authorization.partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
         raise OpenAIError(
             401,

@@ -1,0 +1,288 @@
+"""One chain's JSON-RPC front: requests checked, answered from the cache, shared while in
+flight, split (``eth_getLogs``), or sent to the chain's upstreams.
+
+The proxy answers ``eth_chainId`` itself (its configured id: an upstream on another
+chain is excluded when the head tracker first asks it), and keeps an answer only
+under ``methods.rule_of``'s rules, judged against the chain's finalized block.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from joynode.chainrpc import methods
+from joynode.chainrpc.cache import AnswerCache
+from joynode.chainrpc.methods import Keep
+from joynode.chainrpc.upstreams import UpstreamFailure, UpstreamPool
+from joynode.config import RpcChainEntry, RpcSection
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 100
+MAX_METHOD = 64
+LOGS_CONCURRENCY = 4
+# JSON-RPC 2.0 error codes
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INTERNAL_ERROR = -32700, -32600, -32601, -32603
+UPSTREAM_UNAVAILABLE = -32011  # (server range: no upstream answered)
+
+Answer = dict[str, Any]  # a response's "result" or "error", without "jsonrpc" and "id"
+
+
+@dataclass
+class ProxyStatistics:
+    chain_id: int
+    head: int | None
+    finalized: int | None
+    calls: int
+    cached: int
+    shared: int
+    failed: int
+
+
+class _Shared:
+    """A call in flight that others asking the same wait for."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.answer: Answer | None = None
+
+
+class ChainProxy:
+    def __init__(
+        self,
+        chain: RpcChainEntry,
+        pool: UpstreamPool,
+        cache: AnswerCache,
+        settings: RpcSection,
+        count: Callable[[str, str], None] = lambda method, outcome: None,
+    ) -> None:
+        """``count(method, outcome)``: a metric for each call (cached, shared, upstream,
+        failed)."""
+        self.chain = chain
+        self.pool = pool
+        self._cache = cache
+        self._settings = settings
+        self._count = count
+        self.head: int | None = None
+        self.finalized: int | None = None
+        self._inflight: dict[str, _Shared] = {}
+        self._stats = ProxyStatistics(chain.chain_id, None, None, 0, 0, 0, 0)
+
+    def statistics(self) -> ProxyStatistics:
+        self._stats.head, self._stats.finalized = self.head, self.finalized
+        return self._stats
+
+    # ---- requests as clients send them
+
+    async def handle(self, payload: Any) -> Any:
+        """The response to a JSON-RPC request or batch (None: only notifications)."""
+        if isinstance(payload, list):
+            if not payload:
+                return _error(None, INVALID_REQUEST, "an empty batch")
+            if len(payload) > MAX_BATCH:
+                return _error(None, INVALID_REQUEST, f"a batch over {MAX_BATCH} calls")
+            replies: list[Any] = [None] * len(payload)
+
+            async def one(index: int, item: Any) -> None:
+                replies[index] = await self._item(item)
+
+            async with trio.open_nursery() as nursery:
+                for index, item in enumerate(payload):
+                    nursery.start_soon(one, index, item)
+            answered = [r for r in replies if r is not None]
+            return answered or None
+        return await self._item(payload)
+
+    async def _item(self, item: Any) -> dict[str, Any] | None:
+        if not isinstance(item, dict) or item.get("jsonrpc") != "2.0":
+            return _error(None, INVALID_REQUEST, "not a JSON-RPC 2.0 request")
+        request_id = item.get("id")
+        method, params = item.get("method"), item.get("params")
+        if not isinstance(method, str) or not 0 < len(method) <= MAX_METHOD:
+            return _error(request_id, INVALID_REQUEST, "no method, or a method name too long")
+        if params is not None and not isinstance(params, list | dict):
+            return _error(request_id, INVALID_REQUEST, "params must be an array or an object")
+        if not (request_id is None or isinstance(request_id, str | int)):
+            return _error(request_id, INVALID_REQUEST, "id must be a string or a number")
+        answer = await self.call(method, params)
+        if "id" not in item:
+            return None  # a notification: no reply
+        return {"jsonrpc": "2.0", "id": request_id, **answer}
+
+    # ---- one call
+
+    async def call(self, method: str, params: Any) -> Answer:
+        """The answer to ``method(params)`` on this chain."""
+        self._stats.calls += 1
+        if method == "eth_chainId":
+            return {"result": hex(self.chain.chain_id)}
+        if method.startswith(("eth_subscribe", "eth_unsubscribe")):
+            return {"error": {"code": METHOD_NOT_FOUND, "message": f"{method}: use a websocket"}}
+        key = f"{self.chain.chain_id}:{method}:{_canonical(params)}"
+        rule = methods.rule_of(method, params)
+        if rule.keep is not Keep.NEVER:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._stats.cached += 1
+                self._count(method, "cached")
+                return {"result": json.loads(cached)}
+        if method not in methods.READS:
+            return await self._upstream(method, params, key, rule)
+        shared = self._inflight.get(key)
+        if shared is not None:
+            await shared.done.wait()
+            if shared.answer is not None:
+                self._stats.shared += 1
+                self._count(method, "shared")
+                return shared.answer
+            return await self.call(method, params)  # its caller went away: ask again
+        shared = self._inflight[key] = _Shared()
+        try:
+            shared.answer = await self._upstream(method, params, key, rule)
+            return shared.answer
+        finally:
+            del self._inflight[key]
+            shared.done.set()
+
+    async def _upstream(self, method: str, params: Any, key: str, rule: methods.Rule) -> Answer:
+        if method == "eth_getLogs" and isinstance(params, list) and params:
+            split = await self._split_logs(params)
+            if split is not None:
+                return split
+        try:
+            answer = await self.pool.call(
+                method,
+                params,
+                hedge=method in methods.READS,
+                first=method in methods.FILTERS,
+            )
+        except UpstreamFailure as exc:
+            self._stats.failed += 1
+            self._count(method, "failed")
+            return {"error": {"code": UPSTREAM_UNAVAILABLE, "message": f"no upstream: {exc}"}}
+        self._count(method, "upstream")
+        if "result" in answer and self._keepable(rule, answer["result"]):
+            self._cache.put(key, json.dumps(answer["result"], separators=(",", ":")).encode())
+        return answer
+
+    def _keepable(self, rule: methods.Rule, result: Any) -> bool:
+        if result is None or rule.keep is Keep.NEVER:
+            return False
+        if rule.keep in (Keep.FOREVER, Keep.BY_HASH):
+            return True
+        final = self.finalized
+        if final is None:
+            return False
+        if rule.keep is Keep.IF_FINAL:
+            return rule.block is not None and rule.block <= final
+        block = methods.result_block(result)
+        return block is not None and block <= final
+
+    async def _split_logs(self, params: list[Any]) -> Answer | None:
+        """An ``eth_getLogs`` over more than ``max_logs_range`` blocks, as several calls
+        in order (each kept on its own once final); None if it needs no split."""
+        query = params[0]
+        if not isinstance(query, dict) or "blockHash" in query:
+            return None
+        low, high = methods.logs_range(query)
+        size = self._settings.max_logs_range
+        if low is None or high is None or high - low + 1 <= size:
+            return None
+        ranges = [(start, min(start + size - 1, high)) for start in range(low, high + 1, size)]
+        parts: list[Answer | None] = [None] * len(ranges)
+        limit = trio.CapacityLimiter(LOGS_CONCURRENCY)
+
+        async def part(index: int, start: int, end: int) -> None:
+            async with limit:
+                chunk = {**query, "fromBlock": hex(start), "toBlock": hex(end)}
+                parts[index] = await self.call("eth_getLogs", [chunk, *params[1:]])
+
+        async with trio.open_nursery() as nursery:
+            for index, (start, end) in enumerate(ranges):
+                nursery.start_soon(part, index, start, end)
+        logs: list[Any] = []
+        for answer in parts:
+            assert answer is not None
+            if "error" in answer:
+                return answer
+            logs.extend(answer["result"] or [])
+        return {"result": logs}
+
+    # ---- the head
+
+    async def track_head(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Read every upstream's head (its lag, and whether it serves this chain at all),
+        and the finalized block, every ``head_poll_s``."""
+        await self._check_chain_ids()
+        task_status.started()
+        while True:
+            await self.read_head()
+            await trio.sleep(self._settings.head_poll_s)
+
+    async def _check_chain_ids(self) -> None:
+        async def check(upstream: Any) -> None:
+            try:
+                answer = await self.pool.send(upstream, "eth_chainId", [])
+            except UpstreamFailure as exc:
+                log.warning("rpc %s: %s did not answer: %s", self.chain.name, upstream.label, exc)
+                return
+            found = methods.quantity(answer.get("result"))
+            if found != self.chain.chain_id:
+                upstream.excluded = f"it serves chain {found}, not {self.chain.chain_id}"
+                log.error(
+                    "rpc %s: %s excluded: %s", self.chain.name, upstream.label, upstream.excluded
+                )
+
+        await _each(check, self.pool.upstreams)
+
+    async def read_head(self) -> None:
+        async def head_of(upstream: Any) -> None:
+            if not upstream.available():
+                return
+            try:
+                answer = await self.pool.send(upstream, "eth_blockNumber", [])
+            except UpstreamFailure:
+                return
+            number = methods.quantity(answer.get("result"))
+            if number is not None:
+                upstream.head = number
+
+        await _each(head_of, self.pool.upstreams)
+        self.head = self.pool.best_head
+        if self.head is None:
+            return
+        depth = self.chain.finality_depth
+        if depth:
+            self.finalized = self.head - depth if self.head >= depth else None
+            return
+        try:
+            answer = await self.pool.call("eth_getBlockByNumber", ["finalized", False])
+        except UpstreamFailure:
+            return
+        block = answer.get("result")
+        number = methods.quantity(block.get("number")) if isinstance(block, dict) else None
+        if number is not None and number <= self.head:
+            # (never back: a finalized block stays final)
+            self.finalized = max(number, self.finalized or 0)
+
+
+async def _each(fn: Callable[[Any], Awaitable[None]], items: list[Any]) -> None:
+    async with trio.open_nursery() as nursery:
+        for item in items:
+            nursery.start_soon(fn, item)
+
+
+def _canonical(params: Any) -> str:
+    return json.dumps(params, sort_keys=True, separators=(",", ":"))
+
+
+def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
