@@ -128,7 +128,7 @@ def test_failures_in_a_row_open_the_circuit_until_a_trial_after_the_cooldown() -
     now[0] += 5
     assert upstream.available()
     upstream.succeeded(0.01)
-    assert upstream.circuit is Circuit.CLOSED
+    assert upstream.statistics().circuit == "closed"
 
 
 async def test_every_upstream_down_is_a_clear_failure_within_the_attempts() -> None:

@@ -93,7 +93,12 @@ async def _relay(websocket: WebSocket, proxy: ChainProxy) -> None:
     async with trio.open_nursery() as nursery:
         try:
             while True:
-                text = await websocket.receive_text()
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text") or (message.get("bytes") or b"").decode(
+                    "utf-8", "replace"
+                )
                 try:
                     payload = json.loads(text)
                 except ValueError:
