@@ -251,7 +251,7 @@ class Node:
             [
                 openai_api(self.state, self._network_models, answerer, clients, forwarder),
                 wallet_api(wallets, clients, self.prepaid, config.http.public_host),
-                rpc_api(self.rpc, clients),
+                rpc_api(self.rpc, clients, config.rpc.rate_per_minute),
             ],
         )
         self.control = ControlServer(

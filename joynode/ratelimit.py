@@ -1,4 +1,4 @@
-"""A token bucket: what the p2p actor limits peers with, and the gateway its API keys."""
+"""A token bucket: what the p2p actor limits peers with, and the gateways their clients."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ class TokenBucket:
         self._tokens = float(burst)
         self._updated = now
 
-    def take(self, now: float) -> bool:
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` events' worth if the bucket holds them."""
         self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
         self._updated = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        if self._tokens >= cost:
+            self._tokens -= cost
             return True
         return False

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from joynode.chainrpc.api import CallLimit
 from joynode.chainrpc.cache import AnswerCache
 from joynode.chainrpc.methods import Keep, rule_of
 from joynode.chainrpc.proxy import INVALID_REQUEST, UPSTREAM_UNAVAILABLE, ChainProxy
@@ -24,6 +25,7 @@ from joynode.chainrpc.upstreams import (
     redacted,
 )
 from joynode.config import RpcChainEntry, RpcSection
+from joynode.gateway.wallets import WalletSession
 
 HASH = "0x" + "ab" * 32
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -272,3 +274,16 @@ async def test_with_every_upstream_down_a_client_gets_a_json_rpc_error() -> None
         assert reply["error"]["code"] == UPSTREAM_UNAVAILABLE
         assert "connection refused" in reply["error"]["message"]
         assert "http://a" in reply["error"]["message"]
+
+
+def test_each_client_has_its_own_calls_per_minute_and_a_batch_costs_its_size() -> None:
+    now = [0.0]
+    limit = CallLimit(60, lambda: now[0])
+    alice = WalletSession("0x" + "aa" * 20, "t1", 1e12)
+    bob = WalletSession("0x" + "bb" * 20, "t2", 1e12)
+    assert limit.take(alice, 50)
+    assert not limit.take(alice, 11)  # 50 of 60 used
+    assert limit.take(bob, 60)  # another client's bucket
+    now[0] += 10  # ten seconds: ten more calls
+    assert limit.take(alice, 20)
+    assert not limit.take(alice, 1)

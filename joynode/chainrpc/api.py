@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -25,7 +28,9 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from joynode.chainrpc.proxy import PARSE_ERROR, ChainProxy
 from joynode.chainrpc.service import ChainRpcService
 from joynode.gateway.access import Client, ClientCheck
+from joynode.gateway.apikeys import ApiKey
 from joynode.gateway.errors import OpenAIError
+from joynode.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +38,34 @@ MAX_BODY = 4 * 1024 * 1024
 SUBSCRIPTIONS = ("eth_subscribe", "eth_unsubscribe")
 
 
-def rpc_api(service: ChainRpcService, clients: ClientCheck) -> APIRouter:
+class CallLimit:
+    """Each client's calls per minute (``rpc.rate_per_minute``; a batch costs its size),
+    apart from its requests to the OpenAI routes."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_minute = per_minute
+        self._clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def take(self, client: Client, calls: int) -> bool:
+        who = client.id if isinstance(client, ApiKey) else client.address.lower()
+        now = self._clock()
+        bucket = self._buckets.get(who)
+        if bucket is None:
+            bucket = self._buckets[who] = TokenBucket(self._per_minute / 60, self._per_minute, now)
+        return bucket.take(now, calls)
+
+
+def rpc_api(service: ChainRpcService, clients: ClientCheck, per_minute: int) -> APIRouter:
     router = APIRouter(prefix="/rpc", tags=["Chain RPC"])
+    limit = CallLimit(per_minute)
+
+    def within_rate(client: Client, payload: Any) -> None:
+        calls = len(payload) if isinstance(payload, list) else 1
+        if not limit.take(client, max(calls, 1)):
+            raise OpenAIError(
+                429, f"over {per_minute} calls per minute on the chain RPC", "rate_limit_exceeded"
+            )
 
     def proxy_of(chain_id: int) -> ChainProxy:
         proxy = service.proxy(chain_id)
@@ -47,7 +78,7 @@ def rpc_api(service: ChainRpcService, clients: ClientCheck) -> APIRouter:
     async def call(
         chain_id: int,
         request: Request,
-        _: Client = Depends(clients),  # noqa: B008
+        client: Client = Depends(clients),  # noqa: B008
     ) -> Response:
         proxy = proxy_of(chain_id)
         body = await request.body()
@@ -57,6 +88,7 @@ def rpc_api(service: ChainRpcService, clients: ClientCheck) -> APIRouter:
             payload = json.loads(body)
         except ValueError:
             return JSONResponse(_parse_error())
+        within_rate(client, payload)
         reply = await proxy.handle(payload)
         if reply is None:
             return Response(status_code=204)
@@ -67,18 +99,18 @@ def rpc_api(service: ChainRpcService, clients: ClientCheck) -> APIRouter:
         token = websocket.query_params.get("token")
         authorization = websocket.headers.get("authorization") or f"Bearer {token or ''}"
         try:
-            await clients.admit(authorization)
+            client = await clients.admit(authorization)
             proxy = proxy_of(chain_id)
         except OpenAIError as exc:
             await websocket.close(code=1008, reason=exc.message[:120])
             return
         await websocket.accept()
-        await _relay(websocket, proxy)
+        await _relay(websocket, proxy, partial(limit.take, client))
 
     return router
 
 
-async def _relay(websocket: WebSocket, proxy: ChainProxy) -> None:
+async def _relay(websocket: WebSocket, proxy: ChainProxy, take: Callable[[int], bool]) -> None:
     """Calls through the proxy; subscriptions through one upstream websocket, opened at
     the first ``eth_subscribe``."""
     upstream_socket: list[Any] = []
@@ -104,6 +136,9 @@ async def _relay(websocket: WebSocket, proxy: ChainProxy) -> None:
                 except ValueError:
                     await websocket.send_text(json.dumps(_parse_error()))
                     continue
+                if not take(len(payload) if isinstance(payload, list) else 1):
+                    await websocket.close(code=1008, reason="over the calls per minute")
+                    break
                 if isinstance(payload, dict) and payload.get("method") in SUBSCRIPTIONS:
                     if not upstream_socket:
                         connection = await _open_upstream(nursery, proxy)
