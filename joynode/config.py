@@ -512,6 +512,11 @@ class RpcSection(_Section):
     rate_per_minute: StrictInt = Field(
         600, ge=1, le=1_000_000, description="Calls per minute for each client (batch items count)."
     )
+    verify_state: StrictBool = Field(
+        True,
+        description="Check balances, nonces, code and storage read at a block number or hash "
+        "against that block's state root (eth_getProof); a forged one excludes its upstream.",
+    )
 
     @pydantic.field_validator("chains")
     @classmethod

@@ -9,7 +9,8 @@ and anvil itself; chain B (31338) has one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,12 @@ import httpx
 import trio
 from eth_typing import HexStr
 from hexbytes import HexBytes
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 from web3 import AsyncWeb3, Web3
 from web3.providers import WebSocketProvider
 from web3.types import RPCEndpoint, TxParams
@@ -206,3 +213,97 @@ def subscribed_heads(ws_url: str, anvil: str) -> list[int]:
         raise AssertionError("the subscription ended")
 
     return asyncio.run(asyncio.wait_for(run(), 30))
+
+
+class Liar:
+    """An upstream in front of anvil that lies: ``lie(method, params, result)`` rewrites a
+    result (or returns it as it is); each answer after ``delay_s``."""
+
+    def __init__(self, anvil: str, lie: Callable[[str, Any, Any], Any], delay_s: float) -> None:
+        self.anvil, self.lie, self.delay_s = anvil, lie, delay_s
+        self.app = Starlette(routes=[Route("/", self.forward, methods=["POST"])])
+
+    async def forward(self, request: Request) -> JSONResponse:
+        await trio.sleep(self.delay_s)
+        body = json.loads(await request.body())
+        async with httpx.AsyncClient() as client:
+            reply = (await client.post(self.anvil, json=body)).json()
+        calls = body if isinstance(body, list) else [body]
+        answers = reply if isinstance(reply, list) else [reply]
+        for call, answer in zip(calls, answers, strict=True):
+            if "result" in answer:
+                answer["result"] = self.lie(call["method"], call.get("params"), answer["result"])
+        return JSONResponse(answers if isinstance(body, list) else answers[0])
+
+
+@asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(serve, app, config, mode="asgi"))
+        yield "http://" + binds[0].removeprefix("http://")
+        nursery.cancel_scope.cancel()
+
+
+def honest(method: str, params: Any, result: Any) -> Any:
+    return result
+
+
+def rich(method: str, params: Any, result: Any) -> Any:
+    """Claims one more ether than anyone has."""
+    if method == "eth_getBalance":
+        return hex(int(result, 16) + 10**18)
+    return result
+
+
+def time_traveller(method: str, params: Any, result: Any) -> Any:
+    """Moves blocks a day on, keeping their hash."""
+    if method == "eth_getBlockByNumber" and isinstance(result, dict):
+        return {**result, "timestamp": hex(int(result["timestamp"], 16) + 86_400)}
+    return result
+
+
+async def test_an_upstream_lying_about_a_balance_or_a_block_is_caught_and_excluded(
+    tmp_path: Path,
+) -> None:
+    async with running_anvil(chain_id=31337) as anvil:
+        direct = Web3(Web3.HTTPProvider(anvil.url))
+        sender = direct.eth.accounts[0]
+        for lie, ask in (
+            (rich, lambda w3: w3.eth.get_balance(sender, 1)),
+            (time_traveller, lambda w3: w3.eth.get_block(1)),
+        ):
+            # The liar answers at once, the honest upstream slowly: the liar ranks first.
+            async with (
+                serving(Liar(anvil.url, lie, 0).app) as lying,
+                serving(Liar(anvil.url, honest, 0.2).app) as slow,
+            ):
+                home = make_home(tmp_path / lie.__name__)
+                upstreams = f'["{lying}", "{slow}"]'
+                chains = f'[{{chain_id = 31337, name = "a", upstreams = {upstreams}}}]'
+                home.set("rpc", "chains", chains)
+                home.set("rpc", "hedge_after_s", "0")
+                async with running_node(home) as node:
+                    key, _ = await node.state.write(lambda c: apikeys.create(c, "d", 10_000, None))
+                    assert node.http.url is not None
+                    gateway = Web3(
+                        Web3.HTTPProvider(
+                            node.http.url + "/rpc/31337",
+                            request_kwargs={"headers": {"authorization": f"Bearer {key}"}},
+                        )
+                    )
+                    await trio.to_thread.run_sync(
+                        lambda: direct.eth.send_transaction(
+                            cast(TxParams, {"from": sender, "to": sender, "value": 1})
+                        )
+                    )
+                    # The true answer, from the honest upstream, each time.
+                    for _ in range(3):
+                        got = await trio.to_thread.run_sync(ask, gateway)
+                        assert got == await trio.to_thread.run_sync(ask, direct)
+                    upstreams = node.rpc.statistics()["chains"][0]["upstreams"]
+                    assert upstreams[0]["excluded"], upstreams  # the liar
+                    assert upstreams[1]["excluded"] is None
+                    assert node.rpc.statistics()["chains"][0]["failed"] == 0

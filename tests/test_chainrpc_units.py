@@ -15,6 +15,7 @@ import trio
 
 from joynode.chainrpc.api import CallLimit
 from joynode.chainrpc.cache import AnswerCache
+from joynode.chainrpc.integrity import Forged, check_block, header_hash
 from joynode.chainrpc.methods import Keep, rule_of
 from joynode.chainrpc.proxy import INVALID_REQUEST, UPSTREAM_UNAVAILABLE, ChainProxy
 from joynode.chainrpc.upstreams import (
@@ -172,6 +173,41 @@ async def test_throttled_and_broken_answers_fail_over_but_a_revert_is_an_answer(
         assert fake.calls == {"a": 1, "b": 1, "c": 1}
 
 
+def block(number: int) -> dict[str, Any]:
+    """A block header that hashes to its hash."""
+    fields: dict[str, Any] = {
+        "parentHash": HASH,
+        "sha3Uncles": HASH,
+        "miner": "0x" + "00" * 20,
+        "stateRoot": HASH,
+        "transactionsRoot": HASH,
+        "receiptsRoot": HASH,
+        "logsBloom": "0x" + "00" * 256,
+        "difficulty": "0x0",
+        "number": hex(number),
+        "gasLimit": "0x1c9c380",
+        "gasUsed": "0x0",
+        "timestamp": hex(1_700_000_000 + number),
+        "extraData": "0x",
+        "mixHash": HASH,
+        "nonce": "0x0000000000000000",
+    }
+    return {**fields, "hash": "0x" + header_hash(fields).hex()}
+
+
+def test_a_block_is_checked_against_its_hash() -> None:
+    good = block(5)
+    check_block(good)
+    check_block(None)  # not found: nothing claimed
+    for forged in (
+        {**good, "timestamp": "0x1"},  # altered, the hash kept
+        {**good, "hash": HASH},  # a hash of nothing
+        {**good, "number": "five"},
+    ):
+        with pytest.raises(Forged):
+            check_block(forged)
+
+
 def chain_proxy(client: httpx.AsyncClient, **changes: Any) -> ChainProxy:
     chain = RpcChainEntry(chain_id=7, name="test", upstreams=["http://a"])
     rpc = settings(**changes)
@@ -184,10 +220,10 @@ async def test_final_answers_are_kept_and_others_asked_each_time() -> None:
         if method == "eth_blockNumber":
             return "0x64"  # head 100
         if method == "eth_getBlockByNumber" and params[0] == "finalized":
-            return {"number": "0x50"}  # finalized 80
+            return block(80)
         if method == "eth_getTransactionReceipt":
             return {"blockNumber": "0x60" if params[0] == HASH else "0x10"}
-        return {"number": params[0] if params else None}
+        return block(int(params[0], 16) if params[0] != "latest" else 100)
 
     fake = Upstreams(a=node)
     async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as client:

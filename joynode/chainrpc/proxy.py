@@ -12,14 +12,16 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
 
 from joynode.chainrpc import methods
 from joynode.chainrpc.cache import AnswerCache
+from joynode.chainrpc.integrity import Forged, check_account_read, check_block, proven_account
 from joynode.chainrpc.methods import Keep
-from joynode.chainrpc.upstreams import UpstreamFailure, UpstreamPool
+from joynode.chainrpc.upstreams import Upstream, UpstreamFailure, UpstreamPool, Verify
 from joynode.config import RpcChainEntry, RpcSection
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,9 @@ PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INTERNAL_ERROR = -32700, -32600,
 UPSTREAM_UNAVAILABLE = -32011  # (server range: no upstream answered)
 
 Answer = dict[str, Any]  # a response's "result" or "error", without "jsonrpc" and "id"
+_ACCOUNT_READS = frozenset(
+    {"eth_getBalance", "eth_getTransactionCount", "eth_getCode", "eth_getStorageAt"}
+)
 
 
 @dataclass
@@ -161,6 +166,7 @@ class ChainProxy:
                 params,
                 hedge=method in methods.READS,
                 first=method in methods.FILTERS,
+                verify=self._verifier(method, params, rule),
             )
         except UpstreamFailure as exc:
             self._stats.failed += 1
@@ -170,6 +176,46 @@ class ChainProxy:
         if "result" in answer and self._keepable(rule, answer["result"]):
             self._cache.put(key, json.dumps(answer["result"], separators=(",", ":")).encode())
         return answer
+
+    def _verifier(self, method: str, params: Any, rule: methods.Rule) -> Verify | None:
+        """How an upstream's answer to ``method(params)`` is checked (None: it is not)."""
+        if method in ("eth_getBlockByHash", "eth_getBlockByNumber"):
+            return partial(_check_block_answer, params)
+        anchored = rule.keep in (Keep.BY_HASH, Keep.IF_FINAL)
+        if self._settings.verify_state and method in _ACCOUNT_READS and anchored:
+            return partial(self._check_state, method, params)
+        return None
+
+    async def _check_state(
+        self, method: str, params: list[Any], upstream: Upstream, answer: Answer
+    ) -> None:
+        """Raise ``Forged`` unless the account read in ``answer`` is what the state trie
+        of its block holds, by the same upstream's proof and header."""
+        if "result" not in answer:
+            return  # an error: nothing claimed
+        address, at = params[0], params[-1]
+        keys = [params[1]] if method == "eth_getStorageAt" else []
+        by_hash = at.get("blockHash") if isinstance(at, dict) else None
+        if isinstance(at, str) and len(at) == 66:
+            by_hash = at
+        if by_hash is not None:
+            header_call = ("eth_getBlockByHash", [by_hash, False])
+        else:
+            number = at.get("blockNumber") if isinstance(at, dict) else at
+            header_call = ("eth_getBlockByNumber", [number, False])
+        proof, header = await self.pool.send_batch(
+            upstream, [("eth_getProof", [address, keys, at]), header_call]
+        )
+        if "result" not in proof or not isinstance(header.get("result"), dict):
+            raise UpstreamFailure("it cannot prove state (eth_getProof)")  # ask another
+        await _check_block_answer(header_call[1], upstream, header)
+        state_root = bytes.fromhex(str(header["result"]["stateRoot"])[2:])
+        try:
+            account_proof = proof["result"]["accountProof"]
+        except (TypeError, KeyError):
+            raise Forged("a proof without an account proof") from None
+        account = proven_account(state_root, address, account_proof)
+        check_account_read(method, answer["result"], account, proof["result"], keys)
 
     def _keepable(self, rule: methods.Rule, result: Any) -> bool:
         if result is None or rule.keep is Keep.NEVER:
@@ -286,3 +332,18 @@ def _canonical(params: Any) -> str:
 
 def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
+
+async def _check_block_answer(params: Any, upstream: Upstream, answer: Answer) -> None:
+    """A block must hash to its hash, and be the one asked for (by hash or number)."""
+    block = answer.get("result")
+    check_block(block)
+    if not isinstance(block, dict) or not isinstance(params, list) or not params:
+        return
+    asked = params[0]
+    sent = str(block.get("hash")).lower()
+    if isinstance(asked, str) and len(asked) == 66 and sent != asked.lower():
+        raise Forged(f"asked for block {asked}, sent {sent}")
+    number = methods.quantity(asked)
+    if number is not None and methods.quantity(block.get("number")) != number:
+        raise Forged(f"asked for block {number}, sent {block.get('number')}")

@@ -16,15 +16,20 @@ from __future__ import annotations
 import enum
 import itertools
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import trio
 
+from joynode.chainrpc.integrity import Forged
 from joynode.config import RpcSection
+
+log = logging.getLogger(__name__)
 
 RETRY_CODES = frozenset({-32005, -32603})  # limit exceeded, internal error: ask another
 LATENCY_ALPHA = 0.2  # weight of the newest call in the latency average
@@ -43,6 +48,9 @@ def redacted(url: str) -> str:
 
 class UpstreamFailure(Exception):
     """An upstream gave no usable answer."""
+
+
+Verify = Callable[["Upstream", dict[str, Any]], Awaitable[None]]
 
 
 class Circuit(enum.Enum):
@@ -115,6 +123,12 @@ class Upstream:
             self.circuit = Circuit.OPEN
             self._opened_at = self._clock()
 
+    def exclude(self, why: str) -> None:
+        """Caught answering wrong: no more calls, until the node restarts."""
+        if self.excluded is None:
+            self.excluded = why
+            log.error("rpc: %s excluded: %s", self.label, why)
+
     def score(self, best_head: int | None) -> float:
         """Lower is better: expected latency, inflated by failures and lag."""
         latency = UNKNOWN_LATENCY_S if self.latency_s is None else self.latency_s
@@ -158,10 +172,18 @@ class UpstreamPool:
         return sorted((u for u in self.upstreams if u.available()), key=lambda u: u.score(best))
 
     async def call(
-        self, method: str, params: Any, *, hedge: bool = False, first: bool = False
+        self,
+        method: str,
+        params: Any,
+        *,
+        hedge: bool = False,
+        first: bool = False,
+        verify: Verify | None = None,
     ) -> dict[str, Any]:
         """The response object (``result`` or ``error``) for ``method(params)``.
         ``first``: the first available upstream in configured order (filters live there).
+        ``verify(upstream, answer)``: raises ``Forged`` for an answer that upstream
+        forged; it is then excluded, and the next one asked.
         Raises ``UpstreamFailure`` when every attempt failed."""
         if first:
             candidates = [u for u in self.upstreams if u.available()][:1]
@@ -175,13 +197,18 @@ class UpstreamPool:
             tried = pending[:2] if hedge and self._settings.hedge_after_s > 0 else pending[:1]
             pending = pending[len(tried) :]
             try:
-                return await self._race(tried, method, params, failures)
+                return await self._race(tried, method, params, failures, verify)
             except UpstreamFailure:
                 continue
         raise UpstreamFailure("; ".join(failures))
 
     async def _race(
-        self, upstreams: list[Upstream], method: str, params: Any, failures: list[str]
+        self,
+        upstreams: list[Upstream],
+        method: str,
+        params: Any,
+        failures: list[str],
+        verify: Verify | None,
     ) -> dict[str, Any]:
         """The first answer of ``upstreams``: the first at once, the next after
         ``hedge_after_s`` (or as soon as the first fails)."""
@@ -189,9 +216,8 @@ class UpstreamPool:
         async with trio.open_nursery() as nursery:
             for index, upstream in enumerate(upstreams):
                 finished = trio.Event()
-                nursery.start_soon(
-                    self._attempt, upstream, method, params, won, failures, finished, nursery
-                )
+                attempt = partial(self._attempt, upstream, method, params, verify)
+                nursery.start_soon(attempt, won, failures, finished, nursery)
                 if index + 1 < len(upstreams):
                     with trio.move_on_after(self._settings.hedge_after_s):
                         await finished.wait()
@@ -204,47 +230,77 @@ class UpstreamPool:
         upstream: Upstream,
         method: str,
         params: Any,
+        verify: Verify | None,
         won: list[dict[str, Any]],
         failures: list[str],
         finished: trio.Event,
         race: trio.Nursery,
     ) -> None:
         try:
-            won.append(await self.send(upstream, method, params))
+            answer = await self.send(upstream, method, params)
+            if verify is not None:
+                await verify(upstream, answer)
+            won.append(answer)
+            finished.set()
             race.cancel_scope.cancel()  # the others' answers are not needed
         except UpstreamFailure as exc:
             failures.append(f"{upstream.label}: {exc}")
-        finally:
+            finished.set()
+        except Forged as exc:
+            upstream.exclude(str(exc))
+            failures.append(f"{upstream.label}: excluded: {exc}")
             finished.set()
 
     async def send(self, upstream: Upstream, method: str, params: Any) -> dict[str, Any]:
         """One call to one upstream, its health updated."""
-        request = {"jsonrpc": "2.0", "id": next(_ids), "method": method}
-        if params is not None:
-            request["params"] = params
+        (answer,) = await self.send_batch(upstream, [(method, params)])
+        return answer
+
+    async def send_batch(
+        self, upstream: Upstream, calls: list[tuple[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Calls to one upstream in one round trip (a JSON-RPC batch when several), their
+        answers in order, its health updated."""
+        requests: list[dict[str, Any]] = []
+        for method, params in calls:
+            request: dict[str, Any] = {"jsonrpc": "2.0", "id": next(_ids), "method": method}
+            if params is not None:
+                request["params"] = params
+            requests.append(request)
         started = trio.current_time()
         try:
             with trio.fail_after(self._settings.request_timeout_s):
-                reply = await self._client.post(upstream.url, json=request)
+                payload = requests[0] if len(requests) == 1 else requests
+                reply = await self._client.post(upstream.url, json=payload)
         except (trio.TooSlowError, httpx.HTTPError) as exc:
             upstream.failed()
             raise UpstreamFailure(str(exc) or type(exc).__name__) from None
         try:
-            answer = _response_of(reply)
+            answers = _responses_of(reply, [r["id"] for r in requests])
         except UpstreamFailure:
             upstream.failed()
             raise
         upstream.succeeded(trio.current_time() - started)
-        return answer
+        return answers
 
 
-def _response_of(reply: httpx.Response) -> dict[str, Any]:
+def _responses_of(reply: httpx.Response, ids: list[int]) -> list[dict[str, Any]]:
     if reply.status_code == 429 or reply.status_code >= 500:
         raise UpstreamFailure(f"HTTP {reply.status_code}")
     try:
-        answer = json.loads(reply.content)
+        decoded = json.loads(reply.content)
     except ValueError:
         raise UpstreamFailure(f"HTTP {reply.status_code}, not JSON") from None
+    items = decoded if isinstance(decoded, list) else [decoded]
+    by_id = {a.get("id"): a for a in items if isinstance(a, dict)}
+    if len(ids) == 1 and len(items) == 1 and isinstance(items[0], dict):
+        by_id = {ids[0]: items[0]}  # (one answer: whatever id it echoes)
+    if any(i not in by_id for i in ids):
+        raise UpstreamFailure("not a JSON-RPC response to each call")
+    return [_response_of(by_id[i]) for i in ids]
+
+
+def _response_of(answer: Any) -> dict[str, Any]:
     if not isinstance(answer, dict) or ("result" not in answer and "error" not in answer):
         raise UpstreamFailure("not a JSON-RPC response")
     error = answer.get("error")
