@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -13,7 +14,9 @@ import pytest
 import trio
 
 from joynode.gateway import apikeys
-from joynode.state import MIGRATIONS
+from joynode.gateway.access import KEY_MEMORY_S, ClientCheck
+from joynode.gateway.errors import OpenAIError
+from joynode.state import MIGRATIONS, StateStore
 from tests.factories import NodeHome, node_process, run_cli, running_node
 
 
@@ -149,3 +152,27 @@ async def test_a_key_over_its_quota_gets_429_insufficient_quota(home: NodeHome) 
         with sdk, pytest.raises(openai.RateLimitError) as over:
             await trio.to_thread.run_sync(sdk.models.list)
         assert over.value.code == "insufficient_quota"
+
+
+async def test_a_good_key_is_remembered_briefly_so_a_revocation_takes_two_seconds(
+    tmp_path: Path,
+) -> None:
+    now = [0.0]
+    async with trio.open_nursery() as nursery:
+        state = StateStore(tmp_path / "state.db", "test")
+        await nursery.start(state.run)
+        check = ClientCheck(state, None, 60, lambda: now[0])
+        key, record = await state.write(lambda c: apikeys.create(c, "k", 600, None))
+        assert (await check.admit(f"Bearer {key}")) == record
+        reads = state.statistics().calls
+        await check.admit(f"Bearer {key}")
+        assert state.statistics().calls == reads  # remembered: no database read
+        await state.write(lambda c: apikeys.revoke(c, record.id))
+        await check.admit(f"Bearer {key}")  # still remembered
+        now[0] += KEY_MEMORY_S
+        with pytest.raises(OpenAIError) as gone:
+            await check.admit(f"Bearer {key}")
+        assert gone.value.status == 401
+        with pytest.raises(OpenAIError):  # a wrong key is never remembered
+            await check.admit(f"Bearer {key[:-2]}xx")
+        nursery.cancel_scope.cancel()

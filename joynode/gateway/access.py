@@ -5,10 +5,15 @@ rate and token quota) or a wallet's session JWT (``gateway.wallets``: anyone who
 signed in with Ethereum, paying from its own prepaid balance, held to
 ``http.wallet_rate_per_minute``). Each client's rate is a token bucket in memory
 with a minute's worth of burst.
+
+A key found good is remembered for ``KEY_MEMORY_S`` (by the SHA-256 of what was
+presented, never the key itself), so a busy client costs no database read per call;
+a revocation or a used-up quota takes effect within that time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from functools import partial
@@ -23,6 +28,8 @@ from joynode.ratelimit import TokenBucket
 from joynode.state import StateStore
 
 Client = ApiKey | WalletSession
+KEY_MEMORY_S = 2.0
+MAX_REMEMBERED = 10_000
 
 
 class ClientCheck:
@@ -41,6 +48,7 @@ class ClientCheck:
         self._wallet_rate = wallet_rate_per_minute
         self._clock = clock
         self._buckets: dict[str, tuple[int, TokenBucket]] = {}
+        self._remembered: dict[bytes, tuple[float, ApiKey]] = {}  # digest -> (until, key)
 
     async def __call__(self, request: Request) -> Client:
         return await self.admit(request.headers.get("authorization", ""))
@@ -53,9 +61,17 @@ class ClientCheck:
         return self._wallet(presented)
 
     async def _api_key(self, presented: str) -> ApiKey:
-        key = await self._state.read(partial(apikeys.authenticate, presented=presented))
-        if key is None:
-            raise OpenAIError(401, "Incorrect API key provided.", "invalid_api_key")
+        digest = hashlib.sha256(presented.encode()).digest()
+        now = self._clock()
+        held = self._remembered.get(digest)
+        if held is None or held[0] <= now:
+            found = await self._state.read(partial(apikeys.authenticate, presented=presented))
+            if found is None:
+                raise OpenAIError(401, "Incorrect API key provided.", "invalid_api_key")
+            if len(self._remembered) >= MAX_REMEMBERED:
+                self._remembered.clear()
+            held = self._remembered[digest] = (now + KEY_MEMORY_S, found)
+        key = held[1]
         self._take(key.id, key.rate_per_minute, f"API key {key.id}")
         if key.over_quota:
             raise OpenAIError(
