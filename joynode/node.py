@@ -93,6 +93,7 @@ from joynode.prepaid.control import prepaid_methods
 from joynode.prepaid.service import PrepaidService
 from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain
 from joynode.state import StateStore
+from joynode.storage.gateway import ipfs_api
 from joynode.storage.service import StorageService
 from joynode.supervisor import Supervisor
 from joynode.zk.prover import ProofRequest, ProverClient, ProverService
@@ -252,6 +253,9 @@ class Node:
                 openai_api(self.state, self._network_models, answerer, clients, forwarder),
                 wallet_api(wallets, clients, self.prepaid, config.http.public_host),
                 rpc_api(self.rpc, clients, config.rpc.rate_per_minute),
+                ipfs_api(
+                    self.storage.store.get, partial(self.storage.fetch, pin=False), clients.admit
+                ),
             ],
         )
         self.control = ControlServer(
