@@ -307,3 +307,44 @@ async def test_an_upstream_lying_about_a_balance_or_a_block_is_caught_and_exclud
                     assert upstreams[0]["excluded"], upstreams  # the liar
                     assert upstreams[1]["excluded"] is None
                     assert node.rpc.statistics()["chains"][0]["failed"] == 0
+
+
+VIEM_CLIENT = Path(__file__).with_name("viem_rpc_client.mjs")
+
+
+async def test_viem_gets_the_chains_own_answers_through_the_gateway_on_two_chains(
+    tmp_path: Path,
+) -> None:
+    async with running_anvil(chain_id=31337) as anvil_a, running_anvil(chain_id=31338) as anvil_b:
+        home = make_home(tmp_path / "n")
+        chains = (
+            f'[{{chain_id = 31337, name = "a", upstreams = ["{anvil_a.url}"]}}, '
+            f'{{chain_id = 31338, name = "b", upstreams = ["{anvil_b.url}"]}}]'
+        )
+        home.set("rpc", "chains", chains)
+        async with running_node(home) as node:
+            key, _ = await node.state.write(lambda c: apikeys.create(c, "viem", 100_000, None))
+            assert node.http.url is not None
+            for chain_id, anvil in ((31337, anvil_a), (31338, anvil_b)):
+                stdin = json.dumps(
+                    {
+                        "gateway": f"{node.http.url}/rpc/{chain_id}",
+                        "direct": anvil.url,
+                        "token": key,
+                        "emitter": "0x" + EMITTER,
+                    }
+                )
+                done = await trio.run_process(
+                    ["node", str(VIEM_CLIENT)],
+                    stdin=stdin.encode(),
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                    cwd=VIEM_CLIENT.parent.parent,
+                )
+                assert done.returncode == 0, done.stderr.decode()[-2000:]
+                outcome = json.loads(done.stdout)
+                assert outcome["chainId"] == chain_id
+                assert len(outcome["hashes"]) == 7
+                assert outcome["mismatches"] == []
+            assert all(c["failed"] == 0 for c in node.rpc.statistics()["chains"])
