@@ -212,6 +212,23 @@ def test_devnet_serves_a_paid_inference_and_a_live_dashboard_then_stops_cleanly(
         assert joynet_of(chunks[-1])["certificate"]["signers"]
         assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
 
+    # Every node serves both devnet chains at /rpc/{chain_id}, with the same keys.
+    node1 = devnet.endpoints(1)
+    assert node1.http_url is not None
+    made1 = run_cli(
+        "apikeys", "create", "web3", "--config", str(devnet.dir / "node1" / "joynode.toml")
+    )
+    for endpoints, key in ((node0, made.stdout.strip()), (node1, made1.stdout.strip())):
+        for chain_id in (31337, 31338):
+            w3 = Web3(
+                Web3.HTTPProvider(
+                    f"{endpoints.http_url}/rpc/{chain_id}",
+                    request_kwargs={"headers": {"authorization": f"Bearer {key}"}},
+                )
+            )
+            assert w3.eth.chain_id == chain_id
+            assert w3.eth.get_block("latest")["number"] >= 0
+
     token = ControlToken.load(devnet.dir / "node0" / "control.token").value
     screenshot = devnet.dir / "dashboard.png"
     with sync_playwright() as playwright:

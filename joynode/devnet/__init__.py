@@ -1,12 +1,14 @@
 """``joynode devnet``: a whole JoyNet on this machine, for newcomers, demos and tests.
 
 One anvil chain (its state kept in ``DIR/chain``), JoyNet's contracts deployed
-once, N node homes (``DIR/node0``...), each funded, staked and registered, the
-demo model published to the store by node 0 and fetched from it by the others
-by CID, the model registered in the marketplace, and N ``joynode run``
-processes bootstrapped from node 0. Running it again reuses all of it (keys,
-chain state, the model in each node's cache). SIGINT or SIGTERM stops the
-nodes first (each stops cleanly on SIGTERM), then anvil, which saves its state.
+once, a second anvil chain (``DIR/side-chain``, id 31338: with the first, every
+node serves it at ``/rpc/{chain_id}``), N node homes (``DIR/node0``...), each
+funded, staked and registered, the demo model published to the store by node 0
+and fetched from it by the others by CID, the model registered in the
+marketplace, and N ``joynode run`` processes bootstrapped from node 0. Running
+it again reuses all of it (keys, chain state, the model in each node's cache).
+SIGINT or SIGTERM stops the nodes first (each stops cleanly on SIGTERM), then
+the chains, which save their state.
 Every process it starts is tethered (``joynode.tether``): a devnet killed with
 SIGKILL takes its nodes and anvil with it.
 
@@ -70,6 +72,9 @@ MODEL_PRICE_JOY = 1
 MESH_TIMEOUT_S = 120.0
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
 DEMO_DEPOSIT_JOY = 10  # ten jobs at MODEL_PRICE_JOY
+MAIN_CHAIN_ID = 31337  # JoyNet's contracts
+SIDE_CHAIN_ID = 31338  # a second chain, for the chain RPC gateway
+CHAIN_NAMES = {MAIN_CHAIN_ID: "joynet", SIDE_CHAIN_ID: "side"}
 
 Override = tuple[str, str, str]  # section, key, TOML value
 
@@ -88,6 +93,7 @@ class DevnetOptions:
 @dataclass(frozen=True)
 class RunningDevnet:
     rpc_url: str
+    side_rpc_url: str  # the second chain, served with the first by every node's /rpc
     deployment: Deployment
     model_cid: str
     nodes: list[DevnetNode]
@@ -108,7 +114,8 @@ def parse_override(text: str) -> Override:
 
 def check_overrides(options: DevnetOptions) -> None:
     """Validate ``--set`` against the node config schema before anything starts."""
-    text = _config_text(options, 0, "", "http://127.0.0.1:8545", [], (0, 0, 0), LOOPBACK_HOST)
+    chains = dict.fromkeys(CHAIN_NAMES, "http://127.0.0.1:8545")
+    text = _config_text(options, 0, "", chains, [], (0, 0, 0), LOOPBACK_HOST)
     try:
         parse_config(tomllib.loads(text), options.dir, source="(a devnet node's config with --set)")
     except tomllib.TOMLDecodeError as exc:
@@ -159,6 +166,7 @@ async def _run(
                 "pid": os.getpid(),
                 "phase": phase,
                 "chain": {"url": chain.url, **chain.supervised.to_json()},
+                "side_chain": {"url": side.url, **side.supervised.to_json()},
                 "network": network.to_json(),
                 "nodes": [node.summary() for node in nodes],
                 "governance": governance,
@@ -171,8 +179,16 @@ async def _run(
         options.dir / "chain" / "anvil.log",
         changed,
     )
+    side = ChainKeeper(
+        network,
+        options.dir / "side-chain" / "anvil-state.json",
+        options.dir / "side-chain" / "anvil.log",
+        changed,
+        chain_id=SIDE_CHAIN_ID,
+    )
     async with trio.open_nursery() as chain_nursery:
         rpc_url = await chain_nursery.start(chain.run)
+        side_url = await chain_nursery.start(side.run)
         try:
             w3 = Web3(Web3.HTTPProvider(rpc_url))
             with step("deploying contracts (once)"):
@@ -187,7 +203,8 @@ async def _run(
             with step("registering the model in the marketplace"):
                 committee = min(3, len(nodes))
                 await trio.to_thread.run_sync(_register_model, w3, deployment, cid, committee)
-            write_config = partial(_write_config, options, cid, rpc_url, nodes, network)
+            chains = {MAIN_CHAIN_ID: rpc_url, SIDE_CHAIN_ID: side_url}
+            write_config = partial(_write_config, options, cid, chains, nodes, network)
             async with NodeSupervisor.running(nodes, network, write_config, changed) as nodes_kept:
                 first = nodes[0]
                 with step("starting node 0"):
@@ -204,7 +221,7 @@ async def _run(
                     for node in nodes:
                         await _call(node, "node.register")
                     await _wait_until_meshed(nodes)
-                devnet = RunningDevnet(rpc_url, deployment, cid, nodes)
+                devnet = RunningDevnet(rpc_url, side_url, deployment, cid, nodes)
                 voters: list[tuple[str, str]] = [("dev account 0", dev_account(0).address)]
                 voters += [(f"node {node.index}", node.key.address) for node in nodes]
                 governance[:] = await trio.to_thread.run_sync(
@@ -221,6 +238,7 @@ async def _run(
                 await trio.sleep_forever()
         finally:
             chain.stop()  # after the nodes: none of them sees the chain go first
+            side.stop()
             phase = "stopped"
             changed()
 
@@ -290,7 +308,7 @@ def _node_home(home: Path) -> DevnetNode:
 def _write_config(
     options: DevnetOptions,
     cid: str,
-    rpc_url: str,
+    chains: dict[int, str],
     nodes: list[DevnetNode],
     network: DevnetNetwork,
     node: DevnetNode,
@@ -298,7 +316,7 @@ def _write_config(
     """Before each start: its own ports once known, every other node that is up as bootstrap."""
     bootstrap = [a for other in nodes if other is not node for a in other.bootstrap_addrs()]
     host = network.node_host(node.index)
-    text = _config_text(options, node.index, cid, rpc_url, bootstrap, node.ports(), host)
+    text = _config_text(options, node.index, cid, chains, bootstrap, node.ports(), host)
     node.config_path.write_text(text, encoding="utf-8")
 
 
@@ -306,7 +324,7 @@ def _config_text(
     options: DevnetOptions,
     index: int,
     cid: str,
-    rpc_url: str,
+    chains: dict[int, str],
     bootstrap: list[str],
     ports: tuple[int, int, int],
     host: str,
@@ -332,11 +350,22 @@ def _config_text(
         },
         "chain": {
             "mode": '"rpc"',
-            "rpc_url": json.dumps(rpc_url),
+            "rpc_url": json.dumps(chains[MAIN_CHAIN_ID]),
             "deployment_file": json.dumps(
                 str((options.dir / "chain" / "deployment.json").resolve())
             ),
             "poll_interval_s": "0.5",
+        },
+        # Every node serves both chains at /rpc/{chain_id} (the chain RPC gateway).
+        "rpc": {
+            "chains": "["
+            + ", ".join(
+                f"{{chain_id = {chain_id}, name = {json.dumps(CHAIN_NAMES[chain_id])}, "
+                f"upstreams = [{json.dumps(url)}]}}"
+                for chain_id, url in chains.items()
+            )
+            + "]",
+            "head_poll_s": "1.0",
         },
     }
     models = {"name": json.dumps(options.model), **model}
@@ -496,7 +525,10 @@ def _print_summary(
     devnet: RunningDevnet, options: DevnetOptions, network: DevnetNetwork, governance: list[str]
 ) -> None:
     out = Console(highlight=False, soft_wrap=True)  # whole URLs and paths, never cut
-    out.print(f"[bold]JoyNet devnet[/bold]: {len(devnet.nodes)} nodes, chain {devnet.rpc_url}")
+    out.print(
+        f"[bold]JoyNet devnet[/bold]: {len(devnet.nodes)} nodes, chain {devnet.rpc_url} "
+        f"(id {MAIN_CHAIN_ID}), a second chain {devnet.side_rpc_url} (id {SIDE_CHAIN_ID})"
+    )
     out.print(f"model {options.model}: {devnet.model_cid}")
     for node in devnet.nodes:
         row = node.summary()
@@ -519,6 +551,10 @@ def _print_summary(
         out.print(
             f"OpenAI API:      {first.endpoints.http_url}/v1 (key in {openai_key_file(first)} "
             "with --demo, or make one: joynode apikeys create NAME)"
+        )
+        out.print(
+            f"chain RPC:       {first.endpoints.http_url}/rpc/{MAIN_CHAIN_ID} and "
+            f"/rpc/{SIDE_CHAIN_ID} (the same keys: point web3.py or viem at them)"
         )
         out.print(
             f"  curl {first.endpoints.http_url}/v1/chat/completions "

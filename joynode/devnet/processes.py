@@ -355,9 +355,15 @@ class ChainKeeper:
     """
 
     def __init__(
-        self, network: DevnetNetwork, state_file: Path, log_path: Path, changed: Callable[[], None]
+        self,
+        network: DevnetNetwork,
+        state_file: Path,
+        log_path: Path,
+        changed: Callable[[], None],
+        chain_id: int = 31337,
     ) -> None:
         self._network = network
+        self._chain_id = chain_id
         self._state_file = state_file
         self.supervised = Supervised(log_path)
         self._changed = changed
@@ -375,6 +381,7 @@ class ChainKeeper:
                 try:
                     async with running_anvil(
                         host=self._network.chain_host,
+                        chain_id=self._chain_id,
                         port=port,
                         state_file=self._state_file,
                         log_file=supervised.log_path,
