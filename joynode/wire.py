@@ -167,6 +167,15 @@ class PrepaidTicket(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     signature: Signature  # the client's, over the request's EIP-712 digest
 
 
+# What is asked of a model, the same in a committee's offer and a forwarded local ask.
+Prompt = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
+Turns = Annotated[list[ChatTurn], msgspec.Meta(max_length=64)]
+MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_OUTPUT_TOKENS)]
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
+TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]
+TopK = Annotated[int, msgspec.Meta(ge=-1, le=1 << 20)]
+
+
 class JobOffer(Message, tag="job_offer", frozen=True):
     """A verified-inference job for a committee, gossiped by the node that took it.
 
@@ -185,12 +194,12 @@ class JobOffer(Message, tag="job_offer", frozen=True):
 
     request_id: Bytes32
     model: ModelId
-    prompt: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)] | None
-    messages: Annotated[list[ChatTurn], msgspec.Meta(max_length=64)] | None
-    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_OUTPUT_TOKENS)]
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)]
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)]
-    top_k: Annotated[int, msgspec.Meta(ge=-1, le=1 << 20)]
+    prompt: Prompt | None
+    messages: Turns | None
+    max_tokens: MaxTokens
+    temperature: Temperature
+    top_p: TopP
+    top_k: TopK
     seed: UInt | None
     ignore_eos: bool
     requester: Address
@@ -351,12 +360,12 @@ class LocalAsk(Message, tag="local_ask", frozen=True):
     the peer answers alone, as it would its own client (``/joynet/rpc``)."""
 
     model: ModelId
-    prompt: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)] | None
-    messages: Annotated[list[ChatTurn], msgspec.Meta(max_length=64)] | None
-    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_OUTPUT_TOKENS)]
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)]
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)]
-    top_k: Annotated[int, msgspec.Meta(ge=-1, le=1 << 20)]
+    prompt: Prompt | None
+    messages: Turns | None
+    max_tokens: MaxTokens
+    temperature: Temperature
+    top_p: TopP
+    top_k: TopK
     seed: UInt | None
     stop: StopSequences | None = None
 
