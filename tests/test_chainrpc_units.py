@@ -78,13 +78,16 @@ class Upstreams:
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         host = request.url.host
-        body = json.loads(request.content)
+        decoded = json.loads(request.content)
         self.calls[host] += 1
-        self.methods.append((host, body["method"], body.get("params")))
-        result = await self.handlers[host](body)
-        if isinstance(result, httpx.Response):
-            return result
-        return httpx.Response(200, json={"jsonrpc": "2.0", "id": body["id"], "result": result})
+        answers = []
+        for body in decoded if isinstance(decoded, list) else [decoded]:
+            self.methods.append((host, body["method"], body.get("params")))
+            result = await self.handlers[host](body)
+            if isinstance(result, httpx.Response):
+                return result
+            answers.append({"jsonrpc": "2.0", "id": body["id"], "result": result})
+        return httpx.Response(200, json=answers if isinstance(decoded, list) else answers[0])
 
 
 def settings(**changes: Any) -> RpcSection:
@@ -323,3 +326,29 @@ def test_each_client_has_its_own_calls_per_minute_and_a_batch_costs_its_size() -
     now[0] += 10  # ten seconds: ten more calls
     assert limit.take(alice, 20)
     assert not limit.take(alice, 1)
+
+
+async def test_a_chain_whose_headers_hash_another_way_keeps_its_upstreams() -> None:
+    async def other_format(body: dict[str, Any]) -> Any:
+        if body["method"] == "eth_chainId":
+            return "0x7"
+        return {"number": "0x5", "hash": HASH}  # not an Ethereum header's hash
+
+    async def ethereum(body: dict[str, Any]) -> Any:
+        return "0x7" if body["method"] == "eth_chainId" else block(5)
+
+    for handlers, checks, excluded in (
+        ({"a": other_format, "b": other_format}, False, [None, None]),
+        ({"a": other_format, "b": ethereum}, True, ["its latest block", None]),
+    ):
+        fake = Upstreams(**handlers)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as client:
+            chain = RpcChainEntry(chain_id=7, name="t", upstreams=["http://a", "http://b"])
+            pool = UpstreamPool(["http://a", "http://b"], settings(), client)
+            proxy = ChainProxy(chain, pool, AnswerCache(1 << 20), settings())
+            await proxy._check_chain_ids()
+            assert proxy.check_headers is checks
+            reasons = [u.excluded for u in pool.upstreams]
+            assert [r if r is None else r[:16] for r in reasons] == excluded
+            answer = await proxy.call("eth_getBlockByNumber", ["0x5", False])
+            assert "result" in answer

@@ -76,6 +76,7 @@ class ChainProxy:
         self._count = count
         self.head: int | None = None
         self.finalized: int | None = None
+        self.check_headers = True  # off for a chain whose headers hash another way
         self._inflight: dict[str, _Shared] = {}
         self._stats = ProxyStatistics(chain.chain_id, None, None, 0, 0, 0, 0)
 
@@ -180,6 +181,8 @@ class ChainProxy:
     def _verifier(self, method: str, params: Any, rule: methods.Rule) -> Verify | None:
         """How an upstream's answer to ``method(params)`` is checked (None: it is not)."""
         if method in ("eth_getBlockByHash", "eth_getBlockByNumber"):
+            if not self.check_headers or (isinstance(params, list) and "pending" in params):
+                return None  # (a pending block has no hash yet)
             return partial(_check_block_answer, params)
         anchored = rule.keep in (Keep.BY_HASH, Keep.IF_FINAL)
         if self._settings.verify_state and method in _ACCOUNT_READS and anchored:
@@ -208,7 +211,8 @@ class ChainProxy:
         )
         if "result" not in proof or not isinstance(header.get("result"), dict):
             raise UpstreamFailure("it cannot prove state (eth_getProof)")  # ask another
-        await _check_block_answer(header_call[1], upstream, header)
+        if self.check_headers:
+            await _check_block_answer(header_call[1], upstream, header)
         state_root = bytes.fromhex(str(header["result"]["stateRoot"])[2:])
         try:
             account_proof = proof["result"]["accountProof"]
@@ -274,20 +278,40 @@ class ChainProxy:
             await trio.sleep(self._settings.head_poll_s)
 
     async def _check_chain_ids(self) -> None:
-        async def check(upstream: Any) -> None:
+        """Exclude an upstream on another chain; and learn whether this chain's headers
+        are in a form this node can hash (a chain whose every upstream's latest block
+        hashes wrong has another header format: its block checks are turned off, rather
+        than every upstream excluded)."""
+        hashed: dict[Upstream, bool] = {}
+
+        async def check(upstream: Upstream) -> None:
             try:
-                answer = await self.pool.send(upstream, "eth_chainId", [])
+                chain_id, latest = await self.pool.send_batch(
+                    upstream, [("eth_chainId", []), ("eth_getBlockByNumber", ["latest", False])]
+                )
             except UpstreamFailure as exc:
                 log.warning("rpc %s: %s did not answer: %s", self.chain.name, upstream.label, exc)
                 return
-            found = methods.quantity(answer.get("result"))
+            found = methods.quantity(chain_id.get("result"))
             if found != self.chain.chain_id:
-                upstream.excluded = f"it serves chain {found}, not {self.chain.chain_id}"
-                log.error(
-                    "rpc %s: %s excluded: %s", self.chain.name, upstream.label, upstream.excluded
-                )
+                upstream.exclude(f"it serves chain {found}, not {self.chain.chain_id}")
+                return
+            try:
+                check_block(latest.get("result"))
+                hashed[upstream] = True
+            except Forged:
+                hashed[upstream] = False
 
         await _each(check, self.pool.upstreams)
+        if hashed and not any(hashed.values()):
+            self.check_headers = False
+            log.warning(
+                "rpc %s: its blocks do not hash as Ethereum headers do: block checks are off",
+                self.chain.name,
+            )
+        for upstream, right in hashed.items():
+            if not right and self.check_headers:
+                upstream.exclude("its latest block does not hash to its hash")
 
     async def read_head(self) -> None:
         async def head_of(upstream: Any) -> None:
