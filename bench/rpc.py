@@ -10,6 +10,10 @@ process, ``--concurrency`` calls in flight. Three paths to the same anvil:
   httpx) in a process of its own: what any HTTP hop in Python costs;
 - ``gateway``: a ``joynode run`` process's ``/rpc/31337``, ``rpc.verify_state`` on.
 
+With ``--upstream-latency-ms L`` the upstream is anvil behind another such proxy
+that waits L ms before each call (a remote provider's round trip), for all three
+paths: what a node in front of a real provider saves.
+
 Workloads, each ``--calls`` calls per path:
 
 - ``cached``: final blocks by number and receipts of final transactions, cycled (the
@@ -146,11 +150,13 @@ async def measure(
     return calls / (time.perf_counter() - began), p50(latencies)
 
 
-async def serve_passthrough(target: str) -> None:
-    """A plain forwarding proxy: each body to ``target``, each answer back; prints its URL."""
-    async with httpx.AsyncClient(timeout=30) as forward:
+async def serve_passthrough(target: str, delay_ms: float) -> None:
+    """A plain forwarding proxy: each body to ``target``, each answer back after
+    ``delay_ms`` (a remote provider's round trip); prints its URL."""
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=256)) as forward:
 
         async def relay(request: Request) -> Response:
+            await trio.sleep(delay_ms / 1000)
             headers = {"content-type": "application/json"}
             reply = await forward.post(target, content=await request.body(), headers=headers)
             return Response(reply.content, media_type="application/json")
@@ -165,9 +171,17 @@ async def serve_passthrough(target: str) -> None:
 
 
 @asynccontextmanager
-async def passthrough(target: str) -> AsyncIterator[str]:
+async def passthrough(target: str, delay_ms: float = 0.0) -> AsyncIterator[str]:
     """The pass-through proxy in a process of its own; its URL."""
-    command = [sys.executable, "-m", "bench.rpc", "--passthrough", target]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.rpc",
+        "--passthrough",
+        target,
+        "--delay-ms",
+        str(delay_ms),
+    ]
     process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
     try:
         assert process.stdout is not None
@@ -203,22 +217,26 @@ async def gateway_process(tmp: Path, upstream: str) -> AsyncIterator[tuple[str, 
         node.stop()
 
 
-async def main(calls: int, concurrency: int, txs: int) -> None:
+async def main(calls: int, concurrency: int, txs: int, latency_ms: float) -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         async with (
             running_anvil(chain_id=31337) as anvil,
-            httpx.AsyncClient(timeout=30) as client,
+            httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=256)) as client,
+            passthrough(anvil.url, latency_ms) as remote,
         ):
+            # The upstream: anvil itself, or anvil behind a provider's round trip.
+            upstream = remote if latency_ms else anvil.url
             chain = await history(client, anvil.url, txs)
             async with (
-                passthrough(anvil.url) as proxied,
-                gateway_process(Path(tmp), anvil.url) as (gateway, key),
+                passthrough(upstream) as proxied,
+                gateway_process(Path(tmp), upstream) as (gateway, key),
             ):
                 auth = {"headers": {"authorization": f"Bearer {key}"}}
                 print(
-                    f"anvil, {chain['head']} blocks, {txs} logging transactions; {calls} calls "
-                    f"per path and workload, {concurrency} in flight",
+                    f"anvil, {chain['head']} blocks, {txs} logging transactions, "
+                    f"{latency_ms:g} ms added to each upstream call; {calls} calls per path and "
+                    f"workload, {concurrency} in flight",
                     flush=True,
                 )
                 columns = ("calls/s", "p50 ms", "vs direct", "vs proxy")
@@ -226,7 +244,7 @@ async def main(calls: int, concurrency: int, txs: int) -> None:
                 for name, call in workloads(chain).items():
                     figures = {}
                     for path, url, kw in (
-                        ("direct", anvil.url, {}),
+                        ("direct", upstream, {}),
                         ("passthrough", proxied, {}),
                         ("gateway", gateway, auth),
                     ):
@@ -246,12 +264,20 @@ def cli() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--txs", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="200 calls per workload")
+    parser.add_argument(
+        "--upstream-latency-ms",
+        type=float,
+        default=0.0,
+        help="a round trip added to every upstream call (a remote provider); 0: anvil itself",
+    )
     parser.add_argument("--passthrough", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.passthrough:
-        trio.run(serve_passthrough, args.passthrough)
+        trio.run(serve_passthrough, args.passthrough, args.delay_ms)
         return
-    trio.run(main, 200 if args.quick else args.calls, args.concurrency, args.txs)
+    calls = 200 if args.quick else args.calls
+    trio.run(main, calls, args.concurrency, args.txs, args.upstream_latency_ms)
 
 
 if __name__ == "__main__":
