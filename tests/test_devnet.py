@@ -330,6 +330,7 @@ def test_devnet_restarts_a_killed_node_and_anvil_while_the_rest_keeps_running(
         status.stdout,
     ), status.stdout
     assert "governance: JoyGovernor 0x" in status.stdout
+    assert re.search(r"second chain \(id 31338\) http://\S+ up for", status.stdout), status.stdout
 
     # anvil dies too: restarted on the same address from its saved state.
     chain = after["chain"]

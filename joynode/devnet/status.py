@@ -46,13 +46,17 @@ def is_running(data: dict[str, Any]) -> bool:
 
 
 def status_lines(data: dict[str, Any]) -> list[str]:
-    """``joynode devnet status``: the devnet, anvil, then one line per node."""
+    """``joynode devnet status``: the devnet, anvil, the second chain, then one line per
+    node."""
     now = time.time()
     chain = data["chain"]
     lines = [
         f"devnet {data['dir']}: {data['phase']} (pid {data['pid']}); "
         f"anvil {chain['url']} {_state(chain, now)}"
     ]
+    side = data.get("side_chain")
+    if side:  # (a status file from before the second chain has none)
+        lines.append(f"second chain (id 31338) {side['url']} {_state(side, now)}")
     for node in data["nodes"]:
         line = f"node {node['node']}  {_state(node, now)}  control {node['control']}"
         lines.append(line + f"  log {node['log']}")
