@@ -17,13 +17,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
 from joynode import __version__
 from joynode.config import (
+    DTYPES,
     Config,
     ConfigError,
     load_config,
@@ -31,20 +32,19 @@ from joynode.config import (
     split_host_port,
     url,
 )
-from joynode.consensus.calibration import DTYPES, calibrate
-from joynode.console import Payment, describe_job, print_job, step, verified_inference
 from joynode.control.client import ControlClient
 from joynode.control.jsonrpc import RpcError
 from joynode.endpoints import Endpoints
 from joynode.exceptiongroups import leaves
-from joynode.inference.engine import EngineError
-from joynode.inference.models import PREPARABLE, ModelError, model_id, prepare
-from joynode.keys import ControlToken, NodeKey, SecretFileError, read_secret_file
-from joynode.logs import SecretRedactor, configure_logging
-from joynode.node import Node
-from joynode.supervisor import ActorFailed, config_error_in
-from joynode.zk import circuits
-from joynode.zk.zokrates import ZokratesError, ZokratesWorker
+from joynode.inference.models import PREPARABLE, ModelError, model_id
+from joynode.secret_files import ControlToken, SecretFileError, read_secret_file
+
+if TYPE_CHECKING:
+    from joynode.console import Payment
+    from joynode.node import Node
+
+# Each command imports what only it needs (the node, vLLM, ZoKrates, the Ethereum and
+# libp2p stacks) in its own body, so that `joynode ctl` starts in a fraction of a second.
 
 log = logging.getLogger("joynode")
 
@@ -287,6 +287,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from joynode.chain.artifacts import load_artifacts
     from joynode.chain.deploy import Deployment, DeployParams, deploy_all
     from joynode.chain.sender import RevertDecoder, TransactionFailed, TransactionSender
+    from joynode.keys import NodeKey
 
     if args.guardian and not Web3.is_address(args.guardian):
         print(f"joynode: --guardian: not an address: {args.guardian}", file=sys.stderr)
@@ -330,6 +331,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         if (out / "config.json").is_file() and not args.force:
             print(f"{args.name}: {out} exists ({model_id(out)}); --force rebuilds it")
             return EXIT_OK
+        from joynode.console import step
+        from joynode.inference.models import prepare
+
         with step(f"preparing model {args.name} in {out}") as shown:
             cid = prepare(args.name, out, shown.note)
         print(f"{args.name}: {out} ({cid})")
@@ -339,6 +343,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from joynode.consensus.calibration import calibrate
+    from joynode.console import step
+    from joynode.inference.engine import EngineError
+
     if not 1 <= args.max_tokens <= 512:
         raise UsageError("--max-tokens must be between 1 and 512")
     try:
@@ -446,6 +454,10 @@ def cmd_apikeys(args: argparse.Namespace) -> int:
 
 
 def cmd_circuits(_: argparse.Namespace) -> int:
+    from joynode.console import step
+    from joynode.zk import circuits
+    from joynode.zk.zokrates import ZokratesError, ZokratesWorker
+
     async def build_all() -> None:
         async with ZokratesWorker() as worker:
             for circuit in circuits.ALL:
@@ -466,6 +478,7 @@ def cmd_zk(args: argparse.Namespace) -> int:
     import numpy as np
 
     from joynode.zk.mlp import HIDDEN, IN, OUT, QuantizedMlp, commitments, save_weights
+    from joynode.zk.zokrates import ZokratesError, ZokratesWorker
 
     shapes = {"w1": (HIDDEN, IN), "b1": (HIDDEN,), "w2": (OUT, HIDDEN), "b2": (OUT,)}
     try:
@@ -554,6 +567,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    from joynode.keys import NodeKey
+
     config = load_config(args.config)
     if args.keys_command == "generate":
         _generate_secrets(config, force=args.force, password_file=args.password_file)
@@ -564,6 +579,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _generate_secrets(config: Config, *, force: bool, password_file: Path | None) -> None:
+    from joynode.keys import NodeKey
+
     key_file, token_file = config.node.key_file, config.control.token_file
     if force or not key_file.exists():
         password = read_secret_file(password_file, "password file") if password_file else None
@@ -580,6 +597,11 @@ def _generate_secrets(config: Config, *, force: bool, password_file: Path | None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from joynode.keys import NodeKey
+    from joynode.logs import SecretRedactor, configure_logging
+    from joynode.node import Node
+    from joynode.supervisor import ActorFailed
+
     config = load_config(args.config)
     redactor = SecretRedactor()
     configure_logging(
@@ -592,8 +614,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         trio.run(_serve_until_signal, Node(config, key, token))
     except BaseExceptionGroup as group:
-        if (setting := config_error_in(group)) is not None:
-            raise setting from None  # one line and exit 2, as a config file that does not load
+        settings = [e for e in leaves(group) if isinstance(e, ConfigError)]
+        if settings:
+            # One line and exit 2, as a config file that does not load. What other actors
+            # raised while the node stopped for it was logged by the supervisor.
+            raise settings[0] from None
         failures, rest = group.split(ActorFailed)
         if failures is None or rest is not None:
             raise
@@ -668,6 +693,8 @@ def _infer(
     config_path: Path, prompt: str, model: str | None, max_tokens: int, payment: Payment
 ) -> int:
     """``infer.submit`` + ``job.wait`` with progress; the output, certificate and settlement."""
+    from joynode.console import print_job, verified_inference
+
     config = load_config(config_path)
     token = ControlToken.load(config.control.token_file).value
     url = _control_url(config)
@@ -709,6 +736,8 @@ async def _call(url: str, token: str, method: str, params: dict[str, Any] | None
             sys.stderr.write(params["text"])
             streamed = True
         elif notification.get("method") == "job.progress" and isinstance(params, dict):
+            from joynode.console import describe_job
+
             job = str(params.get("request_id", ""))[:14]
             sys.stderr.write(f"\rjob {job}: {describe_job(params)}   ")
             streamed = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import pydantic
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -305,6 +305,10 @@ class StorageSection(_Section):
     )
 
 
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES: tuple[Dtype, ...] = get_args(Dtype)
+
+
 class InferenceSection(_Section):
     models: list[ModelEntry] = Field(
         [], description="Models to serve: [[inference.models]] name = ..., path = ..."
@@ -312,7 +316,7 @@ class InferenceSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: whatever the installed vLLM build targets."
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    dtype: Dtype = Field(
         "float32", description="float32 keeps greedy outputs identical across batches."
     )
     batch_invariant: bool = Field(

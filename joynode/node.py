@@ -84,13 +84,14 @@ from joynode.governance.service import GovernanceService
 from joynode.http import HttpServer
 from joynode.inference.engine import VllmEngine
 from joynode.inference.service import InferenceClient, InferenceService
-from joynode.keys import ControlToken, NodeKey
+from joynode.keys import NodeKey
 from joynode.messages import ChainEvent, InferenceRequest, ShutdownRequest
 from joynode.p2p.gossip import JOBS, VOTES, ZK_JOBS, VerifiedGossip
 from joynode.p2p.peers import PeerRecord, PeerState
 from joynode.p2p.service import P2PService
 from joynode.prepaid.control import prepaid_methods
 from joynode.prepaid.service import PrepaidService
+from joynode.secret_files import ControlToken
 from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain
 from joynode.state import StateStore
 from joynode.storage.gateway import ipfs_api

@@ -25,11 +25,12 @@ from joynode.cli import main as joynode_main
 from joynode.config import Config, load_config
 from joynode.endpoints import Endpoints
 from joynode.inference.engine import VllmEngine
-from joynode.keys import ControlToken, NodeKey
+from joynode.keys import NodeKey
 from joynode.node import Node
 from joynode.p2p import libp2p_compat
 from joynode.p2p.peers import PeerState, PeerTable
 from joynode.p2p.rpc import RpcFailure
+from joynode.secret_files import ControlToken
 
 LOOPBACK_PORT_ZERO = "127.0.0.1:0"
 

@@ -32,7 +32,8 @@ from web3 import Web3
 from joynode.chain.deploy import JOY, Deployment
 from joynode.devnet import STAKE_JOY
 from joynode.endpoints import Endpoints
-from joynode.keys import ControlToken, NodeKey
+from joynode.keys import NodeKey
+from joynode.secret_files import ControlToken
 from tests.factories import run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")

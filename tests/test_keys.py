@@ -8,7 +8,8 @@ import pytest
 from libp2p.crypto.secp256k1 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from joynode.keys import PASSWORD_ENV, ControlToken, NodeKey, SecretFileError
+from joynode.keys import PASSWORD_ENV, NodeKey
+from joynode.secret_files import ControlToken, SecretFileError
 
 
 def mode(path: Path) -> int:

@@ -23,12 +23,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry
 
-from joynode.config import InferenceSection, ModelEntry
+from joynode.config import Dtype, InferenceSection, ModelEntry
 from joynode.consensus.verification import gaps_below_top
 from joynode.inference.engine import EngineSpec, VllmEngine
 from joynode.inference.service import InferenceClient, InferenceService
@@ -53,8 +53,6 @@ PROMPTS = (
     "Dear hiring manager,",
 )
 SAMPLED_TEMPERATURE = 0.7
-Dtype = Literal["float32", "bfloat16", "float16"]
-DTYPES: tuple[Dtype, ...] = get_args(Dtype)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from joynode.config import ControlSection, SettingError, split_host_port, url
 from joynode.control import jsonrpc
 from joynode.control.jsonrpc import RpcError
 from joynode.control.methods import MethodTable, Reply
-from joynode.keys import ControlToken
+from joynode.secret_files import ControlToken
 
 log = logging.getLogger(__name__)
 

@@ -63,7 +63,8 @@ from joynode.devnet.processes import ChainKeeper, DevnetError, DevnetNode, NodeS
 from joynode.devnet.status import is_running, read_status, status_lines, write_status
 from joynode.exceptiongroups import leaves
 from joynode.inference.models import model_id, prepare
-from joynode.keys import ControlToken, NodeKey, write_secret_file
+from joynode.keys import NodeKey
+from joynode.secret_files import ControlToken, write_secret_file
 
 NODE_FUNDING_ETH = 100
 NODE_FUNDING_JOY = 10_000

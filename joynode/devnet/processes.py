@@ -34,7 +34,8 @@ from joynode.chain.anvil import AnvilError, running_anvil
 from joynode.console import stderr
 from joynode.devnet.network import DevnetNetwork
 from joynode.endpoints import Endpoints
-from joynode.keys import ControlToken, NodeKey
+from joynode.keys import NodeKey
+from joynode.secret_files import ControlToken
 from joynode.tether import tethered
 
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)

@@ -35,7 +35,7 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils.address import is_checksum_address
 
-from joynode.keys import SecretFileError, read_secret_file, write_secret_file
+from joynode.secret_files import SecretFileError, read_secret_file, write_secret_file
 
 log = logging.getLogger(__name__)
 

@@ -43,6 +43,7 @@ from typing import Any, Literal, TypeVar
 
 import trio
 
+from joynode.config import Dtype
 from joynode.tether import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def configure_environment(kv_cache_gib: float, batch_invariant: bool = False) ->
 @dataclass(frozen=True)
 class EngineSpec:
     path: Path
-    dtype: Literal["float32", "bfloat16", "float16"]
+    dtype: Dtype
     device: Literal["auto", "cpu", "cuda"]
     max_num_seqs: int
     max_model_len: int
