@@ -303,6 +303,13 @@ class StorageSection(_Section):
     stall_timeout_s: Seconds = Field(
         60.0, description="A fetch fails when no block arrives for this long."
     )
+    gateway_cache_mib: StrictInt = Field(
+        1024,
+        ge=1,
+        le=1 << 30,
+        description="Content the /ipfs gateway fetched for clients, kept unpinned; the least "
+        "recently used goes beyond this, or when the store nears its quota.",
+    )
 
 
 Dtype = Literal["float32", "bfloat16", "float16"]

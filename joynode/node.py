@@ -254,9 +254,7 @@ class Node:
                 openai_api(self.state, self._network_models, answerer, clients, forwarder),
                 wallet_api(wallets, clients, self.prepaid, config.http.public_host),
                 rpc_api(self.rpc, clients, config.rpc.rate_per_minute),
-                ipfs_api(
-                    self.storage.store.get, partial(self.storage.fetch, pin=False), clients.admit
-                ),
+                ipfs_api(self.storage.store, self.storage.content_cache, clients.admit),
             ],
         )
         self.control = ControlServer(

@@ -111,3 +111,47 @@ async def test_content_arrives_checked_from_an_honest_peer_when_a_liar_is_asked_
         assert (await get(fetcher, "jn-wrong", f"/ipfs/{root}")).status_code == 401
         again = await get(fetcher, key, f"/ipfs/{root}/docs/data.bin")
         assert again.content == data
+
+
+async def test_fetched_content_is_kept_least_recently_used_first_out_and_pins_stay(
+    tmp_path: Path,
+) -> None:
+    """Within storage.gateway_cache_mib (1 MiB here): three 400 KiB files, the one not
+    asked for longest goes when the third arrives; what the node pinned is never touched."""
+    files = {name: pseudo_random(400 << 10, name) for name in ("a", "b", "c")}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "own").write_bytes(pseudo_random(300 << 10, "own"))
+    holder_home = storage_home(tmp_path / "holder")
+    fetcher_home = storage_home(tmp_path / "fetcher")
+    fetcher_home.set("storage", "gateway_cache_mib", "1")
+    async with (
+        running_node(holder_home) as holder,
+        running_node(fetcher_home) as fetcher,
+    ):
+        cids = {name: (await holder.storage.add(tmp_path / name)).cid for name in files}
+        own = (await fetcher.storage.add(tmp_path / "own")).cid  # pinned by the operator
+        key, _ = await fetcher.state.write(lambda c: apikeys.create(c, "web", 600, None))
+        await fetcher.p2p.connect(holder.p2p.listen_addrs()[0])
+        store, cache = fetcher.storage.store, fetcher.storage.content_cache
+
+        async def read(name: str) -> None:
+            answer = await get(fetcher, key, f"/ipfs/{cids[name]}")
+            assert answer.status_code == 200, answer.text
+            assert answer.content == files[name]
+
+        await read("a")
+        await read("b")
+        await read("a")  # from the store: now the most recently used
+        assert cache.statistics().hits == 1
+        await read("c")  # 1.2 MiB cached: b, the least recently used, goes
+        assert store.has(cids["a"])
+        assert store.has(cids["c"])
+        assert not store.has(cids["b"])
+        assert store.has(own)
+        stats = cache.statistics()
+        assert (stats.roots, stats.evicted_roots) == (2, 1)
+        assert stats.bytes <= stats.budget_bytes
+        await read("b")  # fetched again, on demand
+        assert store.has(own)
+        assert cache.statistics().roots == 2

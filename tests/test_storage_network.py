@@ -25,7 +25,8 @@ from joynode.node import Node
 from joynode.storage.bitswap_messages import PROTOCOL_1_2, BitswapMessage, write_message
 from joynode.storage.blockstore import Blockstore
 from joynode.storage.cid import Cid
-from joynode.storage.service import STORAGE_ERROR, StorageError
+from joynode.storage.errors import StorageError
+from joynode.storage.service import STORAGE_ERROR
 from joynode.storage.unixfs import CHUNK_SIZE
 from tests.factories import (
     LIBP2P_TEARDOWN_LEAK,

@@ -8,7 +8,8 @@ depth-first order, the root first), so a client checks every block against its C
 itself. Otherwise a UnixFS file is answered as its bytes, and a directory as its
 ``index.html`` or an HTML listing. A DAG this node lacks is fetched from peers first
 (Bitswap; each block checked against its CID as it arrives, a peer that sends a wrong
-one dropped), kept unpinned: ``storage.gc`` reclaims it. Clients authenticate as on
+one dropped), kept unpinned in the gateway's LRU cache (``storage.gateway_cache_mib``,
+``content_cache.py``). Clients authenticate as on
 the other routes (a bearer token, or ``?token=`` for a browser).
 """
 
@@ -23,8 +24,9 @@ import trio
 from fastapi import APIRouter, Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 
-from joynode.storage.blockstore import BlockNotFound
-from joynode.storage.cid import Cid, CidError
+from joynode.storage.blockstore import BlockNotFound, Blockstore
+from joynode.storage.cid import RAW, Cid, CidError
+from joynode.storage.content_cache import ContentCache
 from joynode.storage.protobuf import encode_varint
 from joynode.storage.unixfs import UnixfsError, directory_entries, iter_file, links_of
 
@@ -34,7 +36,6 @@ IMMUTABLE = "public, max-age=29030400, immutable"
 FETCH_TIMEOUT_S = 120.0
 
 GetBlock = Callable[[Cid], bytes]
-Fetch = Callable[[Cid], Awaitable[Any]]
 Admit = Callable[[str], Awaitable[Any]]
 
 
@@ -82,6 +83,22 @@ def car_blocks(get: GetBlock, root: Cid) -> Iterator[bytes]:
         stack.extend(reversed([link.cid for link in links_of(cid, data)]))
 
 
+def require_local(store: Blockstore, root: Cid) -> None:
+    """``BlockNotFound`` unless every block under ``root`` is here: the inner blocks read
+    for their links, the leaves only looked up (a stream that starts must not stop)."""
+    stack, seen = [root], set()
+    while stack:
+        cid = stack.pop()
+        if cid in seen:
+            continue
+        seen.add(cid)
+        if cid.codec == RAW:
+            if not store.has(cid):
+                raise BlockNotFound(str(cid))
+            continue
+        stack.extend(link.cid for link in links_of(cid, store.get(cid)))
+
+
 def resolve(get: GetBlock, root: Cid, path: str) -> Cid:
     """The CID ``path`` names under the directory ``root``."""
     cid = root
@@ -96,10 +113,11 @@ def resolve(get: GetBlock, root: Cid, path: str) -> Cid:
     return cid
 
 
-def ipfs_api(get: GetBlock, fetch: Fetch, admit: Admit) -> APIRouter:
-    """``get``: a local block (``BlockNotFound`` if absent); ``fetch``: make a DAG local
-    from peers; ``admit``: check an ``Authorization`` value (raises to refuse)."""
+def ipfs_api(store: Blockstore, cache: ContentCache, admit: Admit) -> APIRouter:
+    """Content from ``store``; what it lacks fetched from peers into ``cache``; ``admit``
+    checks an ``Authorization`` value (raises to refuse)."""
     router = APIRouter(tags=["IPFS"])
+    get = store.get
 
     async def local(fn: Callable[[], Any], root: Cid) -> Any:
         """``fn()`` over local blocks; on a missing one, the DAG fetched, then again."""
@@ -109,7 +127,7 @@ def ipfs_api(get: GetBlock, fetch: Fetch, admit: Admit) -> APIRouter:
             pass
         with trio.move_on_after(FETCH_TIMEOUT_S):
             try:
-                await fetch(root)
+                await cache.fetch(root)
             except Exception as exc:  # the storage actor's errors, said to the client
                 raise GatewayError(504, f"{root} could not be fetched: {exc}") from None
             return await trio.to_thread.run_sync(fn)
@@ -130,6 +148,7 @@ def ipfs_api(get: GetBlock, fetch: Fetch, admit: Admit) -> APIRouter:
             root_cid = Cid.parse(text)
         except CidError as exc:
             return _error(400, f"not a CID: {exc}")
+        cache.touch(root_cid)
         try:
             target = await local(lambda: resolve(get, root_cid, path), root_cid)
             wanted = _format(request)
@@ -143,11 +162,11 @@ def ipfs_api(get: GetBlock, fetch: Fetch, admit: Admit) -> APIRouter:
                 block = await local(lambda: get(target), root_cid)
                 return Response(block, media_type=RAW_TYPE, headers=headers)
             if wanted == "car":
-                await local(lambda: sum(1 for _ in car_blocks(get, target)), root_cid)
+                await local(lambda: require_local(store, target), root_cid)
                 return StreamingResponse(
                     _car_stream(get, target), media_type=CAR_TYPE, headers=headers
                 )
-            return await _unixfs(get, target, path, text, headers, local, root_cid)
+            return await _unixfs(store, target, path, text, headers, local, root_cid)
         except GatewayError as exc:
             return _error(exc.status, str(exc))
         except UnixfsError as exc:
@@ -157,7 +176,7 @@ def ipfs_api(get: GetBlock, fetch: Fetch, admit: Admit) -> APIRouter:
 
 
 async def _unixfs(
-    get: GetBlock,
+    store: Blockstore,
     target: Cid,
     path: str,
     text: str,
@@ -165,9 +184,10 @@ async def _unixfs(
     local: Callable[[Callable[[], Any], Cid], Awaitable[Any]],
     root: Cid,
 ) -> Response:
+    get = store.get
     entries = await local(lambda: directory_entries(target, get(target)), root)
     if entries is None:
-        await local(lambda: sum(1 for _ in iter_file(get, target)), root)  # all local
+        await local(lambda: require_local(store, target), root)
         kind = mimetypes.guess_type(path.rsplit("/", 1)[-1])[0] or "application/octet-stream"
         return StreamingResponse(_file_stream(get, target), media_type=kind, headers=headers)
     index = next((e.cid for e in entries if e.name == "index.html"), None)

@@ -28,7 +28,8 @@ import shutil
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -45,6 +46,8 @@ from joynode.state import StateStore
 from joynode.storage.bitswap import Bitswap
 from joynode.storage.blockstore import BlockNotFound, Blockstore, StoreFull
 from joynode.storage.cid import RAW, Cid, CidError
+from joynode.storage.content_cache import ContentCache
+from joynode.storage.errors import QuotaReached, StorageError
 from joynode.storage.fetch import FetchFailed, FetchProgress, FetchSession, ProgressCallback
 from joynode.storage.unixfs import (
     Importer,
@@ -63,14 +66,6 @@ REPROVIDE_INTERVAL_S = 12 * 3600
 
 AddProgress = Callable[[int], Awaitable[None]]
 T = TypeVar("T")
-
-
-class StorageError(Exception):
-    """An add, fetch, export or pin that could not be done; the message says why."""
-
-
-class QuotaReached(StorageError):
-    """The block store is full (``storage.quota_gib``)."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +125,12 @@ class StorageService:
         self._root_locks: dict[str, trio.Lock] = {}
         self._model_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
+        self.content_cache = ContentCache(
+            settings.gateway_cache_mib << 20,
+            partial(self.fetch, pin=False),
+            self._sweep,
+            lambda: (self.store.statistics().bytes, self.store.quota_bytes),
+        )
 
     # ---- running
 
@@ -365,14 +366,20 @@ class StorageService:
         return await self._state.read(read)
 
     async def gc(self) -> GcResult:
-        """Remove every block not under a pin; waits for adds and fetches in progress."""
+        """Remove every block not under a pin (the gateway's cache too); waits for adds and
+        fetches in progress."""
+        self.content_cache.forget()
+        return await self._sweep(())
+
+    async def _sweep(self, spare: Sequence[Cid]) -> GcResult:
+        """Remove every block not under a pin or under a root of ``spare``."""
         began = time.monotonic()
         async with self._exclusive:
             while self._writers or self._collecting:
                 await self._exclusive.wait()
             self._collecting = True
         try:
-            roots = [Cid.parse(pin.cid) for pin in await self.pins()]
+            roots = [Cid.parse(pin.cid) for pin in await self.pins()] + list(spare)
             removed, freed, kept = await trio.to_thread.run_sync(self._collect, roots)
         finally:
             with trio.CancelScope(shield=True):
@@ -525,6 +532,7 @@ class StorageService:
             "bytes": stats.bytes,
             "quota_bytes": stats.quota_bytes,
             "corrupt_blocks_dropped": stats.corrupt_dropped,
+            "gateway_cache": asdict(self.content_cache.statistics()),
             "bitswap": vars(self.bitswap.stats).copy(),
         }
 
