@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     )
     from joynode.p2p.gossip import Topic
     from joynode.p2p.peers import PeerTable
-    from joynode.p2p.scoring import Offence
+    from joynode.p2p.scoring import Offence, PeerScorer
     from joynode.signatures import PrepaidRequest, SpenderApproval
     from joynode.zk.mlp import MlpProof
 
@@ -236,6 +236,18 @@ class PeerRequests(Protocol):
     async def request(
         self, peer_id: str, message: wire.Message, *, timeout_s: float | None = None
     ) -> wire.AnyMessage: ...
+
+
+class ChainRelayNetwork(PeerRequests, Protocol):
+    """What chain RPC failover across peers needs of the p2p actor (``P2PService``
+    provides it): requests both ways, peer scores, and who a peer is."""
+
+    @property
+    def scorer(self) -> PeerScorer: ...
+
+    def penalize(self, peer: str, offence: Offence) -> None: ...
+
+    def address_of(self, peer: str) -> str | None: ...
 
 
 class JobNetwork(JobTransport, Protocol):

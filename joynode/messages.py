@@ -34,6 +34,7 @@ class ServingStatus:
     queue_depth: int
     capacity: int
     build: str | None = None  # what exact comparison needs to match (``VllmEngine.build``)
+    chains: tuple[int, ...] = ()  # the chain ids its /rpc gateway serves
 
 
 class SamplingSpec(pydantic.BaseModel):

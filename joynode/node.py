@@ -53,7 +53,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -85,14 +85,14 @@ from joynode.http import HttpServer
 from joynode.inference.engine import VllmEngine
 from joynode.inference.service import InferenceClient, InferenceService
 from joynode.keys import NodeKey
-from joynode.messages import ChainEvent, InferenceRequest, ShutdownRequest
+from joynode.messages import ChainEvent, InferenceRequest, ServingStatus, ShutdownRequest
 from joynode.p2p.gossip import JOBS, VOTES, ZK_JOBS, VerifiedGossip
 from joynode.p2p.peers import PeerRecord, PeerState
 from joynode.p2p.service import P2PService
 from joynode.prepaid.control import prepaid_methods
 from joynode.prepaid.service import PrepaidService
 from joynode.secret_files import ControlToken
-from joynode.signatures import OFFCHAIN_DOMAIN, Eip712Domain
+from joynode.signatures import OFFCHAIN_DOMAIN, SOVEREIGN_RPC_DOMAIN_NAME, Eip712Domain
 from joynode.state import StateStore
 from joynode.storage.gateway import ipfs_api
 from joynode.storage.service import StorageService
@@ -150,7 +150,7 @@ class Node:
             key,
             self.state,
             self.registry,
-            lambda: self.inference.serving_status(),
+            self._serving_status,
             {JOBS.name: offers_send, VOTES.name: votes_send, ZK_JOBS.name: zk_jobs_send},
         )
         self.storage = StorageService(
@@ -244,7 +244,7 @@ class Node:
         )
         forwarder = LocalForwarder(self.p2p, answerer, self._has_room_for, self._eip712_domain)
         forwarder.register()
-        self.rpc = ChainRpcService(config.rpc, self.registry)
+        self.rpc = ChainRpcService(config.rpc, self.registry, self.p2p, key, self._rpc_domain)
         self.http = HttpServer(
             config.http,
             self.registry,
@@ -351,6 +351,17 @@ class Node:
         if self.chain is not None and self.chain.deployment is not None:
             return self.chain.deployment.eip712_domain()
         return OFFCHAIN_DOMAIN
+
+    def _rpc_domain(self) -> Eip712Domain:
+        """The SovereignRPC contract's domain (answers to peers are signed in it), or an
+        off-chain one without a chain."""
+        if self.chain is not None and self.chain.deployment is not None:
+            return self.chain.deployment.rpc_domain()
+        return replace(OFFCHAIN_DOMAIN, name=SOVEREIGN_RPC_DOMAIN_NAME)
+
+    def _serving_status(self) -> ServingStatus:
+        """What heartbeats say: the models served, and the chains ``/rpc`` serves."""
+        return replace(self.inference.serving_status(), chains=tuple(self.rpc.chain_ids))
 
     def _has_room_for(self, model_id: str) -> bool:
         """This node serves ``model_id`` and its engines are not full."""

@@ -79,6 +79,11 @@ _DOMAIN_TYPEHASH = keccak(
 )
 RESULT_TYPEHASH = keccak(b"Result(bytes32 requestId,bytes32 outputHash)")
 COMMIT_TYPEHASH = keccak(b"Commit(bytes32 requestId,bytes32 commitment)")
+# A chain RPC provider's answers (the SovereignRPC contract's domain): any answer, as
+# evidence for a DAO dispute; a block's number and hash, which the contract checks itself.
+RPC_ANSWER_TYPEHASH = keccak(b"RpcAnswer(uint64 chainId,bytes32 requestHash,bytes32 answerHash)")
+SOVEREIGN_RPC_DOMAIN_NAME = "JoyNet SovereignRPC"
+BLOCK_CLAIM_TYPEHASH = keccak(b"BlockClaim(uint64 chainId,uint256 number,bytes32 blockHash)")
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,28 @@ class Eip712Domain:
             keccak(
                 abi_encode(
                     ["bytes32", "bytes32", "bytes32"], [COMMIT_TYPEHASH, request_id, commitment]
+                )
+            )
+        )
+
+    def rpc_answer_digest(self, chain_id: int, request_hash: bytes, answer_hash: bytes) -> bytes:
+        """What a chain RPC provider signs for each answer it gives a peer."""
+        return self._typed(
+            keccak(
+                abi_encode(
+                    ["bytes32", "uint64", "bytes32", "bytes32"],
+                    [RPC_ANSWER_TYPEHASH, chain_id, request_hash, answer_hash],
+                )
+            )
+        )
+
+    def block_claim_digest(self, chain_id: int, number: int, block_hash: bytes) -> bytes:
+        """What a chain RPC provider signs for a block it serves: slashable if wrong."""
+        return self._typed(
+            keccak(
+                abi_encode(
+                    ["bytes32", "uint64", "uint256", "bytes32"],
+                    [BLOCK_CLAIM_TYPEHASH, chain_id, number, block_hash],
                 )
             )
         )

@@ -61,6 +61,8 @@ class Heartbeat(Message, tag="heartbeat", frozen=True):
     # The build its engines compare bit-exactly with (GPU, vLLM, torch, dtype), when they
     # run batch-invariant (``inference.batch_invariant``); None: tolerant checks only.
     build: ShortStr | None = None
+    # The chain ids its ``/rpc`` gateway serves ([rpc] chains): peers fail over to it.
+    chains: Annotated[list[U32], msgspec.Meta(max_length=32)] = msgspec.field(default_factory=list)
 
 
 class Gossip(Message, tag="gossip", frozen=True):
@@ -392,6 +394,26 @@ class LocalRefusal(Message, tag="local_refusal", frozen=True):
     reason: ShortStr
 
 
+class ChainCall(Message, tag="chain_call", frozen=True):
+    """A chain JSON-RPC call a gateway's own upstreams could not answer, for a peer that
+    serves the chain to answer (``/joynet/rpc``; ``chainrpc/peers.py``)."""
+
+    chain_id: U32
+    method: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    params: Annotated[bytes, msgspec.Meta(max_length=64 << 10)]  # JSON
+
+
+class ChainAnswer(Message, tag="chain_answer", frozen=True):
+    """The peer's answer (JSON: ``{"result": ...}`` or ``{"error": ...}``) and its
+    EIP-712 signatures: ``RpcAnswer`` over the call and the answer, and for a block,
+    ``BlockClaim`` over its number and hash, which the SovereignRPC contract slashes
+    on when the hash is wrong."""
+
+    answer: Annotated[bytes, msgspec.Meta(max_length=MAX_FRAME_BYTES - 1024)]
+    signature: Signature
+    block_signature: Signature | None = None
+
+
 AnyMessage: TypeAlias = (
     Ping
     | Pong
@@ -414,6 +436,8 @@ AnyMessage: TypeAlias = (
     | LocalAsk
     | LocalAnswer
     | LocalRefusal
+    | ChainCall
+    | ChainAnswer
 )
 MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     Ping,
@@ -437,6 +461,8 @@ MESSAGE_TYPES: Final[tuple[type[Message], ...]] = (
     LocalAsk,
     LocalAnswer,
     LocalRefusal,
+    ChainCall,
+    ChainAnswer,
 )
 
 

@@ -26,6 +26,7 @@ CONTRACTS = (
     "ProofOfInference",
     "DisputeResolver",
     "PrepaidInference",
+    "EnhancedSovereignRPC",
 )
 
 

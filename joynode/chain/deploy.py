@@ -25,7 +25,7 @@ from web3.contract import Contract
 from joynode.chain.anvil import dev_account
 from joynode.chain.artifacts import CONTRACTS, load_artifacts
 from joynode.chain.sender import RevertDecoder, TransactionSender
-from joynode.signatures import Eip712Domain
+from joynode.signatures import SOVEREIGN_RPC_DOMAIN_NAME, Eip712Domain
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ ADMINISTERED = (
     "ProofOfInference",
     "DisputeResolver",
     "PrepaidInference",
+    "EnhancedSovereignRPC",
 )
 # Contracts behind an ERC-1967 proxy (UUPS): their recorded address is the proxy's.
 UPGRADEABLE = (
@@ -50,6 +51,7 @@ UPGRADEABLE = (
     "ProofOfInference",
     "DisputeResolver",
     "PrepaidInference",
+    "EnhancedSovereignRPC",
 )
 # ERC-1967's implementation slot: keccak256("eip1967.proxy.implementation") - 1.
 IMPLEMENTATION_SLOT = int("360894a13ba1a3210667c828492db98dca3e2076cc3735a920a3ca505d382bbc", 16)
@@ -91,6 +93,17 @@ class DeployParams:
     dispute_bond: int = 100 * JOY
     dispute_resolution_s: int = 30 * DAY  # then an unresolved dispute expires
     withdrawal_delay_s: int = DAY  # a prepaid balance's, so nodes settle what it signed first
+    # EnhancedSovereignRPC (SovereignRPC's providers, plans and relay accounting)
+    rpc_min_deposit: int = 100 * JOY  # per provider and served chain
+    rpc_unbonding_delay_s: int = 7 * DAY  # as the coordinator's
+    rpc_credit_withdrawal_delay_s: int = DAY  # so providers report the calls served before
+    rpc_price_per_day: int = JOY  # a subscription's
+    rpc_price_per_call: int = JOY // 1000  # what pay-per-call credit is debited
+    rpc_call_reward: int = JOY // 2000  # what a subscription call earns from the reward pool
+    rpc_max_calls_per_report: int = 100_000
+    rpc_fee_bps: int = 250  # the platform fee, as the marketplace's
+    rpc_slash_bps: int = 1000  # of the deposit, for a proven wrong block claim
+    rpc_bounty_bps: int = 5000  # of that slash, to whoever proved it
     governance: GovernanceParams = field(default_factory=GovernanceParams.production)
 
     @classmethod
@@ -102,7 +115,25 @@ class DeployParams:
             unbonding_delay_s=3600,
             dispute_window_s=3600,
             withdrawal_delay_s=10,
+            rpc_unbonding_delay_s=3600,
+            rpc_credit_withdrawal_delay_s=10,
             governance=GovernanceParams.devnet(),
+        )
+
+    def rpc_parameters(self, treasury: str) -> tuple[Any, ...]:
+        """``EnhancedSovereignRPC.Parameters``, in its field order."""
+        return (
+            self.rpc_min_deposit,
+            self.rpc_unbonding_delay_s,
+            self.rpc_credit_withdrawal_delay_s,
+            self.rpc_price_per_day,
+            self.rpc_price_per_call,
+            self.rpc_call_reward,
+            self.rpc_max_calls_per_report,
+            self.rpc_fee_bps,
+            self.rpc_slash_bps,
+            self.rpc_bounty_bps,
+            treasury,
         )
 
 
@@ -117,6 +148,14 @@ class Deployment:
     def eip712_domain(self) -> Eip712Domain:
         """The domain votes and certificates for this deployment are signed in."""
         return Eip712Domain(self.chain_id, self.addresses["ProofOfInference"])
+
+    def rpc_domain(self) -> Eip712Domain:
+        """The domain chain RPC providers sign answers in (the SovereignRPC contract's)."""
+        return Eip712Domain(
+            self.chain_id,
+            self.addresses["EnhancedSovereignRPC"],
+            name=SOVEREIGN_RPC_DOMAIN_NAME,
+        )
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +256,14 @@ def deploy_all(sender: TransactionSender, params: DeployParams) -> Deployment:
         deployer,
         params.withdrawal_delay_s,
     )
+    sovereign_rpc = _deploy_proxy(
+        sender,
+        "EnhancedSovereignRPC",
+        token,
+        proof_of_use,
+        deployer,
+        params.rpc_parameters(timelock),
+    )
     mlp_verifier, _ = sender.deploy(artifacts["MlpInferenceVerifier"])
     deployment = Deployment(
         chain_id=int(w3.eth.chain_id),
@@ -234,6 +281,7 @@ def deploy_all(sender: TransactionSender, params: DeployParams) -> Deployment:
             "ProofOfInference": proof_of_inference,
             "DisputeResolver": disputes,
             "PrepaidInference": prepaid,
+            "EnhancedSovereignRPC": sovereign_rpc,
             "MlpInferenceVerifier": mlp_verifier,
         },
     )
@@ -269,6 +317,7 @@ def _grant_roles(sender: TransactionSender, deployment: Deployment) -> None:
         ("NodeCoordinator", "REPUTATION_ROLE", at["PrepaidInference"]),
         ("NodeCoordinator", "DISTRIBUTOR_ROLE", at["PrepaidInference"]),
         ("ProofOfUse", "RECORDER_ROLE", at["PrepaidInference"]),
+        ("ProofOfUse", "RECORDER_ROLE", at["EnhancedSovereignRPC"]),
         ("ModelMarketplace", "SETTLER_ROLE", at["ProofOfInference"]),
         ("ProofOfUse", "RECORDER_ROLE", at["ModelMarketplace"]),
         ("StakedJoy", "MINTER_ROLE", at["NodeCoordinator"]),

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -23,6 +23,9 @@ from joynode.chainrpc.integrity import Forged, check_account_read, check_block, 
 from joynode.chainrpc.methods import Keep
 from joynode.chainrpc.upstreams import Upstream, UpstreamFailure, UpstreamPool, Verify
 from joynode.config import RpcChainEntry, RpcSection
+
+if TYPE_CHECKING:
+    from joynode.chainrpc.peers import ChainPeers
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INTERNAL_ERROR = -32700, -32600,
 UPSTREAM_UNAVAILABLE = -32011  # (server range: no upstream answered)
 
 Answer = dict[str, Any]  # a response's "result" or "error", without "jsonrpc" and "id"
+PeerCheck = Callable[[Answer], Awaitable[None]]  # raises Forged: a peer's answer is wrong
+BLOCK_METHODS = frozenset({"eth_getBlockByHash", "eth_getBlockByNumber"})
 _ACCOUNT_READS = frozenset(
     {"eth_getBalance", "eth_getTransactionCount", "eth_getCode", "eth_getStorageAt"}
 )
@@ -48,6 +53,7 @@ class ProxyStatistics:
     cached: int
     shared: int
     failed: int
+    from_peers: int
 
 
 class _Shared:
@@ -66,10 +72,12 @@ class ChainProxy:
         cache: AnswerCache,
         settings: RpcSection,
         count: Callable[[str, str], None] = lambda method, outcome: None,
+        peers: ChainPeers | None = None,
     ) -> None:
         """``count(method, outcome)``: a metric for each call (cached, shared, upstream,
-        failed)."""
+        peer, failed); ``peers``: asked when no upstream answers."""
         self.chain = chain
+        self._peers = peers
         self.pool = pool
         self._cache = cache
         self._settings = settings
@@ -78,7 +86,7 @@ class ChainProxy:
         self.finalized: int | None = None
         self.check_headers = True  # off for a chain whose headers hash another way
         self._inflight: dict[str, _Shared] = {}
-        self._stats = ProxyStatistics(chain.chain_id, None, None, 0, 0, 0, 0)
+        self._stats = ProxyStatistics(chain.chain_id, None, None, 0, 0, 0, 0, 0)
 
     def statistics(self) -> ProxyStatistics:
         self._stats.head, self._stats.finalized = self.head, self.finalized
@@ -123,8 +131,9 @@ class ChainProxy:
 
     # ---- one call
 
-    async def call(self, method: str, params: Any) -> Answer:
-        """The answer to ``method(params)`` on this chain."""
+    async def call(self, method: str, params: Any, *, relay: bool = True) -> Answer:
+        """The answer to ``method(params)`` on this chain; with ``relay``, from a peer
+        that serves it when no upstream answers (a peer's own call is never relayed)."""
         self._stats.calls += 1
         if method == "eth_chainId":
             return {"result": hex(self.chain.chain_id)}
@@ -139,7 +148,9 @@ class ChainProxy:
                 self._count(method, "cached")
                 return {"result": json.loads(cached)}
         if method not in methods.READS:
-            return await self._upstream(method, params, key, rule)
+            return await self._upstream(method, params, key, rule, relay)
+        if not relay:
+            key += ":not-relayed"  # (never waits on a call that may wait on a peer)
         shared = self._inflight.get(key)
         if shared is not None:
             await shared.done.wait()
@@ -147,16 +158,18 @@ class ChainProxy:
                 self._stats.shared += 1
                 self._count(method, "shared")
                 return shared.answer
-            return await self.call(method, params)  # its caller went away: ask again
+            return await self.call(method, params, relay=relay)  # its caller went: again
         shared = self._inflight[key] = _Shared()
         try:
-            shared.answer = await self._upstream(method, params, key, rule)
+            shared.answer = await self._upstream(method, params, key, rule, relay)
             return shared.answer
         finally:
             del self._inflight[key]
             shared.done.set()
 
-    async def _upstream(self, method: str, params: Any, key: str, rule: methods.Rule) -> Answer:
+    async def _upstream(
+        self, method: str, params: Any, key: str, rule: methods.Rule, relay: bool
+    ) -> Answer:
         if method == "eth_getLogs" and isinstance(params, list) and params:
             split = await self._split_logs(params)
             if split is not None:
@@ -170,6 +183,8 @@ class ChainProxy:
                 verify=self._verifier(method, params, rule),
             )
         except UpstreamFailure as exc:
+            if relay and self._peers is not None:
+                return await self._from_peers(method, params, f"no upstream: {exc}")
             self._stats.failed += 1
             self._count(method, "failed")
             return {"error": {"code": UPSTREAM_UNAVAILABLE, "message": f"no upstream: {exc}"}}
@@ -178,9 +193,25 @@ class ChainProxy:
             self._cache.put(key, json.dumps(answer["result"], separators=(",", ":")).encode())
         return answer
 
+    async def _from_peers(self, method: str, params: Any, why: str) -> Answer:
+        """A peer's answer, checked as far as it can be without an upstream; not cached."""
+        assert self._peers is not None
+        check = None
+        if method in BLOCK_METHODS and self.check_headers:
+            check = partial(_check_block_answer, params, None)
+        try:
+            answer = await self._peers.relay(self.chain.chain_id, method, params, check)
+        except UpstreamFailure as exc:
+            self._stats.failed += 1
+            self._count(method, "failed")
+            return {"error": {"code": UPSTREAM_UNAVAILABLE, "message": f"{why}; peers: {exc}"}}
+        self._stats.from_peers += 1
+        self._count(method, "peer")
+        return answer
+
     def _verifier(self, method: str, params: Any, rule: methods.Rule) -> Verify | None:
         """How an upstream's answer to ``method(params)`` is checked (None: it is not)."""
-        if method in ("eth_getBlockByHash", "eth_getBlockByNumber"):
+        if method in BLOCK_METHODS:
             if not self.check_headers or (isinstance(params, list) and "pending" in params):
                 return None  # (a pending block has no hash yet)
             return partial(_check_block_answer, params)
@@ -358,7 +389,7 @@ def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
 
 
-async def _check_block_answer(params: Any, upstream: Upstream, answer: Answer) -> None:
+async def _check_block_answer(params: Any, upstream: Upstream | None, answer: Answer) -> None:
     """A block must hash to its hash, and be the one asked for (by hash or number)."""
     block = answer.get("result")
     check_block(block)

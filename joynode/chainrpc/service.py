@@ -2,14 +2,17 @@
 
 It owns one HTTP client (httpx, on trio), one answer cache for all chains, and per
 chain an ``UpstreamPool`` and a ``ChainProxy`` whose head tracker runs in this actor's
-nursery. The http actor routes ``/rpc/{chain_id}`` here (``chainrpc.api``).
+nursery. The http actor routes ``/rpc/{chain_id}`` here (``chainrpc.api``). Calls no
+upstream answers go to peers that serve the chain, and peers' such calls are answered
+here, signed (``chainrpc.peers``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
@@ -17,9 +20,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from joynode.chainrpc.cache import AnswerCache
 from joynode.chainrpc.methods import FILTERS, READS
+from joynode.chainrpc.peers import ChainPeers
 from joynode.chainrpc.proxy import ChainProxy
 from joynode.chainrpc.upstreams import UpstreamPool
 from joynode.config import RpcSection
+from joynode.keys import NodeKey
+from joynode.signatures import Eip712Domain
+
+if TYPE_CHECKING:
+    from joynode.abc import ChainRelayNetwork
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +39,24 @@ KNOWN_METHODS = READS | FILTERS | {"eth_sendRawTransaction", "eth_chainId"}
 class ChainRpcService:
     name = "rpc"
 
-    def __init__(self, settings: RpcSection, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        settings: RpcSection,
+        registry: CollectorRegistry,
+        network: ChainRelayNetwork,
+        key: NodeKey,
+        domain: Callable[[], Eip712Domain],
+    ) -> None:
+        """``domain()``: the SovereignRPC contract's EIP-712 domain, which answers to
+        peers are signed in."""
         self._settings = settings
+        self.peers = ChainPeers(network, key, self.proxy, domain)
         self._cache = AnswerCache(int(settings.cache_mib * 1024 * 1024))
         self._proxies: dict[int, ChainProxy] = {}
         self._calls = Counter(
             "joynode_rpc_calls_total",
             "Chain RPC calls by chain, method (other: not a known one) and outcome "
-            "(cached, shared, upstream, failed)",
+            "(cached, shared, upstream, peer, failed)",
             ["chain", "method", "outcome"],
             registry=registry,
         )
@@ -69,10 +88,16 @@ class ChainRpcService:
             httpx.AsyncClient(limits=limits, timeout=None, trust_env=False) as client,  # noqa: S113
             trio.open_nursery() as nursery,
         ):
+            self.peers.register()
             for chain in self._settings.chains:
                 pool = UpstreamPool(list(chain.upstreams), self._settings, client)
                 proxy = ChainProxy(
-                    chain, pool, self._cache, self._settings, self._counter(chain.name)
+                    chain,
+                    pool,
+                    self._cache,
+                    self._settings,
+                    self._counter(chain.name),
+                    self.peers,
                 )
                 await nursery.start(proxy.track_head)
                 self._proxies[chain.chain_id] = proxy
@@ -106,6 +131,7 @@ class ChainRpcService:
     def statistics(self) -> dict[str, Any]:
         return {
             "cache": asdict(self._cache.statistics()),
+            "peers": self.peers.statistics(),
             "chains": [
                 {
                     **asdict(proxy.statistics()),

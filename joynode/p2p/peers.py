@@ -41,6 +41,7 @@ class PeerRecord:
     heartbeat_seq: int = -1
     heartbeat_sent_ms: int = -1
     build: str | None = None
+    chains: list[int] = field(default_factory=list)
 
     def to_json(self, now: float) -> dict[str, object]:
         return {
@@ -55,6 +56,7 @@ class PeerRecord:
             "queue_depth": self.queue_depth,
             "capacity": self.capacity,
             "build": self.build,
+            "chains": self.chains,
         }
 
 
@@ -130,6 +132,7 @@ class PeerTable:
         record.queue_depth = beat.queue_depth
         record.capacity = beat.capacity
         record.build = beat.build
+        record.chains = list(beat.chains)
         if beat.addrs:
             record.addrs = list(beat.addrs)
         return self.heard(peer_id, address)

@@ -28,6 +28,7 @@ class Offence(enum.Enum):
     BAD_BLOCK = "bad_block"  # served bytes that do not hash to the CID asked for
     REFUSED_OUTPUT = "refused_output"  # claimed an inference output this node's check refused
     OUTVOTED = "outvoted"  # revealed an output against the certified majority
+    WRONG_CHAIN_ANSWER = "wrong_chain_answer"  # a chain RPC answer that failed its check
 
     @property
     def cost(self) -> float:
@@ -41,6 +42,7 @@ _OFFENCE_COST = {
     Offence.BAD_BLOCK: 50.0,
     Offence.REFUSED_OUTPUT: 30.0,
     Offence.OUTVOTED: 15.0,
+    Offence.WRONG_CHAIN_ANSWER: 50.0,
 }
 
 

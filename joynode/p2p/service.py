@@ -297,6 +297,7 @@ class P2PService:
                 queue_depth=status.queue_depth,
                 capacity=status.capacity,
                 build=status.build,
+                chains=list(status.chains),
             )
             self._heartbeat_seq += 1
             try:
