@@ -528,6 +528,17 @@ class RpcSection(_Section):
         description="Check balances, nonces, code and storage read at a block number or hash "
         "against that block's state root (eth_getProof); a forged one excludes its upstream.",
     )
+    wallets_need_plan: StrictBool = Field(
+        True,
+        description="A signed-in wallet calls /rpc only with a plan on the SovereignRPC "
+        "contract (a subscription or credit), checked against its mirror; API keys always.",
+    )
+    report_interval_s: Seconds = Field(
+        60.0,
+        ge=5,
+        description="How often the calls served to wallets are reported to the SovereignRPC "
+        "contract (while this node is an active provider for the chain).",
+    )
 
     @pydantic.field_validator("chains")
     @classmethod

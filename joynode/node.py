@@ -64,6 +64,8 @@ from joynode import __version__, wire
 from joynode.chain.service import ChainService
 from joynode.chainrpc.api import rpc_api
 from joynode.chainrpc.control import rpc_methods
+from joynode.chainrpc.mirror import RpcMirror
+from joynode.chainrpc.plans import RpcPlans
 from joynode.chainrpc.service import ChainRpcService
 from joynode.config import Config
 from joynode.consensus.control import consensus_methods
@@ -176,7 +178,7 @@ class Node:
                 self.p2p.listen_addrs,
                 partial(self.supervisor.degraded, "chain"),
                 (chain_events_send, zk_chain_events_send, prepaid_events_send),
-                mirrors=(GovernanceMirror,),
+                mirrors=(GovernanceMirror, RpcMirror),
             )
             if config.chain.mode != "off"
             else None
@@ -244,7 +246,14 @@ class Node:
         )
         forwarder = LocalForwarder(self.p2p, answerer, self._has_room_for, self._eip712_domain)
         forwarder.register()
-        self.rpc = ChainRpcService(config.rpc, self.registry, self.p2p, key, self._rpc_domain)
+        self.rpc = ChainRpcService(
+            config.rpc,
+            self.registry,
+            self.p2p,
+            key,
+            self._rpc_domain,
+            RpcPlans(config.rpc, self.state, self.chain),
+        )
         self.http = HttpServer(
             config.http,
             self.registry,
@@ -272,7 +281,7 @@ class Node:
                     *(self.disputes.control_methods() if self.disputes is not None else []),
                     *(prepaid_methods(self.prepaid) if self.prepaid is not None else []),
                     *apikey_methods(self.state),
-                    *rpc_methods(self.rpc),
+                    *rpc_methods(self.rpc, self.chain),
                     *self.prover.control_methods(self.prover_client),
                     *self.zk.control_methods(),
                 ]

@@ -241,6 +241,32 @@ MIGRATIONS: tuple[str, ...] = (
         created_at  REAL NOT NULL
     ) STRICT;
     """,
+    """
+    CREATE TABLE rpc_plans (
+        client     TEXT PRIMARY KEY,
+        plan_until INTEGER NOT NULL,
+        credit     TEXT NOT NULL,
+        available  TEXT NOT NULL,
+        block      INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE rpc_providers (
+        provider        TEXT NOT NULL,
+        chain_id        INTEGER NOT NULL,
+        deposit         TEXT NOT NULL,
+        endpoint        TEXT NOT NULL,
+        unbonding_until INTEGER NOT NULL,
+        served_calls    TEXT NOT NULL,
+        slashes         INTEGER NOT NULL,
+        active          INTEGER NOT NULL,
+        PRIMARY KEY (provider, chain_id)
+    ) STRICT;
+    CREATE TABLE rpc_usage (
+        client   TEXT NOT NULL,
+        chain_id INTEGER NOT NULL,
+        calls    INTEGER NOT NULL,
+        PRIMARY KEY (client, chain_id)
+    ) STRICT;
+    """,
 )
 
 

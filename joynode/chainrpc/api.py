@@ -89,7 +89,9 @@ def rpc_api(service: ChainRpcService, clients: ClientCheck, per_minute: int) -> 
         except ValueError:
             return JSONResponse(_parse_error())
         within_rate(client, payload)
+        await service.plans.admit(client)
         reply = await proxy.handle(payload)
+        service.plans.served(client, chain_id, _answered(reply))
         if reply is None:
             return Response(status_code=204)
         return JSONResponse(reply)
@@ -101,18 +103,29 @@ def rpc_api(service: ChainRpcService, clients: ClientCheck, per_minute: int) -> 
         try:
             client = await clients.admit(authorization)
             proxy = proxy_of(chain_id)
+            await service.plans.admit(client)
         except OpenAIError as exc:
             await websocket.close(code=1008, reason=exc.message[:120])
             return
         await websocket.accept()
-        await _relay(websocket, proxy, partial(limit.take, client))
+        await _relay(
+            websocket,
+            proxy,
+            partial(limit.take, client),
+            partial(service.plans.served, client, chain_id),
+        )
 
     return router
 
 
-async def _relay(websocket: WebSocket, proxy: ChainProxy, take: Callable[[int], bool]) -> None:
+async def _relay(
+    websocket: WebSocket,
+    proxy: ChainProxy,
+    take: Callable[[int], bool],
+    served: Callable[[int], None],
+) -> None:
     """Calls through the proxy; subscriptions through one upstream websocket, opened at
-    the first ``eth_subscribe``."""
+    the first ``eth_subscribe``. ``served(n)``: n calls answered (for usage reports)."""
     upstream_socket: list[Any] = []
 
     async def from_upstream(connection: Any) -> None:
@@ -148,8 +161,10 @@ async def _relay(websocket: WebSocket, proxy: ChainProxy, take: Callable[[int], 
                         upstream_socket.append(connection)
                         nursery.start_soon(from_upstream, connection)
                     await upstream_socket[0].send_message(text)
+                    served(1)
                     continue
                 reply = await proxy.handle(payload)
+                served(_answered(reply))
                 if reply is not None:
                     await websocket.send_text(json.dumps(reply))
         except (WebSocketDisconnect, ConnectionClosed):
@@ -173,6 +188,12 @@ async def _hold_socket(url: str, *, task_status: trio.TaskStatus[Any]) -> None:
     async with open_websocket_url(url) as connection:
         task_status.started(connection)
         await trio.sleep_forever()
+
+
+def _answered(reply: Any) -> int:
+    """How many calls of a reply (one, a batch's, or None) have a result."""
+    replies = reply if isinstance(reply, list) else [reply]
+    return sum(1 for r in replies if isinstance(r, dict) and "result" in r)
 
 
 def _parse_error() -> dict[str, Any]:

@@ -66,6 +66,7 @@ class Evidence:
     answer: str
     signature: str
     block_signature: str | None
+    block: tuple[int, str] | None  # the claimed block's number and hash, for a block
     reason: str
     at: float
 
@@ -183,6 +184,7 @@ class ChainPeers:
                 reply.answer.decode(errors="replace"),
                 "0x" + reply.signature.hex(),
                 None if reply.block_signature is None else "0x" + reply.block_signature.hex(),
+                _claimed_block(call.method, reply.answer),
                 reason,
                 time.time(),
             )
@@ -253,3 +255,18 @@ def _bytes32(text: object) -> bytes | None:
         return bytes.fromhex(text[2:])
     except ValueError:
         return None
+
+
+def _claimed_block(method: str, answer: bytes) -> tuple[int, str] | None:
+    """The number and hash of the block an answer to ``method`` claims, if it is one."""
+    if method not in BLOCK_METHODS:
+        return None
+    try:
+        block = json.loads(answer).get("result")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(block, dict):
+        return None
+    number = methods.quantity(block.get("number"))
+    claimed = _bytes32(block.get("hash"))
+    return None if number is None or claimed is None else (number, "0x" + claimed.hex())

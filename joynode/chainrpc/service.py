@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from joynode.chainrpc.cache import AnswerCache
 from joynode.chainrpc.methods import FILTERS, READS
 from joynode.chainrpc.peers import ChainPeers
+from joynode.chainrpc.plans import RpcPlans
 from joynode.chainrpc.proxy import ChainProxy
 from joynode.chainrpc.upstreams import UpstreamPool
 from joynode.config import RpcSection
@@ -46,10 +47,12 @@ class ChainRpcService:
         network: ChainRelayNetwork,
         key: NodeKey,
         domain: Callable[[], Eip712Domain],
+        plans: RpcPlans,
     ) -> None:
         """``domain()``: the SovereignRPC contract's EIP-712 domain, which answers to
-        peers are signed in."""
+        peers are signed in; ``plans``: who may call, and what is reported."""
         self._settings = settings
+        self.plans = plans
         self.peers = ChainPeers(network, key, self.proxy, domain)
         self._cache = AnswerCache(int(settings.cache_mib * 1024 * 1024))
         self._proxies: dict[int, ChainProxy] = {}
@@ -108,6 +111,7 @@ class ChainRpcService:
                     len(chain.upstreams),
                 )
             nursery.start_soon(self._gauges)
+            nursery.start_soon(self.plans.run)
             task_status.started()
 
     def _counter(self, chain: str) -> Any:
@@ -132,6 +136,7 @@ class ChainRpcService:
         return {
             "cache": asdict(self._cache.statistics()),
             "peers": self.peers.statistics(),
+            "usage": self.plans.statistics(),
             "chains": [
                 {
                     **asdict(proxy.statistics()),
