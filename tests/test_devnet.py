@@ -171,6 +171,11 @@ def test_devnet_serves_a_paid_inference_and_a_live_dashboard_then_stops_cleanly(
 
     infer = ctl(config, "infer", "Hello")
     assert infer.returncode == 0, infer.stderr
+    # Every node is a SovereignRPC provider of both chains, with its deposit.
+    for chain_id in (31337, 31338):
+        listed = ctl(config, "rpc.providers", json.dumps({"chain_id": chain_id}))
+        assert listed.returncode == 0, listed.stderr
+        assert [p["active"] for p in json.loads(listed.stdout)] == [True] * 2, listed.stdout
     assert re.search(r"certificate\s+2 of 2 signed", infer.stdout), infer.stdout
     assert re.search(r"settlement\s+settled, tx\s+0x[0-9a-f]{64}", infer.stdout), infer.stdout
 

@@ -3,7 +3,8 @@
 One anvil chain (its state kept in ``DIR/chain``), JoyNet's contracts deployed
 once, a second anvil chain (``DIR/side-chain``, id 31338: with the first, every
 node serves it at ``/rpc/{chain_id}``), N node homes (``DIR/node0``...), each
-funded, staked and registered, the demo model published to the store by node 0
+funded, staked and registered (for inference, and with a deposit as a SovereignRPC
+provider of both chains), the demo model published to the store by node 0
 and fetched from it by the others by CID, the model registered in the
 marketplace, and N ``joynode run`` processes bootstrapped from node 0. Running
 it again reuses all of it (keys, chain state, the model in each node's cache).
@@ -222,6 +223,9 @@ async def _run(
                     for node in nodes:
                         await _call(node, "node.register")
                     await _wait_until_meshed(nodes)
+                with step("registering the nodes as chain RPC providers of both chains"):
+                    for node in nodes:
+                        await _serve_chains(node, list(chains))
                 devnet = RunningDevnet(rpc_url, side_url, deployment, cid, nodes)
                 voters: list[tuple[str, str]] = [("dev account 0", dev_account(0).address)]
                 voters += [(f"node {node.index}", node.key.address) for node in nodes]
@@ -449,6 +453,15 @@ def post_json(url: str, key: str, body: dict[str, Any]) -> Any:
 async def _call(node: DevnetNode, method: str, params: dict[str, Any] | None = None) -> Any:
     async with ControlClient.connect(node.control_url(), node.token.value) as client:
         return await client.call(method, params)
+
+
+async def _serve_chains(node: DevnetNode, chain_ids: list[int]) -> None:
+    """Register ``node`` with a deposit as a SovereignRPC provider of each chain it is not
+    one of yet (a devnet started again keeps its deposits)."""
+    for chain_id in chain_ids:
+        listed = await _call(node, "rpc.providers", {"chain_id": chain_id})
+        if not any(p["provider"] == node.key.address.lower() for p in listed):
+            await _call(node, "rpc.register", {"chain_id": chain_id, "deposit_joy": 100})
 
 
 async def _publish(node: DevnetNode, folder: Path, note: Callable[[str], None]) -> str:
