@@ -31,9 +31,10 @@ from web3.providers import WebSocketProvider
 from web3.types import RPCEndpoint, TxParams
 
 from joynode.chain.anvil import running_anvil
+from joynode.chainrpc.integrity import header_hash
 from joynode.gateway import apikeys
 from joynode.node import Node
-from tests.factories import LIBP2P_TEARDOWN_LEAK, make_home, running_node
+from tests.factories import LIBP2P_TEARDOWN_LEAK, make_home, running_node, wait_for
 
 pytestmark = LIBP2P_TEARDOWN_LEAK
 
@@ -348,3 +349,53 @@ async def test_viem_gets_the_chains_own_answers_through_the_gateway_on_two_chain
                 assert len(outcome["hashes"]) == 7
                 assert outcome["mismatches"] == []
             assert all(c["failed"] == 0 for c in node.rpc.statistics()["chains"])
+
+
+def rehashed(method: str, params: Any, result: Any) -> Any:
+    """Moves blocks a day on and hashes them again: each block is consistent in itself,
+    only not the chain's."""
+    if method == "eth_getBlockByNumber" and isinstance(result, dict):
+        moved = {**result, "timestamp": hex(int(result["timestamp"], 16) + 86_400)}
+        return {**moved, "hash": "0x" + header_hash(moved).hex()}
+    return result
+
+
+async def test_a_consistent_forged_block_is_outvoted_by_the_majority_head(
+    tmp_path: Path,
+) -> None:
+    """Two honest upstreams and a fast liar whose blocks hash right: the canonical window
+    (the head two of three agree on, chained down by parent hash) catches the liar."""
+    async with running_anvil(chain_id=31337) as anvil:
+        direct = Web3(Web3.HTTPProvider(anvil.url))
+        sender = direct.eth.accounts[0]
+        for _ in range(6):
+            direct.eth.send_transaction(cast(TxParams, {"from": sender, "to": sender, "value": 1}))
+        async with (
+            serving(Liar(anvil.url, rehashed, 0).app) as lying,
+            serving(Liar(anvil.url, honest, 0.2).app) as slow,
+            serving(Liar(anvil.url, honest, 0.2).app) as slower,
+        ):
+            home = make_home(tmp_path / "node")
+            upstreams = f'["{lying}", "{slow}", "{slower}"]'
+            entry = f'chain_id = 31337, name = "a", upstreams = {upstreams}, finality_depth = 2'
+            home.set("rpc", "chains", f"[{{{entry}}}]")
+            home.set("rpc", "hedge_after_s", "0")
+            home.set("rpc", "head_poll_s", "0.2")
+            async with running_node(home) as node:
+                key, _ = await node.state.write(lambda c: apikeys.create(c, "d", 10_000, None))
+                assert node.http.url is not None
+                gateway = Web3(
+                    Web3.HTTPProvider(
+                        node.http.url + "/rpc/31337",
+                        request_kwargs={"headers": {"authorization": f"Bearer {key}"}},
+                    )
+                )
+                proxy = node.rpc.proxy(31337)
+                assert proxy is not None
+                await wait_for(lambda: proxy.window.hash_at(2) is not None, 15, "the window")
+                for number in (4, 3, 2, 1):  # final: under the head by two
+                    got = await trio.to_thread.run_sync(gateway.eth.get_block, number)
+                    assert got == direct.eth.get_block(number)
+                upstreams = node.rpc.statistics()["chains"][0]["upstreams"]
+                assert "most upstreams chain to" in upstreams[0]["excluded"], upstreams
+                assert [u["excluded"] for u in upstreams[1:]] == [None, None]

@@ -15,6 +15,7 @@ import trio
 
 from joynode.chainrpc.api import CallLimit
 from joynode.chainrpc.cache import AnswerCache
+from joynode.chainrpc.canonical import CanonicalWindow
 from joynode.chainrpc.integrity import Forged, check_block, header_hash
 from joynode.chainrpc.methods import Keep, rule_of
 from joynode.chainrpc.proxy import INVALID_REQUEST, UPSTREAM_UNAVAILABLE, ChainProxy
@@ -176,10 +177,10 @@ async def test_throttled_and_broken_answers_fail_over_but_a_revert_is_an_answer(
         assert fake.calls == {"a": 1, "b": 1, "c": 1}
 
 
-def block(number: int) -> dict[str, Any]:
+def block(number: int, parent: str = HASH, extra: str = "0x") -> dict[str, Any]:
     """A block header that hashes to its hash."""
     fields: dict[str, Any] = {
-        "parentHash": HASH,
+        "parentHash": parent,
         "sha3Uncles": HASH,
         "miner": "0x" + "00" * 20,
         "stateRoot": HASH,
@@ -191,7 +192,7 @@ def block(number: int) -> dict[str, Any]:
         "gasLimit": "0x1c9c380",
         "gasUsed": "0x0",
         "timestamp": hex(1_700_000_000 + number),
-        "extraData": "0x",
+        "extraData": extra,
         "mixHash": HASH,
         "nonce": "0x0000000000000000",
     }
@@ -226,6 +227,8 @@ async def test_final_answers_are_kept_and_others_asked_each_time() -> None:
             return block(80)
         if method == "eth_getTransactionReceipt":
             return {"blockNumber": "0x60" if params[0] == HASH else "0x10"}
+        if method == "eth_getBlockByHash":
+            return None  # (the canonical window's walk stops at once)
         return block(int(params[0], 16) if params[0] != "latest" else 100)
 
     fake = Upstreams(a=node)
@@ -352,3 +355,61 @@ async def test_a_chain_whose_headers_hash_another_way_keeps_its_upstreams() -> N
             assert [r if r is None else r[:16] for r in reasons] == excluded
             answer = await proxy.call("eth_getBlockByNumber", ["0x5", False])
             assert "result" in answer
+
+
+def chain_of(length: int, extra: str = "0x", base: list[dict[str, Any]] | None = None) -> list[Any]:
+    """Blocks 0..length-1, each naming the one before as its parent; from ``base``'s
+    blocks where given (a fork from the end of ``base``)."""
+    blocks = list(base or [])
+    while len(blocks) < length:
+        parent = blocks[-1]["hash"] if blocks else HASH
+        blocks.append(block(len(blocks), parent, extra))
+    return blocks
+
+
+async def test_the_canonical_window_follows_the_majority_head_and_reorgs() -> None:
+    honest = chain_of(40)
+    forged = chain_of(40, extra="0x66", base=honest[:30])  # a fork from block 30
+    by_hash = {b["hash"]: b for b in honest + forged}
+    asked: list[str] = []
+
+    async def fetch(block_hash: str) -> dict[str, Any] | None:
+        asked.append(block_hash)
+        return by_hash.get(block_hash)
+
+    window = CanonicalWindow(depth=16, fetches_per_poll=8)
+    # Two of three upstreams agree on block 39: the forger's 39 is outvoted.
+    await window.follow([honest[39], forged[39], honest[39]], fetch)
+    assert window.head == 39
+    assert window.hash_at(39) == honest[39]["hash"]
+    assert window.hash_at(31) == honest[31]["hash"]  # eight parents fetched in a poll
+    assert window.hash_at(30) is None
+    await window.follow([honest[39]] * 2, fetch)  # the next poll extends the window
+    assert window.hash_at(24) == honest[24]["hash"]
+    assert window.hash_at(23) is None  # (16 deep)
+    window.check(honest[35])
+    with pytest.raises(Forged, match="not the block most upstreams chain to"):
+        window.check(forged[35])
+    window.check(block(10))  # below the window: its own hash is all there is
+
+    # A new head one block on costs no fetch; a reorg to the fork replaces what it forked.
+    longer = chain_of(41, base=honest)
+    asked.clear()
+    by_hash[longer[40]["hash"]] = longer[40]
+    await window.follow([longer[40]] * 3, fetch)
+    assert (asked, window.hash_at(40)) == ([], longer[40]["hash"])
+    fork = chain_of(42, extra="0x66", base=forged)
+    for b in fork:
+        by_hash[b["hash"]] = b
+    await window.follow([fork[41]] * 3, fetch)
+    assert window.reorgs == 8  # 40 down to 33, within one poll's eight fetches
+    assert window.hash_at(35) == fork[35]["hash"]
+    assert window.hash_at(32) is None  # deeper than a poll: dropped, not left stale
+    await window.follow([fork[41]] * 3, fetch)
+    assert window.hash_at(30) == fork[30]["hash"]
+    assert window.hash_at(29) == honest[29]["hash"]  # below the fork: the same block
+
+    # A parent that is not the block asked for is caught.
+    by_hash[fork[41]["parentHash"]] = honest[39]
+    with pytest.raises(Forged, match="asked for block"):
+        await CanonicalWindow(depth=16).follow([fork[41]], fetch)

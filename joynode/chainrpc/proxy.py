@@ -19,6 +19,7 @@ import trio
 
 from joynode.chainrpc import methods
 from joynode.chainrpc.cache import AnswerCache
+from joynode.chainrpc.canonical import CanonicalWindow
 from joynode.chainrpc.integrity import Forged, check_account_read, check_block, proven_account
 from joynode.chainrpc.methods import Keep
 from joynode.chainrpc.upstreams import Upstream, UpstreamFailure, UpstreamPool, Verify
@@ -85,6 +86,7 @@ class ChainProxy:
         self.head: int | None = None
         self.finalized: int | None = None
         self.check_headers = True  # off for a chain whose headers hash another way
+        self.window = CanonicalWindow()
         self._inflight: dict[str, _Shared] = {}
         self._stats = ProxyStatistics(chain.chain_id, None, None, 0, 0, 0, 0, 0)
 
@@ -198,7 +200,7 @@ class ChainProxy:
         assert self._peers is not None
         check = None
         if method in BLOCK_METHODS and self.check_headers:
-            check = partial(_check_block_answer, params, None)
+            check = partial(self._check_canonical_block, params, None)
         try:
             answer = await self._peers.relay(self.chain.chain_id, method, params, check)
         except UpstreamFailure as exc:
@@ -214,11 +216,23 @@ class ChainProxy:
         if method in BLOCK_METHODS:
             if not self.check_headers or (isinstance(params, list) and "pending" in params):
                 return None  # (a pending block has no hash yet)
-            return partial(_check_block_answer, params)
+            return partial(self._check_canonical_block, params)
         anchored = rule.keep in (Keep.BY_HASH, Keep.IF_FINAL)
         if self._settings.verify_state and method in _ACCOUNT_READS and anchored:
             return partial(self._check_state, method, params)
         return None
+
+    async def _check_canonical_block(
+        self, params: Any, upstream: Upstream | None, answer: Answer
+    ) -> None:
+        """A block must hash to its hash, be the one asked for, and, once final, be the
+        block the majority's head chains to (``CanonicalWindow``)."""
+        await _check_block_answer(params, upstream, answer)
+        block = answer.get("result")
+        number = methods.quantity(block.get("number")) if isinstance(block, dict) else None
+        final = self.finalized
+        if number is not None and final is not None and number <= final:
+            self.window.check(block)
 
     async def _check_state(
         self, method: str, params: list[Any], upstream: Upstream, answer: Answer
@@ -243,7 +257,7 @@ class ChainProxy:
         if "result" not in proof or not isinstance(header.get("result"), dict):
             raise UpstreamFailure("it cannot prove state (eth_getProof)")  # ask another
         if self.check_headers:
-            await _check_block_answer(header_call[1], upstream, header)
+            await self._check_canonical_block(header_call[1], upstream, header)
         state_root = bytes.fromhex(str(header["result"]["stateRoot"])[2:])
         try:
             account_proof = proof["result"]["accountProof"]
@@ -344,20 +358,55 @@ class ChainProxy:
             if not right and self.check_headers:
                 upstream.exclude("its latest block does not hash to its hash")
 
+    async def _block_by_hash(self, block_hash: str) -> dict[str, Any] | None:
+        """A header by hash from the best upstream that has it (checked to be it; one
+        that is not is excluded and the next asked); None if none has it."""
+        try:
+            answer = await self.pool.call(
+                "eth_getBlockByHash",
+                [block_hash, False],
+                hedge=True,
+                verify=partial(_check_block_answer, [block_hash, False]),
+            )
+        except UpstreamFailure:
+            return None
+        block = answer.get("result")
+        return block if isinstance(block, dict) else None
+
     async def read_head(self) -> None:
+        """Each available upstream's latest block: its head and lag, and its vote for the
+        canonical window's head (a latest block that does not hash right excludes it)."""
+        latest: list[dict[str, Any]] = []
+
         async def head_of(upstream: Any) -> None:
             if not upstream.available():
                 return
             try:
-                answer = await self.pool.send(upstream, "eth_blockNumber", [])
+                answer = await self.pool.send(upstream, "eth_getBlockByNumber", ["latest", False])
             except UpstreamFailure:
                 return
-            number = methods.quantity(answer.get("result"))
-            if number is not None:
-                upstream.head = number
+            block = answer.get("result")
+            if not isinstance(block, dict):
+                return
+            number = methods.quantity(block.get("number"))
+            if number is None:
+                return
+            if self.check_headers:
+                try:
+                    check_block(block)
+                except Forged as exc:
+                    upstream.exclude(str(exc))
+                    return
+                latest.append(block)
+            upstream.head = number
 
         await _each(head_of, self.pool.upstreams)
         self.head = self.pool.best_head
+        if latest:
+            try:
+                await self.window.follow(latest, self._block_by_hash)
+            except Forged as exc:  # (what pool.call's check did not already exclude)
+                log.warning("rpc %s: canonical window: %s", self.chain.name, exc)
         if self.head is None:
             return
         depth = self.chain.finality_depth
@@ -397,8 +446,10 @@ async def _check_block_answer(params: Any, upstream: Upstream | None, answer: An
         return
     asked = params[0]
     sent = str(block.get("hash")).lower()
-    if isinstance(asked, str) and len(asked) == 66 and sent != asked.lower():
-        raise Forged(f"asked for block {asked}, sent {sent}")
+    if isinstance(asked, str) and len(asked) == 66:  # by hash
+        if sent != asked.lower():
+            raise Forged(f"asked for block {asked}, sent {sent}")
+        return
     number = methods.quantity(asked)
     if number is not None and methods.quantity(block.get("number")) != number:
         raise Forged(f"asked for block {number}, sent {block.get('number')}")
