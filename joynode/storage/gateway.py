@@ -69,34 +69,40 @@ def _cbor_bytes_head(length: int) -> bytes:
     return bytes([0x59]) + length.to_bytes(2, "big")
 
 
-def car_blocks(get: GetBlock, root: Cid) -> Iterator[bytes]:
-    """Each block of the DAG under ``root`` as a CAR section, depth first, root first."""
+def dag_blocks(
+    store: Blockstore, root: Cid, *, leaves: bool = True
+) -> Iterator[tuple[Cid, bytes | None]]:
+    """Each block under ``root`` once, depth first, root first, with its bytes. Without
+    ``leaves`` a raw leaf is only looked up (``BlockNotFound`` if absent), its bytes None:
+    enough to know a stream that starts will not stop for a missing block."""
     stack, seen = [root], set()
     while stack:
         cid = stack.pop()
         if cid in seen:
             continue
         seen.add(cid)
-        data = get(cid)
-        raw = cid.to_bytes()
-        yield encode_varint(len(raw) + len(data)) + raw + data
+        if cid.codec == RAW and not leaves:
+            if not store.has(cid):
+                raise BlockNotFound(str(cid))
+            yield cid, None
+            continue
+        data = store.get(cid)
+        yield cid, data
         stack.extend(reversed([link.cid for link in links_of(cid, data)]))
 
 
+def car_sections(store: Blockstore, root: Cid) -> Iterator[bytes]:
+    """Each block of the DAG under ``root`` as a CAR section, depth first, root first."""
+    for cid, data in dag_blocks(store, root):
+        assert data is not None
+        raw = cid.to_bytes()
+        yield encode_varint(len(raw) + len(data)) + raw + data
+
+
 def require_local(store: Blockstore, root: Cid) -> None:
-    """``BlockNotFound`` unless every block under ``root`` is here: the inner blocks read
-    for their links, the leaves only looked up (a stream that starts must not stop)."""
-    stack, seen = [root], set()
-    while stack:
-        cid = stack.pop()
-        if cid in seen:
-            continue
-        seen.add(cid)
-        if cid.codec == RAW:
-            if not store.has(cid):
-                raise BlockNotFound(str(cid))
-            continue
-        stack.extend(link.cid for link in links_of(cid, store.get(cid)))
+    """``BlockNotFound`` unless every block under ``root`` is here."""
+    for _ in dag_blocks(store, root, leaves=False):
+        pass
 
 
 def resolve(get: GetBlock, root: Cid, path: str) -> Cid:
@@ -164,7 +170,7 @@ def ipfs_api(store: Blockstore, cache: ContentCache, admit: Admit) -> APIRouter:
             if wanted == "car":
                 await local(lambda: require_local(store, target), root_cid)
                 return StreamingResponse(
-                    _car_stream(get, target), media_type=CAR_TYPE, headers=headers
+                    _car_stream(store, target), media_type=CAR_TYPE, headers=headers
                 )
             return await _unixfs(store, target, path, text, headers, local, root_cid)
         except GatewayError as exc:
@@ -210,9 +216,9 @@ async def _file_stream(get: GetBlock, cid: Cid) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _car_stream(get: GetBlock, root: Cid) -> AsyncIterator[bytes]:
+async def _car_stream(store: Blockstore, root: Cid) -> AsyncIterator[bytes]:
     yield car_header(root)
-    sections = car_blocks(get, root)
+    sections = car_sections(store, root)
     while (section := await trio.to_thread.run_sync(next, sections, None)) is not None:
         yield section
 
