@@ -6,6 +6,7 @@ import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC2
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {EIP712Upgradeable} from "@openzeppelin/contracts-upgradeable/utils/cryptography/EIP712Upgradeable.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {EnumerableSet} from "@openzeppelin/contracts/utils/structs/EnumerableSet.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 
 import {FeeSplit} from "./FeeSplit.sol";
@@ -56,6 +57,7 @@ import {ProofOfUse} from "./ProofOfUse.sol";
 /// Every parameter is the DAO's, within the bounds hard-coded in `setParameters`.
 contract EnhancedSovereignRPC is JoyGoverned, EIP712Upgradeable, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
+    using EnumerableSet for EnumerableSet.AddressSet;
 
     bytes32 public constant BLOCK_CLAIM_TYPEHASH =
         keccak256("BlockClaim(uint64 chainId,uint256 number,bytes32 blockHash)");
@@ -128,8 +130,7 @@ contract EnhancedSovereignRPC is JoyGoverned, EIP712Upgradeable, ReentrancyGuard
     mapping(address => uint256) public earnings; // providers', claimed with `claim`
 
     mapping(address => mapping(uint64 => Provider)) private _providers;
-    mapping(uint64 => address[]) private _listed; // registered and not unbonding, by chain
-    mapping(uint64 => mapping(address => uint256)) private _listIndex; // index + 1
+    mapping(uint64 => EnumerableSet.AddressSet) private _listed; // registered, not unbonding
     mapping(address => Credit) private _credits;
     mapping(bytes32 => bool) private _usedClaims; // keccak256(provider, claim digest)
 
@@ -215,8 +216,7 @@ contract EnhancedSovereignRPC is JoyGoverned, EIP712Upgradeable, ReentrancyGuard
         p.deposit = deposit;
         p.registeredAt = uint64(block.timestamp);
         p.endpoint = endpoint;
-        _listed[chainId].push(msg.sender);
-        _listIndex[chainId][msg.sender] = _listed[chainId].length;
+        _listed[chainId].add(msg.sender);
         emit ProviderRegistered(msg.sender, chainId, deposit, endpoint);
     }
 
@@ -243,7 +243,7 @@ contract EnhancedSovereignRPC is JoyGoverned, EIP712Upgradeable, ReentrancyGuard
     function beginUnbonding(uint64 chainId) external {
         Provider storage p = _bonded(msg.sender, chainId);
         p.unbondingUntil = uint64(block.timestamp + unbondingDelay);
-        _unlist(msg.sender, chainId);
+        _listed[chainId].remove(msg.sender);
         emit ProviderUnbonding(msg.sender, chainId, p.unbondingUntil);
     }
 
@@ -285,7 +285,7 @@ contract EnhancedSovereignRPC is JoyGoverned, EIP712Upgradeable, ReentrancyGuard
     /// The providers active for `chainId` now, in no particular order. A view for nodes (an
     /// eth_call): nothing on-chain iterates the list, so it needs no cap on its length.
     function activeProviders(uint64 chainId) external view returns (address[] memory active) {
-        address[] storage listed = _listed[chainId];
+        address[] memory listed = _listed[chainId].values();
         active = new address[](listed.length);
         uint256 count = 0;
         for (uint256 i = 0; i < listed.length; i++) {
@@ -621,16 +621,6 @@ contract EnhancedSovereignRPC is JoyGoverned, EIP712Upgradeable, ReentrancyGuard
         p = _providers[provider][chainId];
         if (p.registeredAt == 0) revert NotProvider(provider, chainId);
         if (p.unbondingUntil != 0) revert ProviderIsUnbonding(p.unbondingUntil);
-    }
-
-    function _unlist(address provider, uint64 chainId) private {
-        uint256 index = _listIndex[chainId][provider];
-        address[] storage list = _listed[chainId];
-        address last = list[list.length - 1];
-        list[index - 1] = last;
-        _listIndex[chainId][last] = index;
-        list.pop();
-        delete _listIndex[chainId][provider];
     }
 
     function _checkEndpoint(string calldata endpoint) private pure {
