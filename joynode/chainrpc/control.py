@@ -81,7 +81,7 @@ def rpc_methods(service: ChainRpcService, chain: GovernanceChain | None) -> list
         return {"tx": await send(rpc.functions.withdraw(params.chain_id))}
 
     async def claim(_: NoParams, __: ControlSession) -> dict[str, Any]:
-        live, rpc = on_chain()[0], on_chain()[2]
+        live, _deployment, rpc = on_chain()
         earned = int(await live.call(rpc.functions.earnings(live.address).call))
         if earned == 0:
             return {"claimed": "0", "tx": None}

@@ -55,6 +55,12 @@ def request_hash(chain_id: int, method: str, params: bytes) -> bytes:
     return keccak(b"%d\x00%s\x00%s" % (chain_id, method.encode(), params))
 
 
+def answer_digest(domain: Eip712Domain, call: wire.ChainCall, answer: bytes) -> bytes:
+    """What a peer signs for ``answer`` (as sent) to ``call``: ``RpcAnswer``'s digest."""
+    request = request_hash(call.chain_id, call.method, call.params)
+    return domain.rpc_answer_digest(call.chain_id, request, keccak(answer))
+
+
 @dataclass(frozen=True)
 class Evidence:
     """A peer's signed answer that failed this node's check."""
@@ -123,7 +129,7 @@ class ChainPeers:
                 failures.append(f"{address}: not an answer")
                 continue
             try:
-                answer = self._checked(call, reply, address, method, check)
+                answer = self._checked(call, reply, address)
                 if check is not None and "result" in answer:
                     await check(answer)
             except Forged as exc:
@@ -141,8 +147,6 @@ class ChainPeers:
         call: wire.ChainCall,
         reply: wire.ChainAnswer,
         address: str,
-        method: str,
-        check: PeerCheck | None,
     ) -> Answer:
         """The answer, once its signatures are the peer's (``Forged`` if not)."""
         domain = self._domain()
@@ -152,13 +156,11 @@ class ChainPeers:
             raise Forged("an answer that is not JSON") from None
         if not isinstance(answer, dict) or not ("result" in answer or "error" in answer):
             raise Forged("an answer without a result or an error")
-        digest = domain.rpc_answer_digest(
-            call.chain_id, request_hash(call.chain_id, method, call.params), keccak(reply.answer)
-        )
+        digest = answer_digest(domain, call, reply.answer)
         if not _signed_by(address, digest, reply.signature):
             raise Forged("an answer it did not sign")
         block = answer.get("result")
-        if method in BLOCK_METHODS and isinstance(block, dict) and "hash" in block:
+        if call.method in BLOCK_METHODS and isinstance(block, dict) and "hash" in block:
             number = methods.quantity(block.get("number"))
             claimed = _bytes32(block["hash"])
             if number is None or claimed is None:
@@ -215,9 +217,7 @@ class ChainPeers:
         later one, and an honest claim about it would then be slashable."""
         domain = self._domain()
         body = json.dumps(answer, separators=(",", ":")).encode()
-        digest = domain.rpc_answer_digest(
-            call.chain_id, request_hash(call.chain_id, call.method, call.params), keccak(body)
-        )
+        digest = answer_digest(domain, call, body)
         block_signature = None
         block = answer.get("result")
         if (
